@@ -1,0 +1,550 @@
+//! `lockguard-bench`: one command that measures lockguard side by side with a direct
+//! connection and PgBouncer, and prints the tables of the README's "Benchmarks" section.
+//!
+//! ```text
+//! cargo run --release -p lockguard-benches -- [--duration 10s] [--sections overhead,release,memory,scanner]
+//! ```
+//!
+//! Progress goes to stderr; the report (machine, settings, tables, targets) to stdout.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use lockguard_benches::memory::{self, Footprint};
+use lockguard_benches::overhead::{self, Cell};
+use lockguard_benches::pgbench::{Pgbench, Target, MODES};
+use lockguard_benches::procs::{self, LockguardSettings};
+use lockguard_benches::release::{self, GuardTimings, Outcome};
+use lockguard_benches::report::Table;
+use lockguard_benches::scan::{self, Throughput};
+use lockguard_tests::cluster::TestCluster;
+
+/// The protected table of the incident scenario.
+const PROTECTED_TABLE: &str = "app.user_sessions";
+
+const SCHEMA_SQL: &str = "\
+CREATE SCHEMA app;
+CREATE TABLE app.user_sessions (
+    id int PRIMARY KEY,
+    user_name text NOT NULL,
+    last_seen timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO app.user_sessions (id, user_name) SELECT g, 'user' || g FROM generate_series(1, 1000) g;
+";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lockguard-bench",
+    about = "Benchmarks lockguard against a direct connection and PgBouncer"
+)]
+struct Args {
+    /// Length of each pgbench run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Sections to run, comma-separated: overhead, release, memory, scanner.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "overhead,release,memory,scanner"
+    )]
+    sections: Vec<Section>,
+    /// Repetitions of every (mode, target) pgbench run; the tables show medians.
+    #[arg(long, default_value_t = 3)]
+    repetitions: u32,
+    /// pgbench clients (-c).
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+    /// pgbench threads (-j).
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    /// pgbench scale factor (-s) of `pgbench -i`.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// Iterations of the incident (and of the idle-in-transaction rule).
+    #[arg(long, default_value_t = 50)]
+    release_iterations: usize,
+    /// Iterations of the "client vanishes mid-statement" variant.
+    #[arg(long, default_value_t = 10)]
+    busy_iterations: usize,
+    /// Concurrent lanes of the idle-in-transaction variant.
+    #[arg(long, default_value_t = 5)]
+    idle_lanes: usize,
+    /// Idle proxied sessions for the memory section.
+    #[arg(long, default_value_t = 1000)]
+    idle_sessions: usize,
+    /// The lockguard binary; by default `cargo build --release -p lockguard` builds it.
+    #[arg(long)]
+    lockguard: Option<PathBuf>,
+    /// pgbench; by default found on PATH or in /usr/lib/postgresql/*/bin.
+    #[arg(long)]
+    pgbench: Option<PathBuf>,
+    /// PgBouncer; by default found on PATH or in /usr/sbin. Skipped when not found.
+    #[arg(long)]
+    pgbouncer: Option<PathBuf>,
+    /// Leave PgBouncer out even when it is installed.
+    #[arg(long)]
+    no_pgbouncer: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Overhead,
+    Release,
+    Memory,
+    Scanner,
+}
+
+/// The lockguard configuration every section uses (guard on, the incident's table protected).
+fn guard_settings() -> LockguardSettings {
+    LockguardSettings {
+        protected_table: PROTECTED_TABLE.to_owned(),
+        idle_in_transaction_timeout: Duration::from_secs(2),
+        sweep_interval: Duration::from_secs(1),
+        inflight_grace: Duration::from_secs(1),
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("lockguard-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    raise_fd_limit();
+    let wants = |s: Section| args.sections.contains(&s);
+
+    let lockguard_bin = match &args.lockguard {
+        Some(path) => path.clone(),
+        None => build_lockguard()?,
+    };
+    let pgbench_bin = match &args.pgbench {
+        Some(path) => path.clone(),
+        None => find_pgbench()
+            .context("pgbench not found: install postgresql-client or pass --pgbench")?,
+    };
+    let pgbouncer_bin = if args.no_pgbouncer {
+        None
+    } else {
+        args.pgbouncer
+            .clone()
+            .or_else(|| procs::find_program("pgbouncer", &["/usr/sbin", "/usr/local/sbin"]))
+    };
+    if pgbouncer_bin.is_none() {
+        eprintln!("PgBouncer not found (apt-get install pgbouncer); its columns are left out");
+    }
+
+    eprintln!("starting a throwaway PostgreSQL cluster");
+    let max_connections = (args.idle_sessions + 100).max(300).to_string();
+    let cluster = TestCluster::start(&[
+        ("max_connections", max_connections.as_str()),
+        ("shared_buffers", "256MB"),
+    ])
+    .context("starting PostgreSQL")?;
+    let user = cluster.superuser().to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (dbname, server_version) = runtime.block_on(async {
+        let dbname = cluster.create_database("bench").await;
+        let admin = cluster.connect_admin().await;
+        let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
+        let (client, connection) = cluster
+            .pg_config(&user, None, &dbname)
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(connection);
+        client.batch_execute(SCHEMA_SQL).await?;
+        anyhow::Ok((dbname, version))
+    })?;
+
+    let settings = guard_settings();
+    let lockguard = procs::start_lockguard(&lockguard_bin, cluster.port(), &user, &settings)?;
+    let pgbouncer = match &pgbouncer_bin {
+        Some(bin) => Some(procs::start_pgbouncer(
+            bin,
+            cluster.port(),
+            &user,
+            args.clients as usize,
+        )?),
+        None => None,
+    };
+
+    let mut report = String::new();
+    writeln!(
+        report,
+        "{}",
+        machine_description(&pgbench_bin, pgbouncer_bin.as_deref(), &server_version)
+    )?;
+
+    let pgbench = Pgbench {
+        bin: pgbench_bin,
+        user: user.clone(),
+        dbname: dbname.clone(),
+    };
+    let mut overhead_cells = Vec::new();
+    if wants(Section::Overhead) {
+        eprintln!("overhead: pgbench -i -s {}", args.scale);
+        pgbench.init(cluster.port(), args.scale)?;
+        let mut targets = vec![
+            Target {
+                name: "direct",
+                port: cluster.port(),
+            },
+            Target {
+                name: "lockguard",
+                port: lockguard.port(),
+            },
+        ];
+        if let Some(pgbouncer) = &pgbouncer {
+            targets.push(Target {
+                name: "pgbouncer",
+                port: pgbouncer.port(),
+            });
+        }
+        let plan = overhead::Plan {
+            duration: args.duration,
+            repetitions: args.repetitions,
+            clients: args.clients,
+            threads: args.threads,
+        };
+        // A short warm-up so the first measured run does not pay for cold caches.
+        let warm_up = overhead::Plan {
+            duration: Duration::from_secs(2),
+            repetitions: 1,
+            ..plan
+        };
+        eprintln!("overhead: warm-up");
+        overhead::measure(
+            &pgbench,
+            &targets[..1],
+            &MODES[..1],
+            warm_up,
+            &std::env::temp_dir(),
+        )?;
+        eprintln!(
+            "overhead: {} modes x {} targets x {} repetitions of {}",
+            MODES.len(),
+            targets.len(),
+            args.repetitions,
+            humantime::format_duration(args.duration)
+        );
+        overhead_cells =
+            overhead::measure(&pgbench, &targets, &MODES, plan, &std::env::temp_dir())?;
+        section(
+            &mut report,
+            &format!(
+                "Overhead: pgbench scale {}, {} clients, {} threads, {} per run, median of {} interleaved runs",
+                args.scale,
+                args.clients,
+                args.threads,
+                humantime::format_duration(args.duration),
+                args.repetitions
+            ),
+            &overhead::table(&overhead_cells),
+        );
+    }
+
+    let mut outcomes = Vec::new();
+    if wants(Section::Release) {
+        eprintln!("release: the orphaned-lock incident");
+        let setup = release::Setup {
+            pg_port: cluster.port(),
+            proxy_port: lockguard.port(),
+            user: user.clone(),
+            dbname: dbname.clone(),
+            table: PROTECTED_TABLE.to_owned(),
+        };
+        let timings = GuardTimings {
+            idle_in_transaction_timeout: settings.idle_in_transaction_timeout,
+            sweep_interval: settings.sweep_interval,
+            inflight_grace: settings.inflight_grace,
+        };
+        let plan = release::Plan {
+            iterations: args.release_iterations,
+            busy_iterations: args.busy_iterations,
+            idle_lanes: args.idle_lanes,
+            busy_statement: Duration::from_secs(3),
+        };
+        outcomes = runtime.block_on(release::measure(&setup, timings, plan))?;
+        section(
+            &mut report,
+            &format!(
+                "Time to release: from the client's death (or the idle timeout's expiry) to the waiter's success; \
+                 lockguard with idle_in_transaction_timeout {}, sweep_interval {}, inflight_grace {}",
+                humantime::format_duration(settings.idle_in_transaction_timeout),
+                humantime::format_duration(settings.sweep_interval),
+                humantime::format_duration(settings.inflight_grace)
+            ),
+            &release::table(&outcomes),
+        );
+    }
+    drop(lockguard);
+    drop(pgbouncer);
+
+    let mut footprints = Vec::new();
+    if wants(Section::Memory) {
+        eprintln!("memory: {} idle sessions", args.idle_sessions);
+        // Fresh processes, so nothing earlier sections allocated hides in the baseline.
+        let fresh = procs::start_lockguard(&lockguard_bin, cluster.port(), &user, &settings)?;
+        footprints.push(runtime.block_on(memory::measure(
+            &fresh,
+            &user,
+            &dbname,
+            args.idle_sessions,
+        ))?);
+        drop(fresh);
+        if let Some(bin) = &pgbouncer_bin {
+            runtime.block_on(wait_for_backends_to_exit(&cluster, 20))?;
+            let fresh = procs::start_pgbouncer(bin, cluster.port(), &user, args.idle_sessions)?;
+            footprints.push(runtime.block_on(memory::measure(
+                &fresh,
+                &user,
+                &dbname,
+                args.idle_sessions,
+            ))?);
+        }
+        for f in &footprints {
+            eprintln!("  {}: {:.1} KiB per session", f.proxy, f.per_session_kib());
+        }
+        section(
+            &mut report,
+            "Memory: proxy RSS (VmRSS) with 0 and N idle sessions (each has run one query)",
+            &memory::table(&footprints),
+        );
+    }
+
+    let mut throughputs = Vec::new();
+    if wants(Section::Scanner) {
+        eprintln!("scanner: frame scanner throughput");
+        let (stats, results) = scan::measure(&[8 * 1024, 64 * 1024], Duration::from_secs(2));
+        section(
+            &mut report,
+            "Frame scanner: server → client stream, best pass (divan: cargo bench -p lockguard-benches --bench scanner)",
+            &scan::table(&stats, &results),
+        );
+        throughputs = results;
+    }
+
+    section(
+        &mut report,
+        "Targets",
+        &targets_table(&overhead_cells, &outcomes, &footprints, &throughputs),
+    );
+    writeln!(
+        report,
+        "Total run time: {}",
+        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+    )?;
+    print!("{report}");
+    drop(cluster);
+    Ok(())
+}
+
+fn section(report: &mut String, title: &str, table: &Table) {
+    let text = format!("### {title}\n\n{}\n", table.render());
+    eprintln!("\n{text}");
+    report.push_str(&text);
+}
+
+/// The issue's targets, each with the measured value and whether it is met.
+fn targets_table(
+    cells: &[Cell],
+    outcomes: &[Outcome],
+    footprints: &[Footprint],
+    throughputs: &[Throughput],
+) -> Table {
+    let mut table = Table::new(["target", "measured", "met"]);
+    let verdict = |ok: bool| if ok { "yes" } else { "no" };
+    let ratio = |mode: &str, target: &str| -> Option<f64> {
+        let tps = |t: &str| {
+            cells
+                .iter()
+                .find(|c| c.mode == mode && c.target == t)
+                .map(Cell::tps)
+        };
+        Some(tps(target)? / tps("direct")?)
+    };
+    for (mode, wanted) in [("-S", 0.85), ("-S -M prepared", 0.75), ("tpcb-like", 0.90)] {
+        let Some(lockguard) = ratio(mode, "lockguard") else {
+            continue;
+        };
+        let pgbouncer = ratio(mode, "pgbouncer");
+        let beats = pgbouncer.is_none_or(|p| lockguard > p);
+        table.row([
+            format!("{mode}: lockguard/direct TPS ≥ {wanted:.2} and above PgBouncer's ratio"),
+            match pgbouncer {
+                Some(p) => format!("{lockguard:.2} (PgBouncer {p:.2})"),
+                None => format!("{lockguard:.2}"),
+            },
+            verdict(lockguard >= wanted && beats).to_owned(),
+        ]);
+    }
+    for o in outcomes {
+        if let (Some(target), Some(met)) = (o.target_ms, o.meets_target()) {
+            let s = lockguard_benches::report::Spread::of(&o.samples);
+            table.row([
+                format!("{} via {}: p99 ≤ {target:.0} ms", o.scenario, o.through),
+                format!("p99 {:.1} ms, {} not released", s.p99, o.not_released),
+                verdict(met).to_owned(),
+            ]);
+        }
+    }
+    if let Some(f) = footprints.iter().find(|f| f.proxy == "lockguard") {
+        table.row([
+            "≤ 16 KiB RSS per idle session".to_owned(),
+            format!("{:.1} KiB", f.per_session_kib()),
+            verdict(f.per_session_kib() <= 16.0).to_owned(),
+        ]);
+    }
+    if let Some(t) = throughputs.iter().find(|t| t.chunk == 8 * 1024) {
+        table.row([
+            "scanner ≥ 5 GB/s (8 KiB reads)".to_owned(),
+            format!("{:.2} GB/s", t.gb_per_s),
+            verdict(t.gb_per_s >= 5.0).to_owned(),
+        ]);
+    }
+    table
+}
+
+/// Waits until at most `max` client backends remain (those of a closed proxy exit
+/// asynchronously), so the next proxy's sessions fit under `max_connections`.
+async fn wait_for_backends_to_exit(cluster: &TestCluster, max: i64) -> anyhow::Result<()> {
+    let admin = cluster.connect_admin().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if n <= max {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{n} client backends still there after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Builds the release lockguard binary with the cargo that runs us and returns its path.
+fn build_lockguard() -> anyhow::Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the bench crate has no parent directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building lockguard (cargo build --release -p lockguard)");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lockguard",
+            "--bin",
+            "lockguard",
+        ])
+        .current_dir(workspace)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo build --release -p lockguard failed ({status}); pass --lockguard PATH to use a built binary");
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let bin = target_dir.join("release").join("lockguard");
+    if !bin.is_file() {
+        bail!("{} missing after the build", bin.display());
+    }
+    Ok(bin)
+}
+
+/// pgbench of the newest installed PostgreSQL, else the one on PATH.
+fn find_pgbench() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin").join("pgbench");
+            bin.is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .or_else(|| procs::find_program("pgbench", &[]))
+}
+
+/// Machine and software versions, for the report's header.
+fn machine_description(pgbench: &Path, pgbouncer: Option<&Path>, server_version: &str) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .map_or("unknown CPU", str::trim)
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(format!("{:.0} GiB", kib as f64 / (1 << 20) as f64))
+        })
+        .unwrap_or_else(|| "? GiB".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version = |bin: &Path| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_owned))
+            .unwrap_or_else(|| "unknown version".to_owned())
+    };
+    let mut text = format!(
+        "Machine: {cores} cores ({model}), {memory} RAM, Linux {}; PostgreSQL {server_version}; {}",
+        kernel.trim(),
+        version(pgbench)
+    );
+    if let Some(bin) = pgbouncer {
+        text.push_str(&format!("; {}", version(bin)));
+    }
+    text.push('\n');
+    text
+}
+
+/// 1,000 proxied sessions need ~2,000 descriptors in the proxy and 1,000 here; children
+/// inherit the raised soft limit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Section 1: what a proxy costs, measured with pgbench side by side with a direct connection.
+//!
+//! Targets are interleaved (every mode runs against every target before the next repetition,
+//! and the order of targets rotates between repetitions) so drifts of the machine — caches,
+//! table bloat from tpcb-like, a noisy neighbour — fall on all of them alike. Each figure is
+//! the median of the repetitions.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::pgbench::{Mode, Pgbench, RunResult, Target};
+use crate::report::{median, num, Table};
+
+/// How the pgbench runs are shaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub duration: Duration,
+    pub repetitions: u32,
+    pub clients: u32,
+    pub threads: u32,
+}
+
+/// The medians of one (mode, target) pair over the repetitions.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub mode: &'static str,
+    pub target: &'static str,
+    pub runs: Vec<RunResult>,
+}
+
+impl Cell {
+    pub fn tps(&self) -> f64 {
+        median(&self.runs.iter().map(|r| r.tps).collect::<Vec<_>>())
+    }
+
+    fn avg_ms(&self) -> f64 {
+        median(
+            &self
+                .runs
+                .iter()
+                .map(|r| r.avg_latency_ms)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn p99_ms(&self) -> f64 {
+        median(
+            &self
+                .runs
+                .iter()
+                .map(|r| r.p99_latency_ms)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn tps_range(&self) -> String {
+        let min = self
+            .runs
+            .iter()
+            .map(|r| r.tps)
+            .fold(f64::INFINITY, f64::min);
+        let max = self.runs.iter().map(|r| r.tps).fold(0.0, f64::max);
+        format!("{}–{}", num(min), num(max))
+    }
+}
+
+/// Runs every mode against every target `plan.repetitions` times. Progress goes to stderr.
+pub fn measure(
+    pgbench: &Pgbench,
+    targets: &[Target],
+    modes: &[Mode],
+    plan: Plan,
+    log_dir: &Path,
+) -> anyhow::Result<Vec<Cell>> {
+    let mut cells: Vec<Cell> = modes
+        .iter()
+        .flat_map(|mode| {
+            targets.iter().map(|target| Cell {
+                mode: mode.label,
+                target: target.name,
+                runs: Vec::new(),
+            })
+        })
+        .collect();
+    for rep in 0..plan.repetitions {
+        for (m, mode) in modes.iter().enumerate() {
+            for k in 0..targets.len() {
+                let t = (k + rep as usize) % targets.len();
+                let target = &targets[t];
+                let result = pgbench.run(
+                    target,
+                    mode,
+                    plan.duration,
+                    plan.clients,
+                    plan.threads,
+                    log_dir,
+                )?;
+                eprintln!(
+                    "  rep {}/{} {:<15} {:<10} {:>9.0} tps  avg {:.3} ms  p99 {:.3} ms",
+                    rep + 1,
+                    plan.repetitions,
+                    mode.label,
+                    target.name,
+                    result.tps,
+                    result.avg_latency_ms,
+                    result.p99_latency_ms
+                );
+                cells[m * targets.len() + t].runs.push(result);
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// The overhead table: one row per (mode, target), with the ratio of TPS to direct.
+pub fn table(cells: &[Cell]) -> Table {
+    let mut table = Table::new([
+        "mode",
+        "target",
+        "TPS (median)",
+        "TPS / direct",
+        "avg latency ms",
+        "p99 latency ms",
+        "TPS min–max",
+    ]);
+    for cell in cells {
+        let direct = cells
+            .iter()
+            .find(|c| c.mode == cell.mode && c.target == "direct")
+            .map_or(f64::NAN, Cell::tps);
+        table.row([
+            cell.mode.to_owned(),
+            cell.target.to_owned(),
+            num(cell.tps()),
+            format!("{:.2}", cell.tps() / direct),
+            format!("{:.3}", cell.avg_ms()),
+            format!("{:.3}", cell.p99_ms()),
+            cell.tps_range(),
+        ]);
+    }
+    table
+}

@@ -1,0 +1,342 @@
+//! lockguard's configuration: the TOML schema, its defaults, validation, and the
+//! effective-config printer behind `lockguard check-config`.
+//!
+//! Every section and key is optional (an empty file is a valid config) and unknown keys are
+//! errors, so a typo never silently falls back to a default. Durations are humantime strings
+//! such as `"10s"`, `"500ms"` or `"1m"`. Errors name the file, the key path and the line.
+
+#![warn(missing_docs)]
+
+mod duration;
+mod error;
+mod sections;
+mod table_pattern;
+mod upstream;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::ConfigError;
+use error::{KeyPath, Seg};
+pub use sections::{
+    AdminAuthMethod, AdminConfig, AdminRole, AdminUser, ClientLossAction, ClientTlsMode,
+    GuardConfig, LogConfig, LogFormat, ProxyConfig, TlsConfig, UpstreamTlsMode,
+};
+pub use table_pattern::{NamePattern, TablePattern, TablePatternError};
+pub use upstream::{Upstream, UpstreamParseError, DEFAULT_PG_PORT};
+
+/// The whole configuration file: one field per `[section]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[proxy]`: listening, upstream, connection limits.
+    pub proxy: ProxyConfig,
+    /// `[log]`: log format and filter.
+    pub log: LogConfig,
+    /// `[guard]`: orphaned-lock detection and termination.
+    pub guard: GuardConfig,
+    /// `[tls]`: encryption towards clients and towards PostgreSQL.
+    pub tls: TlsConfig,
+    /// `[admin]`: the operator's console and the HTTP endpoint.
+    pub admin: AdminConfig,
+}
+
+impl Config {
+    /// Parses and validates config text. Used for files and for tests; errors carry the line.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Self::parse(text, None)
+    }
+
+    /// Reads, parses and validates a config file; every error names `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::parse(&text, Some(path))
+    }
+
+    fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = file.map(Path::to_path_buf);
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::parse(e, text, file.clone()))?;
+        if let Some((path, message)) = config.first_violation() {
+            return Err(ConfigError::Invalid {
+                file,
+                key: KeyPath(&path).to_string(),
+                line: error::line_of_path(text, &path),
+                message,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Checks the rules serde cannot express (non-zero timeouts, parseable table patterns, ...).
+    /// The loaders call it; call it yourself after building or changing a `Config` in code.
+    /// Errors from here carry the key path but no line (there is no source text).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.first_violation() {
+            None => Ok(()),
+            Some((path, message)) => Err(ConfigError::Invalid {
+                file: None,
+                key: KeyPath(&path).to_string(),
+                line: None,
+                message,
+            }),
+        }
+    }
+
+    /// The first broken rule, as (key path, message).
+    fn first_violation(&self) -> Option<(Vec<Seg>, String)> {
+        let key = |section: &str, name: &str| vec![Seg::from(section), Seg::from(name)];
+        let positive = "must be greater than 0".to_owned();
+        let (p, l, g, t) = (&self.proxy, &self.log, &self.guard, &self.tls);
+
+        if p.connect_timeout.is_zero() {
+            return Some((key("proxy", "connect_timeout"), positive));
+        }
+        if p.startup_timeout.is_zero() {
+            return Some((key("proxy", "startup_timeout"), positive));
+        }
+        if p.max_clients == 0 {
+            return Some((key("proxy", "max_clients"), positive));
+        }
+        if p.client_keepalive_idle.is_zero() {
+            return Some((key("proxy", "client_keepalive_idle"), positive));
+        }
+        if p.client_keepalive_interval.is_zero() {
+            return Some((key("proxy", "client_keepalive_interval"), positive));
+        }
+        if p.client_keepalive_count == 0 {
+            return Some((key("proxy", "client_keepalive_count"), positive));
+        }
+        if l.level.trim().is_empty() {
+            return Some((
+                key("log", "level"),
+                "must not be empty (e.g. \"info\" or \"info,lockguard=debug\")".to_owned(),
+            ));
+        }
+        if g.dsn.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Some((
+                key("guard", "dsn"),
+                "must not be empty; remove the key to disable the guard".to_owned(),
+            ));
+        }
+        if g.password_env
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Some((
+                key("guard", "password_env"),
+                "must name an environment variable; remove the key if unused".to_owned(),
+            ));
+        }
+        for (i, pattern) in g.protected_tables.iter().enumerate() {
+            if let Err(e) = pattern.parse::<TablePattern>() {
+                let mut path = key("guard", "protected_tables");
+                path.push(Seg::Index(i));
+                return Some((path, e.to_string()));
+            }
+        }
+        if g.sweep_interval.is_zero() {
+            return Some((key("guard", "sweep_interval"), positive));
+        }
+        if g.audit_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Some((
+                key("guard", "audit_log"),
+                "must be a file path; remove the key to disable the audit log".to_owned(),
+            ));
+        }
+        if t.client_cert.is_some() != t.client_key.is_some() {
+            let missing = if t.client_cert.is_some() {
+                "client_key"
+            } else {
+                "client_cert"
+            };
+            return Some((
+                key("tls", missing),
+                "client_cert and client_key must be set together".to_owned(),
+            ));
+        }
+        if t.client_mode == ClientTlsMode::Require && !t.serves_clients() {
+            return Some((
+                key("tls", "client_mode"),
+                "\"require\" needs client_cert and client_key".to_owned(),
+            ));
+        }
+        if matches!(
+            t.upstream_mode,
+            UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull
+        ) && t.upstream_ca.is_none()
+        {
+            return Some((
+                key("tls", "upstream_ca"),
+                "must be set when upstream_mode is verify-ca or verify-full".to_owned(),
+            ));
+        }
+        if t.upstream_cert.is_some() != t.upstream_key.is_some() {
+            let missing = if t.upstream_cert.is_some() {
+                "upstream_key"
+            } else {
+                "upstream_cert"
+            };
+            return Some((
+                key("tls", missing),
+                "upstream_cert and upstream_key must be set together".to_owned(),
+            ));
+        }
+        self.admin_violation()
+    }
+
+    /// The rules of `[admin]`.
+    fn admin_violation(&self) -> Option<(Vec<Seg>, String)> {
+        let a = &self.admin;
+        let key = |name: &str| vec![Seg::from("admin"), Seg::from(name)];
+        if a.trust_loopback && !a.listen.ip().is_loopback() {
+            return Some((
+                key("trust_loopback"),
+                format!(
+                    "needs a loopback listen address (admin.listen is {}); configure [[admin.users]] instead",
+                    a.listen
+                ),
+            ));
+        }
+        let same_socket =
+            |x: std::net::SocketAddr, y: std::net::SocketAddr| x.port() != 0 && x == y;
+        if same_socket(a.listen, self.proxy.listen) {
+            return Some((key("listen"), "must differ from proxy.listen".to_owned()));
+        }
+        if a.http_enabled && same_socket(a.http_listen, self.proxy.listen) {
+            return Some((
+                key("http_listen"),
+                "must differ from proxy.listen".to_owned(),
+            ));
+        }
+        if a.http_enabled && a.console_enabled() && same_socket(a.http_listen, a.listen) {
+            return Some((
+                key("http_listen"),
+                "must differ from admin.listen".to_owned(),
+            ));
+        }
+        if a.api_token.is_some() && a.api_token_env.is_some() {
+            return Some((
+                key("api_token_env"),
+                "set either api_token or api_token_env, not both".to_owned(),
+            ));
+        }
+        if a.api_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Some((
+                key("api_token"),
+                "must not be empty; remove the key to disable the token".to_owned(),
+            ));
+        }
+        if a.api_token_env
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Some((
+                key("api_token_env"),
+                "must name an environment variable; remove the key if unused".to_owned(),
+            ));
+        }
+        for (i, user) in a.users.iter().enumerate() {
+            let at = |name: &str| {
+                vec![
+                    Seg::from("admin"),
+                    Seg::from("users"),
+                    Seg::Index(i),
+                    Seg::from(name),
+                ]
+            };
+            if user.name.trim().is_empty() {
+                return Some((at("name"), "must not be empty".to_owned()));
+            }
+            if a.users[..i].iter().any(|u| u.name == user.name) {
+                return Some((at("name"), format!("user {:?} is listed twice", user.name)));
+            }
+            match (&user.password, &user.password_env) {
+                (Some(_), Some(_)) => {
+                    return Some((
+                        at("password_env"),
+                        "set either password or password_env, not both".to_owned(),
+                    ))
+                }
+                (None, None) => {
+                    return Some((
+                        at("password"),
+                        "each admin user needs password or password_env".to_owned(),
+                    ))
+                }
+                (Some(p), None) if p.is_empty() => {
+                    return Some((at("password"), "must not be empty".to_owned()))
+                }
+                (None, Some(v)) if v.trim().is_empty() => {
+                    return Some((
+                        at("password_env"),
+                        "must name an environment variable".to_owned(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The effective configuration as TOML, every key present with defaults filled in, for
+    /// `lockguard check-config`. Unset optional keys appear as comments. Parsing the output
+    /// gives back an equal `Config`.
+    pub fn to_toml_string(&self) -> String {
+        let mut out = String::from("# lockguard effective configuration (defaults filled in)\n");
+        push_section(&mut out, "proxy", &self.proxy, &[]);
+        push_section(&mut out, "log", &self.log, &[]);
+        let g = &self.guard;
+        let unset = [
+            (g.dsn.is_none(), "dsn is not set: the guard is disabled"),
+            (g.password_env.is_none(), "password_env is not set"),
+            (g.audit_log.is_none(), "audit_log is not set: no audit file"),
+        ];
+        push_section(&mut out, "guard", g, &unset);
+        let t = &self.tls;
+        let unset = [(
+            !t.serves_clients(),
+            "client_cert/client_key are not set: clients connect in plaintext",
+        )];
+        push_section(&mut out, "tls", t, &unset);
+        let mut admin = self.admin.clone();
+        let users = std::mem::take(&mut admin.users);
+        let unset = [
+            (
+                !admin.console_enabled(),
+                "no [[admin.users]] and trust_loopback is off: the admin console is disabled",
+            ),
+            (
+                admin.api_token.is_none() && admin.api_token_env.is_none(),
+                "no api_token configured: the HTTP API is read-only",
+            ),
+        ];
+        push_section(&mut out, "admin", &admin, &unset);
+        // `[[admin.users]]` entries: an array of tables, after the section's plain keys.
+        for user in &users {
+            push_section(&mut out, "[admin.users]", user, &[]);
+        }
+        out
+    }
+}
+
+fn push_section<T: Serialize>(out: &mut String, name: &str, section: &T, notes: &[(bool, &str)]) {
+    // Sections are flat structs of strings, numbers, booleans and string arrays, all of which
+    // TOML can represent; failure here would be a bug in this crate's types.
+    let body = toml::to_string_pretty(section)
+        .unwrap_or_else(|e| panic!("config section [{name}] must serialize to TOML: {e}"));
+    out.push_str(&format!("\n[{name}]\n{body}"));
+    for (_, note) in notes.iter().filter(|(show, _)| *show) {
+        out.push_str(&format!("# {note}\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,375 @@
+//! The config schema: one struct per TOML section, with the defaults an unconfigured proxy uses.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{TablePattern, Upstream};
+
+/// `[proxy]`: how clients reach lockguard and how lockguard reaches PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address clients connect to. Default `127.0.0.1:6432`.
+    pub listen: SocketAddr,
+    /// The PostgreSQL server behind the proxy. Default `127.0.0.1:5432`.
+    pub upstream: Upstream,
+    /// Limit for opening the upstream connection. Default 5s; must be > 0.
+    #[serde(with = "crate::duration")]
+    pub connect_timeout: Duration,
+    /// Limit for a client to finish startup/authentication. Default 10s; must be > 0.
+    #[serde(with = "crate::duration")]
+    pub startup_timeout: Duration,
+    /// How long a graceful shutdown waits for sessions before closing them. Default 30s.
+    #[serde(with = "crate::duration")]
+    pub shutdown_timeout: Duration,
+    /// Client connections accepted at once; more are refused. Default 10000; must be > 0.
+    pub max_clients: usize,
+    /// Idle time on a client connection before TCP keepalive probes start. A client host that
+    /// vanished (power loss, network cut) sends no FIN; keepalive is how its session is
+    /// noticed as lost, so the guard can release its locks. Default 10s; must be > 0.
+    #[serde(with = "crate::duration")]
+    pub client_keepalive_idle: Duration,
+    /// Time between keepalive probes. Default 5s; must be > 0.
+    #[serde(with = "crate::duration")]
+    pub client_keepalive_interval: Duration,
+    /// Unanswered probes before the connection counts as dead. Default 3; must be > 0.
+    pub client_keepalive_count: u32,
+    /// Data sent to the client and unacknowledged this long breaks the connection
+    /// (TCP_USER_TIMEOUT, Linux). Default 30s; 0 = the kernel's default.
+    #[serde(with = "crate::duration")]
+    pub client_user_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 6432)),
+            upstream: Upstream::default(),
+            connect_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            max_clients: 10_000,
+            client_keepalive_idle: Duration::from_secs(10),
+            client_keepalive_interval: Duration::from_secs(5),
+            client_keepalive_count: 3,
+            client_user_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Log line format, chosen by whoever collects the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`: what the proxy logs and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Output format. Default `text`.
+    pub format: LogFormat,
+    /// A `tracing` EnvFilter directive such as `info,lockguard=debug`. Default `info`;
+    /// must not be empty.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// What the guard does about a session whose client has gone away while it holds locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientLossAction {
+    /// Terminate the orphaned backend so its locks are released.
+    #[default]
+    Terminate,
+    /// Only log (and audit) it; useful while gaining confidence.
+    Log,
+}
+
+/// `[guard]`: the watcher that finds and ends orphaned lock-holding sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// libpq-style `key=value` connection string of the guard's own role; `None` disables the
+    /// guard (the proxy then only forwards).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn: Option<String>,
+    /// Name of an environment variable holding the guard role's password, so the secret stays
+    /// out of the file. Read by the guard, not here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Tables whose locks matter, as [`TablePattern`] strings. Empty means no table is
+    /// protected, and the guard acts on nothing. Use [`GuardConfig::table_patterns`] to get them parsed.
+    pub protected_tables: Vec<String>,
+    /// What to do when a client disappears. Default `terminate`.
+    pub on_client_loss: ClientLossAction,
+    /// Time a statement that was in flight when the client vanished may still finish before
+    /// the session counts as orphaned. Default 1s.
+    #[serde(with = "crate::duration")]
+    pub inflight_grace: Duration,
+    /// End sessions idle inside a transaction longer than this. Default 60s; 0 = off.
+    #[serde(with = "crate::duration")]
+    pub idle_in_transaction_timeout: Duration,
+    /// End sessions sitting in a failed (aborted) transaction longer than this. Default 10s;
+    /// 0 = off.
+    #[serde(with = "crate::duration")]
+    pub failed_transaction_timeout: Duration,
+    /// Act only when another session is actually waiting on the held lock. Default false.
+    pub require_waiters: bool,
+    /// How often the guard scans for victims. Default 1s; must be > 0.
+    #[serde(with = "crate::duration")]
+    pub sweep_interval: Duration,
+    /// Decide and log, but never terminate anything. Default false.
+    pub dry_run: bool,
+    /// JSON-lines file recording every decision; `None` = no audit file.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub audit_log: Option<PathBuf>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            dsn: None,
+            password_env: None,
+            protected_tables: Vec::new(),
+            on_client_loss: ClientLossAction::Terminate,
+            inflight_grace: Duration::from_secs(1),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            failed_transaction_timeout: Duration::from_secs(10),
+            require_waiters: false,
+            sweep_interval: Duration::from_secs(1),
+            dry_run: false,
+            audit_log: None,
+        }
+    }
+}
+
+/// Paths from the file are UTF-8; one set in code may not be, and printing it must not fail.
+fn lossy_path<S: serde::Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(p) => s.serialize_str(&p.to_string_lossy()),
+        None => s.serialize_none(),
+    }
+}
+
+impl GuardConfig {
+    /// The protected tables, parsed. Entries that do not parse are skipped; a validated config
+    /// (anything from [`crate::Config::load`] or [`crate::Config::from_toml_str`]) has none.
+    pub fn table_patterns(&self) -> Vec<TablePattern> {
+        self.protected_tables
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Whether the guard should run at all.
+    pub fn enabled(&self) -> bool {
+        self.dsn.is_some()
+    }
+}
+
+/// Whether clients must use TLS (when lockguard has a certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// TLS when the client asks for it, plaintext otherwise.
+    #[default]
+    Allow,
+    /// Plaintext clients are refused (FATAL 28000).
+    Require,
+}
+
+/// TLS towards PostgreSQL, named like libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Plaintext.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, without certificate checks; plaintext otherwise.
+    Prefer,
+    /// TLS or fail, without certificate checks.
+    Require,
+    /// TLS with a certificate signed by `upstream_ca`; the host name is not checked.
+    VerifyCa,
+    /// TLS with a certificate signed by `upstream_ca` and naming the upstream host.
+    VerifyFull,
+}
+
+/// `[tls]`: encryption on the client side and towards PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain lockguard presents to clients; with `client_key`, enables TLS
+    /// for clients (SSLRequest is answered 'S').
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub client_key: Option<PathBuf>,
+    /// `allow` (default) or `require`.
+    pub client_mode: ClientTlsMode,
+    /// `disable` (default), `prefer`, `require`, `verify-ca`, `verify-full`.
+    pub upstream_mode: UpstreamTlsMode,
+    /// PEM CA certificate(s) the upstream's certificate must chain to (verify-ca/verify-full).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub upstream_ca: Option<PathBuf>,
+    /// PEM client certificate lockguard presents to PostgreSQL, if the server wants one.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub upstream_cert: Option<PathBuf>,
+    /// PEM private key of `upstream_cert`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub upstream_key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether lockguard accepts TLS from clients.
+    pub fn serves_clients(&self) -> bool {
+        self.client_cert.is_some() && self.client_key.is_some()
+    }
+}
+
+/// What an admin-console user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    /// Every command: SHOW, KILL, RELOAD, SET.
+    Admin,
+    /// Read-only: SHOW commands only.
+    #[default]
+    Monitor,
+}
+
+impl AdminRole {
+    /// The name used in the config file and in the console's output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Admin => "admin",
+            AdminRole::Monitor => "monitor",
+        }
+    }
+}
+
+/// How console users prove their password on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AdminAuthMethod {
+    /// SCRAM-SHA-256 (what PostgreSQL uses by default since 14).
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 challenge-response, for old clients.
+    #[serde(rename = "md5")]
+    Md5,
+}
+
+/// One `[[admin.users]]` entry: a console login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUser {
+    /// Login name (the `user` of the connection string).
+    pub name: String,
+    /// The password, in the file. Exactly one of `password` and `password_env` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `admin` or `monitor`. Default `monitor`.
+    #[serde(default)]
+    pub role: AdminRole,
+}
+
+impl AdminUser {
+    /// The password, reading `password_env` if that is how it is given. Errors name the
+    /// variable.
+    pub fn resolve_password(&self) -> Result<String, String> {
+        match (&self.password, &self.password_env) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!(
+                    "environment variable {var} (password_env of admin user {:?}) is not set or not valid UTF-8",
+                    self.name
+                )
+            }),
+            (None, None) => Err(format!("admin user {:?} has no password", self.name)),
+        }
+    }
+}
+
+/// `[admin]`: the operator's console (PostgreSQL protocol, for `psql`) and the HTTP endpoint
+/// (Prometheus metrics, health probes, JSON API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin console. Default `127.0.0.1:6433`. The console starts only when
+    /// `users` is not empty, or `trust_loopback` is on.
+    pub listen: SocketAddr,
+    /// Allow password-less console logins, as role `admin` unless the name is a listed user.
+    /// Only valid when `listen` is a loopback address. Default false.
+    pub trust_loopback: bool,
+    /// `scram-sha-256` (default) or `md5`.
+    pub auth_method: AdminAuthMethod,
+    /// Whether the HTTP endpoint runs. Default true.
+    pub http_enabled: bool,
+    /// Address of the HTTP endpoint. Default `127.0.0.1:9930`.
+    pub http_listen: SocketAddr,
+    /// Bearer token for the HTTP API (`/api/...`). Without one, the API is read-only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+    /// Name of an environment variable holding the API token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_env: Option<String>,
+    /// Console logins (`[[admin.users]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<AdminUser>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 6433)),
+            trust_loopback: false,
+            auth_method: AdminAuthMethod::ScramSha256,
+            http_enabled: true,
+            http_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9930)),
+            api_token: None,
+            api_token_env: None,
+            users: Vec::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether the console should start: someone can log in.
+    pub fn console_enabled(&self) -> bool {
+        !self.users.is_empty() || self.trust_loopback
+    }
+
+    /// The API token, reading `api_token_env` if that is how it is given; `Ok(None)` when no
+    /// token is configured.
+    pub fn resolve_api_token(&self) -> Result<Option<String>, String> {
+        match (&self.api_token, &self.api_token_env) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+                format!("environment variable {var} (admin.api_token_env) is not set or not valid UTF-8")
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+}

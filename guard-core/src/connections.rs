@@ -1,0 +1,518 @@
+//! The guard's own PostgreSQL connections: one per database (relation OIDs in `pg_locks` only
+//! resolve inside their database), opened on first need, reconnected with backoff when they
+//! break. Nothing here is on the forwarding path: a broken guard connection only makes the
+//! guard report itself degraded.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::join_all;
+use lockguard_config::GuardConfig;
+use serde::Serialize;
+use tokio_postgres::{Client, Config, NoTls, Statement};
+
+use crate::error::{pg_error_text, GuardError};
+use crate::{enforcer, probe};
+
+/// `application_name` of guard connections unless the dsn sets one, so operators (and the
+/// tests) can tell them apart in `pg_stat_activity`.
+pub const GUARD_APPLICATION_NAME: &str = "lockguard-guard";
+
+/// Limit for opening a guard connection and preparing its statements, unless the dsn sets
+/// `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait after a failed connect; doubles per failure up to [`BACKOFF_MAX`].
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A database with no live session for this long loses its guard connection, so a dropped or
+/// unused database does not keep one (it would also block a plain `DROP DATABASE`).
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+/// An open guard connection with its statements prepared, so a probe or a kill is a single
+/// round trip.
+#[derive(Debug)]
+pub struct GuardConnection {
+    client: Client,
+    backend_pid: i32,
+    pub(crate) probe: Statement,
+    pub(crate) kill_by_port: Statement,
+    pub(crate) kill_by_start: Statement,
+    pub(crate) lookup: Statement,
+}
+
+impl GuardConnection {
+    /// Prepares the guard's statements on an open connection whose task is already running.
+    /// Public so tests can hand the enforcer a connection of their own.
+    pub async fn prepare(client: Client) -> Result<Self, tokio_postgres::Error> {
+        let (probe, kill_by_port, kill_by_start, lookup, pid) = futures_util::try_join!(
+            client.prepare(probe::PROBE_SQL),
+            client.prepare(enforcer::KILL_BY_PORT_SQL),
+            client.prepare(enforcer::KILL_BY_START_SQL),
+            client.prepare(enforcer::LOOKUP_SQL),
+            client.query_one("SELECT pg_catalog.pg_backend_pid()", &[]),
+        )?;
+        Ok(GuardConnection {
+            backend_pid: pid.try_get(0)?,
+            client,
+            probe,
+            kill_by_port,
+            kill_by_start,
+            lookup,
+        })
+    }
+
+    /// The underlying client, for ad-hoc queries on the guard's connection.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The pid of the guard's own backend.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// True once the connection has ended; the guard then opens a new one.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// Connection state of one database, for health reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DbHealth {
+    pub database: String,
+    pub connected: bool,
+    /// Whether the last connect or query succeeded.
+    pub healthy: bool,
+    /// The guard's own backend pid, while connected.
+    pub backend_pid: Option<i32>,
+    pub last_error: Option<String>,
+    /// Connect attempts that failed in a row.
+    pub consecutive_failures: u32,
+    #[serde(skip)]
+    pub last_error_at: Option<SystemTime>,
+}
+
+/// Builds the connection settings every per-database connection starts from.
+pub(crate) fn base_config(guard: &GuardConfig) -> Result<Config, GuardError> {
+    let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
+    let mut config =
+        Config::from_str(dsn).map_err(|e| GuardError::InvalidDsn(pg_error_text(&e)))?;
+    if let Some(var) = &guard.password_env {
+        let password =
+            std::env::var(var).map_err(|_| GuardError::PasswordEnv { var: var.clone() })?;
+        config.password(password);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(GUARD_APPLICATION_NAME);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    // A dead network path should fail the guard's queries in seconds, not hours.
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(10));
+    }
+    Ok(config)
+}
+
+/// All guard connections, keyed by database name.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    base: Config,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    database: String,
+    /// Serializes connect attempts; held only briefly once connected.
+    link: tokio::sync::Mutex<Link>,
+    /// What health reports read without waiting on `link`.
+    status: Mutex<Status>,
+}
+
+#[derive(Debug, Default)]
+struct Link {
+    current: Option<Arc<GuardConnection>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Status {
+    connected: bool,
+    healthy: bool,
+    backend_pid: Option<i32>,
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+    failures: u32,
+    last_used: Instant,
+    /// Which connection the fields describe, so a late "connection ended" from an old
+    /// connection does not mark its successor down.
+    generation: u64,
+}
+
+impl Slot {
+    fn status(&self) -> MutexGuard<'_, Status> {
+        match self.status.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn touch(&self) {
+        self.status().last_used = Instant::now();
+    }
+
+    fn mark_ok(&self) {
+        self.status().healthy = true;
+    }
+
+    fn mark_error(&self, error: String) {
+        let mut s = self.status();
+        s.healthy = false;
+        s.last_error = Some(error);
+        s.last_error_at = Some(SystemTime::now());
+    }
+
+    fn connection_ended(&self, generation: u64, error: Option<String>) {
+        let mut s = self.status();
+        if s.generation != generation {
+            return;
+        }
+        s.connected = false;
+        s.backend_pid = None;
+        s.healthy = false;
+        s.last_error = Some(match error {
+            Some(e) => format!("guard connection closed: {e}"),
+            None => "guard connection closed".to_owned(),
+        });
+        s.last_error_at = Some(SystemTime::now());
+        tracing::warn!(
+            database = %self.database,
+            error = s.last_error.as_deref().unwrap_or_default(),
+            "guard connection lost; will reconnect"
+        );
+    }
+}
+
+/// Whether `e` means the connection itself is gone, so a fresh one may succeed: closed, an
+/// I/O error, or a FATAL from the server (a terminated guard backend answers the next query
+/// with `FATAL 57P01` before the connection task notices the close).
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(db) = e.as_db_error() {
+        return matches!(db.severity(), "FATAL" | "PANIC");
+    }
+    std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_START.saturating_mul(1 << exp).min(BACKOFF_MAX)
+}
+
+impl Connections {
+    pub(crate) fn new(base: Config) -> Self {
+        Connections {
+            base,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+        match self.slots.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn slot(&self, database: &str) -> Arc<Slot> {
+        let mut slots = self.slots();
+        let slot = slots.entry(database.to_owned()).or_insert_with(|| {
+            Arc::new(Slot {
+                database: database.to_owned(),
+                link: tokio::sync::Mutex::new(Link::default()),
+                status: Mutex::new(Status {
+                    connected: false,
+                    healthy: true,
+                    backend_pid: None,
+                    last_error: None,
+                    last_error_at: None,
+                    failures: 0,
+                    last_used: Instant::now(),
+                    generation: 0,
+                }),
+            })
+        });
+        Arc::clone(slot)
+    }
+
+    /// The database the dsn names (libpq's default: the user name; else `postgres`), where
+    /// the readiness check connects.
+    pub(crate) fn home_database(&self) -> String {
+        self.base
+            .get_dbname()
+            .or(self.base.get_user())
+            .unwrap_or("postgres")
+            .to_owned()
+    }
+
+    /// The open connection to `database`, connecting if there is none and the backoff allows.
+    pub(crate) async fn get(&self, database: &str) -> Result<Arc<GuardConnection>, GuardError> {
+        let slot = self.slot(database);
+        slot.touch();
+        let mut link = slot.link.lock().await;
+        if let Some(conn) = &link.current {
+            if !conn.is_closed() {
+                return Ok(Arc::clone(conn));
+            }
+        }
+        link.current = None;
+        if let Some(retry_at) = link.retry_at {
+            let now = Instant::now();
+            if now < retry_at {
+                let last = slot.status().last_error.clone().unwrap_or_default();
+                return Err(GuardError::Unavailable {
+                    database: database.to_owned(),
+                    reason: format!("{last} (next attempt in {:?})", retry_at - now),
+                });
+            }
+        }
+        match self.connect(&slot, link.generation + 1).await {
+            Ok(conn) => {
+                link.generation += 1;
+                link.failures = 0;
+                link.retry_at = None;
+                let conn = Arc::new(conn);
+                link.current = Some(Arc::clone(&conn));
+                let mut s = slot.status();
+                s.generation = link.generation;
+                s.connected = true;
+                s.healthy = true;
+                s.backend_pid = Some(conn.backend_pid());
+                s.failures = 0;
+                tracing::info!(database, guard_pid = conn.backend_pid(), "guard connected");
+                Ok(conn)
+            }
+            Err(reason) => {
+                link.failures += 1;
+                let delay = backoff(link.failures);
+                link.retry_at = Some(Instant::now() + delay);
+                {
+                    let mut s = slot.status();
+                    s.connected = false;
+                    s.backend_pid = None;
+                    s.failures = link.failures;
+                }
+                slot.mark_error(reason.clone());
+                tracing::warn!(
+                    database,
+                    error = %reason,
+                    retry_in = ?delay,
+                    "guard cannot connect; traffic is unaffected, kills wait for the guard"
+                );
+                Err(GuardError::Unavailable {
+                    database: database.to_owned(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self, slot: &Arc<Slot>, generation: u64) -> Result<GuardConnection, String> {
+        let mut config = self.base.clone();
+        config.dbname(&slot.database);
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        let attempt = async {
+            let (client, connection) =
+                config.connect(NoTls).await.map_err(|e| pg_error_text(&e))?;
+            let watcher = Arc::clone(slot);
+            tokio::spawn(async move {
+                let error = connection.await.err().map(|e| pg_error_text(&e));
+                watcher.connection_ended(generation, error);
+            });
+            GuardConnection::prepare(client)
+                .await
+                .map_err(|e| format!("preparing the guard statements: {}", pg_error_text(&e)))
+        };
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("connecting timed out after {limit:?}")),
+        }
+    }
+
+    /// Runs `op` on the connection to `database`, giving it up to `deadline` (connecting is
+    /// bounded separately, by the connect timeout, so a slow connect is not cut short and
+    /// retried on every sweep). If the connection turns out to be gone (e.g. its backend was
+    /// terminated), reconnects and tries once more: the guard's statements are safe to repeat
+    /// because every kill re-verifies identity.
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        database: &str,
+        deadline: Duration,
+        op: F,
+    ) -> Result<T, GuardError>
+    where
+        F: Fn(Arc<GuardConnection>) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let mut retried = false;
+        loop {
+            let conn = self.get(database).await?;
+            let slot = self.slot(database);
+            let result = match tokio::time::timeout(deadline, op(Arc::clone(&conn))).await {
+                Ok(result) => result,
+                Err(_) => {
+                    let error = GuardError::Timeout {
+                        database: database.to_owned(),
+                        after: deadline,
+                    };
+                    slot.mark_error(error.to_string());
+                    return Err(error);
+                }
+            };
+            match result {
+                Ok(value) => {
+                    slot.mark_ok();
+                    return Ok(value);
+                }
+                Err(e) if (connection_lost(&e) || conn.is_closed()) && !retried => {
+                    retried = true;
+                    tracing::info!(
+                        database,
+                        error = %pg_error_text(&e),
+                        "guard connection was closed; reconnecting"
+                    );
+                    let mut link = slot.link.lock().await;
+                    if link
+                        .current
+                        .as_ref()
+                        .is_some_and(|current| Arc::ptr_eq(current, &conn))
+                    {
+                        link.current = None;
+                    }
+                }
+                Err(e) => {
+                    let message = pg_error_text(&e);
+                    slot.mark_error(message.clone());
+                    return Err(if connection_lost(&e) {
+                        GuardError::Unavailable {
+                            database: database.to_owned(),
+                            reason: message,
+                        }
+                    } else {
+                        GuardError::Query {
+                            database: database.to_owned(),
+                            message,
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Records a failure that happened around a query (a timeout) for health reports.
+    pub(crate) fn note_error(&self, database: &str, error: String) {
+        self.slot(database).mark_error(error);
+    }
+
+    /// Periodic upkeep: reconnects broken connections of databases that still have sessions
+    /// (so health recovers and the next sweep finds a working connection) and closes those of
+    /// databases nobody has used for a while.
+    pub(crate) async fn maintain(&self, in_use: &HashSet<String>) {
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let mut reconnect = Vec::new();
+        for slot in slots {
+            if in_use.contains(&slot.database) {
+                slot.touch();
+                if !slot.status().connected {
+                    reconnect.push(slot.database.clone());
+                }
+            } else if slot.status().last_used.elapsed() > IDLE_CLOSE {
+                tracing::info!(database = %slot.database, "closing unused guard connection");
+                self.slots().remove(&slot.database);
+            }
+        }
+        // Failures are recorded in the slot's status by `get`.
+        join_all(reconnect.iter().map(|db| self.get(db))).await;
+    }
+
+    /// Connection state per database, sorted by name.
+    pub(crate) fn health(&self) -> Vec<DbHealth> {
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let mut out: Vec<DbHealth> = slots
+            .iter()
+            .map(|slot| {
+                let s = slot.status();
+                DbHealth {
+                    database: slot.database.clone(),
+                    connected: s.connected,
+                    healthy: s.healthy,
+                    backend_pid: s.backend_pid,
+                    last_error: s.last_error.clone(),
+                    consecutive_failures: s.failures,
+                    last_error_at: s.last_error_at,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.database.cmp(&b.database));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(1), BACKOFF_START);
+        assert_eq!(backoff(2), BACKOFF_START * 2);
+        assert_eq!(backoff(3), BACKOFF_START * 4);
+        assert_eq!(backoff(10), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn base_config_fills_in_guard_defaults() {
+        let guard = GuardConfig {
+            dsn: Some("host=127.0.0.1 port=5999 user=lg dbname=postgres".into()),
+            ..GuardConfig::default()
+        };
+        let c = base_config(&guard).unwrap();
+        assert_eq!(c.get_application_name(), Some(GUARD_APPLICATION_NAME));
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_ports(), &[5999]);
+    }
+
+    #[test]
+    fn base_config_reports_bad_input() {
+        let none = GuardConfig::default();
+        assert!(matches!(base_config(&none), Err(GuardError::NoDsn)));
+        let bad = GuardConfig {
+            dsn: Some("host=x port=notaport".into()),
+            ..GuardConfig::default()
+        };
+        assert!(matches!(base_config(&bad), Err(GuardError::InvalidDsn(_))));
+        let missing_env = GuardConfig {
+            dsn: Some("host=x".into()),
+            password_env: Some("LOCKGUARD_TEST_SURELY_UNSET_VARIABLE".into()),
+            ..GuardConfig::default()
+        };
+        assert!(matches!(
+            base_config(&missing_env),
+            Err(GuardError::PasswordEnv { .. })
+        ));
+    }
+}

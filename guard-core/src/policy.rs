@@ -1,0 +1,602 @@
+//! The rules of issue 3 as one pure function: what happened + what the probe saw → a verdict.
+//!
+//! Nothing here touches the network or the clock, so every rule is unit tested; the guard
+//! gathers the facts and carries the verdict out.
+
+use std::fmt;
+use std::time::Duration;
+
+use lockguard_config::{ClientLossAction, GuardConfig};
+
+use crate::session::TxnState;
+
+/// `pg_stat_activity.state` of a backend idle inside a transaction.
+pub const SERVER_IDLE_IN_TRANSACTION: &str = "idle in transaction";
+/// `pg_stat_activity.state` of a backend idle inside a failed transaction.
+pub const SERVER_IDLE_IN_FAILED_TRANSACTION: &str = "idle in transaction (aborted)";
+
+/// What made the guard look at a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// The client vanished (rules 1 and 2); `cause` says how, for the audit.
+    ClientLoss { cause: String },
+    /// The sweep found the session idle in a transaction past the timeout (rule 3).
+    IdleInTransaction,
+    /// The sweep found the session idle in a failed transaction past the timeout (rule 4).
+    FailedTransaction,
+    /// An operator asked for the kill on the admin port.
+    Operator { reason: String },
+}
+
+impl Trigger {
+    /// Stable name used in audit events and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Trigger::ClientLoss { .. } => "client_loss",
+            Trigger::IdleInTransaction => "idle_in_transaction",
+            Trigger::FailedTransaction => "failed_transaction",
+            Trigger::Operator { .. } => "operator",
+        }
+    }
+
+    /// The free-text part: how the client was lost, or the operator's reason.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Trigger::ClientLoss { cause } => Some(cause),
+            Trigger::Operator { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The `pg_stat_activity.state` the backend must still be in for the kill to be right, if
+    /// the trigger depends on it (the idle rules: a session that just started a statement is
+    /// not idle any more).
+    pub fn required_server_state(&self) -> Option<&'static str> {
+        match self {
+            Trigger::IdleInTransaction => Some(SERVER_IDLE_IN_TRANSACTION),
+            Trigger::FailedTransaction => Some(SERVER_IDLE_IN_FAILED_TRANSACTION),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.detail() {
+            Some(detail) => write!(f, "{} ({detail})", self.name()),
+            None => f.write_str(self.name()),
+        }
+    }
+}
+
+/// The configured rules, copied out of [`GuardConfig`] so the policy needs nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub on_client_loss: ClientLossAction,
+    /// 0 = rule 3 off.
+    pub idle_in_transaction_timeout: Duration,
+    /// 0 = rule 4 off.
+    pub failed_transaction_timeout: Duration,
+    pub require_waiters: bool,
+    pub dry_run: bool,
+}
+
+impl From<&GuardConfig> for Rules {
+    fn from(c: &GuardConfig) -> Self {
+        Rules {
+            on_client_loss: c.on_client_loss,
+            idle_in_transaction_timeout: c.idle_in_transaction_timeout,
+            failed_transaction_timeout: c.failed_transaction_timeout,
+            require_waiters: c.require_waiters,
+            dry_run: c.dry_run,
+        }
+    }
+}
+
+/// What the proxy and the probe know about the session at decision time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts<'a> {
+    /// The session's state as the proxy saw it (ReadyForQuery + in-flight).
+    pub state: TxnState,
+    /// How long the session has been in `state`.
+    pub state_age: Duration,
+    /// Whether the backend pid is in `pg_stat_activity` at all.
+    pub backend_present: bool,
+    /// Whether the backend's `client_port` / `backend_start` say it is still this session's
+    /// backend (false when the pid was reused by another connection).
+    pub identity_matches: bool,
+    /// `pg_stat_activity.state` of the backend, when visible.
+    pub server_state: Option<&'a str>,
+    /// Granted relation locks on protected tables.
+    pub protected_locks: usize,
+    /// Sessions blocked behind this backend.
+    pub waiters: usize,
+}
+
+/// The guard's decision for one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Terminate the backend (verified by the enforcer).
+    Terminate,
+    /// Would terminate, but `dry_run` is on: record only.
+    DryRun,
+    /// Would terminate, but `on_client_loss = "log"`: record only.
+    LogOnly,
+    /// Nothing to do.
+    Leave(LeaveReason),
+}
+
+/// Why the guard left a backend alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaveReason {
+    /// No BackendKeyData seen yet.
+    NoBackend,
+    /// No transaction open and nothing in flight: PostgreSQL holds nothing for it (rule 5).
+    NoTransaction,
+    /// The backend is not in `pg_stat_activity` any more.
+    BackendGone,
+    /// The pid now belongs to another connection.
+    NotOurBackend,
+    /// It holds no lock on a protected table (rule 5).
+    NoProtectedLock,
+    /// `require_waiters` is on and nobody waits behind it.
+    NoWaiters,
+    /// The rule for this trigger is switched off (timeout 0).
+    RuleOff,
+    /// The proxy's view changed since the session was picked (it sent a statement, or the
+    /// transaction ended).
+    StateChanged(TxnState),
+    /// Not idle for longer than the timeout.
+    NotIdleLongEnough,
+    /// PostgreSQL says the backend is not idle in the expected way (it just started work).
+    ServerState(String),
+    /// Another kill of this session is already under way.
+    KillInProgress,
+}
+
+impl fmt::Display for LeaveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaveReason::NoBackend => f.write_str("no backend pid known"),
+            LeaveReason::NoTransaction => f.write_str("no transaction open"),
+            LeaveReason::BackendGone => f.write_str("backend already gone"),
+            LeaveReason::NotOurBackend => f.write_str("backend pid belongs to another connection"),
+            LeaveReason::NoProtectedLock => f.write_str("holds no lock on a protected table"),
+            LeaveReason::NoWaiters => f.write_str("nobody is waiting (require_waiters)"),
+            LeaveReason::RuleOff => f.write_str("rule switched off"),
+            LeaveReason::StateChanged(s) => write!(f, "session is now {s}"),
+            LeaveReason::NotIdleLongEnough => f.write_str("not idle long enough"),
+            LeaveReason::ServerState(s) => write!(f, "server reports the backend as {s:?}"),
+            LeaveReason::KillInProgress => f.write_str("a kill is already under way"),
+        }
+    }
+}
+
+impl LeaveReason {
+    /// Whether the same answer will hold for as long as the session stays in its current
+    /// state, so the sweep need not ask again until the state changes. Waiters can appear at
+    /// any time, and a server/proxy disagreement is a race, so those are asked again.
+    pub fn stable_while_idle(&self) -> bool {
+        matches!(
+            self,
+            LeaveReason::BackendGone
+                | LeaveReason::NotOurBackend
+                | LeaveReason::NoProtectedLock
+                | LeaveReason::RuleOff
+        )
+    }
+}
+
+/// Applies the rules of issue 3 to one session.
+pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
+    let act = if rules.dry_run {
+        Verdict::DryRun
+    } else {
+        Verdict::Terminate
+    };
+    match trigger {
+        // The operator decides; the enforcer still verifies identity.
+        Trigger::Operator { .. } => act,
+        Trigger::ClientLoss { .. } => {
+            // Rule 2 is the pump's part: after the grace, a statement still in flight (Active)
+            // may hold locks even outside a transaction block, so it is judged like rule 1.
+            if !matches!(
+                facts.state,
+                TxnState::Active | TxnState::IdleInTransaction | TxnState::IdleInFailedTransaction
+            ) {
+                return Verdict::Leave(LeaveReason::NoTransaction);
+            }
+            if let Some(reason) = backend_check(facts) {
+                return Verdict::Leave(reason);
+            }
+            if facts.protected_locks == 0 {
+                return Verdict::Leave(LeaveReason::NoProtectedLock);
+            }
+            match (rules.dry_run, rules.on_client_loss) {
+                (true, _) => Verdict::DryRun,
+                (false, ClientLossAction::Log) => Verdict::LogOnly,
+                (false, ClientLossAction::Terminate) => Verdict::Terminate,
+            }
+        }
+        Trigger::IdleInTransaction => idle_rule(
+            facts,
+            rules,
+            TxnState::IdleInTransaction,
+            rules.idle_in_transaction_timeout,
+            SERVER_IDLE_IN_TRANSACTION,
+            act,
+        ),
+        Trigger::FailedTransaction => idle_rule(
+            facts,
+            rules,
+            TxnState::IdleInFailedTransaction,
+            rules.failed_transaction_timeout,
+            SERVER_IDLE_IN_FAILED_TRANSACTION,
+            act,
+        ),
+    }
+}
+
+fn backend_check(facts: &Facts<'_>) -> Option<LeaveReason> {
+    if !facts.backend_present {
+        Some(LeaveReason::BackendGone)
+    } else if !facts.identity_matches {
+        Some(LeaveReason::NotOurBackend)
+    } else {
+        None
+    }
+}
+
+/// Rules 3 and 4: idle past the timeout in the expected state, on both sides of the proxy,
+/// holding a protected lock (and blocking someone, with `require_waiters`).
+fn idle_rule(
+    facts: &Facts<'_>,
+    rules: &Rules,
+    expected: TxnState,
+    timeout: Duration,
+    expected_server: &str,
+    act: Verdict,
+) -> Verdict {
+    if timeout.is_zero() {
+        return Verdict::Leave(LeaveReason::RuleOff);
+    }
+    if facts.state != expected {
+        return Verdict::Leave(LeaveReason::StateChanged(facts.state));
+    }
+    if facts.state_age <= timeout {
+        return Verdict::Leave(LeaveReason::NotIdleLongEnough);
+    }
+    if let Some(reason) = backend_check(facts) {
+        return Verdict::Leave(reason);
+    }
+    if facts.server_state != Some(expected_server) {
+        return Verdict::Leave(LeaveReason::ServerState(
+            facts.server_state.unwrap_or("unknown").to_owned(),
+        ));
+    }
+    if facts.protected_locks == 0 {
+        return Verdict::Leave(LeaveReason::NoProtectedLock);
+    }
+    if rules.require_waiters && facts.waiters == 0 {
+        return Verdict::Leave(LeaveReason::NoWaiters);
+    }
+    act
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            on_client_loss: ClientLossAction::Terminate,
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            failed_transaction_timeout: Duration::from_secs(10),
+            require_waiters: false,
+            dry_run: false,
+        }
+    }
+
+    /// A backend that holds one protected lock and blocks one session, idle in transaction for
+    /// two minutes on both sides of the proxy.
+    fn holder() -> Facts<'static> {
+        Facts {
+            state: TxnState::IdleInTransaction,
+            state_age: Duration::from_secs(120),
+            backend_present: true,
+            identity_matches: true,
+            server_state: Some(SERVER_IDLE_IN_TRANSACTION),
+            protected_locks: 1,
+            waiters: 1,
+        }
+    }
+
+    fn lost() -> Trigger {
+        Trigger::ClientLoss {
+            cause: "eof without Terminate".into(),
+        }
+    }
+
+    #[test]
+    fn client_loss_in_a_transaction_holding_a_protected_lock_terminates() {
+        assert_eq!(decide(&lost(), &holder(), &rules()), Verdict::Terminate);
+        // Waiters and the idle timeout do not matter for rule 1.
+        let facts = Facts {
+            waiters: 0,
+            state_age: Duration::ZERO,
+            ..holder()
+        };
+        let r = Rules {
+            require_waiters: true,
+            ..rules()
+        };
+        assert_eq!(decide(&lost(), &facts, &r), Verdict::Terminate);
+    }
+
+    #[test]
+    fn client_loss_in_a_failed_subtransaction_terminates() {
+        let facts = Facts {
+            state: TxnState::IdleInFailedTransaction,
+            server_state: Some(SERVER_IDLE_IN_FAILED_TRANSACTION),
+            ..holder()
+        };
+        assert_eq!(decide(&lost(), &facts, &rules()), Verdict::Terminate);
+    }
+
+    #[test]
+    fn client_loss_with_a_statement_still_in_flight_after_the_grace_terminates() {
+        let facts = Facts {
+            state: TxnState::Active,
+            server_state: Some("active"),
+            ..holder()
+        };
+        assert_eq!(decide(&lost(), &facts, &rules()), Verdict::Terminate);
+    }
+
+    #[test]
+    fn client_loss_outside_a_transaction_is_left_alone() {
+        for state in [TxnState::Idle, TxnState::Startup] {
+            let facts = Facts { state, ..holder() };
+            assert_eq!(
+                decide(&lost(), &facts, &rules()),
+                Verdict::Leave(LeaveReason::NoTransaction)
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_protected_lock_nothing_is_killed() {
+        let facts = Facts {
+            protected_locks: 0,
+            ..holder()
+        };
+        for trigger in [
+            lost(),
+            Trigger::IdleInTransaction,
+            Trigger::FailedTransaction,
+        ] {
+            let facts = if trigger == Trigger::FailedTransaction {
+                Facts {
+                    state: TxnState::IdleInFailedTransaction,
+                    server_state: Some(SERVER_IDLE_IN_FAILED_TRANSACTION),
+                    ..facts.clone()
+                }
+            } else {
+                facts.clone()
+            };
+            assert_eq!(
+                decide(&trigger, &facts, &rules()),
+                Verdict::Leave(LeaveReason::NoProtectedLock),
+                "{trigger}"
+            );
+        }
+    }
+
+    #[test]
+    fn gone_or_reused_backends_are_left_alone() {
+        let gone = Facts {
+            backend_present: false,
+            server_state: None,
+            ..holder()
+        };
+        let reused = Facts {
+            identity_matches: false,
+            ..holder()
+        };
+        for trigger in [lost(), Trigger::IdleInTransaction] {
+            assert_eq!(
+                decide(&trigger, &gone, &rules()),
+                Verdict::Leave(LeaveReason::BackendGone)
+            );
+            assert_eq!(
+                decide(&trigger, &reused, &rules()),
+                Verdict::Leave(LeaveReason::NotOurBackend)
+            );
+        }
+    }
+
+    #[test]
+    fn client_loss_in_log_mode_only_logs_and_dry_run_wins() {
+        let log = Rules {
+            on_client_loss: ClientLossAction::Log,
+            ..rules()
+        };
+        assert_eq!(decide(&lost(), &holder(), &log), Verdict::LogOnly);
+        let both = Rules {
+            dry_run: true,
+            ..log
+        };
+        assert_eq!(decide(&lost(), &holder(), &both), Verdict::DryRun);
+        // The log mode is about client loss only; the idle rules still terminate.
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &holder(), &log),
+            Verdict::Terminate
+        );
+    }
+
+    #[test]
+    fn idle_in_transaction_past_the_timeout_terminates() {
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &holder(), &rules()),
+            Verdict::Terminate
+        );
+    }
+
+    #[test]
+    fn idle_not_long_enough_or_rule_off_is_left_alone() {
+        let young = Facts {
+            state_age: Duration::from_secs(60),
+            ..holder()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &young, &rules()),
+            Verdict::Leave(LeaveReason::NotIdleLongEnough)
+        );
+        let off = Rules {
+            idle_in_transaction_timeout: Duration::ZERO,
+            ..rules()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &holder(), &off),
+            Verdict::Leave(LeaveReason::RuleOff)
+        );
+    }
+
+    #[test]
+    fn idle_rule_needs_both_sides_to_agree_the_session_is_idle() {
+        // The client sent a statement after the sweep picked the session.
+        let proxy_active = Facts {
+            state: TxnState::Active,
+            ..holder()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &proxy_active, &rules()),
+            Verdict::Leave(LeaveReason::StateChanged(TxnState::Active))
+        );
+        // The server already started working on it.
+        let server_active = Facts {
+            server_state: Some("active"),
+            ..holder()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &server_active, &rules()),
+            Verdict::Leave(LeaveReason::ServerState("active".into()))
+        );
+        // State not visible (guard role lacks pg_read_all_stats): do not guess.
+        let hidden = Facts {
+            server_state: None,
+            ..holder()
+        };
+        assert!(matches!(
+            decide(&Trigger::IdleInTransaction, &hidden, &rules()),
+            Verdict::Leave(LeaveReason::ServerState(_))
+        ));
+    }
+
+    #[test]
+    fn require_waiters_spares_a_holder_nobody_waits_for() {
+        let r = Rules {
+            require_waiters: true,
+            ..rules()
+        };
+        let alone = Facts {
+            waiters: 0,
+            ..holder()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &alone, &r),
+            Verdict::Leave(LeaveReason::NoWaiters)
+        );
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &holder(), &r),
+            Verdict::Terminate
+        );
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &alone, &rules()),
+            Verdict::Terminate
+        );
+    }
+
+    #[test]
+    fn failed_transaction_rule_uses_its_own_timeout_and_state() {
+        let failed = Facts {
+            state: TxnState::IdleInFailedTransaction,
+            state_age: Duration::from_secs(11),
+            server_state: Some(SERVER_IDLE_IN_FAILED_TRANSACTION),
+            ..holder()
+        };
+        assert_eq!(
+            decide(&Trigger::FailedTransaction, &failed, &rules()),
+            Verdict::Terminate
+        );
+        // 11s is past the failed timeout (10s) but not the idle one (60s).
+        let idle = Facts {
+            state: TxnState::IdleInTransaction,
+            server_state: Some(SERVER_IDLE_IN_TRANSACTION),
+            ..failed.clone()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &idle, &rules()),
+            Verdict::Leave(LeaveReason::NotIdleLongEnough)
+        );
+        // A failed transaction is not "idle in transaction" for rule 3, and vice versa.
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &failed, &rules()),
+            Verdict::Leave(LeaveReason::StateChanged(TxnState::IdleInFailedTransaction))
+        );
+        let off = Rules {
+            failed_transaction_timeout: Duration::ZERO,
+            ..rules()
+        };
+        assert_eq!(
+            decide(&Trigger::FailedTransaction, &failed, &off),
+            Verdict::Leave(LeaveReason::RuleOff)
+        );
+    }
+
+    #[test]
+    fn dry_run_turns_every_kill_into_a_record() {
+        let r = Rules {
+            dry_run: true,
+            ..rules()
+        };
+        assert_eq!(
+            decide(&Trigger::IdleInTransaction, &holder(), &r),
+            Verdict::DryRun
+        );
+        let operator = Trigger::Operator {
+            reason: "stuck".into(),
+        };
+        assert_eq!(decide(&operator, &holder(), &r), Verdict::DryRun);
+    }
+
+    #[test]
+    fn operator_kill_needs_no_protected_lock() {
+        let facts = Facts {
+            protected_locks: 0,
+            waiters: 0,
+            state: TxnState::Idle,
+            server_state: Some("idle"),
+            ..holder()
+        };
+        let operator = Trigger::Operator {
+            reason: "requested".into(),
+        };
+        assert_eq!(decide(&operator, &facts, &rules()), Verdict::Terminate);
+    }
+
+    #[test]
+    fn rules_come_from_the_config() {
+        let config = GuardConfig {
+            on_client_loss: ClientLossAction::Log,
+            require_waiters: true,
+            dry_run: true,
+            ..GuardConfig::default()
+        };
+        let r = Rules::from(&config);
+        assert_eq!(r.on_client_loss, ClientLossAction::Log);
+        assert!(r.require_waiters && r.dry_run);
+        assert_eq!(r.idle_in_transaction_timeout, Duration::from_secs(60));
+        assert_eq!(r.failed_transaction_timeout, Duration::from_secs(10));
+    }
+}

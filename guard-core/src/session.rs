@@ -1,0 +1,443 @@
+//! One proxied client session as the guard and the admin port see it.
+//!
+//! The record is shared between the session's pump (which writes it as messages pass) and the
+//! guard / admin (which read it). Everything the pump changes per message is an atomic, so the
+//! forwarding path never waits on a lock; the few fields set once per session use `OnceLock`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::clock;
+
+/// Longest statement text kept for the audit trail, in bytes.
+pub const MAX_STATEMENT_LEN: usize = 1024;
+
+/// Identifies a session for the lifetime of the process (never reused).
+pub type SessionId = u64;
+
+/// Where the proxy's upstream socket of this session comes from, as PostgreSQL sees it.
+///
+/// This is how the enforcer proves a backend pid still belongs to this session before it
+/// signals it: for TCP, `pg_stat_activity.client_port` of the backend must equal our local port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamIdentity {
+    /// Our local address of the TCP connection to PostgreSQL.
+    Tcp(SocketAddr),
+    /// A unix-domain socket: PostgreSQL reports no client port, so the enforcer falls back to
+    /// the backend's start time, captured while the session was certainly alive.
+    Unix,
+}
+
+/// The transaction state of a session, as the last ReadyForQuery and in-flight work say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnState {
+    /// Connected, authentication not finished yet (no ReadyForQuery seen).
+    Startup,
+    /// Outside a transaction, nothing in flight.
+    Idle,
+    /// A statement or a pipeline of messages is being processed.
+    Active,
+    /// Inside an open transaction block, waiting for the client.
+    IdleInTransaction,
+    /// Inside a failed transaction block (only ROLLBACK is accepted), waiting for the client.
+    IdleInFailedTransaction,
+}
+
+impl TxnState {
+    /// The name used by `pg_stat_activity.state` and by lockguard's admin output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxnState::Startup => "startup",
+            TxnState::Idle => "idle",
+            TxnState::Active => "active",
+            TxnState::IdleInTransaction => "idle in transaction",
+            TxnState::IdleInFailedTransaction => "idle in transaction (aborted)",
+        }
+    }
+}
+
+impl std::fmt::Display for TxnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Transaction status byte of ReadyForQuery, stored as-is; 0 before the first one.
+const RFQ_NONE: u8 = 0;
+
+/// Who the client is: fixed once the startup packet has been read.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+}
+
+/// Backend identity from BackendKeyData: the pid serving this session and its cancel secret.
+#[derive(Debug, Clone)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: Box<[u8]>,
+}
+
+/// Why the proxy is about to end a live session on purpose; the pump sends this to the client.
+#[derive(Debug, Clone)]
+pub struct KillNotice {
+    /// SQLSTATE of the FATAL ErrorResponse sent to the client.
+    pub sqlstate: &'static str,
+    /// Full message, starting with `lockguard:`.
+    pub message: String,
+}
+
+/// The live state of one proxied session. Shared via `Arc` between its pump, the registry, the
+/// guard and the admin port.
+#[derive(Debug)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub client: ClientInfo,
+    pub upstream: UpstreamIdentity,
+    /// Wall-clock time the session was accepted, for humans.
+    pub connected_at: SystemTime,
+    backend: OnceLock<BackendKey>,
+    /// Mirrors `backend.pid` for lock-free reads; 0 until BackendKeyData arrives.
+    backend_pid: AtomicI32,
+    /// Last ReadyForQuery status byte (`I`, `T`, `E`), or [`RFQ_NONE`].
+    rfq_status: AtomicU8,
+    /// Sync points (Query, Sync, FunctionCall) sent but not yet answered by ReadyForQuery.
+    pending_syncs: AtomicU32,
+    /// Clock ticks ([`clock::now_micros`]) when the current state began.
+    state_since: AtomicU64,
+    /// Clock ticks when the current transaction began; 0 outside a transaction.
+    xact_since: AtomicU64,
+    bytes_from_client: AtomicU64,
+    bytes_from_server: AtomicU64,
+    /// Truncated text of the last Query / Parse. Written with `try_lock` by the pump (never
+    /// waits); readers copy it out.
+    last_statement: Mutex<String>,
+    /// Set by whoever decides to end this session (guard, operator); read by the pump.
+    kill_notice: OnceLock<KillNotice>,
+    /// Wakes the pump once `kill_notice` is set and the backend has been dealt with.
+    kill_wakeup: Notify,
+    /// Set before a kill is attempted, so the pump stops forwarding the backend's own
+    /// termination message and sends ours instead.
+    kill_pending: AtomicBool,
+}
+
+impl SessionRecord {
+    /// A new session in `Startup` state.
+    pub fn new(id: SessionId, client: ClientInfo, upstream: UpstreamIdentity) -> Self {
+        SessionRecord {
+            id,
+            client,
+            upstream,
+            connected_at: SystemTime::now(),
+            backend: OnceLock::new(),
+            backend_pid: AtomicI32::new(0),
+            rfq_status: AtomicU8::new(RFQ_NONE),
+            pending_syncs: AtomicU32::new(0),
+            state_since: AtomicU64::new(clock::now_micros()),
+            xact_since: AtomicU64::new(0),
+            bytes_from_client: AtomicU64::new(0),
+            bytes_from_server: AtomicU64::new(0),
+            last_statement: Mutex::new(String::with_capacity(MAX_STATEMENT_LEN + 4)),
+            kill_notice: OnceLock::new(),
+            kill_wakeup: Notify::new(),
+            kill_pending: AtomicBool::new(false),
+        }
+    }
+
+    // ---- written by the pump ------------------------------------------------------------
+
+    /// Records BackendKeyData. Only the first one counts (PostgreSQL sends one per session).
+    pub fn set_backend_key(&self, pid: i32, secret: &[u8]) {
+        if self
+            .backend
+            .set(BackendKey {
+                pid,
+                secret: secret.into(),
+            })
+            .is_ok()
+        {
+            self.backend_pid.store(pid, Ordering::Release);
+        }
+    }
+
+    /// The client sent a message that the server will answer with ReadyForQuery.
+    pub fn sync_sent(&self) {
+        if self.pending_syncs.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.state_since
+                .store(clock::now_micros(), Ordering::Release);
+        }
+    }
+
+    /// `n` Sync messages sent earlier will get no ReadyForQuery of their own: the server
+    /// ignores Sync while in COPY IN mode (the copy's end produces the one ReadyForQuery).
+    pub fn syncs_ignored(&self, n: u32) {
+        let _ = self
+            .pending_syncs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                Some(pending.saturating_sub(n))
+            });
+    }
+
+    /// The server sent ReadyForQuery with transaction status `status` (`I`, `T` or `E`).
+    pub fn ready_for_query(&self, status: u8) {
+        // Saturating: the first ReadyForQuery after authentication answers no sync of ours.
+        let _ = self
+            .pending_syncs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
+        let now = clock::now_micros();
+        let previous = self.rfq_status.swap(status, Ordering::AcqRel);
+        match (
+            previous == b'T' || previous == b'E',
+            status == b'T' || status == b'E',
+        ) {
+            (false, true) => self.xact_since.store(now, Ordering::Release),
+            (true, false) => self.xact_since.store(0, Ordering::Release),
+            _ => {}
+        }
+        self.state_since.store(now, Ordering::Release);
+    }
+
+    /// Remembers the statement text of a Query or Parse (truncated on a char boundary).
+    /// Never waits: if a reader holds the lock this very moment, this statement is skipped.
+    pub fn set_last_statement(&self, text: &[u8]) {
+        if let Ok(mut slot) = self.last_statement.try_lock() {
+            slot.clear();
+            let text = &text[..text.len().min(MAX_STATEMENT_LEN)];
+            match std::str::from_utf8(text) {
+                Ok(s) => slot.push_str(s),
+                Err(e) => {
+                    let valid = &text[..e.valid_up_to()];
+                    // The tail is cut mid-character or is not UTF-8; keep the readable part.
+                    slot.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    /// Counts bytes read from the client.
+    pub fn add_bytes_from_client(&self, n: usize) {
+        self.bytes_from_client
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts bytes read from the server.
+    pub fn add_bytes_from_server(&self, n: usize) {
+        self.bytes_from_server
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    // ---- read by the guard and the admin port ------------------------------------------
+
+    /// Backend pid, once BackendKeyData has been seen.
+    pub fn backend_pid(&self) -> Option<i32> {
+        match self.backend_pid.load(Ordering::Acquire) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    /// Backend pid and cancel secret, once BackendKeyData has been seen.
+    pub fn backend_key(&self) -> Option<&BackendKey> {
+        self.backend.get()
+    }
+
+    /// The session's transaction state now.
+    pub fn state(&self) -> TxnState {
+        if self.pending_syncs.load(Ordering::Acquire) > 0 {
+            return TxnState::Active;
+        }
+        match self.rfq_status.load(Ordering::Acquire) {
+            b'I' => TxnState::Idle,
+            b'T' => TxnState::IdleInTransaction,
+            b'E' => TxnState::IdleInFailedTransaction,
+            _ => TxnState::Startup,
+        }
+    }
+
+    /// True while the last ReadyForQuery said a transaction block is open (`T` or `E`),
+    /// whether or not a statement is running in it now.
+    pub fn in_transaction(&self) -> bool {
+        matches!(self.rfq_status.load(Ordering::Acquire), b'T' | b'E')
+    }
+
+    /// True while a statement is being processed (sent, not yet answered by ReadyForQuery).
+    pub fn statement_in_flight(&self) -> bool {
+        self.pending_syncs.load(Ordering::Acquire) > 0
+    }
+
+    /// How long the session has been in its current state.
+    pub fn state_age(&self) -> Duration {
+        clock::since_micros(self.state_since.load(Ordering::Acquire))
+    }
+
+    /// How long the current transaction has been open, if one is.
+    pub fn xact_age(&self) -> Option<Duration> {
+        match self.xact_since.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(clock::since_micros(t)),
+        }
+    }
+
+    /// When the session entered its current state.
+    pub fn state_since(&self) -> Instant {
+        clock::instant_of_micros(self.state_since.load(Ordering::Acquire))
+    }
+
+    pub fn bytes_from_client(&self) -> u64 {
+        self.bytes_from_client.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_from_server(&self) -> u64 {
+        self.bytes_from_server.load(Ordering::Relaxed)
+    }
+
+    /// A copy of the last statement text (may be empty).
+    pub fn last_statement(&self) -> String {
+        match self.last_statement.lock() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    // ---- ending a live session on purpose -----------------------------------------------
+
+    /// Announces that the backend is about to be terminated: from now on the pump swallows
+    /// what the backend sends, so the client sees lockguard's explanation, not a bare FATAL.
+    /// Returns false if another kill is already under way.
+    pub fn begin_kill(&self) -> bool {
+        !self.kill_pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// Withdraws [`begin_kill`](Self::begin_kill) when the kill did not happen (dry-run, identity
+    /// mismatch, error): the session carries on untouched.
+    pub fn abort_kill(&self) {
+        self.kill_pending.store(false, Ordering::Release);
+        self.kill_wakeup.notify_waiters();
+    }
+
+    /// True between `begin_kill` and the end of the session (or `abort_kill`).
+    pub fn kill_pending(&self) -> bool {
+        self.kill_pending.load(Ordering::Acquire)
+    }
+
+    /// Hands the pump the message to send and wakes it; the pump then closes both sockets.
+    pub fn finish_kill(&self, notice: KillNotice) {
+        let _ = self.kill_notice.set(notice);
+        self.kill_wakeup.notify_waiters();
+    }
+
+    /// The notice set by [`finish_kill`](Self::finish_kill), if any.
+    pub fn kill_notice(&self) -> Option<&KillNotice> {
+        self.kill_notice.get()
+    }
+
+    /// Resolves once [`finish_kill`](Self::finish_kill) has been called.
+    pub async fn killed(&self) -> &KillNotice {
+        loop {
+            let wakeup = self.kill_wakeup.notified();
+            tokio::pin!(wakeup);
+            // Register before checking, so a notify between the check and the await is not lost.
+            wakeup.as_mut().enable();
+            if let Some(notice) = self.kill_notice.get() {
+                return notice;
+            }
+            wakeup.await;
+        }
+    }
+
+    /// Waits until a kill under way is either carried out (returns the notice) or withdrawn
+    /// (returns `None`). Returns at once when no kill is pending.
+    pub async fn kill_resolved(&self) -> Option<&KillNotice> {
+        loop {
+            let wakeup = self.kill_wakeup.notified();
+            tokio::pin!(wakeup);
+            wakeup.as_mut().enable();
+            if let Some(notice) = self.kill_notice.get() {
+                return Some(notice);
+            }
+            if !self.kill_pending() {
+                return None;
+            }
+            wakeup.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> SessionRecord {
+        SessionRecord::new(
+            1,
+            ClientInfo {
+                addr: "127.0.0.1:5000".parse().unwrap(),
+                user: "u".into(),
+                database: "d".into(),
+                application_name: String::new(),
+            },
+            UpstreamIdentity::Unix,
+        )
+    }
+
+    #[test]
+    fn state_follows_ready_for_query_and_syncs() {
+        let r = record();
+        assert_eq!(r.state(), TxnState::Startup);
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Idle);
+        r.sync_sent();
+        assert_eq!(r.state(), TxnState::Active);
+        r.ready_for_query(b'T');
+        assert_eq!(r.state(), TxnState::IdleInTransaction);
+        assert!(r.xact_age().is_some());
+        r.sync_sent();
+        r.ready_for_query(b'E');
+        assert_eq!(r.state(), TxnState::IdleInFailedTransaction);
+        assert!(r.in_transaction());
+        r.sync_sent();
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Idle);
+        assert!(r.xact_age().is_none());
+    }
+
+    #[test]
+    fn pipelined_syncs_stay_active_until_the_last_answer() {
+        let r = record();
+        r.ready_for_query(b'I');
+        r.sync_sent();
+        r.sync_sent();
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Active);
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Idle);
+    }
+
+    #[test]
+    fn last_statement_is_truncated_on_a_char_boundary() {
+        let r = record();
+        let mut text = "a".repeat(MAX_STATEMENT_LEN - 1);
+        text.push('é'); // two bytes, straddles the limit
+        r.set_last_statement(text.as_bytes());
+        assert_eq!(r.last_statement().len(), MAX_STATEMENT_LEN - 1);
+    }
+
+    #[test]
+    fn backend_key_is_set_once() {
+        let r = record();
+        r.set_backend_key(42, &[1, 2, 3, 4]);
+        r.set_backend_key(43, &[5]);
+        assert_eq!(r.backend_pid(), Some(42));
+        assert_eq!(&*r.backend_key().unwrap().secret, &[1, 2, 3, 4]);
+    }
+}

@@ -1,0 +1,62 @@
+//! lockguard: a PostgreSQL wire-protocol proxy that terminates orphaned, lock-holding sessions.
+//!
+//! The path of a byte, module by module:
+//! - [`listener`] accepts a client (and owns the proxy's lifetime: bind, run, drain);
+//! - [`client`] serves that connection: [`startup`] reads its first packets (with [`tls`]
+//!   when the client asks), [`upstream`] connects to PostgreSQL, [`auth`] relays the
+//!   authentication when the upstream is TLS; [`stream`] names the sockets involved;
+//! - [`session`] pumps bytes both ways, with [`frame`] finding message boundaries and
+//!   [`protocol`] naming the few messages lockguard reads or writes;
+//! - the session's record lives in `guard_core`'s registry, where the guard watches it.
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod frame;
+pub mod listener;
+pub mod net;
+pub mod protocol;
+pub mod session;
+pub mod startup;
+pub mod stats;
+pub mod stream;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use guard_core::{Guard, Registry};
+use lockguard_config::{GuardConfig, ProxyConfig};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use listener::Proxy;
+
+/// What every client task shares with the listener.
+pub(crate) struct Shared {
+    pub proxy: ProxyConfig,
+    pub inflight_grace: Duration,
+    pub registry: Arc<Registry>,
+    pub guard: Option<GuardHandle>,
+    /// One permit per client session (`max_clients`).
+    pub clients: Arc<Semaphore>,
+    /// Permits for connections being told the proxy is full.
+    pub refusals: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub hard_stop: CancellationToken,
+    pub stats: Arc<stats::ProxyStats>,
+    pub tls: Arc<tls::Tls>,
+}
+
+/// The guard as the proxy holds it.
+pub type GuardHandle = Arc<Guard>;
+
+fn new_guard(config: &GuardConfig, registry: Arc<Registry>) -> anyhow::Result<GuardHandle> {
+    Guard::new(config, registry).context("could not set up the guard")
+}
+
+async fn run_guard(guard: GuardHandle, stop: CancellationToken) {
+    guard.run_sweeper(stop).await;
+}

@@ -1,0 +1,176 @@
+//! Accepting clients, and the proxy's lifetime: bind, serve until shutdown, drain, stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use guard_core::Registry;
+use lockguard_config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::net::{self, Liveness};
+use crate::stats::ProxyStats;
+use crate::tls::Tls;
+use crate::{client, GuardHandle, Shared};
+
+/// Connections beyond `max_clients` that may wait at once to be told the proxy is full; past
+/// this a connection is closed without a word, so a flood cannot pile up tasks.
+const MAX_PENDING_REFUSALS: usize = 256;
+
+/// Back-off after a failed accept (out of file descriptors, ...), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// A bound, not yet running proxy. Tests start it in-process; `main` runs it until a signal.
+pub struct Proxy {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    guard_stop: CancellationToken,
+}
+
+impl Proxy {
+    /// Binds the listening socket and builds the guard (which connects lazily).
+    pub async fn bind(config: Config) -> anyhow::Result<Proxy> {
+        config.validate().context("invalid configuration")?;
+        let listener = TcpListener::bind(config.proxy.listen)
+            .await
+            .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
+        let registry = Arc::new(Registry::new());
+        let guard = if config.guard.enabled() {
+            Some(crate::new_guard(&config.guard, Arc::clone(&registry))?)
+        } else {
+            None
+        };
+        let shared = Shared {
+            clients: Arc::new(Semaphore::new(config.proxy.max_clients)),
+            refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
+            inflight_grace: config.guard.inflight_grace,
+            proxy: config.proxy,
+            registry,
+            guard,
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            stats: Arc::default(),
+            tls: Arc::new(Tls::load(&config.tls).context("TLS configuration")?),
+        };
+        Ok(Proxy {
+            listener,
+            shared: Arc::new(shared),
+            guard_stop: CancellationToken::new(),
+        })
+    }
+
+    /// The address clients connect to (useful when binding port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// All live sessions.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.shared.registry)
+    }
+
+    /// The guard, when one is configured.
+    pub fn guard(&self) -> Option<GuardHandle> {
+        self.shared.guard.clone()
+    }
+
+    /// TLS state (RELOAD swaps certificates through it).
+    pub fn tls(&self) -> Arc<Tls> {
+        Arc::clone(&self.shared.tls)
+    }
+
+    /// Proxy-wide counters.
+    pub fn stats(&self) -> Arc<ProxyStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Cancel to begin a graceful shutdown: stop accepting, let sessions finish for
+    /// `shutdown_timeout`, then close the rest.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Cancel to close every session at once (a second signal during shutdown).
+    pub fn hard_stop_token(&self) -> CancellationToken {
+        self.shared.hard_stop.clone()
+    }
+
+    /// Serves clients until the shutdown token is cancelled, then drains and returns.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Proxy {
+            listener,
+            shared,
+            guard_stop,
+        } = self;
+        let sessions = TaskTracker::new();
+        let client_liveness = Liveness::for_clients(&shared.proxy);
+        if let Some(guard) = &shared.guard {
+            tokio::spawn(crate::run_guard(Arc::clone(guard), guard_stop.clone()));
+        }
+        info!(
+            listen = %listener.local_addr().context("listener address")?,
+            upstream = %shared.proxy.upstream,
+            guard = shared.guard.is_some(),
+            "lockguard is accepting connections"
+        );
+        loop {
+            let (stream, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                },
+                _ = shared.shutdown.cancelled() => break,
+            };
+            shared.stats.client_accepted();
+            if let Err(e) = net::tune_tcp(&stream, &client_liveness) {
+                debug!(client = %addr, error = %e, "could not set socket options");
+            }
+            let slot = Arc::clone(&shared.clients).try_acquire_owned().ok();
+            // A refused client still gets a proper error, within the bounded refusal budget.
+            let refusal = match slot {
+                Some(_) => None,
+                None => match Arc::clone(&shared.refusals).try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        shared.stats.client_refused();
+                        continue;
+                    }
+                },
+            };
+            let shared = Arc::clone(&shared);
+            sessions.spawn(async move {
+                client::serve(stream, addr, shared, slot).await;
+                drop(refusal);
+            });
+        }
+        drop(listener);
+        sessions.close();
+        let timeout = shared.proxy.shutdown_timeout;
+        info!(
+            sessions = sessions.len(),
+            ?timeout,
+            "shutting down: no longer accepting clients"
+        );
+        tokio::select! {
+            _ = sessions.wait() => {}
+            _ = tokio::time::sleep(timeout) => {
+                info!(sessions = sessions.len(), "shutdown timeout reached: closing remaining sessions");
+                shared.hard_stop.cancel();
+            }
+            _ = shared.hard_stop.cancelled() => {}
+        }
+        sessions.wait().await;
+        guard_stop.cancel();
+        info!("lockguard stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! Socket options of client and upstream TCP connections.
+
+use std::io;
+use std::time::Duration;
+
+use lockguard_config::ProxyConfig;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+
+/// How quickly a silently vanished peer is noticed.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub keepalive_idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+    /// Zero leaves the kernel default.
+    pub user_timeout: Duration,
+}
+
+impl Liveness {
+    /// For client sockets, from `[proxy]`: a client host that vanished (power loss, network
+    /// cut) sends no FIN, and keepalive is how its session is noticed as lost — which is what
+    /// lets the guard release the locks it held.
+    pub fn for_clients(config: &ProxyConfig) -> Self {
+        Liveness {
+            keepalive_idle: config.client_keepalive_idle,
+            keepalive_interval: config.client_keepalive_interval,
+            keepalive_count: config.client_keepalive_count,
+            user_timeout: config.client_user_timeout,
+        }
+    }
+
+    /// For the upstream: PostgreSQL is expected to be near and reliable; these only stop a
+    /// session from hanging forever on a dead server host.
+    pub const UPSTREAM: Liveness = Liveness {
+        keepalive_idle: Duration::from_secs(30),
+        keepalive_interval: Duration::from_secs(10),
+        keepalive_count: 3,
+        user_timeout: Duration::from_secs(60),
+    };
+}
+
+/// TCP_NODELAY (protocol messages are small and latency-bound), keepalive and user timeout.
+pub fn tune_tcp(stream: &TcpStream, liveness: &Liveness) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = SockRef::from(stream);
+    let keepalive = TcpKeepalive::new()
+        .with_time(liveness.keepalive_idle)
+        .with_interval(liveness.keepalive_interval)
+        .with_retries(liveness.keepalive_count);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    if !liveness.user_timeout.is_zero() {
+        socket.set_tcp_user_timeout(Some(liveness.user_timeout))?;
+    }
+    Ok(())
+}

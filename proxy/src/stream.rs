@@ -1,0 +1,149 @@
+//! The sockets a session pumps between: a client connection (plain TCP or TLS) and an upstream
+//! connection (TCP, unix socket, or TLS over TCP), each splittable into a read and a write half
+//! so both directions run at once.
+//!
+//! Plain sockets split into owned halves without any lock. A TLS stream is one state machine,
+//! so its halves share it through `tokio::io::split` (an uncontended lock per poll).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
+
+type ClientTls = tokio_rustls::server::TlsStream<TcpStream>;
+type UpstreamTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Implements `AsyncRead` for an enum whose variants each hold one reader.
+macro_rules! delegate_read {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(inner) => Pin::new(inner).poll_read(cx, buf),)+
+                }
+            }
+        }
+    };
+}
+
+/// Implements `AsyncWrite` for an enum whose variants each hold one writer.
+macro_rules! delegate_write {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(inner) => Pin::new(inner).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(inner) => Pin::new(inner).poll_flush(cx),)+
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(inner) => Pin::new(inner).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
+}
+
+/// A client connection after startup negotiation.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<ClientTls>),
+}
+
+pub enum ClientReader {
+    Plain(tcp::OwnedReadHalf),
+    Tls(ReadHalf<Box<ClientTls>>),
+}
+
+pub enum ClientWriter {
+    Plain(tcp::OwnedWriteHalf),
+    Tls(WriteHalf<Box<ClientTls>>),
+}
+
+delegate_read!(ClientStream { Plain, Tls });
+delegate_write!(ClientStream { Plain, Tls });
+delegate_read!(ClientReader { Plain, Tls });
+delegate_write!(ClientWriter { Plain, Tls });
+
+impl ClientStream {
+    pub fn into_split(self) -> (ClientReader, ClientWriter) {
+        match self {
+            ClientStream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ClientReader::Plain(r), ClientWriter::Plain(w))
+            }
+            ClientStream::Tls(s) => {
+                let (r, w) = tokio::io::split(s);
+                (ClientReader::Tls(r), ClientWriter::Tls(w))
+            }
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+}
+
+/// A connection to PostgreSQL.
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Tls(Box<UpstreamTls>),
+}
+
+pub enum UpstreamReader {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+    Tls(ReadHalf<Box<UpstreamTls>>),
+}
+
+pub enum UpstreamWriter {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+    Tls(WriteHalf<Box<UpstreamTls>>),
+}
+
+delegate_read!(UpstreamStream { Tcp, Unix, Tls });
+delegate_write!(UpstreamStream { Tcp, Unix, Tls });
+delegate_read!(UpstreamReader { Tcp, Unix, Tls });
+delegate_write!(UpstreamWriter { Tcp, Unix, Tls });
+
+impl UpstreamStream {
+    pub fn into_split(self) -> (UpstreamReader, UpstreamWriter) {
+        match self {
+            UpstreamStream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (UpstreamReader::Tcp(r), UpstreamWriter::Tcp(w))
+            }
+            UpstreamStream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (UpstreamReader::Unix(r), UpstreamWriter::Unix(w))
+            }
+            UpstreamStream::Tls(s) => {
+                let (r, w) = tokio::io::split(s);
+                (UpstreamReader::Tls(r), UpstreamWriter::Tls(w))
+            }
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, UpstreamStream::Tls(_))
+    }
+}

@@ -1,0 +1,263 @@
+//! TLS on both sides: terminating clients' TLS with lockguard's certificate, and speaking TLS to
+//! PostgreSQL as `[tls] upstream_mode` says (named after libpq's `sslmode`).
+//!
+//! Both configurations sit behind a lock that is read once per connection (never per message),
+//! so RELOAD can swap certificates without touching live sessions.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use lockguard_config::{ClientTlsMode, TlsConfig, UpstreamTlsMode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// lockguard's TLS state, shared by all connections.
+pub struct Tls {
+    client: RwLock<Option<TlsAcceptor>>,
+    client_mode: RwLock<ClientTlsMode>,
+    upstream: RwLock<Option<UpstreamTls>>,
+}
+
+/// How to reach PostgreSQL over TLS.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub mode: UpstreamTlsMode,
+    pub connector: TlsConnector,
+}
+
+impl Tls {
+    /// Reads the certificates named by `config`. Errors name the file.
+    pub fn load(config: &TlsConfig) -> anyhow::Result<Tls> {
+        Ok(Tls {
+            client: RwLock::new(client_acceptor(config)?),
+            client_mode: RwLock::new(config.client_mode),
+            upstream: RwLock::new(upstream_tls(config)?),
+        })
+    }
+
+    /// Re-reads the certificates (RELOAD / SIGHUP). On error nothing changes. New connections
+    /// use the new certificates; established sessions keep theirs.
+    pub fn reload(&self, config: &TlsConfig) -> anyhow::Result<()> {
+        let client = client_acceptor(config)?;
+        let upstream = upstream_tls(config)?;
+        *write(&self.client) = client;
+        *write(&self.client_mode) = config.client_mode;
+        *write(&self.upstream) = upstream;
+        Ok(())
+    }
+
+    /// The acceptor for client TLS, if lockguard has a certificate.
+    pub fn client_acceptor(&self) -> Option<TlsAcceptor> {
+        read(&self.client).clone()
+    }
+
+    /// True when plaintext clients must be refused.
+    pub fn clients_must_use_tls(&self) -> bool {
+        *read(&self.client_mode) == ClientTlsMode::Require
+    }
+
+    /// TLS settings for the upstream, unless `upstream_mode = disable`.
+    pub fn upstream(&self) -> Option<UpstreamTls> {
+        read(&self.upstream).clone()
+    }
+}
+
+// A poisoned lock only means a panic elsewhere while swapping whole values; the value inside
+// is still a complete one.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "no certificate found in {}",
+        path.display()
+    );
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("reading the private key in {}", path.display()))
+}
+
+fn client_acceptor(config: &TlsConfig) -> anyhow::Result<Option<TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) else {
+        return Ok(None);
+    };
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}
+
+fn upstream_tls(config: &TlsConfig) -> anyhow::Result<Option<UpstreamTls>> {
+    let mode = config.upstream_mode;
+    if mode == UpstreamTlsMode::Disable {
+        return Ok(None);
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match mode {
+        UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer | UpstreamTlsMode::Require => {
+            // Like libpq: encryption without authentication of the server.
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServerCertificate(provider())))
+        }
+        UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull => {
+            let ca_path = config
+                .upstream_ca
+                .as_deref()
+                .context("upstream_ca is required for verify-ca and verify-full")?;
+            let mut roots = RootCertStore::empty();
+            for cert in load_certs(ca_path)? {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("CA certificate in {}", ca_path.display()))?;
+            }
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .context("building the upstream certificate verifier")?;
+            if mode == UpstreamTlsMode::VerifyCa {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
+            } else {
+                builder.with_webpki_verifier(webpki)
+            }
+        }
+    };
+    let client = match (&config.upstream_cert, &config.upstream_key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?,
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(UpstreamTls {
+        mode,
+        connector: TlsConnector::from(Arc::new(client)),
+    }))
+}
+
+/// `prefer` / `require`: any certificate is accepted (signatures are still checked, so the
+/// handshake itself is sound).
+#[derive(Debug)]
+struct AnyServerCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to `upstream_ca`; the name in the certificate is not
+/// checked (libpq semantics).
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}

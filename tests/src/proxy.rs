@@ -1,0 +1,161 @@
+//! Starts lockguard in-process, in front of a test cluster, on a free port.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use guard_core::{Registry, SessionRecord};
+use lockguard::{GuardHandle, Proxy};
+use lockguard_config::{Config, Upstream};
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{TestCluster, APPLICATION_NAME};
+
+/// A running proxy. Dropping it stops the proxy at once.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    registry: Arc<Registry>,
+    guard: Option<GuardHandle>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A config whose proxy listens on a free local port and forwards to `cluster` over TCP.
+pub fn config_for(cluster: &TestCluster) -> Config {
+    let mut config = Config::default();
+    config.proxy.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.proxy.upstream = Upstream::Tcp {
+        host: cluster.host().to_owned(),
+        port: cluster.port(),
+    };
+    config.proxy.shutdown_timeout = Duration::from_secs(2);
+    config
+}
+
+/// Logs of the proxy go to the test output when `RUST_LOG` is set.
+pub fn init_test_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+impl TestProxy {
+    /// A proxy in front of `cluster` with the default settings.
+    pub async fn start(cluster: &TestCluster) -> TestProxy {
+        Self::start_with(config_for(cluster)).await
+    }
+
+    /// A proxy with `config` (see [`config_for`]).
+    pub async fn start_with(config: Config) -> TestProxy {
+        init_test_logging();
+        let proxy = Proxy::bind(config).await.expect("bind the proxy");
+        let addr = proxy.local_addr().expect("proxy address");
+        let registry = proxy.registry();
+        let guard = proxy.guard();
+        let shutdown = proxy.shutdown_token();
+        let hard_stop = proxy.hard_stop_token();
+        let task = tokio::spawn(proxy.run());
+        TestProxy {
+            addr,
+            registry,
+            guard,
+            shutdown,
+            hard_stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn guard(&self) -> Option<&GuardHandle> {
+        self.guard.as_ref()
+    }
+
+    /// Connection settings for `user` on `dbname` through the proxy.
+    pub fn pg_config(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        dbname: &str,
+    ) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .user(user)
+            .dbname(dbname)
+            .application_name(APPLICATION_NAME)
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(password) = password {
+            config.password(password);
+        }
+        config
+    }
+
+    /// Connects through the proxy; the connection task is spawned.
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        dbname: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = self
+            .pg_config(user, password, dbname)
+            .connect(NoTls)
+            .await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// The live session whose backend is `pid`, waiting briefly for the registry to catch up.
+    pub async fn session_of(&self, pid: i32) -> Arc<SessionRecord> {
+        for _ in 0..100 {
+            if let Some(record) = self.registry.find_by_pid(pid) {
+                return record;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no session with backend pid {pid} in the registry");
+    }
+
+    /// Waits until the registry holds `n` sessions, or panics after `timeout`.
+    pub async fn wait_for_sessions(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.registry.len() != n {
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "registry has {} sessions, expected {n} after {timeout:?}",
+                    self.registry.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Graceful shutdown, returning what `run` returned.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await.map_err(anyhow::Error::from)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.hard_stop.cancel();
+    }
+}

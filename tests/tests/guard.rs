@@ -1,0 +1,453 @@
+//! The guard, end to end through the proxy (issue 3): an orphaned session holding a lock on a
+//! protected table is terminated, the waiter proceeds, and the audit says why; sessions that
+//! hold nothing protected are left alone.
+
+use std::time::{Duration, Instant};
+
+use guard_core::{AuditEvent, Outcome};
+use lockguard_config::GuardConfig;
+use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::proxy::{config_for, TestProxy};
+use lockguard_tests::raw::{self, Received};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+const PROTECTED: &str = "app.user_sessions";
+
+/// A database with a protected and an unprotected table, a proxy guarding it, and a direct
+/// superuser connection for setup and assertions.
+struct Scene {
+    db: String,
+    proxy: TestProxy,
+    admin: Client,
+}
+
+async fn scene(prefix: &str, configure: impl FnOnce(&mut GuardConfig)) -> Scene {
+    let cluster = TestCluster::shared();
+    let db = cluster.create_database(prefix).await;
+    let admin = direct(&db).await;
+    admin
+        .batch_execute(
+            "CREATE SCHEMA app;
+             CREATE TABLE app.user_sessions (id int PRIMARY KEY, token text);
+             INSERT INTO app.user_sessions SELECT g, 'token-' || g FROM generate_series(1, 10) g;
+             CREATE TABLE app.scratch (id int PRIMARY KEY, note text);
+             INSERT INTO app.scratch SELECT g, 'note' FROM generate_series(1, 10) g;",
+        )
+        .await
+        .expect("create tables");
+    let mut config = config_for(cluster);
+    config.guard.dsn = Some(format!(
+        "host={} port={} user={} dbname=postgres",
+        cluster.host(),
+        cluster.port(),
+        cluster.superuser()
+    ));
+    config.guard.protected_tables = vec![PROTECTED.to_owned()];
+    config.guard.sweep_interval = Duration::from_millis(100);
+    config.guard.inflight_grace = Duration::from_millis(500);
+    configure(&mut config.guard);
+    let proxy = TestProxy::start_with(config).await;
+    Scene { db, proxy, admin }
+}
+
+async fn direct(db: &str) -> Client {
+    let cluster = TestCluster::shared();
+    let (client, conn) = cluster
+        .pg_config(cluster.superuser(), None, db)
+        .connect(NoTls)
+        .await
+        .expect("direct connection");
+    tokio::spawn(conn);
+    client
+}
+
+/// An application session through the proxy on a raw socket, so the test can make it vanish
+/// without a Terminate, like a crashed process.
+struct App {
+    stream: TcpStream,
+    pid: i32,
+}
+
+impl App {
+    async fn connect(scene: &Scene) -> App {
+        let mut stream = TcpStream::connect(scene.proxy.addr).await.expect("connect");
+        let login = raw::login(&mut stream, TestCluster::shared().superuser(), &scene.db).await;
+        let key = login
+            .iter()
+            .find(|m| m.tag == b'K')
+            .expect("BackendKeyData");
+        let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+        App { stream, pid }
+    }
+
+    /// Runs `sql` and reads up to ReadyForQuery; returns the messages.
+    async fn exec(&mut self, sql: &str) -> Vec<Received> {
+        self.send(sql).await;
+        let mut seen = Vec::new();
+        while let Some(m) = raw::read_message(&mut self.stream, Duration::from_secs(10)).await {
+            let done = m.tag == b'Z';
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+        panic!("no ReadyForQuery for {sql:?}: {seen:?}");
+    }
+
+    async fn send(&mut self, sql: &str) {
+        self.stream
+            .write_all(&raw::query(sql))
+            .await
+            .expect("send query");
+    }
+
+    /// Holds a row lock on the protected table inside an open transaction.
+    async fn lock_protected_row(&mut self) {
+        self.exec("BEGIN").await;
+        let reply = self
+            .exec("SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE")
+            .await;
+        assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");
+    }
+}
+
+/// Starts a session that updates the locked row and waits until it is blocked on the lock.
+async fn blocked_waiter(scene: &Scene) -> (JoinHandle<Instant>, i32) {
+    let waiter = direct(&scene.db).await;
+    let pid: i32 = waiter
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let task = tokio::spawn(async move {
+        waiter
+            .execute(
+                "UPDATE app.user_sessions SET token = 'login' WHERE id = 1",
+                &[],
+            )
+            .await
+            .expect("the waiter's update");
+        Instant::now()
+    });
+    wait_for(
+        &scene.admin,
+        "the waiter to block",
+        Duration::from_secs(5),
+        || async {
+            scene
+                .admin
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                    &[&pid],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .is_some()
+        },
+    )
+    .await;
+    (task, pid)
+}
+
+async fn wait_for<F, Fut>(_admin: &Client, what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn backend_alive(admin: &Client, pid: i32) -> bool {
+    admin
+        .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .expect("pg_stat_activity")
+        .is_some()
+}
+
+async fn wait_until_gone(admin: &Client, pid: i32, timeout: Duration) {
+    wait_for(
+        admin,
+        &format!("backend {pid} to exit"),
+        timeout,
+        || async { !backend_alive(admin, pid).await },
+    )
+    .await;
+}
+
+fn events_for(scene: &Scene, pid: i32) -> Vec<AuditEvent> {
+    scene
+        .proxy
+        .guard()
+        .expect("guard configured")
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|e| e.backend_pid == pid)
+        .collect()
+}
+
+async fn wait_for_event(scene: &Scene, pid: i32, timeout: Duration) -> AuditEvent {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(event) = events_for(scene, pid).into_iter().next() {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit event for backend {pid}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_protected_row_lock(event: &AuditEvent) {
+    assert!(
+        event
+            .locks
+            .iter()
+            .any(|l| l.table == PROTECTED && l.mode == "RowShareLock"),
+        "locks in the event: {:?}",
+        event.locks
+    );
+}
+
+/// Waits for the FATAL lockguard sends a live client it terminated.
+async fn expect_lockguard_fatal(app: &mut App, timeout: Duration) -> String {
+    let reply = raw::read_until_close(&mut app.stream, timeout).await;
+    let last = reply
+        .last()
+        .unwrap_or_else(|| panic!("connection closed without a message"));
+    assert_eq!(last.tag, b'E', "{reply:?}");
+    let (code, message) = last.error_fields();
+    assert_eq!(code, "57P01", "{message}");
+    assert!(message.starts_with("lockguard: terminated"), "{message}");
+    message
+}
+
+#[tokio::test]
+async fn the_incident_a_vanished_client_holding_a_protected_row_lock_is_terminated() {
+    let scene = scene("guard_incident", |_| {}).await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    let (waiter, waiter_pid) = blocked_waiter(&scene).await;
+
+    let dropped = Instant::now();
+    drop(app.stream); // a crash: no Terminate
+    let proceeded = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    let released_after = proceeded - dropped;
+    assert!(
+        released_after < Duration::from_secs(1),
+        "released after {released_after:?}"
+    );
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(2)).await;
+
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(2)).await;
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(event.trigger, "client_loss");
+    assert_protected_row_lock(&event);
+    assert_eq!(event.waiter_pids, vec![waiter_pid]);
+    assert!(
+        event.last_statement.contains("FOR UPDATE"),
+        "{}",
+        event.last_statement
+    );
+    assert_eq!(event.database, scene.db);
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_mid_statement_is_terminated_after_the_grace() {
+    let scene = scene("guard_inflight", |_| {}).await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    app.send("SELECT pg_sleep(60)").await;
+    let (waiter, _) = blocked_waiter(&scene).await;
+
+    let dropped = Instant::now();
+    drop(app.stream);
+    let proceeded = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    // Grace (500 ms here) plus the probe and the kill.
+    let released_after = proceeded - dropped;
+    assert!(
+        released_after >= Duration::from_millis(450),
+        "{released_after:?}"
+    );
+    assert!(
+        released_after < Duration::from_millis(1500),
+        "{released_after:?}"
+    );
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(2)).await;
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(2)).await;
+    assert_eq!(event.outcome, Outcome::Terminated);
+    assert_protected_row_lock(&event);
+}
+
+#[tokio::test]
+async fn a_vanished_client_holding_only_unprotected_locks_is_left_alone() {
+    let scene = scene("guard_unprotected", |_| {}).await;
+    let mut app = App::connect(&scene).await;
+    app.exec("BEGIN").await;
+    app.exec("SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE")
+        .await;
+    app.send("SELECT pg_sleep(60)").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(app.stream);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        backend_alive(&scene.admin, app.pid).await,
+        "backend {} was terminated although it held no protected lock",
+        app.pid
+    );
+    assert!(events_for(&scene, app.pid).is_empty());
+    // Clean up the sleeper.
+    scene
+        .admin
+        .execute("SELECT pg_terminate_backend($1)", &[&app.pid])
+        .await
+        .expect("cleanup");
+}
+
+#[tokio::test]
+async fn idle_in_transaction_past_the_timeout_with_a_waiter_is_terminated_and_told_why() {
+    let scene = scene("guard_idle", |g| {
+        g.idle_in_transaction_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    let (waiter, _) = blocked_waiter(&scene).await;
+
+    let message = expect_lockguard_fatal(&mut app, Duration::from_secs(5)).await;
+    assert!(message.contains(PROTECTED), "{message}");
+    assert!(message.contains("RowShareLock"), "{message}");
+    assert!(message.contains("idle in transaction"), "{message}");
+    tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(2)).await;
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(1)).await;
+    assert_eq!(event.trigger, "idle_in_transaction");
+    assert_eq!(event.outcome, Outcome::Terminated);
+    assert_eq!(event.waiters, 1);
+}
+
+#[tokio::test]
+async fn require_waiters_spares_an_idle_holder_nobody_waits_for() {
+    let scene = scene("guard_nowaiter", |g| {
+        g.idle_in_transaction_timeout = Duration::from_millis(500);
+        g.require_waiters = true;
+    })
+    .await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reply = app.exec("SELECT 1").await;
+    assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");
+    let reply = app.exec("COMMIT").await;
+    assert_eq!(reply.last().map(|m| m.body.clone()), Some(b"I".to_vec()));
+    assert!(events_for(&scene, app.pid).is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_transaction_still_holding_a_protected_lock_is_terminated() {
+    let scene = scene("guard_failed", |g| {
+        g.failed_transaction_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    // An error inside a savepoint leaves the outer transaction's locks held in state E (a
+    // failed top-level transaction would have released them).
+    app.exec("SAVEPOINT nested").await;
+    let reply = app.exec("SELECT 1/0").await;
+    assert_eq!(reply.last().map(|m| m.body.clone()), Some(b"E".to_vec()));
+
+    let message = expect_lockguard_fatal(&mut app, Duration::from_secs(5)).await;
+    assert!(message.contains(PROTECTED), "{message}");
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(2)).await;
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(1)).await;
+    assert_eq!(event.trigger, "failed_transaction");
+    assert_eq!(event.outcome, Outcome::Terminated);
+}
+
+#[tokio::test]
+async fn dry_run_records_but_never_terminates() {
+    let scene = scene("guard_dryrun", |g| {
+        g.idle_in_transaction_timeout = Duration::from_millis(500);
+        g.dry_run = true;
+    })
+    .await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(5)).await;
+    assert_eq!(event.outcome, Outcome::DryRun);
+    assert!(event.dry_run);
+    assert_protected_row_lock(&event);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(backend_alive(&scene.admin, app.pid).await);
+    let reply = app.exec("COMMIT").await;
+    assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");
+}
+
+#[tokio::test]
+async fn traffic_survives_a_killed_guard_connection_and_the_guard_recovers() {
+    let scene = scene("guard_recover", |_| {}).await;
+    // Warm the guard up: one incident makes it open its connection to the database.
+    let mut first = App::connect(&scene).await;
+    first.lock_protected_row().await;
+    drop(first.stream);
+    wait_for_event(&scene, first.pid, Duration::from_secs(3)).await;
+
+    let killed = scene
+        .admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&guard_core::connections::GUARD_APPLICATION_NAME],
+        )
+        .await
+        .expect("kill the guard's connections");
+    assert!(!killed.is_empty(), "the guard had no connection to kill");
+
+    // Proxied traffic is unaffected.
+    let client = scene
+        .proxy
+        .connect(TestCluster::shared().superuser(), None, &scene.db)
+        .await
+        .expect("connect through the proxy");
+    for i in 0..20i32 {
+        let v: i32 = client
+            .query_one("SELECT $1::int4", &[&i])
+            .await
+            .expect("query")
+            .get(0);
+        assert_eq!(v, i);
+    }
+
+    // The incident is handled again once the guard has reconnected.
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    let (waiter, _) = blocked_waiter(&scene).await;
+    drop(app.stream);
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(3)).await;
+    assert_eq!(event.outcome, Outcome::Terminated);
+}

@@ -1,0 +1,416 @@
+//! TLS on both sides (issue 7): clients connect with sslmode=require, lockguard speaks TLS to a
+//! PostgreSQL started with ssl=on, SCRAM works across the TLS termination, certificates reload
+//! without dropping sessions, and broken handshakes hurt nobody else.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lockguard::Proxy;
+use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
+use lockguard_tests::certs::{hand_to_postgres, CertFiles, TestCa};
+use lockguard_tests::cluster::{
+    TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER,
+};
+use lockguard_tests::proxy::{config_for, init_test_logging};
+use lockguard_tests::raw;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls client configuration trusting only `ca`.
+fn trusting(ca: &Path) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
+        roots.add(cert.expect("parse CA")).expect("add CA");
+    }
+    ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// A proxy started in-process, with its TLS handle for reloads.
+struct RunningProxy {
+    addr: std::net::SocketAddr,
+    tls: Arc<lockguard::tls::Tls>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.hard_stop.cancel();
+    }
+}
+
+async fn start(config: Config) -> RunningProxy {
+    init_test_logging();
+    let proxy = Proxy::bind(config).await.expect("bind proxy");
+    let running = RunningProxy {
+        addr: proxy.local_addr().expect("addr"),
+        tls: proxy.tls(),
+        stop: proxy.shutdown_token(),
+        hard_stop: proxy.hard_stop_token(),
+    };
+    tokio::spawn(proxy.run());
+    running
+}
+
+/// Connects through `proxy` over TLS, trusting `ca`.
+async fn connect_tls(
+    proxy: &RunningProxy,
+    ca: &Path,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(proxy.addr.port())
+        .user(user)
+        .dbname(db)
+        .ssl_mode(SslMode::Require)
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(password) = password {
+        config.password(password);
+    }
+    let (client, connection) = config
+        .connect(MakeRustlsConnect::new(trusting(ca)))
+        .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn ask(client: &Client, sql: &str) -> String {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+/// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    ca_file: PathBuf,
+    proxy_cert: CertFiles,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new("lockguard test CA");
+    let ca_file = ca.write_ca(dir.path(), "ca.crt");
+    let proxy_cert = ca.issue(dir.path(), "proxy", &["127.0.0.1", "localhost"]);
+    Pki {
+        dir,
+        ca,
+        ca_file,
+        proxy_cert,
+    }
+}
+
+fn with_client_tls(mut config: Config, pki: &Pki, mode: ClientTlsMode) -> Config {
+    config.tls.client_cert = Some(pki.proxy_cert.cert.clone());
+    config.tls.client_key = Some(pki.proxy_cert.key.clone());
+    config.tls.client_mode = mode;
+    config
+}
+
+fn psql_available() -> bool {
+    Command::new("psql").arg("--version").output().is_ok()
+}
+
+#[tokio::test]
+async fn tls_clients_work_and_required_tls_refuses_plaintext() {
+    let cluster = TestCluster::shared();
+    let pki = pki();
+    let proxy = start(with_client_tls(config_for(cluster), &pki, ClientTlsMode::Require)).await;
+    let su = cluster.superuser();
+
+    let client = connect_tls(&proxy, &pki.ca_file, su, None, "postgres")
+        .await
+        .expect("TLS client through the proxy");
+    assert_eq!(ask(&client, "SELECT 'over tls'::text").await, "over tls");
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM generate_series(1, 100000)", &[])
+        .await
+        .expect("bigger result over TLS")
+        .get(0);
+    assert_eq!(rows, 100_000);
+
+    let mut plain = tokio_postgres::Config::new();
+    plain
+        .host("127.0.0.1")
+        .port(proxy.addr.port())
+        .user(su)
+        .dbname("postgres")
+        .ssl_mode(SslMode::Disable);
+    let err = plain
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("plaintext client refused");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::from_code("28000")),
+        "{err:?}"
+    );
+
+    if psql_available() {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={su} dbname=postgres sslmode=verify-full sslrootcert={}",
+            proxy.addr.port(),
+            pki.ca_file.display()
+        );
+        let out = Command::new("psql")
+            .args([conninfo.as_str(), "-X", "-A", "-t", "-c", "SELECT 40 + 2", "-c", "\\conninfo"])
+            .output()
+            .expect("run psql");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("42"), "{stdout}");
+        assert!(stdout.contains("SSL connection"), "{stdout}");
+    } else {
+        eprintln!("psql not installed: skipped the psql part");
+    }
+}
+
+/// A PostgreSQL with ssl=on whose certificate names only `localhost`.
+fn tls_cluster(pki: &Pki) -> (TestCluster, tempfile::TempDir) {
+    let server_dir = tempfile::tempdir().expect("temp dir");
+    let server = pki.ca.issue(server_dir.path(), "server", &["localhost"]);
+    hand_to_postgres(server_dir.path());
+    let cert = server.cert.to_string_lossy().into_owned();
+    let key = server.key.to_string_lossy().into_owned();
+    let cluster = TestCluster::start(&[
+        ("ssl", "on"),
+        ("ssl_cert_file", &cert),
+        ("ssl_key_file", &key),
+    ])
+    .expect("start a cluster with ssl=on");
+    (cluster, server_dir)
+}
+
+#[tokio::test]
+async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified() {
+    let pki = pki();
+    let (cluster, _server_dir) = tls_cluster(&pki);
+    if !cluster.is_owned() {
+        eprintln!("skipped: needs an owned cluster");
+        return;
+    }
+    let db = "postgres";
+    let upstream_tls = |host: &str, mode: UpstreamTlsMode| {
+        let mut config = with_client_tls(config_for(&cluster), &pki, ClientTlsMode::Allow);
+        config.proxy.upstream = Upstream::Tcp {
+            host: host.to_owned(),
+            port: cluster.port(),
+        };
+        config.tls.upstream_mode = mode;
+        config.tls.upstream_ca = Some(pki.ca_file.clone());
+        config
+    };
+
+    // verify-full against the name in the certificate.
+    let proxy = start(upstream_tls("localhost", UpstreamTlsMode::VerifyFull)).await;
+    for (user, password) in [(SCRAM_USER, SCRAM_PASSWORD), (MD5_USER, MD5_PASSWORD)] {
+        let client = connect_tls(&proxy, &pki.ca_file, user, Some(password), db)
+            .await
+            .unwrap_or_else(|e| panic!("{user} over TLS both ways: {e:?}"));
+        assert_eq!(ask(&client, "SELECT current_user::text").await, user);
+        let upstream_ssl: bool = client
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .expect("pg_stat_ssl")
+            .get(0);
+        assert!(upstream_ssl, "the proxy's upstream connection is not TLS");
+
+        let err = connect_tls(&proxy, &pki.ca_file, user, Some("wrong"), db)
+            .await
+            .err()
+            .expect("wrong password refused");
+        assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{user}: {err:?}");
+    }
+    if psql_available() {
+        // A client that insists on channel binding gets a clear refusal: the binding cannot
+        // cross a TLS-terminating proxy, and lockguard does not offer it.
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={SCRAM_USER} password={SCRAM_PASSWORD} dbname={db} \
+             sslmode=require channel_binding=require",
+            proxy.addr.port()
+        );
+        let out = Command::new("psql")
+            .args([conninfo.as_str(), "-X", "-c", "SELECT 1"])
+            .output()
+            .expect("run psql");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("channel binding"), "{stderr}");
+    }
+    drop(proxy);
+
+    // verify-full against an address the certificate does not name: a clear error.
+    let proxy = start(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyFull)).await;
+    let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
+        .await
+        .err()
+        .expect("wrong upstream name refused");
+    let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
+    assert_eq!(db_err.code(), &SqlState::CONNECTION_FAILURE);
+    assert!(
+        db_err.message().contains("TLS handshake failed") && db_err.message().contains("certificate"),
+        "{}",
+        db_err.message()
+    );
+    drop(proxy);
+
+    // verify-ca checks the chain, not the name.
+    let proxy = start(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyCa)).await;
+    let client = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
+        .await
+        .expect("verify-ca ignores the name");
+    assert_eq!(ask(&client, "SELECT 'ca ok'::text").await, "ca ok");
+}
+
+/// Records the certificate the server presented.
+#[derive(Debug, Default)]
+struct RecordingVerifier {
+    seen: Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().expect("lock") = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xD2, 0x16, 0x2F];
+
+/// The certificate lockguard presents to a new client.
+async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&SSL_REQUEST).await.expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"S");
+    let verifier = Arc::new(RecordingVerifier::default());
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from("localhost").expect("name");
+    let _tls = connector.connect(name, tcp).await.expect("handshake");
+    let seen = verifier.seen.lock().expect("lock").clone();
+    seen.expect("a certificate was presented")
+}
+
+#[tokio::test]
+async fn reloading_certificates_affects_new_connections_only() {
+    let cluster = TestCluster::shared();
+    let pki = pki();
+    let config = with_client_tls(config_for(cluster), &pki, ClientTlsMode::Allow);
+    let proxy = start(config.clone()).await;
+    assert_eq!(presented_certificate(proxy.addr).await, pki.proxy_cert.der);
+    let existing = connect_tls(&proxy, &pki.ca_file, cluster.superuser(), None, "postgres")
+        .await
+        .expect("session before the reload");
+
+    // Replace the files in place, as certificate renewal does, then reload.
+    let renewed = pki.ca.issue(pki.dir.path(), "renewed", &["127.0.0.1"]);
+    std::fs::copy(&renewed.cert, &pki.proxy_cert.cert).expect("replace cert");
+    std::fs::copy(&renewed.key, &pki.proxy_cert.key).expect("replace key");
+    proxy.tls.reload(&config.tls).expect("reload");
+
+    assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
+    assert_eq!(ask(&existing, "SELECT 'still here'::text").await, "still here");
+
+    // A broken file is refused and the working certificate kept.
+    std::fs::write(&pki.proxy_cert.key, "not a key").expect("break key");
+    assert!(proxy.tls.reload(&config.tls).is_err());
+    assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
+}
+
+#[tokio::test]
+async fn broken_and_stalled_handshakes_are_cut_without_hurting_others() {
+    let cluster = TestCluster::shared();
+    let pki = pki();
+    let mut config = with_client_tls(config_for(cluster), &pki, ClientTlsMode::Allow);
+    config.proxy.startup_timeout = Duration::from_secs(1);
+    let proxy = start(config).await;
+    let healthy = connect_tls(&proxy, &pki.ca_file, cluster.superuser(), None, "postgres")
+        .await
+        .expect("healthy TLS session");
+
+    // Garbage instead of a ClientHello.
+    let mut garbage = TcpStream::connect(proxy.addr).await.expect("connect");
+    garbage.write_all(&SSL_REQUEST).await.expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    garbage.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"S");
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x05hello, this is not TLS at all")
+        .await
+        .expect("garbage");
+    assert!(raw::closed_within(&mut garbage, Duration::from_secs(3)).await);
+
+    // A client that starts TLS and never finishes the handshake: cut at the deadline.
+    let mut stalled = TcpStream::connect(proxy.addr).await.expect("connect");
+    stalled.write_all(&SSL_REQUEST).await.expect("SSLRequest");
+    stalled.read_exact(&mut answer).await.expect("answer");
+    let started = Instant::now();
+    assert!(raw::closed_within(&mut stalled, Duration::from_secs(4)).await);
+    assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+
+    assert_eq!(ask(&healthy, "SELECT 'unaffected'::text").await, "unaffected");
+}
