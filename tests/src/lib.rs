@@ -1,7 +1,8 @@
-//! tests
+//! The integration-test harness: a throwaway PostgreSQL, an in-process proxy, and helpers.
 
+pub mod certs;
 pub mod cluster;
 pub mod guard_support;
 pub mod proxy;
+pub mod psql;
 pub mod raw;
-pub mod certs;

@@ -3,18 +3,15 @@
 //! without dropping sessions, and broken handshakes hurt nobody else.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lockguard::Proxy;
 use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
 use lockguard_tests::certs::{hand_to_postgres, CertFiles, TestCa};
-use lockguard_tests::cluster::{
-    TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER,
-};
+use lockguard_tests::cluster::{TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER};
 use lockguard_tests::proxy::{config_for, init_test_logging};
-use lockguard_tests::raw;
+use lockguard_tests::{psql, raw};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -91,9 +88,7 @@ async fn connect_tls(
     if let Some(password) = password {
         config.password(password);
     }
-    let (client, connection) = config
-        .connect(MakeRustlsConnect::new(trusting(ca)))
-        .await?;
+    let (client, connection) = config.connect(MakeRustlsConnect::new(trusting(ca))).await?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -134,15 +129,16 @@ fn with_client_tls(mut config: Config, pki: &Pki, mode: ClientTlsMode) -> Config
     config
 }
 
-fn psql_available() -> bool {
-    Command::new("psql").arg("--version").output().is_ok()
-}
-
 #[tokio::test]
 async fn tls_clients_work_and_required_tls_refuses_plaintext() {
     let cluster = TestCluster::shared();
     let pki = pki();
-    let proxy = start(with_client_tls(config_for(cluster), &pki, ClientTlsMode::Require)).await;
+    let proxy = start(with_client_tls(
+        config_for(cluster),
+        &pki,
+        ClientTlsMode::Require,
+    ))
+    .await;
     let su = cluster.superuser();
 
     let client = connect_tls(&proxy, &pki.ca_file, su, None, "postgres")
@@ -168,28 +164,31 @@ async fn tls_clients_work_and_required_tls_refuses_plaintext() {
         .await
         .err()
         .expect("plaintext client refused");
-    assert_eq!(
-        err.code(),
-        Some(&SqlState::from_code("28000")),
-        "{err:?}"
-    );
+    assert_eq!(err.code(), Some(&SqlState::from_code("28000")), "{err:?}");
 
-    if psql_available() {
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user={su} dbname=postgres sslmode=verify-full sslrootcert={}",
-            proxy.addr.port(),
-            pki.ca_file.display()
-        );
-        let out = Command::new("psql")
-            .args([conninfo.as_str(), "-X", "-A", "-t", "-c", "SELECT 40 + 2", "-c", "\\conninfo"])
-            .output()
-            .expect("run psql");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={su} dbname=postgres sslmode=verify-full sslrootcert={}",
+        proxy.addr.port(),
+        pki.ca_file.display()
+    );
+    let psql_args = [
+        conninfo.as_str(),
+        "-A",
+        "-t",
+        "-c",
+        "SELECT 40 + 2",
+        "-c",
+        "\\conninfo",
+    ];
+    if let Some(out) = psql::run(&psql_args).await {
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(stdout.contains("42"), "{stdout}");
         assert!(stdout.contains("SSL connection"), "{stdout}");
-    } else {
-        eprintln!("psql not installed: skipped the psql part");
     }
 }
 
@@ -237,7 +236,10 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
             .unwrap_or_else(|e| panic!("{user} over TLS both ways: {e:?}"));
         assert_eq!(ask(&client, "SELECT current_user::text").await, user);
         let upstream_ssl: bool = client
-            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
             .await
             .expect("pg_stat_ssl")
             .get(0);
@@ -247,9 +249,13 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
             .await
             .err()
             .expect("wrong password refused");
-        assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{user}: {err:?}");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_PASSWORD),
+            "{user}: {err:?}"
+        );
     }
-    if psql_available() {
+    {
         // A client that insists on channel binding gets a clear refusal: the binding cannot
         // cross a TLS-terminating proxy, and lockguard does not offer it.
         let conninfo = format!(
@@ -257,13 +263,11 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
              sslmode=require channel_binding=require",
             proxy.addr.port()
         );
-        let out = Command::new("psql")
-            .args([conninfo.as_str(), "-X", "-c", "SELECT 1"])
-            .output()
-            .expect("run psql");
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("channel binding"), "{stderr}");
+        if let Some(out) = psql::run(&[conninfo.as_str(), "-c", "SELECT 1"]).await {
+            assert!(!out.status.success());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("channel binding"), "{stderr}");
+        }
     }
     drop(proxy);
 
@@ -276,7 +280,8 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
     assert_eq!(db_err.code(), &SqlState::CONNECTION_FAILURE);
     assert!(
-        db_err.message().contains("TLS handshake failed") && db_err.message().contains("certificate"),
+        db_err.message().contains("TLS handshake failed")
+            && db_err.message().contains("certificate"),
         "{}",
         db_err.message()
     );
@@ -328,7 +333,9 @@ impl ServerCertVerifier for RecordingVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -373,7 +380,10 @@ async fn reloading_certificates_affects_new_connections_only() {
     proxy.tls.reload(&config.tls).expect("reload");
 
     assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
-    assert_eq!(ask(&existing, "SELECT 'still here'::text").await, "still here");
+    assert_eq!(
+        ask(&existing, "SELECT 'still here'::text").await,
+        "still here"
+    );
 
     // A broken file is refused and the working certificate kept.
     std::fs::write(&pki.proxy_cert.key, "not a key").expect("break key");
@@ -410,7 +420,14 @@ async fn broken_and_stalled_handshakes_are_cut_without_hurting_others() {
     stalled.read_exact(&mut answer).await.expect("answer");
     let started = Instant::now();
     assert!(raw::closed_within(&mut stalled, Duration::from_secs(4)).await);
-    assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
 
-    assert_eq!(ask(&healthy, "SELECT 'unaffected'::text").await, "unaffected");
+    assert_eq!(
+        ask(&healthy, "SELECT 'unaffected'::text").await,
+        "unaffected"
+    );
 }
