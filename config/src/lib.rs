@@ -21,7 +21,7 @@ pub use error::ConfigError;
 use error::{KeyPath, Seg};
 pub use sections::{
     AdminAuthMethod, AdminConfig, AdminRole, AdminUser, ClientLossAction, ClientTlsMode,
-    GuardConfig, LogConfig, LogFormat, ProxyConfig, TlsConfig, UpstreamTlsMode,
+    GuardConfig, LogConfig, LogFormat, ProxyConfig, TlsConfig, UpstreamTlsMode, DEFAULT_AUTH_QUERY,
 };
 pub use table_pattern::{NamePattern, TablePattern, TablePatternError};
 pub use upstream::{Upstream, UpstreamParseError, DEFAULT_PG_PORT};

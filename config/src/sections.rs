@@ -140,7 +140,18 @@ pub struct GuardConfig {
     /// JSON-lines file recording every decision; `None` = no audit file.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
     pub audit_log: Option<PathBuf>,
+    /// Query run over the guard's connection to fetch a user's stored password secret
+    /// (`$1` = user name; one row, one text column in `pg_authid.rolpassword` form). Used
+    /// only for a SCRAM client on TLS when the upstream is TLS too: such a client sends a
+    /// channel-binding flag that PostgreSQL rejects across a TLS-terminating proxy, so lockguard
+    /// checks the client's proof itself and logs in upstream with the key it proves.
+    pub auth_query: String,
 }
+
+/// Reading `pg_authid` needs a superuser; a `SECURITY DEFINER` function can give a less
+/// privileged guard role just this column.
+pub const DEFAULT_AUTH_QUERY: &str =
+    "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1";
 
 impl Default for GuardConfig {
     fn default() -> Self {
@@ -156,6 +167,7 @@ impl Default for GuardConfig {
             sweep_interval: Duration::from_secs(1),
             dry_run: false,
             audit_log: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_owned(),
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct Settings {
     pub patterns: Vec<TablePattern>,
     /// How often the sweep runs (already floored at a small minimum).
     pub sweep_interval: Duration,
+    /// `guard.auth_query`: fetches a user's stored password secret.
+    pub auth_query: String,
 }
 
 impl Settings {
@@ -100,6 +102,7 @@ impl Settings {
             rules: Rules::from(config),
             patterns: config.table_patterns(),
             sweep_interval: config.sweep_interval.max(MIN_SWEEP_INTERVAL),
+            auth_query: config.auth_query.clone(),
         }
     }
 }
@@ -538,6 +541,25 @@ impl Guard {
             .await;
         self.probes.record(started.elapsed(), result.is_ok());
         result
+    }
+
+    /// The stored password secret of `user` (`pg_authid.rolpassword` form), fetched with
+    /// `guard.auth_query` over the guard's connection to `database`. `None` when the query
+    /// finds no row or a NULL (no password). Used by the proxy to authenticate a SCRAM client
+    /// itself where a relayed exchange cannot succeed.
+    pub async fn password_secret(
+        &self,
+        database: &str,
+        user: &str,
+    ) -> Result<Option<String>, GuardError> {
+        let settings = self.settings();
+        let query = settings.auth_query.as_str();
+        self.connections
+            .run(database, QUERY_DEADLINE, |conn| async move {
+                let row = conn.client().query_opt(query, &[&user]).await?;
+                Ok(row.and_then(|row| row.try_get::<_, Option<String>>(0).ok().flatten()))
+            })
+            .await
     }
 
     /// Terminates `pid` in `database` if it matches `identity` (and `required_state`), over

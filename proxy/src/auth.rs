@@ -7,18 +7,33 @@
 //! AuthenticationSASL; clients then use plain SCRAM-SHA-256, and a client that *requires*
 //! channel binding gets its own clear "server did not offer channel binding" error.
 //!
+//! That leaves one case a relay cannot carry: a client on TLS that *could* bind announces it
+//! with the gs2 flag `y` ("I support binding, but the server did not offer it"), and PostgreSQL,
+//! itself on TLS, rejects that as a downgrade attack. The flag is covered by the client's proof,
+//! so it cannot be rewritten in flight. Instead lockguard takes the user's stored SCRAM secret
+//! (fetched by the guard with `guard.auth_query`), checks the client's proof itself, recovers
+//! the ClientKey the proof demonstrates, and completes the upstream exchange with flag `n` and a
+//! proof of its own ([`crate::scram`]). The password never passes through lockguard.
+//!
 //! PostgreSQL's authentication is strictly request/response, so the relay alternates: one
 //! server message, and where it asks for one, one client message.
 
+use std::future::Future;
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{info, warn};
+
+use crate::protocol::{fatal_error, sqlstate};
+use crate::scram::{self, ClientFinal, ClientFirst, ScramSecret};
 
 /// Authentication messages are small (GSSAPI tokens are the largest, a few KiB).
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 
 const AUTHENTICATION: u8 = b'R';
 const ERROR_RESPONSE: u8 = b'E';
+/// SASLInitialResponse and SASLResponse (the frontend's password-message family).
+const PASSWORD_MESSAGE: u8 = b'p';
 
 /// Authentication request codes (first int32 of an `R` message) after which the client answers.
 const AUTH_CLEARTEXT_PASSWORD: u32 = 3;
@@ -28,6 +43,7 @@ const AUTH_GSS_CONTINUE: u32 = 8;
 const AUTH_SSPI: u32 = 9;
 const AUTH_SASL: u32 = 10;
 const AUTH_SASL_CONTINUE: u32 = 11;
+const AUTH_SASL_FINAL: u32 = 12;
 const AUTH_OK: u32 = 0;
 
 /// How the relayed authentication ended.
@@ -47,22 +63,38 @@ pub enum AuthError {
     Server(io::Error),
     #[error("{0} sent an authentication message of {1} bytes")]
     TooLong(&'static str, usize),
+    #[error("the server broke off SCRAM: {0}")]
+    ServerScram(String),
 }
 
-/// Relays until AuthenticationOk or an error. See the module docs.
-pub async fn relay_authentication<C, S>(
+/// Looks up the stored SCRAM secret of the connecting user; the error says why there is none.
+pub trait SecretLookup: FnOnce() -> Self::Fut {
+    type Fut: Future<Output = Result<ScramSecret, String>>;
+}
+
+impl<F, Fut> SecretLookup for F
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<ScramSecret, String>>,
+{
+    type Fut = Fut;
+}
+
+/// Relays until AuthenticationOk or an error. `secret` is called only for a SCRAM client that
+/// announces channel binding (see the module docs). See the module docs.
+pub async fn relay_authentication<C, S, L>(
     client: &mut C,
     server: &mut S,
+    secret: L,
 ) -> Result<AuthEnd, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
+    L: SecretLookup,
 {
+    let mut secret = Some(secret);
     loop {
-        let mut message = read_message(server, "server").await.map_err(|e| match e {
-            ReadError::Io(e) => AuthError::Server(e),
-            ReadError::TooLong(n) => AuthError::TooLong("the server", n),
-        })?;
+        let mut message = read_server(server).await?;
         let tag = message[0];
         let code = (tag == AUTHENTICATION && message.len() >= 9)
             .then(|| u32::from_be_bytes([message[5], message[6], message[7], message[8]]));
@@ -88,10 +120,36 @@ where
                     | AUTH_SASL_CONTINUE,
                 ),
             ) => {
-                let answer = read_message(client, "client").await.map_err(|e| match e {
-                    ReadError::Io(e) => AuthError::Client(e),
-                    ReadError::TooLong(n) => AuthError::TooLong("the client", n),
-                })?;
+                let answer = read_client(client).await?;
+                if code == Some(AUTH_SASL) {
+                    if let Some(initial) = binding_capable_scram(&answer) {
+                        let Some(lookup) = secret.take() else {
+                            return Err(AuthError::ServerScram("SASL offered twice".into()));
+                        };
+                        match lookup().await {
+                            Ok(secret) => {
+                                if let Some(end) =
+                                    scram_on_behalf(client, server, initial, &secret).await?
+                                {
+                                    return Ok(end);
+                                }
+                                continue;
+                            }
+                            Err(reason) => {
+                                warn!(%reason, "cannot carry a channel-binding SCRAM client");
+                                let message = format!(
+                                    "lockguard: this client supports SCRAM channel binding, which \
+                                     cannot cross a proxy to a TLS upstream, and lockguard could \
+                                     not verify it in the server's place ({reason}); set \
+                                     guard.auth_query/guard.dsn so lockguard can read the \
+                                     user's SCRAM secret, or connect with channel_binding=disable"
+                                );
+                                refuse(client, sqlstate::INVALID_AUTHORIZATION, &message).await;
+                                return Ok(AuthEnd::Refused);
+                            }
+                        }
+                    }
+                }
                 server.write_all(&answer).await.map_err(AuthError::Server)?;
             }
             // SASLFinal, NegotiateProtocolVersion, notices: nothing to answer.
@@ -100,15 +158,196 @@ where
     }
 }
 
+/// A SASLInitialResponse choosing SCRAM-SHA-256 with gs2 flag `y`: its client-first data.
+fn binding_capable_scram(answer: &[u8]) -> Option<&[u8]> {
+    if answer.first() != Some(&PASSWORD_MESSAGE) {
+        return None;
+    }
+    let body = answer.get(5..)?;
+    let name_end = body.iter().position(|&b| b == 0)?;
+    if &body[..name_end] != scram::SCRAM_SHA_256.as_bytes() {
+        return None;
+    }
+    let len_at = name_end + 1;
+    let len = i32::from_be_bytes(body.get(len_at..len_at + 4)?.try_into().ok()?);
+    let data = body.get(len_at + 4..len_at + 4 + usize::try_from(len).ok()?)?;
+    data.starts_with(b"y,").then_some(data)
+}
+
+/// Carries one SCRAM exchange in the server's place towards the client and the client's place
+/// towards the server. `Some(end)` when it ended the authentication; `None` when the server
+/// accepted and the relay goes on (AuthenticationOk and what follows).
+async fn scram_on_behalf<C, S>(
+    client: &mut C,
+    server: &mut S,
+    client_first_data: &[u8],
+    secret: &ScramSecret,
+) -> Result<Option<AuthEnd>, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let protocol_error =
+        |what: String| AuthError::Client(io::Error::new(io::ErrorKind::InvalidData, what));
+    let first = ClientFirst::parse(client_first_data).map_err(protocol_error)?;
+    // Upstream, lockguard is a client that cannot bind (it has no use for it: the upstream
+    // channel is lockguard's own), so the flag is `n` and `c=` is "n,," in base64.
+    let upstream_gs2 = "n,,";
+    let mut upstream_first = upstream_gs2.as_bytes().to_vec();
+    upstream_first.extend_from_slice(first.bare.as_bytes());
+    server
+        .write_all(&sasl_message(Some(scram::SCRAM_SHA_256), &upstream_first))
+        .await
+        .map_err(AuthError::Server)?;
+
+    let server_first_message = read_server(server).await?;
+    let Some(server_first) = sasl_payload(&server_first_message, AUTH_SASL_CONTINUE) else {
+        return forward_refusal(client, &server_first_message).await;
+    };
+    let server_first = std::str::from_utf8(server_first)
+        .map_err(|_| AuthError::ServerScram("server-first is not UTF-8".into()))?
+        .to_owned();
+    client
+        .write_all(&server_first_message)
+        .await
+        .map_err(AuthError::Client)?;
+
+    let final_message = read_client(client).await?;
+    let final_data = final_message
+        .get(5..)
+        .filter(|_| final_message[0] == PASSWORD_MESSAGE)
+        .ok_or_else(|| protocol_error("expected a SASLResponse".into()))?;
+    let fin = ClientFinal::parse(final_data).map_err(protocol_error)?;
+    if fin.channel_binding != scram::base64(first.gs2_header.as_bytes())
+        || !server_first.starts_with(&format!("r={},", fin.nonce))
+    {
+        return Err(protocol_error(
+            "client-final does not match the exchange".into(),
+        ));
+    }
+    let client_auth_message = scram::auth_message(first.bare, &server_first, fin.without_proof);
+    let Some(client_key) = secret
+        .keys
+        .recover_client_key(&client_auth_message, &fin.proof)
+    else {
+        info!("SCRAM proof checked by lockguard is wrong: password authentication failed");
+        refuse(
+            client,
+            sqlstate::INVALID_PASSWORD,
+            "password authentication failed",
+        )
+        .await;
+        return Ok(Some(AuthEnd::Refused));
+    };
+
+    let upstream_without_proof = match fin.without_proof.split_once(',') {
+        Some((_, rest)) => format!("c={},{rest}", scram::base64(upstream_gs2.as_bytes())),
+        None => return Err(protocol_error("client-final has no nonce".into())),
+    };
+    let upstream_auth_message =
+        scram::auth_message(first.bare, &server_first, &upstream_without_proof);
+    let proof = secret
+        .keys
+        .client_proof(&client_key, &upstream_auth_message);
+    let upstream_final = format!("{upstream_without_proof},p={}", scram::base64(&proof));
+    server
+        .write_all(&sasl_message(None, upstream_final.as_bytes()))
+        .await
+        .map_err(AuthError::Server)?;
+
+    let server_final_message = read_server(server).await?;
+    let Some(server_final) = sasl_payload(&server_final_message, AUTH_SASL_FINAL) else {
+        return forward_refusal(client, &server_final_message).await;
+    };
+    // The server proves it knows the same secret; the client gets the proof for its own
+    // exchange.
+    let expected = format!(
+        "v={}",
+        scram::base64(&secret.keys.server_signature(&upstream_auth_message))
+    );
+    if !scram::constant_time_eq(server_final, expected.as_bytes()) {
+        return Err(AuthError::ServerScram(
+            "the server's SCRAM signature does not match the stored secret".into(),
+        ));
+    }
+    let client_final = format!(
+        "v={}",
+        scram::base64(&secret.keys.server_signature(&client_auth_message))
+    );
+    let mut reply = vec![AUTHENTICATION, 0, 0, 0, 0];
+    reply.extend_from_slice(&AUTH_SASL_FINAL.to_be_bytes());
+    reply.extend_from_slice(client_final.as_bytes());
+    patch_length(&mut reply);
+    client.write_all(&reply).await.map_err(AuthError::Client)?;
+    Ok(None)
+}
+
+/// The server's answer was not the next SCRAM step: pass it on (an ErrorResponse, normally)
+/// and end.
+async fn forward_refusal<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    message: &[u8],
+) -> Result<Option<AuthEnd>, AuthError> {
+    if message[0] != ERROR_RESPONSE {
+        return Err(AuthError::ServerScram(format!(
+            "unexpected message {:?} during SCRAM",
+            char::from(message[0])
+        )));
+    }
+    client.write_all(message).await.map_err(AuthError::Client)?;
+    Ok(Some(AuthEnd::Refused))
+}
+
+async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &str, message: &str) {
+    // The client may already be gone; there is nobody else to tell.
+    let _ = client.write_all(&fatal_error(code, message)).await;
+    let _ = client.flush().await;
+}
+
+/// The body of an Authentication message with request `code`.
+fn sasl_payload(message: &[u8], code: u32) -> Option<&[u8]> {
+    (message[0] == AUTHENTICATION && message.get(5..9) == Some(&code.to_be_bytes()[..]))
+        .then(|| &message[9..])
+}
+
+/// A SASLInitialResponse (with a mechanism) or SASLResponse (without).
+fn sasl_message(mechanism: Option<&str>, data: &[u8]) -> Vec<u8> {
+    let mut out = vec![PASSWORD_MESSAGE, 0, 0, 0, 0];
+    if let Some(mechanism) = mechanism {
+        out.extend_from_slice(mechanism.as_bytes());
+        out.push(0);
+        out.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    patch_length(&mut out);
+    out
+}
+
+fn patch_length(message: &mut [u8]) {
+    let len = (message.len() - 1) as u32;
+    message[1..5].copy_from_slice(&len.to_be_bytes());
+}
+
+async fn read_server<S: AsyncRead + Unpin>(server: &mut S) -> Result<Vec<u8>, AuthError> {
+    read_message(server).await.map_err(|e| match e {
+        ReadError::Io(e) => AuthError::Server(e),
+        ReadError::TooLong(n) => AuthError::TooLong("the server", n),
+    })
+}
+
+async fn read_client<C: AsyncRead + Unpin>(client: &mut C) -> Result<Vec<u8>, AuthError> {
+    read_message(client).await.map_err(|e| match e {
+        ReadError::Io(e) => AuthError::Client(e),
+        ReadError::TooLong(n) => AuthError::TooLong("the client", n),
+    })
+}
+
 enum ReadError {
     Io(io::Error),
     TooLong(usize),
 }
 
-async fn read_message<R: AsyncRead + Unpin>(
-    from: &mut R,
-    _who: &'static str,
-) -> Result<Vec<u8>, ReadError> {
+async fn read_message<R: AsyncRead + Unpin>(from: &mut R) -> Result<Vec<u8>, ReadError> {
     let mut header = [0u8; 5];
     from.read_exact(&mut header).await.map_err(ReadError::Io)?;
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
@@ -136,8 +375,7 @@ fn without_channel_binding(message: &[u8]) -> Vec<u8> {
         out.push(0);
     }
     out.push(0);
-    let len = (out.len() - 1) as u32;
-    out[1..5].copy_from_slice(&len.to_be_bytes());
+    patch_length(&mut out);
     out
 }
 
@@ -170,10 +408,10 @@ mod tests {
     async fn scram_exchange_is_relayed_until_authentication_ok() {
         let (mut client, mut client_side) = tokio::io::duplex(4096);
         let (mut server, mut server_side) = tokio::io::duplex(4096);
-        let relay =
-            tokio::spawn(
-                async move { relay_authentication(&mut client_side, &mut server_side).await },
-            );
+        let relay = tokio::spawn(async move {
+            let no_secret = || async { Err::<ScramSecret, _>("not needed".to_owned()) };
+            relay_authentication(&mut client_side, &mut server_side, no_secret).await
+        });
         let msg = |tag: u8, body: &[u8]| {
             let mut m = vec![tag];
             m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());

@@ -13,11 +13,12 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, AuthEnd};
 use crate::protocol::sqlstate;
+use crate::scram::ScramSecret;
 use crate::session::{self, farewell, SessionContext};
 use crate::startup::{self, FirstPacket, StartupError, StartupMessage};
 use crate::stream::ClientStream;
 use crate::upstream;
-use crate::Shared;
+use crate::{GuardHandle, Shared};
 
 /// Serves one client connection. `slot` is its share of `max_clients`; `None` means the proxy
 /// is full and the client is told so once it has said what it wants (cancel requests are still
@@ -191,7 +192,13 @@ async fn run_session(
         if upstream.is_tls() {
             let relayed = tokio::time::timeout_at(
                 startup_deadline,
-                auth::relay_authentication(&mut client, &mut upstream),
+                auth::relay_authentication(&mut client, &mut upstream, || {
+                    scram_secret(
+                        shared.guard.as_ref(),
+                        &record.client.database,
+                        &record.client.user,
+                    )
+                }),
             )
             .await;
             match relayed {
@@ -232,6 +239,21 @@ async fn run_session(
     }
     .instrument(span)
     .await;
+}
+
+/// The stored SCRAM secret of `user`, read by the guard (see [`auth`] for when it is needed).
+async fn scram_secret(
+    guard: Option<&GuardHandle>,
+    database: &str,
+    user: &str,
+) -> Result<ScramSecret, String> {
+    let guard = guard.ok_or("no guard.dsn is configured")?;
+    match guard.password_secret(database, user).await {
+        Ok(Some(secret)) => ScramSecret::parse(&secret)
+            .ok_or_else(|| format!("the stored password of {user:?} is not a SCRAM secret")),
+        Ok(None) => Err(format!("guard.auth_query found no password for {user:?}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Passes a CancelRequest to the server unchanged. The server answers by closing the

@@ -48,6 +48,8 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     /// TLS or other policy refusal.
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// A wrong password (when lockguard checks it itself).
+    pub const INVALID_PASSWORD: &str = "28P01";
 }
 
 /// Encodes an ErrorResponse with severity FATAL, the given SQLSTATE and message.

@@ -66,8 +66,7 @@ pub fn hand_to_postgres(dir: &Path) {
     let entries = std::fs::read_dir(dir).expect("read cert dir");
     for entry in entries.flatten() {
         let path = entry.path();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod 600");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown to postgres");
         }

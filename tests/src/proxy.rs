@@ -32,6 +32,9 @@ pub fn config_for(cluster: &TestCluster) -> Config {
         port: cluster.port(),
     };
     config.proxy.shutdown_timeout = Duration::from_secs(2);
+    // Tests run side by side: admin endpoints, when enabled, take free ports too.
+    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config
 }
 

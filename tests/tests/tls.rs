@@ -10,6 +10,7 @@ use lockguard::Proxy;
 use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
 use lockguard_tests::certs::{hand_to_postgres, CertFiles, TestCa};
 use lockguard_tests::cluster::{TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER};
+use lockguard_tests::guard_support::guard_config;
 use lockguard_tests::proxy::{config_for, init_test_logging};
 use lockguard_tests::{psql, raw};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -18,7 +19,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -77,6 +78,19 @@ async fn connect_tls(
     password: Option<&str>,
     db: &str,
 ) -> Result<Client, tokio_postgres::Error> {
+    connect_tls_binding(proxy, ca, user, password, db, ChannelBinding::Prefer).await
+}
+
+/// `connect_tls` with a choice of channel binding (tokio-postgres' default is `Prefer`, which on
+/// TLS makes SCRAM announce binding support, like libpq).
+async fn connect_tls_binding(
+    proxy: &RunningProxy,
+    ca: &Path,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+    binding: ChannelBinding,
+) -> Result<Client, tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -84,6 +98,7 @@ async fn connect_tls(
         .user(user)
         .dbname(db)
         .ssl_mode(SslMode::Require)
+        .channel_binding(binding)
         .connect_timeout(Duration::from_secs(10));
     if let Some(password) = password {
         config.password(password);
@@ -225,6 +240,9 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
         };
         config.tls.upstream_mode = mode;
         config.tls.upstream_ca = Some(pki.ca_file.clone());
+        // SCRAM clients that announce channel binding need lockguard to check their proof
+        // with the stored secret, which the guard reads.
+        config.guard = guard_config(&cluster, &[]);
         config
     };
 
@@ -256,6 +274,17 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
         );
     }
     {
+        // psql with its defaults (channel_binding=prefer) over TLS both ways.
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={SCRAM_USER} password={SCRAM_PASSWORD} dbname={db} \
+             sslmode=require",
+            proxy.addr.port()
+        );
+        if let Some(out) = psql::run(&[conninfo.as_str(), "-A", "-t", "-c", "SELECT 6 * 7"]).await {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "psql: {stderr}");
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+        }
         // A client that insists on channel binding gets a clear refusal: the binding cannot
         // cross a TLS-terminating proxy, and lockguard does not offer it.
         let conninfo = format!(
@@ -269,6 +298,38 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
             assert!(stderr.contains("channel binding"), "{stderr}");
         }
     }
+    drop(proxy);
+
+    // Without a guard there is no stored secret to check a binding-capable SCRAM client with:
+    // it gets a clear refusal saying what to do, and a client not offering binding still works.
+    let mut no_guard = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
+    no_guard.guard = Default::default();
+    let proxy = start(no_guard).await;
+    let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
+        .await
+        .err()
+        .expect("binding-capable client without a guard");
+    let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
+    assert_eq!(
+        db_err.code(),
+        &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    );
+    assert!(
+        db_err.message().contains("channel_binding=disable"),
+        "{}",
+        db_err.message()
+    );
+    let client = connect_tls_binding(
+        &proxy,
+        &pki.ca_file,
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        db,
+        ChannelBinding::Disable,
+    )
+    .await
+    .expect("SCRAM without binding is relayed");
+    assert_eq!(ask(&client, "SELECT current_user::text").await, SCRAM_USER);
     drop(proxy);
 
     // verify-full against an address the certificate does not name: a clear error.
