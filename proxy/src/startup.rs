@@ -70,13 +70,24 @@ pub async fn read_first_packet<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for _ in 0..=MAX_NEGOTIATIONS {
+    let mut answered = 0;
+    loop {
         let raw = read_packet(client).await?;
         let code = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
         match code {
             startup_code::SSL_REQUEST if offer_tls => return Ok(FirstPacket::TlsRequested),
+            // Refused before answering: a client must not get an 'N' followed by an error.
+            startup_code::SSL_REQUEST | startup_code::GSSENC_REQUEST
+                if answered == MAX_NEGOTIATIONS =>
+            {
+                return Err(StartupError::rejected(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "lockguard: too many encryption requests before the startup packet",
+                ))
+            }
             startup_code::SSL_REQUEST | startup_code::GSSENC_REQUEST => {
                 client.write_all(b"N").await?;
+                answered += 1;
             }
             startup_code::CANCEL_REQUEST => return Ok(FirstPacket::Cancel(raw)),
             _ if code >> 16 == 3 => return parse_startup(raw).map(FirstPacket::Startup),
@@ -92,10 +103,6 @@ where
             }
         }
     }
-    Err(StartupError::rejected(
-        sqlstate::PROTOCOL_VIOLATION,
-        "lockguard: too many encryption requests before the startup packet",
-    ))
 }
 
 /// Reads one untagged packet, length prefix included, refusing lengths outside the protocol's
@@ -238,6 +245,23 @@ mod tests {
             }
             other => panic!("expected a startup message, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_third_encryption_request_is_refused_without_an_answer() {
+        let (mut client, mut proxy) = tokio::io::duplex(1024);
+        let mut ssl = 8u32.to_be_bytes().to_vec();
+        ssl.extend_from_slice(&startup_code::SSL_REQUEST.to_be_bytes());
+        client.write_all(&ssl.repeat(3)).await.expect("write");
+        let result = read_first_packet(&mut proxy, false).await;
+        assert!(
+            matches!(result, Err(StartupError::Rejected { .. })),
+            "{result:?}"
+        );
+        drop(proxy);
+        let mut answers = Vec::new();
+        client.read_to_end(&mut answers).await.expect("read");
+        assert_eq!(answers, b"NN");
     }
 
     #[tokio::test]
