@@ -15,6 +15,9 @@ use crate::protocol::{sqlstate, startup_code, MAX_STARTUP_PACKET, MIN_STARTUP_PA
 /// most one of each).
 const MAX_NEGOTIATIONS: usize = 2;
 
+/// SSLRequest and GSSENCRequest are exactly a length and a code.
+const ENCRYPTION_REQUEST_LEN: usize = 8;
+
 /// What the client opened the connection for.
 #[derive(Debug)]
 pub enum FirstPacket {
@@ -75,6 +78,18 @@ where
         let raw = read_packet(client).await?;
         let code = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
         match code {
+            // Trailing bytes would be swallowed silently if this were answered.
+            startup_code::SSL_REQUEST | startup_code::GSSENC_REQUEST
+                if raw.len() != ENCRYPTION_REQUEST_LEN =>
+            {
+                return Err(StartupError::rejected(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!(
+                        "lockguard: invalid length {} of an encryption request (must be {ENCRYPTION_REQUEST_LEN})",
+                        raw.len()
+                    ),
+                ))
+            }
             startup_code::SSL_REQUEST if offer_tls => return Ok(FirstPacket::TlsRequested),
             // Refused before answering: a client must not get an 'N' followed by an error.
             startup_code::SSL_REQUEST | startup_code::GSSENC_REQUEST
@@ -262,6 +277,22 @@ mod tests {
         let mut answers = Vec::new();
         client.read_to_end(&mut answers).await.expect("read");
         assert_eq!(answers, b"NN");
+    }
+
+    #[tokio::test]
+    async fn an_encryption_request_with_trailing_bytes_is_refused() {
+        for offer_tls in [false, true] {
+            let (mut client, mut proxy) = tokio::io::duplex(1024);
+            let mut request = 10u32.to_be_bytes().to_vec();
+            request.extend_from_slice(&startup_code::SSL_REQUEST.to_be_bytes());
+            request.extend_from_slice(b"xx");
+            client.write_all(&request).await.expect("write");
+            let result = read_first_packet(&mut proxy, offer_tls).await;
+            assert!(
+                matches!(result, Err(StartupError::Rejected { .. })),
+                "{result:?}"
+            );
+        }
     }
 
     #[tokio::test]
