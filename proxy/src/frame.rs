@@ -3,9 +3,10 @@
 //! After startup every PostgreSQL message is `tag: u8, length: u32 (including itself), body`.
 //! The pump reads whatever the socket has, hands the bytes to a [`FrameScanner`], and writes the
 //! same bytes on unchanged. The scanner only walks headers: it jumps over bodies it does not care
-//! about, and for the few message types the proxy needs it copies a bounded prefix of the body
-//! into a buffer it owns, then reports the message. Messages may be split across reads at any
-//! byte; the scanner keeps the little state needed to resume.
+//! about, and for the few message types the proxy needs it reports a bounded prefix of the body:
+//! straight from the caller's bytes when the prefix is there whole (the common case), else
+//! copied into a small buffer of its own until the rest arrives. Messages may be split across
+//! reads at any byte; the scanner keeps the little state needed to resume.
 
 use std::fmt;
 
@@ -56,22 +57,17 @@ const HEADER_LEN: usize = 5;
 /// Which messages a direction reports, and how much of their bodies.
 pub struct Interests {
     table: [Interest; 256],
-    capture_size: usize,
 }
 
 impl Interests {
     const fn new() -> Self {
         Interests {
             table: [Interest::Skip; 256],
-            capture_size: 0,
         }
     }
 
     const fn with(mut self, tag: u8, capture: u16) -> Self {
         self.table[tag as usize] = Interest::Capture(capture);
-        if capture as usize > self.capture_size {
-            self.capture_size = capture as usize;
-        }
         self
     }
 }
@@ -111,8 +107,9 @@ pub struct FrameScanner {
     remaining: u32,
     /// Prefix bytes still wanted for the current message (0 when not capturing).
     capture_want: usize,
-    capture_len: usize,
-    capture: Box<[u8]>,
+    /// A prefix that straddles two reads. Usually the prefix arrives whole and is reported
+    /// straight from the caller's bytes, so this stays unallocated (idle sessions are small).
+    capture: Vec<u8>,
 }
 
 impl FrameScanner {
@@ -127,8 +124,7 @@ impl FrameScanner {
             body_len: 0,
             remaining: 0,
             capture_want: 0,
-            capture_len: 0,
-            capture: vec![0; interests.capture_size].into_boxed_slice(),
+            capture: Vec::new(),
         }
     }
 
@@ -145,32 +141,33 @@ impl FrameScanner {
         mut data: &[u8],
         mut on_message: impl FnMut(Message<'_>),
     ) -> Result<(), FrameError> {
-        while !data.is_empty() {
+        loop {
             if self.in_body {
                 if self.capture_want > 0 {
                     let take = self.capture_want.min(data.len());
-                    let end = self.capture_len + take;
-                    self.capture[self.capture_len..end].copy_from_slice(&data[..take]);
-                    self.capture_len = end;
+                    self.capture.extend_from_slice(&data[..take]);
                     self.capture_want -= take;
                     self.remaining -= take as u32;
                     data = &data[take..];
-                    if self.capture_want == 0 {
-                        on_message(Message {
-                            tag: self.tag,
-                            body_len: self.body_len,
-                            body_prefix: &self.capture[..self.capture_len],
-                        });
+                    if self.capture_want > 0 {
+                        return Ok(());
                     }
-                } else {
-                    let skip = (self.remaining as usize).min(data.len());
-                    self.remaining -= skip as u32;
-                    data = &data[skip..];
+                    on_message(Message {
+                        tag: self.tag,
+                        body_len: self.body_len,
+                        body_prefix: &self.capture,
+                    });
                 }
-                if self.remaining == 0 && self.capture_want == 0 {
-                    self.in_body = false;
+                let skip = (self.remaining as usize).min(data.len());
+                self.remaining -= skip as u32;
+                data = &data[skip..];
+                if self.remaining > 0 {
+                    return Ok(());
                 }
-                continue;
+                self.in_body = false;
+            }
+            if data.is_empty() {
+                return Ok(());
             }
 
             // At a header. Fast path: the whole header is in this chunk.
@@ -192,31 +189,27 @@ impl FrameScanner {
             if !(4..=MAX_MESSAGE_LEN).contains(&length) {
                 return Err(FrameError { tag, length });
             }
-            self.start_message(tag, length - 4, &mut on_message);
-        }
-        Ok(())
-    }
-
-    fn start_message(&mut self, tag: u8, body_len: u32, on_message: &mut impl FnMut(Message<'_>)) {
-        self.tag = tag;
-        self.body_len = body_len;
-        self.remaining = body_len;
-        self.capture_len = 0;
-        self.capture_want = 0;
-        match self.interests.table[tag as usize] {
-            Interest::Skip => {}
-            Interest::Capture(n) => {
-                self.capture_want = (n as usize).min(body_len as usize);
-                if self.capture_want == 0 {
+            let body_len = length - 4;
+            self.remaining = body_len;
+            self.in_body = body_len > 0;
+            if let Interest::Capture(n) = self.interests.table[tag as usize] {
+                let want = (n as usize).min(body_len as usize);
+                if data.len() >= want {
+                    // The whole prefix is here: report it without copying.
                     on_message(Message {
                         tag,
                         body_len,
-                        body_prefix: &[],
+                        body_prefix: &data[..want],
                     });
+                } else {
+                    self.tag = tag;
+                    self.body_len = body_len;
+                    self.capture.clear();
+                    self.capture.reserve(want);
+                    self.capture_want = want;
                 }
             }
         }
-        self.in_body = body_len > 0;
     }
 }
 

@@ -2,11 +2,15 @@
 //! the session's record (backend pid, transaction state, last statement) current as messages
 //! pass.
 //!
-//! Each direction is a loop that reads into a buffer owned by the session, lets a
+//! Each direction reads whatever its socket has into a per-thread buffer, lets a
 //! [`FrameScanner`] walk the message headers (updating the record from the few messages that
-//! matter), and writes the same bytes on. Nothing is allocated per message, nothing waits on a
-//! lock, and the guard is never consulted while traffic flows. The directions run concurrently
-//! so a client that pipelines while the server streams results never deadlocks the proxy.
+//! matter), and writes the same bytes on: one read and one write per burst of traffic. A session
+//! owns no I/O buffer while idle; only when the other side is slow are the bytes it has not
+//! taken yet kept in a session-owned backlog, and reading pauses until it is drained. Nothing is
+//! allocated per message, nothing waits on a lock, and the guard is never consulted while
+//! traffic flows. The directions run concurrently so a client that pipelines while the server
+//! streams results never deadlocks the proxy. The rare events (a kill, shutdown, the startup
+//! deadline) are watched by a future that is polled only when one of them wakes it.
 //!
 //! How a session ends decides what happens to its backend:
 //! - the client said goodbye (Terminate) → the server ends the backend itself;
@@ -16,23 +20,41 @@
 //!   none;
 //! - the guard or an operator killed it → the client gets lockguard's explanation (57P01).
 
+use std::cell::RefCell;
 use std::fmt;
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use guard_core::{SessionRecord, TxnState};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::frame::{FrameError, FrameScanner, Message, CLIENT_INTERESTS, SERVER_INTERESTS};
+use crate::frame::{
+    FrameError, FrameScanner, Interests, Message, CLIENT_INTERESTS, SERVER_INTERESTS,
+};
 use crate::protocol::{self, backend, frontend, sqlstate};
 use crate::GuardHandle;
 
-/// Read buffer per direction. Large messages stream through in pieces of this size.
-const BUFFER_SIZE: usize = 8 * 1024;
+/// The per-thread read buffer every session borrows for one read and the write that follows.
+/// Bigger reads mean fewer syscalls for large results; being per thread, its size costs idle
+/// sessions nothing.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// Buffer of the rare reads that happen outside the forwarding loop (draining a lost client's
+/// last statement).
+const DISCARD_BUFFER_SIZE: usize = 8 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
 
 /// How long a farewell ErrorResponse may take to reach a client before the socket is just closed:
 /// a client that stopped reading must not hold the session open.
@@ -111,8 +133,7 @@ enum Ended {
 
 /// State of the client → server direction, kept across the pump's phases.
 struct ClientSide {
-    scanner: FrameScanner,
-    buf: Box<[u8]>,
+    flow: Flow,
     /// Syncs sent since the last Execute or Query. If that command turns out to be a COPY FROM
     /// STDIN, the server ignores these Syncs, so they must not be counted as awaiting a reply.
     syncs_since_execute: u32,
@@ -121,19 +142,15 @@ struct ClientSide {
 
 /// State of the server → client direction, kept across the pump's phases.
 struct ServerSide {
-    scanner: FrameScanner,
-    buf: Box<[u8]>,
+    flow: Flow,
     /// The server sent a FATAL (or PANIC): its closing the connection is explained.
     sent_fatal: bool,
-    /// A write to the client is in progress; if the pump stops now, the client holds part of a
-    /// message and must not be sent another.
-    writing: bool,
 }
 
 impl ServerSide {
     /// True when lockguard may append its own message to what the client has received.
     fn client_at_message_boundary(&self) -> bool {
-        !self.writing && self.scanner.at_boundary()
+        self.flow.written_to_boundary()
     }
 }
 
@@ -153,17 +170,17 @@ pub async fn pump<CR, CW, SR, SW>(
     SW: AsyncWrite + Unpin,
 {
     let mut client = ClientSide {
-        scanner: FrameScanner::new(&CLIENT_INTERESTS),
-        buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+        flow: Flow::new(&CLIENT_INTERESTS),
         syncs_since_execute: 0,
         said_goodbye: false,
     };
     let mut server = ServerSide {
-        scanner: FrameScanner::new(&SERVER_INTERESTS),
-        buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+        flow: Flow::new(&SERVER_INTERESTS),
         sent_fatal: false,
-        writing: false,
     };
+    // Set once shutdown has begun: the server direction ends the session at its next idle
+    // moment. A session-local flag, because asking the shared token takes its lock.
+    let draining = AtomicBool::new(false);
 
     let ended = {
         let client_to_server =
@@ -173,45 +190,30 @@ pub async fn pump<CR, CW, SR, SW>(
             &mut server_read,
             &mut client_write,
             record,
-            &ctx.shutdown,
+            &draining,
         );
-        tokio::pin!(client_to_server, server_to_client);
-        let startup_timer = tokio::time::sleep_until(ctx.startup_deadline);
-        tokio::pin!(startup_timer);
-        let mut startup_watched = true;
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                end = &mut client_to_server => {
-                    break match end {
-                        // The server refused our write; it usually said why first.
-                        ClientEnd::ServerWriteFailed(e) => {
-                            match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, &mut server_to_client).await {
-                                Ok(end) => Ended::Server(end),
-                                Err(_) => Ended::Server(ServerEnd::ReadFailed(e)),
-                            }
-                        }
-                        end => Ended::Client(end),
-                    };
-                }
-                end = &mut server_to_client => break Ended::Server(end),
-                _ = record.killed() => break Ended::Killed,
-                _ = &mut startup_timer, if startup_watched => {
-                    if record.state() == TxnState::Startup {
-                        break Ended::StartupTimeout;
-                    }
-                    startup_watched = false;
-                }
-                _ = ctx.shutdown.cancelled(), if !draining => {
-                    // Idle sessions close now; busy ones when their current work is done (the
-                    // server loop watches for the ReadyForQuery that makes them idle).
-                    draining = true;
-                    if matches!(record.state(), TxnState::Idle | TxnState::Startup) {
-                        break Ended::Drained;
-                    }
-                }
-                _ = ctx.hard_stop.cancelled() => break Ended::HardStop,
+        let events = session_events(record, ctx, &draining);
+        tokio::pin!(client_to_server, server_to_client, events);
+        let mut events = WakeGated::new(events);
+        let first = poll_fn(|cx| {
+            if let Poll::Ready(end) = client_to_server.as_mut().poll(cx) {
+                return Poll::Ready(Ended::Client(end));
             }
+            if let Poll::Ready(end) = server_to_client.as_mut().poll(cx) {
+                return Poll::Ready(Ended::Server(end));
+            }
+            events.poll(cx)
+        })
+        .await;
+        match first {
+            // The server refused our write; it usually said why first.
+            Ended::Client(ClientEnd::ServerWriteFailed(e)) => {
+                match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, &mut server_to_client).await {
+                    Ok(end) => Ended::Server(end),
+                    Err(_) => Ended::Server(ServerEnd::ReadFailed(e)),
+                }
+            }
+            ended => ended,
         }
     };
 
@@ -287,6 +289,39 @@ pub async fn pump<CR, CW, SR, SW>(
     }
 }
 
+/// Waits for what ends a session from outside its traffic: a kill, the startup deadline, the
+/// proxy's shutdown. Polled only when one of them wakes it (see [`WakeGated`]), because polling
+/// tokio's `Notify` or a `CancellationToken` takes a lock each time.
+async fn session_events(
+    record: &SessionRecord,
+    ctx: &SessionContext,
+    draining: &AtomicBool,
+) -> Ended {
+    let startup_timer = tokio::time::sleep_until(ctx.startup_deadline);
+    tokio::pin!(startup_timer);
+    let mut startup_watched = true;
+    loop {
+        tokio::select! {
+            _ = record.killed() => return Ended::Killed,
+            _ = &mut startup_timer, if startup_watched => {
+                if record.state() == TxnState::Startup {
+                    return Ended::StartupTimeout;
+                }
+                startup_watched = false;
+            }
+            _ = ctx.shutdown.cancelled(), if !draining.load(Ordering::Relaxed) => {
+                // Idle sessions close now; busy ones when their current work is done (the
+                // server direction watches for the ReadyForQuery that makes them idle).
+                draining.store(true, Ordering::Relaxed);
+                if matches!(record.state(), TxnState::Idle | TxnState::Startup) {
+                    return Ended::Drained;
+                }
+            }
+            _ = ctx.hard_stop.cancelled() => return Ended::HardStop,
+        }
+    }
+}
+
 /// Client → server: forwards bytes, noting statements, sync points and the goodbye.
 async fn client_to_server<CR, SW>(
     side: &mut ClientSide,
@@ -298,29 +333,51 @@ where
     CR: AsyncRead + Unpin,
     SW: AsyncWrite + Unpin,
 {
-    loop {
-        let n = match client.read(&mut side.buf).await {
-            Ok(0) if side.said_goodbye => return ClientEnd::Goodbye,
-            Ok(0) => return ClientEnd::Lost(ClientLoss::Eof),
-            Ok(n) => n,
-            Err(e) => return ClientEnd::Lost(ClientLoss::ReadFailed(e)),
-        };
-        record.add_bytes_from_client(n);
-        let syncs = &mut side.syncs_since_execute;
-        let said_goodbye = &mut side.said_goodbye;
-        let scanned = side.scanner.feed(&side.buf[..n], |m| {
-            on_client_message(m, record, syncs, said_goodbye)
-        });
-        if let Err(e) = scanned {
-            return ClientEnd::Lost(ClientLoss::ProtocolViolation(e));
-        }
-        if let Err(e) = server.write_all(&side.buf[..n]).await {
-            return ClientEnd::ServerWriteFailed(e);
-        }
-        if side.said_goodbye {
-            // Nothing may follow Terminate; the server closes once it has read it.
-            return ClientEnd::Goodbye;
-        }
+    let ClientSide {
+        flow,
+        syncs_since_execute,
+        said_goodbye,
+    } = side;
+    let mut watch = ClientWatch {
+        record,
+        syncs_since_execute,
+        said_goodbye,
+    };
+    match poll_fn(|cx| flow.poll_forward(cx, client, server, &mut watch)).await {
+        // Nothing may follow Terminate; the server closes once it has read it.
+        Stopped::Stop => ClientEnd::Goodbye,
+        Stopped::Eof if *watch.said_goodbye => ClientEnd::Goodbye,
+        Stopped::Eof => ClientEnd::Lost(ClientLoss::Eof),
+        Stopped::ReadFailed(e) => ClientEnd::Lost(ClientLoss::ReadFailed(e)),
+        Stopped::Invalid(e) => ClientEnd::Lost(ClientLoss::ProtocolViolation(e)),
+        Stopped::WriteFailed(e) => ClientEnd::ServerWriteFailed(e),
+        // The client side never holds bytes back.
+        Stopped::Held => ClientEnd::Lost(ClientLoss::Eof),
+    }
+}
+
+/// What the client → server direction notes as messages pass.
+struct ClientWatch<'a> {
+    record: &'a SessionRecord,
+    syncs_since_execute: &'a mut u32,
+    said_goodbye: &'a mut bool,
+}
+
+impl Watch for ClientWatch<'_> {
+    fn hold(&self) -> bool {
+        false
+    }
+
+    fn count(&self, n: usize) {
+        self.record.add_bytes_from_client(n);
+    }
+
+    fn on_message(&mut self, m: Message<'_>) {
+        on_client_message(m, self.record, self.syncs_since_execute, self.said_goodbye);
+    }
+
+    fn stop(&self, _at_boundary: bool) -> bool {
+        *self.said_goodbye
     }
 }
 
@@ -366,42 +423,64 @@ async fn server_to_client<SR, CW>(
     server: &mut SR,
     client: &mut CW,
     record: &SessionRecord,
-    shutdown: &CancellationToken,
+    draining: &AtomicBool,
 ) -> ServerEnd
 where
     SR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
 {
+    let ServerSide { flow, sent_fatal } = side;
+    let mut watch = ServerWatch {
+        record,
+        sent_fatal,
+        draining,
+    };
     loop {
-        let n = match server.read(&mut side.buf).await {
-            Ok(0) => return ServerEnd::Closed,
-            Ok(n) => n,
-            Err(e) => return ServerEnd::ReadFailed(e),
-        };
-        if record.kill_pending() {
-            // The guard is terminating this backend: hold these bytes (likely the backend's
-            // own FATAL) until it is known whether the client gets them or lockguard's notice.
-            if record.kill_resolved().await.is_some() {
-                return ServerEnd::Killed;
+        match poll_fn(|cx| flow.poll_forward(cx, server, client, &mut watch)).await {
+            Stopped::Held => {
+                // The guard is terminating this backend: these bytes (likely the backend's own
+                // FATAL) wait until it is known whether the client gets them or lockguard's
+                // notice.
+                if record.kill_resolved().await.is_some() {
+                    return ServerEnd::Killed;
+                }
+                if let Err(e) = flow.release_held(&mut watch) {
+                    return ServerEnd::ProtocolViolation(e);
+                }
             }
+            Stopped::Stop => return ServerEnd::Drained,
+            Stopped::Eof => return ServerEnd::Closed,
+            Stopped::ReadFailed(e) => return ServerEnd::ReadFailed(e),
+            Stopped::Invalid(e) => return ServerEnd::ProtocolViolation(e),
+            Stopped::WriteFailed(e) => return ServerEnd::ClientWriteFailed(e),
         }
-        record.add_bytes_from_server(n);
-        let sent_fatal = &mut side.sent_fatal;
-        let scanned = side
-            .scanner
-            .feed(&side.buf[..n], |m| on_server_message(m, record, sent_fatal));
-        if let Err(e) = scanned {
-            return ServerEnd::ProtocolViolation(e);
-        }
-        side.writing = true;
-        if let Err(e) = client.write_all(&side.buf[..n]).await {
-            return ServerEnd::ClientWriteFailed(e);
-        }
-        side.writing = false;
-        if shutdown.is_cancelled() && record.state() == TxnState::Idle && side.scanner.at_boundary()
-        {
-            return ServerEnd::Drained;
-        }
+    }
+}
+
+/// What the server → client direction notes as messages pass.
+struct ServerWatch<'a> {
+    record: &'a SessionRecord,
+    sent_fatal: &'a mut bool,
+    draining: &'a AtomicBool,
+}
+
+impl Watch for ServerWatch<'_> {
+    fn hold(&self) -> bool {
+        self.record.kill_pending()
+    }
+
+    fn count(&self, n: usize) {
+        self.record.add_bytes_from_server(n);
+    }
+
+    fn on_message(&mut self, m: Message<'_>) {
+        on_server_message(m, self.record, self.sent_fatal);
+    }
+
+    fn stop(&self, at_boundary: bool) -> bool {
+        self.draining.load(Ordering::Relaxed)
+            && at_boundary
+            && self.record.state() == TxnState::Idle
     }
 }
 
@@ -426,6 +505,228 @@ fn on_server_message(m: Message<'_>, record: &SessionRecord, sent_fatal: &mut bo
             }
         }
         _ => {}
+    }
+}
+
+/// What a direction does with the bytes passing through it.
+trait Watch {
+    /// True when freshly read bytes must be held back, unscanned and unwritten.
+    fn hold(&self) -> bool;
+    /// Counts bytes read.
+    fn count(&self, n: usize);
+    /// Called for each message the direction's scanner reports.
+    fn on_message(&mut self, m: Message<'_>);
+    /// Asked whenever everything read so far has been written: true ends the direction.
+    /// `at_boundary` says whether that is a message boundary.
+    fn stop(&self, at_boundary: bool) -> bool;
+}
+
+/// How a direction's forwarding stopped.
+enum Stopped {
+    Eof,
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+    Invalid(FrameError),
+    /// [`Watch::hold`] asked to hold bytes: they wait in the backlog, unscanned.
+    Held,
+    /// [`Watch::stop`] said so.
+    Stop,
+}
+
+/// One direction's forwarding state.
+struct Flow {
+    scanner: FrameScanner,
+    /// Bytes read but not yet taken by the writer (it was slow), from `backlog_start` on; or,
+    /// when `held`, bytes held back whole. Unallocated in the common case and freed once
+    /// drained, so idle sessions keep no buffer.
+    backlog: Vec<u8>,
+    backlog_start: usize,
+    held: bool,
+    /// The writer took bytes it may still buffer (TLS): flush before reading more.
+    unflushed: bool,
+}
+
+impl Flow {
+    fn new(interests: &'static Interests) -> Flow {
+        Flow {
+            scanner: FrameScanner::new(interests),
+            backlog: Vec::new(),
+            backlog_start: 0,
+            held: false,
+            unflushed: false,
+        }
+    }
+
+    /// True when what the writer has been given ends at a message boundary.
+    fn written_to_boundary(&self) -> bool {
+        self.scanner.at_boundary() && (self.held || self.backlog_start == self.backlog.len())
+    }
+
+    /// Forwards from `reader` to `writer` until either has nothing more to do for now
+    /// (`Pending`) or forwarding stops. Per burst of traffic: one read into the thread's
+    /// scratch buffer, one scan, one write.
+    fn poll_forward<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        watch: &mut impl Watch,
+    ) -> Poll<Stopped>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if let Err(e) = ready!(self.poll_drain(cx, writer)) {
+                return Poll::Ready(Stopped::WriteFailed(e));
+            }
+            if watch.stop(self.scanner.at_boundary()) {
+                return Poll::Ready(Stopped::Stop);
+            }
+            let step = with_scratch(|scratch| {
+                let mut buf = ReadBuf::new(scratch);
+                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Stopped::ReadFailed(e))),
+                    Poll::Ready(Ok(())) => {
+                        Poll::Ready(self.pass_on(cx, buf.filled(), writer, watch))
+                    }
+                }
+            });
+            if let Some(stopped) = ready!(step) {
+                return Poll::Ready(stopped);
+            }
+        }
+    }
+
+    /// Scans freshly read `data` and hands it to `writer`; what the writer does not take now
+    /// goes to the backlog. `Some` when forwarding stops.
+    fn pass_on<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        writer: &mut W,
+        watch: &mut impl Watch,
+    ) -> Option<Stopped> {
+        if data.is_empty() {
+            return Some(Stopped::Eof);
+        }
+        if watch.hold() {
+            self.backlog.extend_from_slice(data);
+            self.held = true;
+            return Some(Stopped::Held);
+        }
+        watch.count(data.len());
+        if let Err(e) = self.scanner.feed(data, |m| watch.on_message(m)) {
+            return Some(Stopped::Invalid(e));
+        }
+        self.unflushed = true;
+        let taken = match Pin::new(&mut *writer).poll_write(cx, data) {
+            Poll::Ready(Ok(0)) => {
+                return Some(Stopped::WriteFailed(io::ErrorKind::WriteZero.into()))
+            }
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Some(Stopped::WriteFailed(e)),
+            Poll::Pending => 0,
+        };
+        if taken < data.len() {
+            self.backlog.extend_from_slice(&data[taken..]);
+        }
+        None
+    }
+
+    /// Writes the backlog, then flushes. `Ready(Ok)` once the writer has everything.
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while self.backlog_start < self.backlog.len() {
+            let rest = &self.backlog[self.backlog_start..];
+            match ready!(Pin::new(&mut *writer).poll_write(cx, rest)) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.backlog_start += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if !self.backlog.is_empty() {
+            // A slow peer is rare: give the memory back rather than keep it per session.
+            self.backlog = Vec::new();
+            self.backlog_start = 0;
+        }
+        if self.unflushed {
+            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Lets held bytes go on after all: counts and scans them; the next
+    /// [`poll_forward`](Self::poll_forward) writes them.
+    fn release_held(&mut self, watch: &mut impl Watch) -> Result<(), FrameError> {
+        self.held = false;
+        watch.count(self.backlog.len());
+        self.unflushed = true;
+        self.scanner.feed(&self.backlog, |m| watch.on_message(m))
+    }
+}
+
+/// Runs `f` with this thread's scratch buffer. A session polls one direction at a time and
+/// neither socket calls back into the pump, so the buffer is always free; should that ever
+/// change, `f` gets a fresh buffer rather than a panic.
+fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut vec![0; DISCARD_BUFFER_SIZE]),
+    })
+}
+
+/// Polls its future only after the future's own waker fired (or on the first poll), so a
+/// future that is expensive to poll and rarely ready costs nothing while the rest of the task
+/// is busy.
+struct WakeGated<F> {
+    future: F,
+    gate: Arc<Gate>,
+    waker: Waker,
+}
+
+/// The wake-up flag of a [`WakeGated`] future, and the task to wake with it.
+struct Gate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> WakeGated<F> {
+    fn new(future: F) -> Self {
+        let gate = Arc::new(Gate {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(gate.clone());
+        WakeGated {
+            future,
+            gate,
+            waker,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.gate.task.register(cx.waker());
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.future).poll(&mut Context::from_waker(&self.waker))
     }
 }
 
@@ -463,20 +764,36 @@ async fn after_client_loss<SR: AsyncRead + Unpin>(
 }
 
 /// Reads the server until it is ready for a new query (or closes), keeping the record current.
+/// What the client was not given any more is dropped.
 async fn discard_until_ready<SR: AsyncRead + Unpin>(
     side: &mut ServerSide,
     server: &mut SR,
     record: &SessionRecord,
 ) {
+    let flow = &mut side.flow;
+    let sent_fatal = &mut side.sent_fatal;
+    if flow.held {
+        // Held bytes were never scanned; the scanner must see them to stay in step.
+        flow.held = false;
+        if flow
+            .scanner
+            .feed(&flow.backlog, |m| on_server_message(m, record, sent_fatal))
+            .is_err()
+        {
+            return;
+        }
+    }
+    flow.backlog = Vec::new();
+    flow.backlog_start = 0;
+    let mut buf = vec![0; DISCARD_BUFFER_SIZE];
     while record.statement_in_flight() {
-        let n = match server.read(&mut side.buf).await {
+        let n = match server.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let sent_fatal = &mut side.sent_fatal;
-        if side
+        if flow
             .scanner
-            .feed(&side.buf[..n], |m| on_server_message(m, record, sent_fatal))
+            .feed(&buf[..n], |m| on_server_message(m, record, sent_fatal))
             .is_err()
         {
             return;
