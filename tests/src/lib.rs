@@ -6,3 +6,4 @@ pub mod guard_support;
 pub mod proxy;
 pub mod psql;
 pub mod raw;
+pub mod resources;
