@@ -35,8 +35,9 @@ pub enum Command {
     },
 }
 
-/// Settings that may be given on the command line; each replaces the file's value.
-#[derive(Debug, Default, Args)]
+/// Settings that may be given on the command line; each replaces the file's value (also on
+/// RELOAD, which re-reads the file and applies these again).
+#[derive(Debug, Clone, Default, Args)]
 pub struct Overrides {
     /// Address clients connect to [default: 127.0.0.1:6432].
     #[arg(long, value_name = "ADDR")]
@@ -66,6 +67,12 @@ pub struct Overrides {
     /// Decide and record, but never terminate anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Address of the admin console (psql) [default: 127.0.0.1:6433].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Address of the admin HTTP endpoint (metrics, health, API) [default: 127.0.0.1:9930].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_http_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -114,6 +121,12 @@ impl Overrides {
         }
         if self.dry_run {
             config.guard.dry_run = true;
+        }
+        if let Some(listen) = self.admin_listen {
+            config.admin.listen = listen;
+        }
+        if let Some(listen) = self.admin_http_listen {
+            config.admin.http_listen = listen;
         }
         config.validate()?;
         Ok(config)

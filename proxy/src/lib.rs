@@ -7,8 +7,10 @@
 //!   authentication when the upstream is TLS; [`stream`] names the sockets involved;
 //! - [`session`] pumps bytes both ways, with [`frame`] finding message boundaries and
 //!   [`protocol`] naming the few messages lockguard reads or writes;
-//! - the session's record lives in `guard_core`'s registry, where the guard watches it.
+//! - the session's record lives in `guard_core`'s registry, where the guard watches it;
+//! - [`admin`] is the operator's port: a psql console and HTTP metrics/health/API.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod client;
@@ -16,7 +18,6 @@ pub mod frame;
 pub mod listener;
 pub mod net;
 pub mod protocol;
-pub mod sandbox;
 pub mod scram;
 pub mod session;
 pub mod startup;

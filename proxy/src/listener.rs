@@ -1,4 +1,5 @@
-//! Accepting clients, and the proxy's lifetime: bind, serve until shutdown, drain, stop.
+//! Accepting clients, and the proxy's lifetime: bind, serve until shutdown, drain, stop. The
+//! admin port (console and HTTP) is bound and served alongside.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admin::{Admin, AdminListeners, ConfigSource};
 use crate::net::{self, Liveness};
 use crate::stats::ProxyStats;
 use crate::tls::Tls;
@@ -25,16 +27,30 @@ const MAX_PENDING_REFUSALS: usize = 256;
 /// Back-off after a failed accept (out of file descriptors, ...), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long the admin port may take to close its connections once the proxy has stopped.
+const ADMIN_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A bound, not yet running proxy. Tests start it in-process; `main` runs it until a signal.
 pub struct Proxy {
     listener: TcpListener,
     shared: Arc<Shared>,
     guard_stop: CancellationToken,
+    admin: Arc<Admin>,
+    admin_listeners: AdminListeners,
 }
 
 impl Proxy {
-    /// Binds the listening socket and builds the guard (which connects lazily).
+    /// Binds the listening sockets (clients, admin console, admin HTTP) and builds the guard
+    /// (which connects lazily). RELOAD has no file to re-read; see [`Proxy::bind_with_source`].
     pub async fn bind(config: Config) -> anyhow::Result<Proxy> {
+        Self::bind_with_source(config, None).await
+    }
+
+    /// Like [`Proxy::bind`], with RELOAD (and SIGHUP) re-reading `source`.
+    pub async fn bind_with_source(
+        config: Config,
+        source: Option<ConfigSource>,
+    ) -> anyhow::Result<Proxy> {
         config.validate().context("invalid configuration")?;
         let listener = TcpListener::bind(config.proxy.listen)
             .await
@@ -45,6 +61,20 @@ impl Proxy {
         } else {
             None
         };
+        let stats: Arc<ProxyStats> = Arc::default();
+        let tls = Arc::new(Tls::load(&config.tls).context("TLS configuration")?);
+        let admin = Arc::new(
+            Admin::new(
+                &config,
+                source,
+                Arc::clone(&registry),
+                guard.clone(),
+                Arc::clone(&stats),
+                Arc::clone(&tls),
+            )
+            .context("admin configuration")?,
+        );
+        let admin_listeners = AdminListeners::bind(&config.admin).await?;
         let shared = Shared {
             clients: Arc::new(Semaphore::new(config.proxy.max_clients)),
             refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
@@ -54,13 +84,15 @@ impl Proxy {
             guard,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
-            stats: Arc::default(),
-            tls: Arc::new(Tls::load(&config.tls).context("TLS configuration")?),
+            stats,
+            tls,
         };
         Ok(Proxy {
             listener,
             shared: Arc::new(shared),
             guard_stop: CancellationToken::new(),
+            admin,
+            admin_listeners,
         })
     }
 
@@ -89,6 +121,22 @@ impl Proxy {
         Arc::clone(&self.shared.stats)
     }
 
+    /// The admin command layer (what the console and HTTP run; `main` reloads through it on
+    /// SIGHUP).
+    pub fn admin(&self) -> Arc<Admin> {
+        Arc::clone(&self.admin)
+    }
+
+    /// The admin console's address, when it is enabled (useful when binding port 0).
+    pub fn admin_console_addr(&self) -> Option<SocketAddr> {
+        self.admin_listeners.console_addr()
+    }
+
+    /// The admin HTTP endpoint's address, when it is enabled.
+    pub fn admin_http_addr(&self) -> Option<SocketAddr> {
+        self.admin_listeners.http_addr()
+    }
+
     /// Cancel to begin a graceful shutdown: stop accepting, let sessions finish for
     /// `shutdown_timeout`, then close the rest.
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -106,12 +154,18 @@ impl Proxy {
             listener,
             shared,
             guard_stop,
+            admin,
+            admin_listeners,
         } = self;
         let sessions = TaskTracker::new();
         let client_liveness = Liveness::for_clients(&shared.proxy);
         if let Some(guard) = &shared.guard {
             tokio::spawn(crate::run_guard(Arc::clone(guard), guard_stop.clone()));
         }
+        // The admin port outlives the drain, so operators can watch (and kill) the sessions
+        // that are still finishing.
+        let admin_stop = CancellationToken::new();
+        let mut admin_task = tokio::spawn(admin_listeners.serve(admin, admin_stop.clone()));
         info!(
             listen = %listener.local_addr().context("listener address")?,
             upstream = %shared.proxy.upstream,
@@ -170,6 +224,13 @@ impl Proxy {
         }
         sessions.wait().await;
         guard_stop.cancel();
+        admin_stop.cancel();
+        if tokio::time::timeout(ADMIN_STOP_TIMEOUT, &mut admin_task)
+            .await
+            .is_err()
+        {
+            admin_task.abort();
+        }
         info!("lockguard stopped");
         Ok(())
     }

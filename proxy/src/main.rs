@@ -1,14 +1,16 @@
 //! The `lockguard` binary: parse the command line, set up logging, run the proxy until a
-//! signal.
+//! signal. SIGHUP reloads the configuration like the console's RELOAD.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
+use lockguard::admin::{Admin, ConfigSource, LogReloader};
 use lockguard::cli::{effective_config, Cli, Command};
 use lockguard::Proxy;
 use lockguard_config::{Config, LogFormat};
-use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
+use tracing::{error, info, warn};
+use tracing_subscriber::{reload, EnvFilter};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -33,10 +35,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if let Err(e) = init_logging(&config) {
-                eprintln!("lockguard: {e}");
-                return ExitCode::FAILURE;
-            }
+            let log_reloader = match init_logging(&config) {
+                Ok(reloader) => reloader,
+                Err(e) => {
+                    eprintln!("lockguard: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let source = ConfigSource {
+                path: cli.config.clone(),
+                overrides: cli.overrides.clone(),
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -47,7 +56,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config)) {
+            match runtime.block_on(serve(config, source, log_reloader)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -58,8 +67,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let proxy = Proxy::bind(config).await?;
+async fn serve(
+    config: Config,
+    source: ConfigSource,
+    log_reloader: LogReloader,
+) -> anyhow::Result<()> {
+    // Installed before anything else: SIGHUP's default action would end the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let proxy = Proxy::bind_with_source(config, Some(source)).await?;
+    let admin = proxy.admin();
+    admin.set_log_reloader(log_reloader);
+    tokio::spawn(reload_on_hangup(hangups, admin));
     let shutdown = proxy.shutdown_token();
     let hard_stop = proxy.hard_stop_token();
     tokio::spawn(async move {
@@ -75,6 +93,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     proxy.run().await
 }
 
+/// SIGHUP runs the same reload as the console's RELOAD.
+async fn reload_on_hangup(mut hangups: tokio::signal::unix::Signal, admin: Arc<Admin>) {
+    while hangups.recv().await.is_some() {
+        info!("SIGHUP received: reloading the configuration");
+        match admin.reload().await {
+            Ok(changes) => info!(changed = changes.len(), "SIGHUP reload done"),
+            Err(e) => warn!(error = %e, "SIGHUP reload failed"),
+        }
+    }
+}
+
 async fn wait_for_signal() -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -86,15 +115,36 @@ async fn wait_for_signal() -> std::io::Result<()> {
     Ok(())
 }
 
-fn init_logging(config: &Config) -> Result<(), String> {
+/// Installs the log subscriber; the returned function changes its filter (RELOAD).
+fn init_logging(config: &Config) -> Result<LogReloader, String> {
     let filter = EnvFilter::try_new(&config.log.level)
         .map_err(|e| format!("invalid log level {:?}: {e}", config.log.level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let result = match config.log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-    result.map_err(|e| format!("could not set up logging: {e}"))
+    let failed = |e| format!("could not set up logging: {e}");
+    match config.log.format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map_err(failed)?;
+            Ok(filter_reloader(handle))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map_err(failed)?;
+            Ok(filter_reloader(handle))
+        }
+    }
+}
+
+fn filter_reloader<S: 'static>(handle: reload::Handle<EnvFilter, S>) -> LogReloader {
+    Arc::new(move |level: &str| {
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+        handle
+            .reload(filter)
+            .map_err(|e| format!("could not change the log level: {e}"))
+    })
 }

@@ -1,7 +1,9 @@
-//! The `lockguard` binary's command line (issue 2, acceptance 10, and signal handling).
+//! The `lockguard` binary's command line (issue 2, acceptance 10, and signal handling: SIGTERM
+//! stops, SIGHUP reloads the configuration file).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn lockguard() -> Command {
@@ -88,6 +90,8 @@ fn sigterm_stops_the_proxy_cleanly() {
             "127.0.0.1:0",
             "--upstream",
             "127.0.0.1:1",
+            "--admin-http-listen",
+            "127.0.0.1:0",
             "--log-format",
             "json",
         ])
@@ -121,4 +125,79 @@ fn sigterm_stops_the_proxy_cleanly() {
         "{first}"
     );
     assert!(logs.contains("lockguard stopped"), "{logs}");
+}
+
+/// Sends `signal` to the child.
+fn signal(child: &Child, signal: i32) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// The child's stderr, line by line, read on a thread.
+fn log_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (lines, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+/// Waits for a log line containing every one of `parts`; panics with what was seen.
+fn wait_for_log(lines: &mpsc::Receiver<String>, parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    panic!("no log line with {parts:?}; saw:\n{}", seen.join("\n"));
+}
+
+#[test]
+fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
+    let config = |protected: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n\
+             [log]\nformat = \"json\"\n\
+             [guard]\nprotected_tables = [\"{protected}\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n"
+        )
+    };
+    let file = config_file(&config("app.before"));
+    let mut child = lockguard()
+        .arg("--config")
+        .arg(file.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lockguard");
+    let lines = log_lines(&mut child);
+    wait_for_log(&lines, &["lockguard is accepting connections"]);
+
+    std::fs::write(file.path(), config("app.after")).expect("rewrite config");
+    signal(&child, libc::SIGHUP);
+    wait_for_log(
+        &lines,
+        &["configuration reloaded", "guard.protected_tables"],
+    );
+
+    std::fs::write(file.path(), "[guard]\nprotected_tables = [\n").expect("break config");
+    signal(&child, libc::SIGHUP);
+    let failed = wait_for_log(&lines, &["SIGHUP reload failed"]);
+    assert!(failed.contains("unchanged"), "{failed}");
+
+    // Still serving: SIGTERM stops it cleanly.
+    signal(&child, libc::SIGTERM);
+    wait_for_log(&lines, &["lockguard stopped"]);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "exit {status:?}");
 }

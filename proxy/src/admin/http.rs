@@ -1,0 +1,207 @@
+//! The HTTP endpoint: Prometheus metrics, Kubernetes-style health probes, and a small JSON API
+//! over the same commands as the console.
+//!
+//! - `GET /metrics` — Prometheus text ([`super::metrics`]);
+//! - `GET /healthz` — the process answers;
+//! - `GET /readyz` — upstream reachable and guard connected, else 503 with the reason;
+//! - `GET /api/clients`, `GET /api/events` — `SHOW CLIENTS` / `SHOW EVENTS` as JSON;
+//! - `POST /api/clients/{id}/kill` — `KILL <id>`.
+//!
+//! With `admin.api_token` set, every `/api/` request needs `Authorization: Bearer <token>`
+//! (401 without one, 403 with a wrong one). Without a token the API is read-only: kill is 403.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::commands::{AdminError, Command, KillResult, KillTarget};
+use super::{metrics, Admin, Login};
+use crate::scram::constant_time_eq;
+
+type Shared = State<Arc<Admin>>;
+
+/// The routes, over `admin`.
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/metrics", get(get_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/clients", get(api_clients))
+        .route("/api/events", get(api_events))
+        .route("/api/clients/{id}/kill", post(api_kill))
+        .with_state(admin)
+}
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let served = axum::serve(listener, router(admin))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        warn!(error = %e, "admin HTTP endpoint stopped with an error");
+    }
+}
+
+async fn get_metrics(State(admin): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::render(&admin),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(admin): Shared) -> Response {
+    let readiness = admin.readiness().await;
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let reason = match (&readiness.upstream_error, &readiness.guard_error) {
+        (Some(e), _) => Some(e.clone()),
+        (None, Some(e)) => Some(format!("guard connection: {e}")),
+        (None, None) => None,
+    };
+    let body = json!({
+        "ready": readiness.ready,
+        "reason": reason,
+        "upstream_error": readiness.upstream_error,
+        "guard_enabled": readiness.guard_enabled,
+        "guard_error": readiness.guard_error,
+    });
+    (status, Json(body)).into_response()
+}
+
+/// Why an API request is refused before it runs.
+enum Refusal {
+    Unauthorized(&'static str),
+    Forbidden(&'static str),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthorized(reason) => (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
+                Json(json!({ "error": reason })),
+            )
+                .into_response(),
+            Refusal::Forbidden(reason) => {
+                (StatusCode::FORBIDDEN, Json(json!({ "error": reason }))).into_response()
+            }
+        }
+    }
+}
+
+/// Checks the bearer token. `Ok(Some(login))` when the token was presented and matches,
+/// `Ok(None)` when no token is configured (read-only access).
+fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<Option<Login>, Refusal> {
+    let credentials = admin.credentials();
+    let Some(expected) = credentials.api_token() else {
+        return Ok(None);
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .ok_or(Refusal::Unauthorized(
+            "this endpoint needs an Authorization: Bearer <admin.api_token> header",
+        ))?;
+    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        Ok(Some(Login::http_token()))
+    } else {
+        Err(Refusal::Forbidden(
+            "the bearer token is not admin.api_token",
+        ))
+    }
+}
+
+/// A read-only caller runs SHOW commands as a monitor.
+fn reader(login: Option<Login>) -> Login {
+    login.unwrap_or(Login {
+        role: lockguard_config::AdminRole::Monitor,
+        ..Login::http_token()
+    })
+}
+
+fn error_response(e: &AdminError) -> Response {
+    let status = match e {
+        AdminError::Syntax(_) => StatusCode::BAD_REQUEST,
+        AdminError::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+        AdminError::Unavailable(_) => StatusCode::CONFLICT,
+        AdminError::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    (
+        status,
+        Json(json!({ "error": e.to_string(), "sqlstate": e.sqlstate() })),
+    )
+        .into_response()
+}
+
+async fn show(admin: &Admin, headers: &HeaderMap, command: Command) -> Response {
+    let login = match authorize(admin, headers) {
+        Ok(login) => reader(login),
+        Err(refusal) => return refusal.into_response(),
+    };
+    match admin.execute(&command, &login).await {
+        Ok(table) => Json(table.to_json()).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn api_clients(State(admin): Shared, headers: HeaderMap) -> Response {
+    show(&admin, &headers, Command::ShowClients).await
+}
+
+async fn api_events(State(admin): Shared, headers: HeaderMap) -> Response {
+    show(&admin, &headers, Command::ShowEvents).await
+}
+
+async fn api_kill(State(admin): Shared, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    let login = match authorize(&admin, &headers) {
+        Ok(Some(login)) => login,
+        Ok(None) => {
+            return Refusal::Forbidden(
+                "the HTTP API is read-only: configure admin.api_token to allow kills",
+            )
+            .into_response()
+        }
+        Err(refusal) => return refusal.into_response(),
+    };
+    info!(client_id = id, "kill requested over HTTP");
+    let report = match admin.kill(KillTarget::Client(id), &login).await {
+        Ok(report) => report,
+        Err(e) => return error_response(&e),
+    };
+    let status = match &report.result {
+        KillResult::Audited(guard_core::Outcome::Error) | KillResult::Failed => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        KillResult::Audited(_) => StatusCode::OK,
+        KillResult::NotFound => StatusCode::NOT_FOUND,
+        KillResult::NoBackend | KillResult::InProgress => StatusCode::CONFLICT,
+    };
+    let body = json!({
+        "client_id": report.client_id,
+        "backend_pid": report.backend_pid,
+        "outcome": report.result.as_str(),
+        "detail": report.detail,
+    });
+    (status, Json(body)).into_response()
+}

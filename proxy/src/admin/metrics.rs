@@ -1,0 +1,237 @@
+//! `GET /metrics`: the proxy's counters in the Prometheus text exposition format (version
+//! 0.0.4). Rendered on each scrape from the same state the console shows, so there is no second
+//! set of counters to keep in step.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use guard_core::{HealthStatus, Outcome, TxnState};
+
+use super::commands::trigger_names;
+use super::Admin;
+
+/// The `Content-Type` of the rendering.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Every session state, so the per-state gauge shows zeros too.
+const STATES: [TxnState; 5] = [
+    TxnState::Startup,
+    TxnState::Idle,
+    TxnState::Active,
+    TxnState::IdleInTransaction,
+    TxnState::IdleInFailedTransaction,
+];
+
+/// Writes metric families: `# HELP`, `# TYPE`, then samples.
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (label, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{label}=\"{}\"", escape_label(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The whole exposition.
+pub fn render(admin: &Admin) -> String {
+    let mut m = Exposition { out: String::new() };
+    let sessions = admin.registry().snapshot();
+    let stats = admin.stats.snapshot(admin.registry());
+
+    m.single(
+        "lockguard_clients_active",
+        "gauge",
+        "Proxied client sessions now.",
+        sessions.len(),
+    );
+    m.family(
+        "lockguard_clients",
+        "gauge",
+        "Proxied client sessions now, by transaction state.",
+    );
+    let mut by_state: BTreeMap<&str, usize> = STATES.iter().map(|s| (s.as_str(), 0)).collect();
+    for session in &sessions {
+        *by_state.entry(session.state().as_str()).or_default() += 1;
+    }
+    for (state, n) in by_state {
+        m.sample("lockguard_clients", &[("state", state)], n);
+    }
+    m.single(
+        "lockguard_clients_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        stats.clients_accepted,
+    );
+    m.single(
+        "lockguard_clients_refused_total",
+        "counter",
+        "Client connections refused because max_clients was reached.",
+        stats.clients_refused,
+    );
+    m.single(
+        "lockguard_startup_rejected_total",
+        "counter",
+        "Client connections whose startup packet was invalid.",
+        stats.startup_rejected,
+    );
+    m.single(
+        "lockguard_startup_timeouts_total",
+        "counter",
+        "Client connections that did not finish startup in time.",
+        stats.startup_timeouts,
+    );
+    m.single(
+        "lockguard_upstream_connect_errors_total",
+        "counter",
+        "Failed attempts to connect to PostgreSQL.",
+        stats.upstream_connect_errors,
+    );
+    m.single(
+        "lockguard_cancel_requests_total",
+        "counter",
+        "Cancel requests forwarded to PostgreSQL.",
+        stats.cancel_requests,
+    );
+    m.single(
+        "lockguard_sessions_started_total",
+        "counter",
+        "Sessions that reached PostgreSQL.",
+        stats.sessions_started,
+    );
+    m.family(
+        "lockguard_bytes_total",
+        "counter",
+        "Bytes forwarded, by direction.",
+    );
+    m.sample(
+        "lockguard_bytes_total",
+        &[("direction", "client_to_server")],
+        stats.bytes_from_clients,
+    );
+    m.sample(
+        "lockguard_bytes_total",
+        &[("direction", "server_to_client")],
+        stats.bytes_from_servers,
+    );
+
+    let guard = admin.guard();
+    m.single(
+        "lockguard_guard_enabled",
+        "gauge",
+        "1 when a guard is configured (guard.dsn).",
+        u8::from(guard.is_some()),
+    );
+    let Some(guard) = guard else {
+        return m.out;
+    };
+    let up = guard.health().status == HealthStatus::Ok;
+    m.single(
+        "lockguard_guard_up",
+        "gauge",
+        "1 when every guard connection works, 0 when the guard is degraded.",
+        u8::from(up),
+    );
+    m.single(
+        "lockguard_guard_dry_run",
+        "gauge",
+        "1 when the guard only records what it would terminate.",
+        u8::from(guard.rules().dry_run),
+    );
+
+    m.family(
+        "lockguard_terminations_total",
+        "counter",
+        "Guard decisions to terminate a backend, by trigger and outcome.",
+    );
+    let counts = guard.audit().counts();
+    for trigger in trigger_names() {
+        for outcome in Outcome::ALL {
+            let n: u64 = counts
+                .iter()
+                .filter(|(t, o, _)| t == trigger && *o == outcome)
+                .map(|(_, _, n)| n)
+                .sum();
+            m.sample(
+                "lockguard_terminations_total",
+                &[("trigger", trigger), ("outcome", outcome.key())],
+                n,
+            );
+        }
+    }
+
+    let latency = guard.probe_latency();
+    m.family(
+        "lockguard_probe_duration_seconds",
+        "histogram",
+        "Time of the guard's lock probes (one round trip per database).",
+    );
+    for (bound, count) in guard_core::guard::PROBE_BUCKETS
+        .iter()
+        .zip(&latency.cumulative)
+    {
+        m.sample(
+            "lockguard_probe_duration_seconds_bucket",
+            &[("le", &bound.to_string())],
+            count,
+        );
+    }
+    m.sample(
+        "lockguard_probe_duration_seconds_bucket",
+        &[("le", "+Inf")],
+        latency.count,
+    );
+    m.sample(
+        "lockguard_probe_duration_seconds_sum",
+        &[],
+        latency.sum_seconds,
+    );
+    m.sample("lockguard_probe_duration_seconds_count", &[], latency.count);
+    m.single(
+        "lockguard_probe_errors_total",
+        "counter",
+        "Guard lock probes that failed.",
+        latency.errors,
+    );
+    m.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label("x\ny"), "x\\ny");
+    }
+}
