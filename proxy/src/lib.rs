@@ -18,6 +18,7 @@ pub mod frame;
 pub mod listener;
 pub mod net;
 pub mod protocol;
+pub mod sandbox;
 pub mod scram;
 pub mod session;
 pub mod startup;
