@@ -1,0 +1,910 @@
+//! The admin port (issue 4), against the real cluster: the psql console (simple and extended
+//! protocol, SCRAM and MD5 logins, roles), KILL through the guard's verified terminate, RELOAD
+//! of a real config file, and the HTTP endpoint (Prometheus metrics, readiness, JSON API).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockguard::admin::{Admin, ConfigSource};
+use lockguard::Proxy;
+use lockguard_config::{AdminAuthMethod, AdminRole, AdminUser, Config};
+use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::guard_support::{backend_alive, wait_until_waiting};
+use lockguard_tests::proxy::{config_for, init_test_logging};
+use lockguard_tests::psql;
+use lockguard_tests::raw::{self, Received};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_util::sync::CancellationToken;
+
+const OPS: (&str, &str) = ("ops", "ops-secret");
+const WATCHER: (&str, &str) = ("watcher", "watch-secret");
+const API_TOKEN: &str = "test-api-token";
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---- setting up -------------------------------------------------------------------------
+
+/// A proxy started in-process with its admin port; dropping it stops everything.
+struct Running {
+    addr: SocketAddr,
+    console: SocketAddr,
+    http: SocketAddr,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.hard_stop.cancel();
+    }
+}
+
+async fn start(config: Config, source: Option<ConfigSource>) -> Running {
+    init_test_logging();
+    let proxy = Proxy::bind_with_source(config, source)
+        .await
+        .expect("bind the proxy");
+    let running = Running {
+        addr: proxy.local_addr().expect("proxy address"),
+        console: proxy.admin_console_addr().expect("console enabled"),
+        http: proxy.admin_http_addr().expect("HTTP enabled"),
+        admin: proxy.admin(),
+        shutdown: proxy.shutdown_token(),
+        hard_stop: proxy.hard_stop_token(),
+    };
+    tokio::spawn(proxy.run());
+    running
+}
+
+fn user(name: &str, password: &str, role: AdminRole) -> AdminUser {
+    AdminUser {
+        name: name.to_owned(),
+        password: Some(password.to_owned()),
+        password_env: None,
+        role,
+    }
+}
+
+fn guard_dsn(cluster: &TestCluster, port: u16) -> String {
+    format!(
+        "host={} port={port} user={} dbname=postgres",
+        cluster.host(),
+        cluster.superuser()
+    )
+}
+
+/// A proxy config with the guard protecting `protected` (the idle rule off: only operators
+/// kill here), console users `ops` (admin) and `watcher` (monitor), and an API token.
+fn admin_config(protected: &[&str]) -> Config {
+    let cluster = TestCluster::shared();
+    let mut config = config_for(cluster);
+    config.guard.dsn = Some(guard_dsn(cluster, cluster.port()));
+    config.guard.protected_tables = protected.iter().map(|p| (*p).to_owned()).collect();
+    config.guard.sweep_interval = Duration::from_millis(100);
+    config.guard.idle_in_transaction_timeout = Duration::ZERO;
+    config.admin.users = vec![
+        user(OPS.0, OPS.1, AdminRole::Admin),
+        user(WATCHER.0, WATCHER.1, AdminRole::Monitor),
+    ];
+    config.admin.api_token = Some(API_TOKEN.to_owned());
+    config
+}
+
+/// A fresh database with a protected-looking table and a scratch table.
+async fn database(prefix: &str) -> String {
+    let cluster = TestCluster::shared();
+    let db = cluster.create_database(prefix).await;
+    direct(&db)
+        .await
+        .batch_execute(
+            "CREATE SCHEMA app;
+             CREATE TABLE app.user_sessions (id int PRIMARY KEY, token text);
+             INSERT INTO app.user_sessions SELECT g, 't' || g FROM generate_series(1, 5) g;
+             CREATE TABLE app.scratch (id int PRIMARY KEY, note text);
+             INSERT INTO app.scratch SELECT g, 'n' FROM generate_series(1, 5) g;",
+        )
+        .await
+        .expect("create tables");
+    db
+}
+
+/// A superuser connection straight to PostgreSQL.
+async fn direct(db: &str) -> Client {
+    let cluster = TestCluster::shared();
+    let (client, conn) = cluster
+        .pg_config(cluster.superuser(), None, db)
+        .connect(NoTls)
+        .await
+        .expect("direct connection");
+    tokio::spawn(conn);
+    client
+}
+
+/// A console session; the error is returned so refusals can be checked.
+async fn console(
+    running: &Running,
+    (name, password): (&str, &str),
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(running.console.port())
+        .user(name)
+        .password(password)
+        .dbname("lockguard")
+        .connect_timeout(WAIT)
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// An application session through the proxy on a raw socket, so the test can read the FATAL
+/// lockguard sends when it ends the session.
+struct App {
+    stream: TcpStream,
+    pid: i32,
+}
+
+impl App {
+    async fn connect(running: &Running, db: &str) -> App {
+        let mut stream = TcpStream::connect(running.addr).await.expect("connect");
+        let login = raw::login(&mut stream, TestCluster::shared().superuser(), db).await;
+        let key = login
+            .iter()
+            .find(|m| m.tag == b'K')
+            .expect("BackendKeyData");
+        let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+        App { stream, pid }
+    }
+
+    /// Runs `sql` up to ReadyForQuery, asserting it did not fail.
+    async fn exec(&mut self, sql: &str) {
+        self.stream
+            .write_all(&raw::query(sql))
+            .await
+            .expect("send query");
+        loop {
+            let m = raw::read_message(&mut self.stream, WAIT)
+                .await
+                .unwrap_or_else(|| panic!("no answer to {sql:?}"));
+            assert_ne!(m.tag, b'E', "{sql}: {:?}", m.error_fields());
+            if m.tag == b'Z' {
+                return;
+            }
+        }
+    }
+
+    /// The ErrorResponse the proxy sends when it ends the session unasked.
+    async fn farewell(&mut self) -> (String, String) {
+        let m: Received = raw::read_message(&mut self.stream, WAIT)
+            .await
+            .expect("an ErrorResponse before the close");
+        assert_eq!(m.tag, b'E', "{m:?}");
+        m.error_fields()
+    }
+}
+
+// ---- reading answers --------------------------------------------------------------------
+
+/// The rows of a simple query as column name → text (NULL absent).
+async fn rows(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| Some((c.name().to_owned(), row.get(i)?.to_owned())))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn code_of(e: &tokio_postgres::Error) -> Option<&SqlState> {
+    e.as_db_error().map(|db| db.code())
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, headers, body).
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, BTreeMap<String, String>, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to HTTP");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lockguard\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("HTTP answer in time")
+        .expect("read HTTP answer");
+    let text = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, headers, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+// ---- a strict Prometheus text parser ----------------------------------------------------
+
+/// Samples by `name{label="value",...}` (labels sorted), after checking the exposition
+/// format: HELP/TYPE lines, names, label syntax and escapes, numeric values, every sample
+/// belonging to a declared family of the right type, no duplicate series, cumulative
+/// histogram buckets ending in `+Inf` equal to `_count`.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    assert!(
+        text.ends_with('\n'),
+        "the exposition must end with a newline"
+    );
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helps: HashMap<String, String> = HashMap::new();
+    let mut samples = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = format!("line {}: {line:?}", n + 1);
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut parts = comment.trim_start().splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(name), Some(help)) => {
+                    assert!(valid_metric_name(name), "{at}");
+                    assert!(
+                        helps.insert(name.to_owned(), help.to_owned()).is_none(),
+                        "second HELP, {at}"
+                    );
+                }
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    assert!(valid_metric_name(name), "{at}");
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                        "{at}"
+                    );
+                    assert!(
+                        types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                        "second TYPE, {at}"
+                    );
+                }
+                _ => {}
+            }
+            continue;
+        }
+        assert!(!line.trim().is_empty(), "blank line, {at}");
+        let (series, value) = parse_sample(line).unwrap_or_else(|e| panic!("{e}, {at}"));
+        let name = series.split('{').next().unwrap_or_default().to_owned();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                let base = name.strip_suffix(suffix)?;
+                matches!(
+                    types.get(base).map(String::as_str),
+                    Some("histogram" | "summary")
+                )
+                .then(|| base.to_owned())
+            })
+            .unwrap_or_else(|| name.clone());
+        assert!(types.contains_key(&family), "sample before its TYPE, {at}");
+        if types[&family] == "counter" {
+            assert!(value >= 0.0, "negative counter, {at}");
+        }
+        assert!(
+            samples.insert(series, value).is_none(),
+            "duplicate series, {at}"
+        );
+    }
+    for (family, kind) in &types {
+        if kind != "histogram" {
+            continue;
+        }
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter_map(|(series, v)| {
+                let le = series
+                    .strip_prefix(&format!("{family}_bucket{{le=\""))?
+                    .strip_suffix("\"}")?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((bound, *v))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{family} buckets not cumulative"
+        );
+        let last = buckets
+            .last()
+            .unwrap_or_else(|| panic!("{family} has no buckets"));
+        assert!(last.0.is_infinite(), "{family} has no +Inf bucket");
+        assert_eq!(
+            Some(&last.1),
+            samples.get(&format!("{family}_count")),
+            "{family} +Inf != count"
+        );
+        assert!(
+            samples.contains_key(&format!("{family}_sum")),
+            "{family} has no _sum"
+        );
+    }
+    samples
+}
+
+fn valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// `name{a="x",b="y"} value` → (`name{a="x",b="y"}` with labels sorted, value).
+fn parse_sample(line: &str) -> Result<(String, f64), String> {
+    let name_end = line.find(['{', ' ']).ok_or("no value")?;
+    let name = &line[..name_end];
+    if !valid_metric_name(name) {
+        return Err(format!("bad metric name {name:?}"));
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices().peekable();
+        let mut label = String::new();
+        loop {
+            let (i, c) = chars.next().ok_or("unterminated labels")?;
+            match c {
+                '}' if label.is_empty() => {
+                    rest = &inner[i + 1..];
+                    break;
+                }
+                '=' => {
+                    if !valid_metric_name(&label) || label.contains(':') {
+                        return Err(format!("bad label name {label:?}"));
+                    }
+                    if chars.next().map(|(_, c)| c) != Some('"') {
+                        return Err("label value not quoted".into());
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next().ok_or("unterminated label value")?.1 {
+                            '"' => break,
+                            '\\' => match chars.next().ok_or("dangling escape")?.1 {
+                                '\\' => value.push('\\'),
+                                '"' => value.push('"'),
+                                'n' => value.push('\n'),
+                                other => return Err(format!("bad escape \\{other}")),
+                            },
+                            '\n' => return Err("newline in label value".into()),
+                            other => value.push(other),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut label), value));
+                    match chars.next().ok_or("unterminated labels")? {
+                        (_, ',') => {}
+                        (j, '}') => {
+                            rest = &inner[j + 1..];
+                            break;
+                        }
+                        (_, other) => return Err(format!("unexpected {other:?} after a label")),
+                    }
+                }
+                c => label.push(c),
+            }
+        }
+    }
+    let mut fields = rest.split(' ').filter(|f| !f.is_empty());
+    let value = fields.next().ok_or("no value")?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse::<f64>().map_err(|_| format!("bad value {v:?}"))?,
+    };
+    if let Some(timestamp) = fields.next() {
+        timestamp
+            .parse::<i64>()
+            .map_err(|_| format!("bad timestamp {timestamp:?}"))?;
+    }
+    if fields.next().is_some() {
+        return Err("trailing fields".into());
+    }
+    labels.sort();
+    let series = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        format!("{name}{{{}}}", inner.join(","))
+    };
+    Ok((series, value))
+}
+
+async fn metrics(running: &Running) -> BTreeMap<String, f64> {
+    let (status, headers, body) = http(running.http, "GET", "/metrics", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        headers
+            .get("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{headers:?}"
+    );
+    parse_prometheus(&body)
+}
+
+const OPERATOR_KILLS: &str =
+    "lockguard_terminations_total{outcome=\"terminated\",trigger=\"operator\"}";
+
+// ---- the tests --------------------------------------------------------------------------
+
+/// Acceptance 1 and 4 (metrics): SHOW CLIENTS lists both proxied sessions with their real
+/// pids and states (simple and extended protocol); SHOW LOCKS shows the protected lock and its
+/// waiter; KILL ends exactly one backend, its client gets lockguard's 57P01, the waiter
+/// proceeds, SHOW EVENTS and the termination counter record it; the HTTP API lists clients
+/// and kills with the token only.
+#[tokio::test]
+async fn console_lists_clients_and_kill_ends_exactly_one_backend() {
+    let db = database("admin_kill").await;
+    let running = start(admin_config(&["app.user_sessions"]), None).await;
+    let checker = direct(&db).await;
+
+    let mut holder = App::connect(&running, &db).await;
+    holder.exec("BEGIN").await;
+    holder
+        .exec("UPDATE app.user_sessions SET token = 'x' WHERE id = 1")
+        .await;
+    let mut bystander = App::connect(&running, &db).await;
+    bystander.exec("SELECT 1").await;
+    // Someone who needs the row: blocked until the holder's backend is gone.
+    let waiter_client = direct(&db).await;
+    let waiter_pid: i32 = waiter_client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let waiter = tokio::spawn(async move {
+        waiter_client
+            .execute("UPDATE app.user_sessions SET token = 'w' WHERE id = 1", &[])
+            .await
+    });
+    wait_until_waiting(&checker, waiter_pid).await;
+
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let clients = rows(&ops, "show clients;").await;
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    let row_of = |pid: i32| {
+        clients
+            .iter()
+            .find(|r| r.get("backend_pid") == Some(&pid.to_string()))
+            .unwrap_or_else(|| panic!("no row for backend {pid}: {clients:?}"))
+            .clone()
+    };
+    let (holder_row, bystander_row) = (row_of(holder.pid), row_of(bystander.pid));
+    assert_eq!(holder_row["state"], "idle in transaction");
+    assert_eq!(bystander_row["state"], "idle");
+    assert_eq!(holder_row["database"], db);
+    assert_eq!(holder_row["client_addr"], "127.0.0.1");
+    assert_eq!(holder_row["protected_locks"], "1");
+    assert_eq!(holder_row["waiters"], "1");
+    assert_eq!(bystander_row["protected_locks"], "0");
+    assert!(holder_row.contains_key("xact_age_s") && !bystander_row.contains_key("xact_age_s"));
+    assert!(holder_row["last_statement"].contains("UPDATE app.user_sessions"));
+
+    let locks = rows(&ops, "SHOW LOCKS").await;
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0]["backend_pid"], holder.pid.to_string());
+    assert_eq!(locks[0]["table"], "app.user_sessions");
+    assert_eq!(locks[0]["mode"], "RowExclusiveLock");
+    assert_eq!(locks[0]["waiters"], "1");
+
+    // The extended protocol, typed columns (binary results).
+    let typed = ops
+        .query("SHOW CLIENTS", &[])
+        .await
+        .expect("prepared SHOW CLIENTS");
+    let mut by_pid: HashMap<i32, (i64, String)> = HashMap::new();
+    for row in &typed {
+        let pid: Option<i32> = row.get("backend_pid");
+        by_pid.insert(pid.expect("backend pid"), (row.get("id"), row.get("state")));
+    }
+    let holder_id = by_pid[&holder.pid].0;
+    assert_eq!(holder_id.to_string(), holder_row["id"]);
+    assert_eq!(by_pid[&bystander.pid].1, "idle");
+    let version = ops.prepare("SHOW VERSION").await.expect("prepare");
+    assert_eq!(version.columns()[0].name(), "version");
+    let v: String = ops.query_one(&version, &[]).await.expect("version").get(0);
+    assert!(v.starts_with("lockguard "), "{v}");
+
+    let before = metrics(&running).await;
+    assert_eq!(before.get(OPERATOR_KILLS), Some(&0.0), "{before:?}");
+    assert_eq!(before.get("lockguard_clients_active"), Some(&2.0));
+    assert_eq!(
+        before.get("lockguard_clients{state=\"idle in transaction\"}"),
+        Some(&1.0)
+    );
+
+    let answer = rows(&ops, &format!("KILL {holder_id}")).await;
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    assert_eq!(answer[0]["outcome"], "terminated", "{answer:?}");
+    assert_eq!(answer[0]["backend_pid"], holder.pid.to_string());
+
+    let (code, message) = holder.farewell().await;
+    assert_eq!(code, "57P01");
+    assert!(message.starts_with("lockguard: terminated"), "{message}");
+    assert!(message.contains("operator"), "{message}");
+    assert!(
+        !backend_alive(&checker, holder.pid).await,
+        "the killed backend is gone"
+    );
+    assert!(
+        backend_alive(&checker, bystander.pid).await,
+        "the other survives"
+    );
+    bystander.exec("SELECT 2").await;
+    let updated = tokio::time::timeout(WAIT, waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    assert_eq!(updated.expect("the waiter's update"), 1);
+
+    let events = rows(&ops, "SHOW EVENTS").await;
+    let newest = events.first().expect("an event");
+    assert_eq!(newest["trigger"], "operator");
+    assert_eq!(newest["outcome"], "terminated");
+    assert_eq!(newest["backend_pid"], holder.pid.to_string());
+    assert_eq!(newest["client_id"], holder_id.to_string());
+    assert!(newest["cause"].contains("ops"), "{newest:?}");
+    assert_eq!(newest["locks"], "RowExclusiveLock on app.user_sessions");
+
+    let after = metrics(&running).await;
+    assert_eq!(after.get(OPERATOR_KILLS), Some(&1.0), "{after:?}");
+
+    // The JSON API: the same table, the token guards it, and kill works over HTTP.
+    let (status, _, _) = http(running.http, "GET", "/api/clients", None).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = http(running.http, "GET", "/api/clients", Some("wrong")).await;
+    assert_eq!(status, 403);
+    let (status, _, body) = http(running.http, "GET", "/api/clients", Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let listed = json(&body);
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["backend_pid"], bystander.pid);
+    let bystander_id = listed[0]["id"].as_u64().expect("numeric id");
+    let (status, _, body) = http(running.http, "GET", "/api/events", Some(API_TOKEN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)[0]["backend_pid"], holder.pid);
+
+    let kill_path = format!("/api/clients/{bystander_id}/kill");
+    let (status, headers, _) = http(running.http, "POST", &kill_path, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers.get("www-authenticate").map(String::as_str),
+        Some("Bearer")
+    );
+    let (status, _, _) = http(running.http, "POST", &kill_path, Some("nope")).await;
+    assert_eq!(status, 403);
+    assert!(
+        backend_alive(&checker, bystander.pid).await,
+        "refused kills do nothing"
+    );
+    let (status, _, body) = http(running.http, "POST", &kill_path, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["outcome"], "terminated");
+    let (code, _) = bystander.farewell().await;
+    assert_eq!(code, "57P01");
+    let (status, _, _) = http(running.http, "POST", &kill_path, Some(API_TOKEN)).await;
+    assert_eq!(status, 404, "the session is gone");
+    assert_eq!(metrics(&running).await.get(OPERATOR_KILLS), Some(&2.0));
+
+    // KILL PID of a backend lockguard does not serve.
+    let answer = rows(&ops, "KILL PID 999999").await;
+    assert_eq!(answer[0]["outcome"], "not found");
+}
+
+/// Acceptance 2: monitors cannot KILL (or RELOAD, or SET), wrong passwords are refused for
+/// SCRAM and MD5 logins, an unknown command is 42601 with the command list as hint.
+#[tokio::test]
+async fn roles_passwords_and_unknown_commands() {
+    let running = start(admin_config(&[]), None).await;
+
+    let watcher = console(&running, WATCHER).await.expect("watcher logs in");
+    assert!(rows(&watcher, "SHOW CLIENTS").await.is_empty());
+    for command in ["KILL 1", "KILL PID 1234", "RELOAD", "SET dry_run = on"] {
+        let e = watcher.simple_query(command).await.expect_err(command);
+        assert_eq!(
+            code_of(&e),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{command}: {e:?}"
+        );
+    }
+    // The session carries on after an error.
+    assert_eq!(rows(&watcher, "SHOW VERSION").await.len(), 1);
+
+    for bad in [(OPS.0, "wrong"), (WATCHER.0, OPS.1), ("nobody", "x")] {
+        let e = console(&running, bad).await.expect_err("wrong password");
+        assert_eq!(
+            code_of(&e),
+            Some(&SqlState::INVALID_PASSWORD),
+            "{bad:?}: {e:?}"
+        );
+    }
+
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let e = ops
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("not a command");
+    let db = e.as_db_error().expect("ErrorResponse");
+    assert_eq!(db.code(), &SqlState::SYNTAX_ERROR);
+    assert!(
+        db.hint()
+            .is_some_and(|h| h.contains("SHOW CLIENTS") && h.contains("KILL")),
+        "{db:?}"
+    );
+    let e = ops
+        .prepare("DROP TABLE x")
+        .await
+        .expect_err("not a command");
+    assert_eq!(code_of(&e), Some(&SqlState::SYNTAX_ERROR));
+
+    let set = rows(&ops, "SET dry_run = on").await;
+    assert_eq!(
+        (set[0]["value"].as_str(), set[0]["previous"].as_str()),
+        ("on", "off")
+    );
+    let config = rows(&ops, "SHOW CONFIG").await;
+    let dry_run = config
+        .iter()
+        .find(|r| r["key"] == "guard.dry_run")
+        .expect("dry_run row");
+    assert_eq!(dry_run["value"], "true");
+    let token = config
+        .iter()
+        .find(|r| r["key"] == "admin.api_token")
+        .expect("token row");
+    assert_ne!(token["value"], API_TOKEN, "secrets are masked");
+    assert!(running.admin.guard().expect("guard").rules().dry_run);
+
+    // MD5 on the wire.
+    let mut md5 = admin_config(&[]);
+    md5.admin.auth_method = AdminAuthMethod::Md5;
+    let md5 = start(md5, None).await;
+    let ops = console(&md5, OPS).await.expect("md5 login");
+    assert!(!rows(&ops, "SHOW STATS").await.is_empty());
+    let e = console(&md5, (OPS.0, "wrong"))
+        .await
+        .expect_err("wrong md5 password");
+    assert_eq!(code_of(&e), Some(&SqlState::INVALID_PASSWORD), "{e:?}");
+}
+
+/// Acceptance 3: RELOAD after editing `protected_tables` in the file makes the guard act on
+/// the new table, with no client reconnecting; an invalid file is refused and changes nothing.
+#[tokio::test]
+async fn reload_makes_the_guard_protect_a_new_table_without_reconnecting() {
+    let cluster = TestCluster::shared();
+    let db = database("admin_reload").await;
+    let checker = direct(&db).await;
+    let file = tempfile::NamedTempFile::new().expect("temp config file");
+    let write_config = |protected: &str| {
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{host}:{port}\"\n\
+             [guard]\ndsn = \"{dsn}\"\nprotected_tables = [{protected}]\n\
+             idle_in_transaction_timeout = \"300ms\"\nsweep_interval = \"100ms\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+             [[admin.users]]\nname = \"{}\"\npassword = \"{}\"\nrole = \"admin\"\n",
+            OPS.0,
+            OPS.1,
+            host = cluster.host(),
+            port = cluster.port(),
+            dsn = guard_dsn(cluster, cluster.port()),
+        );
+        std::fs::write(file.path(), text).expect("write config");
+    };
+    write_config("\"app.user_sessions\"");
+    let source = ConfigSource {
+        path: Some(file.path().to_owned()),
+        overrides: Default::default(),
+    };
+    let config = source.load().expect("config file loads");
+    let running = start(config, Some(source)).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+
+    let mut holder = App::connect(&running, &db).await;
+    holder.exec("BEGIN").await;
+    holder
+        .exec("SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE")
+        .await;
+    let mut other = App::connect(&running, &db).await;
+    other.exec("SELECT 1").await;
+    // Not protected: the guard sees no protected lock, and the holder stays.
+    assert!(rows(&ops, "SHOW LOCKS").await.is_empty());
+
+    // A broken file: refused, nothing changes.
+    std::fs::write(file.path(), "[guard]\nprotected_tables = [\n").expect("write");
+    let e = ops.simple_query("RELOAD").await.expect_err("invalid file");
+    assert_eq!(code_of(&e), Some(&SqlState::CONFIG_FILE_ERROR), "{e:?}");
+    let kept = rows(&ops, "SHOW CONFIG").await;
+    let protected = kept
+        .iter()
+        .find(|r| r["key"] == "guard.protected_tables")
+        .expect("protected_tables row");
+    assert!(
+        protected["value"].contains("app.user_sessions"),
+        "{protected:?}"
+    );
+    assert!(backend_alive(&checker, holder.pid).await);
+
+    write_config("\"app.scratch\"");
+    let changes = rows(&ops, "RELOAD").await;
+    let change = changes
+        .iter()
+        .find(|r| r["key"] == "guard.protected_tables")
+        .unwrap_or_else(|| panic!("{changes:?}"));
+    assert_eq!(change["status"], "applied");
+    assert!(change["new_value"].contains("app.scratch"), "{change:?}");
+
+    // The guard now judges the lock on app.scratch: the idle rule ends the holder's session.
+    let (code, message) = holder.farewell().await;
+    assert_eq!(code, "57P01");
+    assert!(message.contains("app.scratch"), "{message}");
+    assert!(!backend_alive(&checker, holder.pid).await);
+    // The other session, connected before the reload, carries on.
+    other.exec("SELECT 2").await;
+    let events = rows(&ops, "SHOW EVENTS").await;
+    assert_eq!(events[0]["trigger"], "idle_in_transaction");
+    assert!(events[0]["locks"].contains("app.scratch"), "{events:?}");
+}
+
+/// Acceptance 4 (readiness): 503 with a JSON reason while the guard connection cannot be made,
+/// 200 when it can; /healthz answers either way.
+#[tokio::test]
+async fn readyz_reports_the_guard_connection() {
+    let cluster = TestCluster::shared();
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        listener.local_addr().expect("address").port()
+    };
+    let mut broken = admin_config(&[]);
+    broken.guard.dsn = Some(guard_dsn(cluster, closed_port));
+    let broken = start(broken, None).await;
+    let (status, _, body) = http(broken.http, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    let reason = json(&body);
+    assert_eq!(reason["ready"], false);
+    assert!(
+        reason["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("guard")),
+        "{reason}"
+    );
+    assert!(reason["upstream_error"].is_null(), "{reason}");
+    let (status, _, _) = http(broken.http, "GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+    let down = metrics(&broken).await;
+    assert_eq!(down.get("lockguard_guard_up"), Some(&0.0), "{down:?}");
+
+    let healthy = start(admin_config(&[]), None).await;
+    let (status, _, body) = http(healthy.http, "GET", "/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["ready"], true);
+    assert_eq!(
+        metrics(&healthy).await.get("lockguard_guard_up"),
+        Some(&1.0)
+    );
+
+    // An unreachable upstream is not ready either.
+    let mut no_upstream = admin_config(&[]);
+    no_upstream.proxy.upstream = lockguard_config::Upstream::Tcp {
+        host: "127.0.0.1".into(),
+        port: closed_port,
+    };
+    let no_upstream = start(no_upstream, None).await;
+    let (status, _, body) = http(no_upstream.http, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(json(&body)["upstream_error"].is_string(), "{body}");
+}
+
+/// Acceptance 5: the real psql runs SHOW CLIENTS against the console.
+#[tokio::test]
+async fn psql_runs_show_clients() {
+    let db = database("admin_psql").await;
+    let running = start(admin_config(&[]), None).await;
+    let app = App::connect(&running, &db).await;
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={} password={} dbname=lockguard",
+        running.console.port(),
+        OPS.0,
+        OPS.1
+    );
+    let Some(out) = psql::run(&[conninfo.as_str(), "-A", "-c", "SHOW CLIENTS"]).await else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "psql failed: {stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "id|client_addr|client_port|user|database|application_name|backend_pid|state|\
+             xact_age_s|state_age_s|protected_locks|waiters|last_statement"
+        ),
+        "{stdout}"
+    );
+    let row = lines.next().expect("one client row");
+    let fields: Vec<&str> = row.split('|').collect();
+    assert_eq!(fields[4], db, "{row}");
+    assert_eq!(fields[6], app.pid.to_string(), "{row}");
+    assert_eq!(fields[7], "idle", "{row}");
+    assert_eq!(lines.next(), Some("(1 row)"), "{stdout}");
+}
+
+#[test]
+fn the_prometheus_parser_rejects_malformed_text() {
+    let good = "# HELP a_total things\n# TYPE a_total counter\na_total{x=\"1\\\"\"} 3\n";
+    assert_eq!(
+        parse_prometheus(good).get("a_total{x=\"1\\\"\"}"),
+        Some(&3.0)
+    );
+    for bad in [
+        "a 1\n",                                                          // no TYPE
+        "# TYPE a gauge\na 1",                                            // no final newline
+        "# TYPE a gauge\na{x=1} 1\n",                                     // unquoted label
+        "# TYPE a gauge\na one\n",                                        // not a number
+        "# TYPE a gauge\na 1\na 2\n",                                     // duplicate series
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_count 2\nh_sum 1\n", // no +Inf
+    ] {
+        let result = std::panic::catch_unwind(|| parse_prometheus(bad));
+        assert!(result.is_err(), "accepted {bad:?}");
+    }
+}
