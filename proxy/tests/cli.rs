@@ -148,13 +148,14 @@ fn log_lines(child: &mut Child) -> mpsc::Receiver<String> {
     receiver
 }
 
-/// Waits for a log line containing every one of `parts`; panics with what was seen.
-fn wait_for_log(lines: &mpsc::Receiver<String>, parts: &[&str]) -> String {
+/// Waits for a log line containing every one of `parts`; returns it and the lines before it.
+/// Panics with what was seen.
+fn wait_for_log(lines: &mpsc::Receiver<String>, parts: &[&str]) -> (String, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = Vec::new();
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match lines.recv_timeout(left) {
-            Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
+            Ok(line) if parts.iter().all(|p| line.contains(p)) => return (line, seen),
             Ok(line) => seen.push(line),
             Err(_) => break,
         }
@@ -164,15 +165,15 @@ fn wait_for_log(lines: &mpsc::Receiver<String>, parts: &[&str]) -> String {
 
 #[test]
 fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
-    let config = |protected: &str| {
+    let config = |protected: &str, level: &str| {
         format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n\
-             [log]\nformat = \"json\"\n\
+             [log]\nformat = \"json\"\nlevel = \"{level}\"\n\
              [guard]\nprotected_tables = [\"{protected}\"]\n\
              [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n"
         )
     };
-    let file = config_file(&config("app.before"));
+    let file = config_file(&config("app.before", "info"));
     let mut child = lockguard()
         .arg("--config")
         .arg(file.path())
@@ -183,21 +184,51 @@ fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
     let lines = log_lines(&mut child);
     wait_for_log(&lines, &["lockguard is accepting connections"]);
 
-    std::fs::write(file.path(), config("app.after")).expect("rewrite config");
+    std::fs::write(file.path(), config("app.after", "info")).expect("rewrite config");
     signal(&child, libc::SIGHUP);
     wait_for_log(
         &lines,
         &["configuration reloaded", "guard.protected_tables"],
     );
 
-    std::fs::write(file.path(), "[guard]\nprotected_tables = [\n").expect("break config");
+    let broken = "[guard]\nprotected_tables = [\n";
+    std::fs::write(file.path(), broken).expect("break config");
     signal(&child, libc::SIGHUP);
-    let failed = wait_for_log(&lines, &["SIGHUP reload failed"]);
+    let (failed, before) = wait_for_log(&lines, &["SIGHUP reload failed"]);
     assert!(failed.contains("unchanged"), "{failed}");
+    assert!(
+        before.iter().any(|l| l.contains("SIGHUP received")),
+        "info lines are logged: {before:?}"
+    );
+
+    // The log level changes live: at "warn" the reload's info lines are gone, its warning is
+    // still there.
+    std::fs::write(file.path(), config("app.after", "warn")).expect("rewrite config");
+    signal(&child, libc::SIGHUP);
+    // Lets that reload finish (pending signals would coalesce) and drops its lines, logged
+    // partly before the level changed.
+    std::thread::sleep(Duration::from_secs(1));
+    let _: Vec<String> = lines.try_iter().collect();
+    std::fs::write(file.path(), broken).expect("break config");
+    signal(&child, libc::SIGHUP);
+    let (_, before) = wait_for_log(&lines, &["SIGHUP reload failed"]);
+    assert!(
+        !before.iter().any(|l| l.contains("SIGHUP received")),
+        "info lines are filtered out: {before:?}"
+    );
 
     // Still serving: SIGTERM stops it cleanly.
     signal(&child, libc::SIGTERM);
-    wait_for_log(&lines, &["lockguard stopped"]);
-    let status = child.wait().expect("wait");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lockguard did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(status.success(), "exit {status:?}");
 }

@@ -96,6 +96,34 @@ fn admin_config(protected: &[&str]) -> Config {
     config
 }
 
+/// A config file for the test cluster: guard on with `protected`, quick idle rule, admin on
+/// free ports with the `ops` user, plus `extra` sections.
+fn config_text(protected: &str, extra: &str) -> String {
+    let cluster = TestCluster::shared();
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{host}:{port}\"\n\
+         [guard]\ndsn = \"{dsn}\"\nprotected_tables = [{protected}]\n\
+         idle_in_transaction_timeout = \"300ms\"\nsweep_interval = \"100ms\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         [[admin.users]]\nname = \"{}\"\npassword = \"{}\"\nrole = \"admin\"\n{extra}",
+        OPS.0,
+        OPS.1,
+        host = cluster.host(),
+        port = cluster.port(),
+        dsn = guard_dsn(cluster, cluster.port()),
+    )
+}
+
+/// Starts a proxy from `file`, RELOAD re-reading it.
+async fn start_from_file(file: &std::path::Path) -> Running {
+    let source = ConfigSource {
+        path: Some(file.to_owned()),
+        overrides: Default::default(),
+    };
+    let config = source.load().expect("config file loads");
+    start(config, Some(source)).await
+}
+
 /// A fresh database with a protected-looking table and a scratch table.
 async fn database(prefix: &str) -> String {
     let cluster = TestCluster::shared();
@@ -715,6 +743,22 @@ async fn roles_passwords_and_unknown_commands() {
     assert_ne!(token["value"], API_TOKEN, "secrets are masked");
     assert!(running.admin.guard().expect("guard").rules().dry_run);
 
+    // Password-less admin logins on loopback when trusted; without a token the API is
+    // read-only.
+    let mut trusting = admin_config(&[]);
+    trusting.admin.users.clear();
+    trusting.admin.trust_loopback = true;
+    trusting.admin.api_token = None;
+    let trusting = start(trusting, None).await;
+    let anyone = console(&trusting, ("anyone", ""))
+        .await
+        .expect("trusted login");
+    assert_eq!(rows(&anyone, "KILL 12345").await[0]["outcome"], "not found");
+    let (status, _, body) = http(trusting.http, "GET", "/api/clients", None).await;
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    let (status, _, _) = http(trusting.http, "POST", "/api/clients/1/kill", None).await;
+    assert_eq!(status, 403);
+
     // MD5 on the wire.
     let mut md5 = admin_config(&[]);
     md5.admin.auth_method = AdminAuthMethod::Md5;
@@ -731,32 +775,14 @@ async fn roles_passwords_and_unknown_commands() {
 /// the new table, with no client reconnecting; an invalid file is refused and changes nothing.
 #[tokio::test]
 async fn reload_makes_the_guard_protect_a_new_table_without_reconnecting() {
-    let cluster = TestCluster::shared();
     let db = database("admin_reload").await;
     let checker = direct(&db).await;
     let file = tempfile::NamedTempFile::new().expect("temp config file");
     let write_config = |protected: &str| {
-        let text = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{host}:{port}\"\n\
-             [guard]\ndsn = \"{dsn}\"\nprotected_tables = [{protected}]\n\
-             idle_in_transaction_timeout = \"300ms\"\nsweep_interval = \"100ms\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
-             [[admin.users]]\nname = \"{}\"\npassword = \"{}\"\nrole = \"admin\"\n",
-            OPS.0,
-            OPS.1,
-            host = cluster.host(),
-            port = cluster.port(),
-            dsn = guard_dsn(cluster, cluster.port()),
-        );
-        std::fs::write(file.path(), text).expect("write config");
+        std::fs::write(file.path(), config_text(protected, "")).expect("write config");
     };
     write_config("\"app.user_sessions\"");
-    let source = ConfigSource {
-        path: Some(file.path().to_owned()),
-        overrides: Default::default(),
-    };
-    let config = source.load().expect("config file loads");
-    let running = start(config, Some(source)).await;
+    let running = start_from_file(file.path()).await;
     let ops = console(&running, OPS).await.expect("ops logs in");
 
     let mut holder = App::connect(&running, &db).await;
@@ -907,4 +933,84 @@ fn the_prometheus_parser_rejects_malformed_text() {
         let result = std::panic::catch_unwind(|| parse_prometheus(bad));
         assert!(result.is_err(), "accepted {bad:?}");
     }
+}
+
+async fn presented_certificate(addr: SocketAddr, ca: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("read CA") {
+        roots.add(cert.expect("parse CA")).expect("add CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    // SSLRequest: length 8, code 80877103.
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.expect("SSL answer");
+    assert_eq!(answer[0], b'S', "TLS offered");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (_, session) = tls.get_ref();
+    session.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// Issue 7 through the admin port: RELOAD re-reads certificate files replaced in place; new
+/// connections get the new certificate, a session from before carries on; an unreadable key
+/// is refused and the old certificate stays.
+#[tokio::test]
+async fn reload_re_reads_tls_certificates() {
+    let db = database("admin_tls").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = lockguard_tests::certs::TestCa::new("admin reload CA");
+    let ca_file = ca.write_ca(dir.path(), "ca.crt");
+    let first = ca.issue(dir.path(), "first", &["127.0.0.1"]);
+    let second = ca.issue(dir.path(), "second", &["127.0.0.1"]);
+    let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    let install = |files: &lockguard_tests::certs::CertFiles| {
+        std::fs::copy(&files.cert, &live_cert).expect("copy certificate");
+        std::fs::copy(&files.key, &live_key).expect("copy key");
+    };
+    install(&first);
+    let file = tempfile::NamedTempFile::new().expect("temp config file");
+    let tls = format!(
+        "[tls]\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+        live_cert.display(),
+        live_key.display()
+    );
+    std::fs::write(file.path(), config_text("", &tls)).expect("write config");
+    let running = start_from_file(file.path()).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let mut before = App::connect(&running, &db).await;
+    assert_eq!(
+        presented_certificate(running.addr, &ca_file).await,
+        first.der
+    );
+
+    install(&second);
+    rows(&ops, "RELOAD").await;
+    assert_eq!(
+        presented_certificate(running.addr, &ca_file).await,
+        second.der
+    );
+    before.exec("SELECT 1").await;
+
+    std::fs::write(&live_key, "not a key").expect("break the key");
+    let e = ops.simple_query("RELOAD").await.expect_err("broken key");
+    assert_eq!(code_of(&e), Some(&SqlState::CONFIG_FILE_ERROR), "{e:?}");
+    assert_eq!(
+        presented_certificate(running.addr, &ca_file).await,
+        second.der
+    );
+    before.exec("SELECT 2").await;
 }
