@@ -332,8 +332,8 @@ pub struct AdminConfig {
     /// Address of the admin console. Default `127.0.0.1:6433`. The console starts only when
     /// `users` is not empty, or `trust_loopback` is on.
     pub listen: SocketAddr,
-    /// Allow password-less console logins, as role `admin` unless the name is a listed user.
-    /// Only valid when `listen` is a loopback address. Default false.
+    /// Allow password-less console logins, as role `admin`; a listed user still needs their
+    /// password. Only valid when `listen` is a loopback address. Default false.
     pub trust_loopback: bool,
     /// `scram-sha-256` (default) or `md5`.
     pub auth_method: AdminAuthMethod,
