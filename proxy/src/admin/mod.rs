@@ -30,7 +30,7 @@ use guard_core::Registry;
 use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cli::Overrides;
 use crate::stats::ProxyStats;
@@ -231,7 +231,8 @@ impl AdminListeners {
                 })?,
             )
         } else {
-            warn!(
+            // The default configuration: worth a line, not a warning.
+            info!(
                 listen = %admin.listen,
                 "admin console disabled: no [[admin.users]] configured and trust_loopback is off"
             );
