@@ -24,6 +24,8 @@ pub struct Cli {
     pub overrides: Overrides,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate a configuration file and print the effective configuration.
@@ -32,6 +34,23 @@ pub enum Command {
         file: PathBuf,
         #[command(flatten)]
         overrides: Overrides,
+    },
+    /// Play the orphaned-lock incident and its cure against a throwaway PostgreSQL.
+    Demo {
+        /// Afterwards keep PostgreSQL, lockguard and the admin console running (Ctrl-C stops).
+        #[arg(long)]
+        keep_running: bool,
+        /// Never colour the output (also when NO_COLOR is set or stdout is not a terminal).
+        #[arg(long)]
+        no_color: bool,
+    },
+    /// The demo's crashing app process (started by `demo`).
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        user_id: i32,
     },
 }
 

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod demo;
 pub mod frame;
 pub mod listener;
 pub mod net;

@@ -27,6 +27,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Demo {
+            keep_running,
+            no_color,
+        }) => {
+            let options = lockguard::demo::DemoOptions {
+                keep_running: *keep_running,
+                color: no_color.then_some(false),
+                ..Default::default()
+            };
+            run_demo_task(lockguard::demo::run(options))
+        }
+        Some(Command::DemoApp { addr, user_id }) => {
+            run_demo_task(lockguard::demo::app_process(*addr, *user_id))
+        }
         None => {
             let config = match effective_config(cli.config.as_deref(), &cli.overrides) {
                 Ok(config) => config,
@@ -63,6 +77,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs a demo task on its own runtime; errors go to stderr.
+fn run_demo_task(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("lockguard: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lockguard demo: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
