@@ -29,7 +29,7 @@ fn reported(stdout: &str, prefix: &str, unit: &str) -> f64 {
         .rsplit_once(unit)
         .unwrap_or_else(|| panic!("no {unit:?} in {line:?}"))
         .0;
-    let number = before_unit.rsplit(' ').nth(0).unwrap_or_default();
+    let number = before_unit.rsplit(' ').next().unwrap_or_default();
     number
         .parse()
         .unwrap_or_else(|e| panic!("{number:?} in {line:?}: {e}"))

@@ -265,8 +265,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
 
         let err = connect_tls(&proxy, &pki.ca_file, user, Some("wrong"), db)
             .await
-            .err()
-            .expect("wrong password refused");
+            .expect_err("wrong password refused");
         assert_eq!(
             err.code(),
             Some(&SqlState::INVALID_PASSWORD),
@@ -307,8 +306,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     let proxy = start(no_guard).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
-        .err()
-        .expect("binding-capable client without a guard");
+        .expect_err("binding-capable client without a guard");
     let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
     assert_eq!(
         db_err.code(),
@@ -336,8 +334,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     let proxy = start(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyFull)).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
-        .err()
-        .expect("wrong upstream name refused");
+        .expect_err("wrong upstream name refused");
     let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
     assert_eq!(db_err.code(), &SqlState::CONNECTION_FAILURE);
     assert!(
