@@ -804,7 +804,7 @@ fn summary(p: SummaryParts<'_>) -> String {
             _ => format!("client lost ({cause}) after {age:.1}s {}", p.state),
         },
         Trigger::Operator { reason } => {
-            format!("operator request ({reason}) after {age:.1}s {}", p.state)
+            format!("{reason}, after {age:.1}s {}", p.state)
         }
     };
     let locks = if p.locks.is_empty() {
@@ -817,10 +817,17 @@ fn summary(p: SummaryParts<'_>) -> String {
         1 => "1 session waiting".to_owned(),
         n => format!("{n} sessions waiting"),
     };
-    let mut text = format!(
-        "lockguard: {verb} backend {}: {why} holding {locks}; {waiters}",
-        p.pid
-    );
+    // An operator's kill says so first: that is what the client's user needs to know.
+    let mut text = match p.trigger {
+        Trigger::Operator { .. } => format!(
+            "lockguard: {verb} by operator: backend {}: {why} holding {locks}; {waiters}",
+            p.pid
+        ),
+        _ => format!(
+            "lockguard: {verb} backend {}: {why} holding {locks}; {waiters}",
+            p.pid
+        ),
+    };
     match (p.outcome, p.error) {
         (Outcome::Error, Some(e)) => text.push_str(&format!(" (error: {e})")),
         (Outcome::AlreadyGone | Outcome::IdentityMismatch | Outcome::NoLongerIdle, _) => {

@@ -607,7 +607,10 @@ async fn console_lists_clients_and_kill_ends_exactly_one_backend() {
 
     let (code, message) = holder.farewell().await;
     assert_eq!(code, "57P01");
-    assert!(message.starts_with("lockguard: terminated"), "{message}");
+    assert!(
+        message.starts_with("lockguard: terminated by operator"),
+        "{message}"
+    );
     assert!(message.contains("operator"), "{message}");
     assert!(
         !backend_alive(&checker, holder.pid).await,

@@ -644,7 +644,7 @@ async fn operator_kill_terminates_without_protected_locks_and_tells_the_client()
     assert_eq!(notice.sqlstate, "57P01");
     assert!(
         notice.message.starts_with(&format!(
-            "lockguard: terminated backend {}: operator request (requested by ops)",
+            "lockguard: terminated by operator: backend {}: requested by ops, after",
             a.pid
         )),
         "{}",
