@@ -759,7 +759,9 @@ async fn after_client_loss<SR: AsyncRead + Unpin>(
     }
     info!(cause = %loss, %state, pid = record.backend_pid(), "client lost inside a transaction");
     if let Some(guard) = &ctx.guard {
-        guard.on_client_lost(record, &loss.to_string()).await;
+        // Boxed: the guard's future (a probe and a terminate over the guard connection) is
+        // kilobytes, and inline it would enlarge every session's task for its whole life.
+        Box::pin(guard.on_client_lost(record, &loss.to_string())).await;
     }
 }
 
