@@ -63,6 +63,7 @@ def startup_seeds():
         "tls_offered_ssl": b"\x80" + SSL + NORMAL,
         "tls_offered_gss_then_ssl": b"\x82" + GSS + SSL,
         "tls_offered_plain": b"\x81" + NORMAL,
+        "gss_with_trailing_bytes": b"\x07" + packet(u32(80877104) + b"\0\0") + NORMAL,
     }
 
 
@@ -109,6 +110,26 @@ def frame_seeds():
     }
 
 
+def admin_seeds():
+    # the text an operator types on the admin console
+    return {
+        "show_clients": b"SHOW CLIENTS;",
+        "show_lower": b"show locks",
+        "show_events": b"Show Events",
+        "show_stats_config_version": b"SHOW STATS; SHOW CONFIG; SHOW VERSION",
+        "kill_client": b"KILL 7",
+        "kill_pid": b"kill pid 12345;",
+        "kill_bad_pid": b"KILL PID -1",
+        "set_dry_run": b"SET dry_run=on",
+        "set_to": b"set DRY_RUN to 'off'",
+        "reload": b"  RELOAD\t ;",
+        "unknown": b"DROP TABLE app.user_sessions",
+        "long": b"SHOW " + b"x" * 200,
+        "non_ascii": "SHOW \u00c9V\u00c9NEMENTS \u0000\u007f".encode(),
+        "empty": b"",
+    }
+
+
 def write(target, seeds):
     out = os.path.join(HERE, target)
     os.makedirs(out, exist_ok=True)
@@ -120,3 +141,4 @@ def write(target, seeds):
 if __name__ == "__main__":
     write("startup_packet", startup_seeds())
     write("frame_split", frame_seeds())
+    write("admin_command", admin_seeds())
