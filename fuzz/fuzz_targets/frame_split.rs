@@ -115,7 +115,12 @@ fuzz_target!(|data: &[u8]| {
 
     let whole = scan(interests, &[stream]);
     let split = scan(interests, &parts);
-    assert_eq!(whole, split, "split at {:?}", parts.iter().map(|p| p.len()).collect::<Vec<_>>());
+    assert_eq!(
+        whole,
+        split,
+        "split at {:?}",
+        parts.iter().map(|p| p.len()).collect::<Vec<_>>()
+    );
     let one_by_one: Vec<&[u8]> = stream.chunks(1).collect();
     assert_eq!(whole, scan(interests, &one_by_one), "fed byte by byte");
     assert_eq!(whole, model(server, stream), "the framing rules");

@@ -95,14 +95,19 @@ fuzz_target!(|data: &[u8]| {
 
     let answers = client.written.len();
     assert!(answers <= 2, "more than two answers: {:?}", client.written);
-    assert!(client.written.iter().all(|&b| b == b'N'), "{:?}", client.written);
+    assert!(
+        client.written.iter().all(|&b| b == b'N'),
+        "{:?}",
+        client.written
+    );
     // Every answered request was an 8-byte SSLRequest/GSSENCRequest.
     let after_negotiation = 8 * answers;
     for request in input[..after_negotiation.min(input.len())].chunks(8) {
         assert_eq!(be32(request), 8);
         let code = be32(&request[4..]);
         assert!(
-            code == startup_code::GSSENC_REQUEST || (code == startup_code::SSL_REQUEST && !offer_tls),
+            code == startup_code::GSSENC_REQUEST
+                || (code == startup_code::SSL_REQUEST && !offer_tls),
             "answered 'N' to request {code}"
         );
     }
@@ -113,7 +118,11 @@ fuzz_target!(|data: &[u8]| {
             let request = &input[after_negotiation..after_negotiation + 8];
             assert_eq!(be32(request), 8);
             assert_eq!(be32(&request[4..]), startup_code::SSL_REQUEST);
-            assert_eq!(client.pos, after_negotiation + 8, "read past the SSLRequest");
+            assert_eq!(
+                client.pos,
+                after_negotiation + 8,
+                "read past the SSLRequest"
+            );
         }
         Ok(first) => {
             let raw = match &first {
@@ -132,16 +141,26 @@ fuzz_target!(|data: &[u8]| {
             let len = be32(raw) as usize;
             assert_eq!(len, raw.len());
             assert!((MIN_STARTUP_PACKET..=MAX_STARTUP_PACKET).contains(&len));
-            assert_eq!(raw.as_slice(), &input[after_negotiation..after_negotiation + len]);
+            assert_eq!(
+                raw.as_slice(),
+                &input[after_negotiation..after_negotiation + len]
+            );
             assert_eq!(
                 client.pos,
                 after_negotiation + len,
                 "read past the first packet: those bytes belong to the session"
             );
         }
-        Err(StartupError::Rejected { sqlstate: code, message }) => {
+        Err(StartupError::Rejected {
+            sqlstate: code,
+            message,
+        }) => {
             assert!(
-                [sqlstate::PROTOCOL_VIOLATION, sqlstate::INVALID_AUTHORIZATION].contains(&code),
+                [
+                    sqlstate::PROTOCOL_VIOLATION,
+                    sqlstate::INVALID_AUTHORIZATION
+                ]
+                .contains(&code),
                 "{code}"
             );
             assert!(message.starts_with("lockguard: "), "{message}");
