@@ -58,8 +58,8 @@ async fn peak_rss_until(stop: &AtomicBool) -> u64 {
     peak.max(vm_rss_bytes().expect("VmRSS"))
 }
 
-/// One slowloris connection, `connected` at that instant: sends `packet` one byte per second
-/// until the proxy closes the connection. Returns how long after connecting that happened.
+/// One slowloris connection, whose connect began at `connected`: sends `packet` one byte per
+/// second until the proxy closes the connection. Returns how long after `connected` that was.
 async fn trickle(
     mut stream: TcpStream,
     connected: Instant,
@@ -121,12 +121,15 @@ async fn a_thousand_slow_startups_are_cut_at_the_deadline_while_a_normal_client_
     let attack = async {
         let mut slow = Vec::with_capacity(SLOW_CLIENTS);
         for _ in 0..SLOW_CLIENTS {
+            // Taken before connecting: the proxy's deadline starts at its accept, which can
+            // only come later (the end of our connect may be noticed after it).
+            let connecting = Instant::now();
             let stream = TcpStream::connect(proxy.addr)
                 .await
                 .expect("a slow client connects");
             slow.push(tokio::spawn(trickle(
                 stream,
-                Instant::now(),
+                connecting,
                 packet.clone(),
                 STARTUP_TIMEOUT + LATE * 2,
             )));
@@ -154,7 +157,6 @@ async fn a_thousand_slow_startups_are_cut_at_the_deadline_while_a_normal_client_
         peak_rss / MIB
     );
     assert_eq!(lifetimes.len(), SLOW_CLIENTS);
-    // The deadline runs from the proxy's accept, which follows our connect.
     assert!(
         shortest >= STARTUP_TIMEOUT,
         "a slow startup was cut after {shortest:?}, before startup_timeout"
