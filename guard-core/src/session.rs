@@ -111,6 +111,9 @@ pub struct SessionRecord {
     rfq_status: AtomicU8,
     /// Sync points (Query, Sync, FunctionCall) sent but not yet answered by ReadyForQuery.
     pending_syncs: AtomicU32,
+    /// An Execute was sent with no Sync after it yet (pipeline mode, Flush): the server runs
+    /// it at once, in an implicit transaction that holds its locks until the Sync.
+    unsynced_execute: AtomicBool,
     /// Clock ticks ([`clock::now_micros`]) when the current state began.
     state_since: AtomicU64,
     /// Clock ticks when the current transaction began; 0 outside a transaction.
@@ -141,6 +144,7 @@ impl SessionRecord {
             backend_pid: AtomicI32::new(0),
             rfq_status: AtomicU8::new(RFQ_NONE),
             pending_syncs: AtomicU32::new(0),
+            unsynced_execute: AtomicBool::new(false),
             state_since: AtomicU64::new(clock::now_micros()),
             xact_since: AtomicU64::new(0),
             bytes_from_client: AtomicU64::new(0),
@@ -170,7 +174,18 @@ impl SessionRecord {
 
     /// The client sent a message that the server will answer with ReadyForQuery.
     pub fn sync_sent(&self) {
-        if self.pending_syncs.fetch_add(1, Ordering::AcqRel) == 0 {
+        let was_unsynced = self.unsynced_execute.swap(false, Ordering::AcqRel);
+        if self.pending_syncs.fetch_add(1, Ordering::AcqRel) == 0 && !was_unsynced {
+            self.state_since
+                .store(clock::now_micros(), Ordering::Release);
+        }
+    }
+
+    /// The client sent Execute: the server works on it now, whether or not a Sync follows.
+    pub fn execute_sent(&self) {
+        if !self.unsynced_execute.swap(true, Ordering::AcqRel)
+            && self.pending_syncs.load(Ordering::Acquire) == 0
+        {
             self.state_since
                 .store(clock::now_micros(), Ordering::Release);
         }
@@ -253,7 +268,7 @@ impl SessionRecord {
 
     /// The session's transaction state now.
     pub fn state(&self) -> TxnState {
-        if self.pending_syncs.load(Ordering::Acquire) > 0 {
+        if self.statement_in_flight() {
             return TxnState::Active;
         }
         match self.rfq_status.load(Ordering::Acquire) {
@@ -270,9 +285,11 @@ impl SessionRecord {
         matches!(self.rfq_status.load(Ordering::Acquire), b'T' | b'E')
     }
 
-    /// True while a statement is being processed (sent, not yet answered by ReadyForQuery).
+    /// True while a statement is being processed (sent, not yet answered by ReadyForQuery),
+    /// including an Execute not yet followed by Sync.
     pub fn statement_in_flight(&self) -> bool {
         self.pending_syncs.load(Ordering::Acquire) > 0
+            || self.unsynced_execute.load(Ordering::Acquire)
     }
 
     /// How long the session has been in its current state.
@@ -409,6 +426,21 @@ mod tests {
         r.ready_for_query(b'I');
         assert_eq!(r.state(), TxnState::Idle);
         assert!(r.xact_age().is_none());
+    }
+
+    #[test]
+    fn an_execute_without_sync_is_active_until_its_sync_is_answered() {
+        let r = record();
+        r.ready_for_query(b'I');
+        r.execute_sent();
+        assert_eq!(r.state(), TxnState::Active);
+        assert!(r.statement_in_flight());
+        r.execute_sent();
+        r.sync_sent();
+        assert_eq!(r.state(), TxnState::Active);
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Idle);
+        assert!(!r.statement_in_flight());
     }
 
     #[test]

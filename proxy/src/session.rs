@@ -402,7 +402,10 @@ fn on_client_message(
                 .map_or(&[][..], |end| &m.body_prefix[end + 1..]);
             record.set_last_statement(until_nul(after_name));
         }
-        frontend::EXECUTE => *syncs_since_execute = 0,
+        frontend::EXECUTE => {
+            record.execute_sent();
+            *syncs_since_execute = 0;
+        }
         frontend::SYNC => {
             record.sync_sent();
             *syncs_since_execute += 1;

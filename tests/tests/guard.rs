@@ -296,6 +296,45 @@ async fn a_client_that_vanishes_mid_statement_is_terminated_after_the_grace() {
 }
 
 #[tokio::test]
+async fn a_pipelining_client_that_vanishes_before_its_sync_is_terminated() {
+    let scene = scene("guard_pipeline", |_| {}).await;
+    let mut app = App::connect(&scene).await;
+    // Parse/Bind/Execute/Flush with no Sync: PostgreSQL runs the UPDATE at once in an implicit
+    // transaction that keeps its row lock until a Sync that will never come.
+    let mut parse = b"\0UPDATE app.user_sessions SET token = 'pipe' WHERE id = 1\0".to_vec();
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut execute = b"\0".to_vec();
+    execute.extend_from_slice(&0u32.to_be_bytes());
+    let mut pipeline = raw::message(b'P', &parse);
+    pipeline.extend(raw::message(b'B', &bind));
+    pipeline.extend(raw::message(b'E', &execute));
+    pipeline.extend(raw::message(b'H', &[]));
+    app.stream.write_all(&pipeline).await.expect("send pipeline");
+    loop {
+        let m = raw::read_message(&mut app.stream, Duration::from_secs(5))
+            .await
+            .expect("the UPDATE completes");
+        assert_ne!(m.tag, b'E', "{:?}", m.error_fields());
+        if m.tag == b'C' {
+            break;
+        }
+    }
+    let (waiter, _) = blocked_waiter(&scene).await;
+
+    drop(app.stream);
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(2)).await;
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(2)).await;
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(event.trigger, "client_loss");
+}
+
+#[tokio::test]
 async fn a_vanished_client_holding_only_unprotected_locks_is_left_alone() {
     let scene = scene("guard_unprotected", |_| {}).await;
     let mut app = App::connect(&scene).await;
