@@ -110,14 +110,106 @@ fn users_text(users: &[toml::Value]) -> String {
         .join(", ")
 }
 
-/// Replaces the value of `password=...` in a libpq key/value string.
+/// The DSN with every password replaced by [`MASK`], in either form libpq accepts: a
+/// `postgres[ql]://` URI (userinfo and the `password` query parameter) or a key/value string.
 fn mask_dsn_password(dsn: &str) -> String {
-    let Some(start) = find_key(dsn, "password") else {
-        return dsn.to_owned();
-    };
-    let value_start = start;
+    match URI_SCHEMES
+        .iter()
+        .find_map(|scheme| dsn.strip_prefix(scheme).map(|rest| (scheme, rest)))
+    {
+        Some((scheme, rest)) => format!("{scheme}{}", mask_uri_passwords(rest)),
+        None => mask_keyword_passwords(dsn),
+    }
+}
+
+/// The prefixes libpq reads a connection string as a URI by.
+const URI_SCHEMES: [&str; 2] = ["postgresql://", "postgres://"];
+
+/// Masks the password of a URI (after its scheme) in `user:password@` and in every
+/// `password=` query parameter, the name possibly percent-encoded. Where the two readings
+/// of a malformed URI disagree, both are masked.
+fn mask_uri_passwords(rest: &str) -> String {
+    let mut secrets: Vec<std::ops::Range<usize>> = Vec::new();
+    // libpq looks for the userinfo's '@' before the first '/'; taking the last '@' there
+    // hides a password that itself holds a raw '@'.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    if let Some(at) = rest[..authority_end].rfind('@') {
+        if let Some(colon) = rest[..at].find(':') {
+            secrets.push(colon + 1..at);
+        }
+    }
+    if let Some(question) = rest.find('?') {
+        let mut start = question + 1;
+        for parameter in rest[start..].split('&') {
+            if let Some((name, _)) = parameter.split_once('=') {
+                if percent_decode(name) == "password" {
+                    secrets.push(start + name.len() + 1..start + parameter.len());
+                }
+            }
+            start += parameter.len() + 1;
+        }
+    }
+    secrets.sort_by_key(|range| range.start);
+    let mut out = String::with_capacity(rest.len());
+    let mut shown = 0;
+    for secret in secrets {
+        if secret.end <= shown {
+            continue;
+        }
+        let from = secret.start.max(shown);
+        out.push_str(&rest[shown..from]);
+        if secret.start >= shown {
+            out.push_str(MASK);
+        }
+        shown = secret.end;
+    }
+    out.push_str(&rest[shown..]);
+    out
+}
+
+/// `%XX` sequences decoded (invalid ones kept as they are), for comparing parameter names.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Replaces the value of every `password=...` in a libpq key/value string.
+fn mask_keyword_passwords(dsn: &str) -> String {
+    let mut out = String::with_capacity(dsn.len());
+    let mut rest = dsn;
+    while let Some(value_start) = find_key(rest, "password") {
+        let end = keyword_value_end(rest, value_start);
+        out.push_str(&rest[..value_start]);
+        out.push_str(MASK);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Byte offset just past the key/value-string value starting at `start`: a quoted value
+/// up to its closing quote, otherwise up to the next whitespace.
+fn keyword_value_end(dsn: &str, start: usize) -> usize {
     let bytes = dsn.as_bytes();
-    let mut end = value_start;
+    let mut end = start;
     if bytes.get(end) == Some(&b'\'') {
         end += 1;
         while end < bytes.len() {
@@ -138,8 +230,7 @@ fn mask_dsn_password(dsn: &str) -> String {
             end += 1;
         }
     }
-    let end = end.min(dsn.len());
-    format!("{}{MASK}{}", &dsn[..value_start], &dsn[end..])
+    end.min(dsn.len())
 }
 
 /// Byte offset of the value of `key=` in a libpq key/value string.
@@ -206,6 +297,90 @@ role = "admin"
             mask_dsn_password("host=x user=passwordless"),
             "host=x user=passwordless"
         );
+    }
+
+    #[test]
+    fn dsn_masking_hides_every_password_of_a_key_value_string() {
+        assert_eq!(
+            mask_dsn_password("password=a host=x password='b c' user=u"),
+            format!("password={MASK} host=x password={MASK} user=u")
+        );
+    }
+
+    #[test]
+    fn dsn_masking_hides_the_password_of_a_uri_userinfo() {
+        assert_eq!(
+            mask_dsn_password("postgresql://lg:s3cret@db/postgres"),
+            format!("postgresql://lg:{MASK}@db/postgres")
+        );
+        assert_eq!(
+            mask_dsn_password("postgres://lg:s%33cr%40t@db:5433,db2/postgres?sslmode=require"),
+            format!("postgres://lg:{MASK}@db:5433,db2/postgres?sslmode=require")
+        );
+        // A raw '@' in the password: everything up to the host's '@' is hidden.
+        assert_eq!(
+            mask_dsn_password("postgresql://lg:p@ss@db"),
+            format!("postgresql://lg:{MASK}@db")
+        );
+        // A user without a password, and no userinfo at all, stay as they are.
+        for plain in [
+            "postgresql://lg@db/postgres",
+            "postgresql://db/postgres",
+            "postgresql://[::1]:5432/postgres?application_name=lockguard",
+            "postgresql://",
+        ] {
+            assert_eq!(mask_dsn_password(plain), plain);
+        }
+    }
+
+    #[test]
+    fn dsn_masking_hides_the_password_query_parameter_of_a_uri() {
+        assert_eq!(
+            mask_dsn_password("postgres://db/postgres?password=s3cret"),
+            format!("postgres://db/postgres?password={MASK}")
+        );
+        assert_eq!(
+            mask_dsn_password(
+                "postgresql://lg@db/postgres?sslmode=disable&password=s%33cret&user=lg"
+            ),
+            format!("postgresql://lg@db/postgres?sslmode=disable&password={MASK}&user=lg")
+        );
+        // The parameter's name percent-encoded, and given twice.
+        assert_eq!(
+            mask_dsn_password("postgresql://db?%70assword=a&pass%77ord=b&passwords=c"),
+            format!("postgresql://db?%70assword={MASK}&pass%77ord={MASK}&passwords=c")
+        );
+        // An '@' inside the parameter's value is not taken for userinfo left visible.
+        assert_eq!(
+            mask_dsn_password("postgres://db?password=a@b"),
+            format!("postgres://db?password={MASK}")
+        );
+        // Both forms at once, overlapping in a malformed URI.
+        assert_eq!(
+            mask_dsn_password("postgres://u:p?password=z@db"),
+            format!("postgres://u:{MASK}")
+        );
+    }
+
+    #[test]
+    fn show_config_masks_a_uri_dsn() {
+        let config = Config::from_toml_str(
+            "[guard]\ndsn = \"postgresql://lg:s3cret@db/postgres?password=other\"\n",
+        )
+        .unwrap();
+        let flat = flatten(&config);
+        assert_eq!(
+            flat["guard.dsn"],
+            format!("postgresql://lg:{MASK}@db/postgres?password={MASK}")
+        );
+    }
+
+    #[test]
+    fn percent_decoding_keeps_invalid_sequences() {
+        assert_eq!(percent_decode("pass%77ord"), "password");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%C3%A9"), "é");
     }
 
     #[test]
