@@ -544,18 +544,16 @@ impl Guard {
     }
 
     /// The stored password secret of `user` (`pg_authid.rolpassword` form), fetched with
-    /// `guard.auth_query` over the guard's connection to `database`. `None` when the query
-    /// finds no row or a NULL (no password). Used by the proxy to authenticate a SCRAM client
-    /// itself where a relayed exchange cannot succeed.
-    pub async fn password_secret(
-        &self,
-        database: &str,
-        user: &str,
-    ) -> Result<Option<String>, GuardError> {
+    /// `guard.auth_query` over the guard's connection to its own database (roles are
+    /// cluster-wide, and a database name chosen by an unauthenticated client must not open
+    /// guard connections). `None` when the query finds no row or a NULL (no password). Used by
+    /// the proxy to authenticate a SCRAM client itself where a relayed exchange cannot succeed.
+    pub async fn password_secret(&self, user: &str) -> Result<Option<String>, GuardError> {
         let settings = self.settings();
         let query = settings.auth_query.as_str();
+        let database = self.connections.home_database();
         self.connections
-            .run(database, QUERY_DEADLINE, |conn| async move {
+            .run(&database, QUERY_DEADLINE, |conn| async move {
                 let row = conn.client().query_opt(query, &[&user]).await?;
                 Ok(row.and_then(|row| row.try_get::<_, Option<String>>(0).ok().flatten()))
             })

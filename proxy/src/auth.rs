@@ -136,15 +136,18 @@ where
                                 continue;
                             }
                             Err(reason) => {
-                                warn!(%reason, "cannot carry a channel-binding SCRAM client");
-                                let message = format!(
-                                    "lockguard: this client supports SCRAM channel binding, which \
-                                     cannot cross a proxy to a TLS upstream, and lockguard could \
-                                     not verify it in the server's place ({reason}); set \
-                                     guard.auth_query/guard.dsn so lockguard can read the \
-                                     user's SCRAM secret, or connect with channel_binding=disable"
+                                // The reason (guard errors, role names) is for the operator,
+                                // not for a client that has not authenticated.
+                                warn!(
+                                    %reason,
+                                    "cannot check a channel-binding SCRAM client's proof: set \
+                                     guard.dsn and a guard.auth_query the guard role may run"
                                 );
-                                refuse(client, sqlstate::INVALID_AUTHORIZATION, &message).await;
+                                let message = "lockguard: this client offers SCRAM channel \
+                                     binding, which cannot cross lockguard to a TLS upstream, and \
+                                     lockguard cannot check the login in the server's place (see \
+                                     lockguard's log); connect with channel_binding=disable";
+                                refuse(client, sqlstate::INVALID_AUTHORIZATION, message).await;
                                 return Ok(AuthEnd::Refused);
                             }
                         }

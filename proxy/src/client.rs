@@ -193,11 +193,7 @@ async fn run_session(
             let relayed = tokio::time::timeout_at(
                 startup_deadline,
                 auth::relay_authentication(&mut client, &mut upstream, || {
-                    scram_secret(
-                        shared.guard.as_ref(),
-                        &record.client.database,
-                        &record.client.user,
-                    )
+                    scram_secret(shared.guard.as_ref(), &record.client.user)
                 }),
             )
             .await;
@@ -242,16 +238,18 @@ async fn run_session(
 }
 
 /// The stored SCRAM secret of `user`, read by the guard (see [`auth`] for when it is needed).
-async fn scram_secret(
-    guard: Option<&GuardHandle>,
-    database: &str,
-    user: &str,
-) -> Result<ScramSecret, String> {
+/// A role without one gets a mock secret, so the client learns no more than PostgreSQL would
+/// tell it ("password authentication failed"). The error is for the log only.
+async fn scram_secret(guard: Option<&GuardHandle>, user: &str) -> Result<ScramSecret, String> {
     let guard = guard.ok_or("no guard.dsn is configured")?;
-    match guard.password_secret(database, user).await {
-        Ok(Some(secret)) => ScramSecret::parse(&secret)
-            .ok_or_else(|| format!("the stored password of {user:?} is not a SCRAM secret")),
-        Ok(None) => Err(format!("guard.auth_query found no password for {user:?}")),
+    match guard.password_secret(user).await {
+        Ok(stored) => Ok(stored
+            .as_deref()
+            .and_then(ScramSecret::parse)
+            .unwrap_or_else(|| {
+                debug!(%user, "no SCRAM secret stored for this role: mock authentication");
+                ScramSecret::mock()
+            })),
         Err(e) => Err(e.to_string()),
     }
 }

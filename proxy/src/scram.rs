@@ -139,6 +139,23 @@ impl ScramSecret {
     }
 }
 
+impl ScramSecret {
+    /// A random secret nobody's password matches: checking a proof against it fails exactly
+    /// like a wrong password, so a missing role cannot be told from a wrong password (as
+    /// PostgreSQL's own mock authentication does).
+    pub fn mock() -> ScramSecret {
+        let random = || -> [u8; 32] { rand::random() };
+        ScramSecret {
+            iterations: 4096,
+            salt: random()[..16].to_vec(),
+            keys: ScramKeys {
+                stored_key: random(),
+                server_key: random(),
+            },
+        }
+    }
+}
+
 /// A client-first message: `gs2-header client-first-bare`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ClientFirst<'a> {

@@ -311,7 +311,10 @@ async fn a_pipelining_client_that_vanishes_before_its_sync_is_terminated() {
     pipeline.extend(raw::message(b'B', &bind));
     pipeline.extend(raw::message(b'E', &execute));
     pipeline.extend(raw::message(b'H', &[]));
-    app.stream.write_all(&pipeline).await.expect("send pipeline");
+    app.stream
+        .write_all(&pipeline)
+        .await
+        .expect("send pipeline");
     loop {
         let m = raw::read_message(&mut app.stream, Duration::from_secs(5))
             .await

@@ -330,6 +330,35 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     assert_eq!(ask(&client, "SELECT current_user::text").await, SCRAM_USER);
     drop(proxy);
 
+    // A role without a SCRAM secret gets the same answer as a wrong password (mock
+    // authentication), and a failing auth_query tells the client nothing about why.
+    let mut no_secret = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
+    no_secret.guard.auth_query =
+        "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND false".to_owned();
+    let proxy = start(no_secret).await;
+    let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
+        .await
+        .expect_err("no stored secret");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+    drop(proxy);
+    let mut broken_query = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
+    broken_query.guard.auth_query = "SELECT no_such_column FROM pg_catalog.pg_authid".to_owned();
+    let proxy = start(broken_query).await;
+    let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
+        .await
+        .expect_err("auth_query fails");
+    let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
+    assert_eq!(
+        db_err.code(),
+        &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    );
+    assert!(
+        !db_err.message().contains("no_such_column") && !db_err.message().contains("pg_authid"),
+        "{}",
+        db_err.message()
+    );
+    drop(proxy);
+
     // verify-full against an address the certificate does not name: a clear error.
     let proxy = start(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyFull)).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
