@@ -21,6 +21,7 @@
 //! - the guard or an operator killed it → the client gets lockguard's explanation (57P01).
 
 use std::cell::RefCell;
+use std::ffi::CStr;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -395,11 +396,8 @@ fn on_client_message(
         }
         frontend::PARSE => {
             // Body: statement name, NUL, query text, NUL, parameter types.
-            let after_name = m
-                .body_prefix
-                .iter()
-                .position(|&b| b == 0)
-                .map_or(&[][..], |end| &m.body_prefix[end + 1..]);
+            let name = until_nul(m.body_prefix);
+            let after_name = m.body_prefix.get(name.len() + 1..).unwrap_or_default();
             record.set_last_statement(until_nul(after_name));
         }
         frontend::EXECUTE => {
@@ -834,9 +832,53 @@ pub async fn farewell<W: AsyncWrite + Unpin>(client: &mut W, sqlstate: &str, mes
     }
 }
 
+/// The bytes before the first NUL (all of them if there is none). `CStr` finds the NUL a word
+/// at a time, which matters because every Query's text is searched.
 fn until_nul(bytes: &[u8]) -> &[u8] {
-    match bytes.iter().position(|&b| b == 0) {
-        Some(end) => &bytes[..end],
-        None => bytes,
+    CStr::from_bytes_until_nul(bytes).map_or(bytes, CStr::to_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use guard_core::{ClientInfo, UpstreamIdentity};
+
+    use super::*;
+
+    fn record() -> SessionRecord {
+        let client = ClientInfo {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            user: "u".into(),
+            database: "d".into(),
+            application_name: String::new(),
+        };
+        SessionRecord::new(1, client, UpstreamIdentity::Unix)
+    }
+
+    fn client_message(record: &SessionRecord, tag: u8, body: &[u8]) {
+        let (mut syncs, mut goodbye) = (0, false);
+        let m = Message {
+            tag,
+            body_len: body.len() as u32,
+            body_prefix: body,
+        };
+        on_client_message(m, record, &mut syncs, &mut goodbye);
+    }
+
+    #[test]
+    fn statements_are_read_from_query_and_parse() {
+        let r = record();
+        client_message(&r, frontend::QUERY, b"SELECT 1\0");
+        assert_eq!(r.last_statement(), "SELECT 1");
+        client_message(
+            &r,
+            frontend::PARSE,
+            b"stmt_1\0SELECT $1::int\0\0\x01\0\0\0\x17",
+        );
+        assert_eq!(r.last_statement(), "SELECT $1::int");
+        client_message(&r, frontend::PARSE, b"\0UPDATE t SET a = 1\0\0\0");
+        assert_eq!(r.last_statement(), "UPDATE t SET a = 1");
+        // A prefix cut before any NUL (a name longer than the capture) yields no text.
+        client_message(&r, frontend::PARSE, b"endless_name");
+        assert_eq!(r.last_statement(), "");
     }
 }
