@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p lockguard-benches -- [--duration 10s] [--sections overhead,release,memory,scanner]
+//!     [--unix-upstream] [--no-pgbouncer]
 //! ```
 //!
 //! Progress goes to stderr; the report (machine, settings, tables, targets) to stdout.
@@ -17,7 +18,7 @@ use clap::Parser;
 use lockguard_benches::memory::{self, Footprint};
 use lockguard_benches::overhead::{self, Cell};
 use lockguard_benches::pgbench::{Pgbench, Target, MODES};
-use lockguard_benches::procs::{self, LockguardSettings};
+use lockguard_benches::procs::{self, LockguardSettings, Server, Upstream};
 use lockguard_benches::release::{self, GuardTimings, Outcome};
 use lockguard_benches::report::Table;
 use lockguard_benches::scan::{self, Throughput};
@@ -88,6 +89,10 @@ struct Args {
     /// Leave PgBouncer out even when it is installed.
     #[arg(long)]
     no_pgbouncer: bool,
+    /// Let the proxies reach PostgreSQL over its unix socket instead of TCP (pgbench still
+    /// connects to every target over TCP).
+    #[arg(long)]
+    unix_upstream: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,7 +122,18 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    raise_fd_limit();
+    let load_at_start = load_average();
+    // Each idle session is a socket here and two in the proxy (which inherits the limit).
+    let wanted_files = 3 * args.idle_sessions as u64 + 1024;
+    match lockguard_tests::resources::raise_open_files_limit(wanted_files) {
+        Ok(limit) if limit < wanted_files => {
+            eprintln!(
+                "open-files limit is {limit}; the memory section may fail (wanted {wanted_files})"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("could not raise the open-files limit: {e}"),
+    }
     let wants = |s: Section| args.sections.contains(&s);
 
     let lockguard_bin = match &args.lockguard {
@@ -136,8 +152,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             .clone()
             .or_else(|| procs::find_program("pgbouncer", &["/usr/sbin", "/usr/local/sbin"]))
     };
-    if pgbouncer_bin.is_none() {
-        eprintln!("PgBouncer not found (apt-get install pgbouncer); its columns are left out");
+    if pgbouncer_bin.is_none() && !args.no_pgbouncer {
+        eprintln!("PgBouncer not found (apt-get install pgbouncer): skipped");
     }
 
     eprintln!("starting a throwaway PostgreSQL cluster");
@@ -164,17 +180,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         anyhow::Ok((dbname, version))
     })?;
 
-    let settings = guard_settings();
-    let lockguard = procs::start_lockguard(&lockguard_bin, cluster.port(), &user, &settings)?;
-    let pgbouncer = match &pgbouncer_bin {
-        Some(bin) => Some(procs::start_pgbouncer(
-            bin,
-            cluster.port(),
-            &user,
-            args.clients as usize,
-        )?),
-        None => None,
+    let upstream = match (args.unix_upstream, cluster.socket_dir()) {
+        (false, _) => Upstream::Tcp(cluster.port()),
+        (true, Some(dir)) => Upstream::Unix {
+            dir: dir.to_owned(),
+            port: cluster.port(),
+        },
+        (true, None) => bail!("--unix-upstream: the cluster has no unix socket directory"),
     };
+    let settings = guard_settings();
+    let start_lockguard =
+        || procs::start_lockguard(&lockguard_bin, &upstream, cluster.port(), &user, &settings);
+    // PgBouncer is a comparison, not the subject: if it will not start, say so and go on.
+    let start_pgbouncer = |bin: &Path, max_sessions: usize| -> Option<Server> {
+        match procs::start_pgbouncer(bin, &upstream, &user, max_sessions) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("PgBouncer did not start, skipped: {e:#}");
+                None
+            }
+        }
+    };
+    let lockguard = start_lockguard()?;
+    let pgbouncer = pgbouncer_bin
+        .as_deref()
+        .and_then(|bin| start_pgbouncer(bin, args.clients as usize));
 
     let mut report = String::new();
     writeln!(
@@ -182,6 +212,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         "{}",
         machine_description(&pgbench_bin, pgbouncer_bin.as_deref(), &server_version)
     )?;
+    writeln!(
+        report,
+        "Proxies reach PostgreSQL over {}; load average at the start: {load_at_start}",
+        if args.unix_upstream {
+            "its unix socket"
+        } else {
+            "TCP (127.0.0.1)"
+        }
+    )?;
+    if pgbouncer.is_none() {
+        writeln!(
+            report,
+            "PgBouncer: {}",
+            if args.no_pgbouncer {
+                "left out (--no-pgbouncer)"
+            } else {
+                "skipped (not installed or did not start; apt-get install pgbouncer)"
+            }
+        )?;
+    }
+    writeln!(report)?;
 
     let pgbench = Pgbench {
         bin: pgbench_bin,
@@ -196,16 +247,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             Target {
                 name: "direct",
                 port: cluster.port(),
+                proxy_pid: None,
             },
             Target {
                 name: "lockguard",
                 port: lockguard.port(),
+                proxy_pid: Some(lockguard.pid()),
             },
         ];
         if let Some(pgbouncer) = &pgbouncer {
             targets.push(Target {
                 name: "pgbouncer",
                 port: pgbouncer.port(),
+                proxy_pid: Some(pgbouncer.pid()),
             });
         }
         let plan = overhead::Plan {
@@ -292,7 +346,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if wants(Section::Memory) {
         eprintln!("memory: {} idle sessions", args.idle_sessions);
         // Fresh processes, so nothing earlier sections allocated hides in the baseline.
-        let fresh = procs::start_lockguard(&lockguard_bin, cluster.port(), &user, &settings)?;
+        let fresh = start_lockguard()?;
         footprints.push(runtime.block_on(memory::measure(
             &fresh,
             &user,
@@ -302,13 +356,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         drop(fresh);
         if let Some(bin) = &pgbouncer_bin {
             runtime.block_on(wait_for_backends_to_exit(&cluster, 20))?;
-            let fresh = procs::start_pgbouncer(bin, cluster.port(), &user, args.idle_sessions)?;
-            footprints.push(runtime.block_on(memory::measure(
-                &fresh,
-                &user,
-                &dbname,
-                args.idle_sessions,
-            ))?);
+            if let Some(fresh) = start_pgbouncer(bin, args.idle_sessions) {
+                footprints.push(runtime.block_on(memory::measure(
+                    &fresh,
+                    &user,
+                    &dbname,
+                    args.idle_sessions,
+                ))?);
+            }
         }
         for f in &footprints {
             eprintln!("  {}: {:.1} KiB per session", f.proxy, f.per_session_kib());
@@ -339,8 +394,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     writeln!(
         report,
-        "Total run time: {}",
-        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+        "Total run time: {}; load average at the end: {}",
+        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+        load_average()
     )?;
     print!("{report}");
     drop(cluster);
@@ -532,19 +588,10 @@ fn machine_description(pgbench: &Path, pgbouncer: Option<&Path>, server_version:
     text
 }
 
-/// 1,000 proxied sessions need ~2,000 descriptors in the proxy and 1,000 here; children
-/// inherit the raised soft limit.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+/// The 1, 5 and 15 minute load averages: how busy the machine was besides the benchmark.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -53,6 +53,16 @@ impl Cell {
         )
     }
 
+    /// Median CPU time the proxy spent per transaction, in µs; `None` for direct.
+    pub fn proxy_cpu_us(&self) -> Option<f64> {
+        let values: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.proxy_cpu_us_per_tx)
+            .collect();
+        (!values.is_empty()).then(|| median(&values))
+    }
+
     fn tps_range(&self) -> String {
         let min = self
             .runs
@@ -95,8 +105,11 @@ pub fn measure(
                     plan.threads,
                     log_dir,
                 )?;
+                let cpu = result
+                    .proxy_cpu_us_per_tx
+                    .map_or(String::new(), |us| format!("  proxy CPU {us:.1} µs/txn"));
                 eprintln!(
-                    "  rep {}/{} {:<15} {:<10} {:>9.0} tps  avg {:.3} ms  p99 {:.3} ms",
+                    "  rep {}/{} {:<15} {:<10} {:>9.0} tps  avg {:.3} ms  p99 {:.3} ms{cpu}",
                     rep + 1,
                     plan.repetitions,
                     mode.label,
@@ -122,6 +135,7 @@ pub fn table(cells: &[Cell]) -> Table {
         "avg latency ms",
         "p99 latency ms",
         "TPS min–max",
+        "proxy CPU µs/txn",
     ]);
     for cell in cells {
         let direct = cells
@@ -136,6 +150,8 @@ pub fn table(cells: &[Cell]) -> Table {
             format!("{:.3}", cell.avg_ms()),
             format!("{:.3}", cell.p99_ms()),
             cell.tps_range(),
+            cell.proxy_cpu_us()
+                .map_or("—".to_owned(), |us| format!("{us:.1}")),
         ]);
     }
     table

@@ -2,7 +2,9 @@
 //!
 //! TPS and the average latency come from pgbench's summary; the p99 latency from its
 //! per-transaction logs (`-l`), whose third column is each transaction's elapsed time in
-//! microseconds (including the connection set-up under `-C`).
+//! microseconds (including the connection set-up under `-C`). For a proxy, the CPU time it
+//! used during the run is divided by the transactions: what each one cost it, a figure that a
+//! busy machine disturbs far less than throughput.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ use crate::report::percentile_sorted;
 pub struct Target {
     pub name: &'static str,
     pub port: u16,
+    /// The proxy's process, whose CPU time is measured; `None` for PostgreSQL itself.
+    pub proxy_pid: Option<u32>,
 }
 
 /// A pgbench workload.
@@ -54,6 +58,8 @@ pub struct RunResult {
     pub avg_latency_ms: f64,
     pub p99_latency_ms: f64,
     pub transactions: u64,
+    /// CPU time the proxy used per transaction, in microseconds (`None` for direct).
+    pub proxy_cpu_us_per_tx: Option<f64>,
 }
 
 /// pgbench and the database it works on.
@@ -98,6 +104,8 @@ impl Pgbench {
             .tempdir_in(log_dir)?;
         let prefix = dir.path().join("txn");
         let seconds = duration.as_secs().max(1);
+        let proxy_cpu = |pid: Option<u32>| pid.map(crate::procs::cpu_time).transpose();
+        let cpu_before = proxy_cpu(target.proxy_pid)?;
         let output = self
             .command(target.port)
             .args(mode.args)
@@ -108,6 +116,7 @@ impl Pgbench {
             .arg(&self.dbname)
             .output()
             .with_context(|| format!("running {}", self.bin.display()))?;
+        let cpu_after = proxy_cpu(target.proxy_pid)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {
             bail!(
@@ -123,11 +132,19 @@ impl Pgbench {
             .with_context(|| format!("reading pgbench's summary:\n{stdout}"))?;
         let mut latencies = read_latencies(dir.path())?;
         latencies.sort_by(f64::total_cmp);
+        let transactions = latencies.len() as u64;
+        let proxy_cpu_us_per_tx = match (cpu_before, cpu_after) {
+            (Some(before), Some(after)) if transactions > 0 => {
+                Some(after.saturating_sub(before).as_secs_f64() * 1e6 / transactions as f64)
+            }
+            _ => None,
+        };
         Ok(RunResult {
             tps: summary.tps,
             avg_latency_ms: summary.avg_latency_ms,
             p99_latency_ms: percentile_sorted(&latencies, 99.0),
-            transactions: latencies.len() as u64,
+            transactions,
+            proxy_cpu_us_per_tx,
         })
     }
 

@@ -47,6 +47,11 @@ impl Server {
         rss_kib(self.pid())
     }
 
+    /// CPU time (user + system, all threads) the process has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.pid())
+    }
+
     /// The last lines of the process's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -127,6 +132,33 @@ impl Drop for Server {
     }
 }
 
+/// How a proxy reaches PostgreSQL.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// TCP to `127.0.0.1:port`.
+    Tcp(u16),
+    /// The unix socket `dir/.s.PGSQL.port`.
+    Unix { dir: PathBuf, port: u16 },
+}
+
+impl Upstream {
+    /// lockguard's `proxy.upstream` value.
+    fn lockguard_value(&self) -> String {
+        match self {
+            Upstream::Tcp(port) => format!("127.0.0.1:{port}"),
+            Upstream::Unix { dir, port } => format!("{}:{port}", dir.display()),
+        }
+    }
+
+    /// PgBouncer's `host=… port=…` of a database entry.
+    fn pgbouncer_value(&self) -> String {
+        match self {
+            Upstream::Tcp(port) => format!("host=127.0.0.1 port={port}"),
+            Upstream::Unix { dir, port } => format!("host={} port={port}", dir.display()),
+        }
+    }
+}
+
 /// Settings of the lockguard under test that the scenarios depend on.
 #[derive(Debug, Clone)]
 pub struct LockguardSettings {
@@ -136,10 +168,12 @@ pub struct LockguardSettings {
     pub inflight_grace: Duration,
 }
 
-/// Starts the lockguard binary `bin` in front of `127.0.0.1:pg_port` with the guard enabled
-/// (connecting as the superuser `pg_user`).
+/// Starts the lockguard binary `bin` in front of `upstream` with the guard enabled (connecting
+/// as the superuser `pg_user` to `127.0.0.1:pg_port`). Logging stays at its default level, as
+/// an operator would run it.
 pub fn start_lockguard(
     bin: &Path,
+    upstream: &Upstream,
     pg_port: u16,
     pg_user: &str,
     settings: &LockguardSettings,
@@ -148,14 +182,17 @@ pub fn start_lockguard(
         .prefix("lockguard-bench-")
         .tempdir()?;
     let port = free_port()?;
+    // The HTTP endpoint stays on, as in production, on a port of its own: the default one may
+    // be taken by another lockguard on this machine.
+    let http_port = free_port()?;
     let config = format!(
         "[proxy]\n\
          listen = \"127.0.0.1:{port}\"\n\
-         upstream = \"127.0.0.1:{pg_port}\"\n\
+         upstream = \"{upstream}\"\n\
          shutdown_timeout = \"1s\"\n\
          \n\
-         [log]\n\
-         level = \"warn\"\n\
+         [admin]\n\
+         http_listen = \"127.0.0.1:{http_port}\"\n\
          \n\
          [guard]\n\
          dsn = \"host=127.0.0.1 port={pg_port} user={pg_user} dbname=postgres\"\n\
@@ -163,6 +200,7 @@ pub fn start_lockguard(
          idle_in_transaction_timeout = \"{idle}\"\n\
          sweep_interval = \"{sweep}\"\n\
          inflight_grace = \"{grace}\"\n",
+        upstream = upstream.lockguard_value(),
         table = settings.protected_table,
         idle = humantime::format_duration(settings.idle_in_transaction_timeout),
         sweep = humantime::format_duration(settings.sweep_interval),
@@ -176,12 +214,12 @@ pub fn start_lockguard(
     Server::spawn("lockguard", command, port, dir, log)
 }
 
-/// Starts PgBouncer in session mode in front of `127.0.0.1:pg_port`, trusting `pg_user`, with
-/// pools big enough for `max_sessions` clients. When running as root it runs as the `postgres`
-/// account (PgBouncer refuses root).
+/// Starts PgBouncer in session mode in front of `upstream`, trusting `pg_user`, with pools big
+/// enough for `max_sessions` clients. When running as root it runs as the `postgres` account
+/// (PgBouncer refuses root).
 pub fn start_pgbouncer(
     bin: &Path,
-    pg_port: u16,
+    upstream: &Upstream,
     pg_user: &str,
     max_sessions: usize,
 ) -> anyhow::Result<Server> {
@@ -195,7 +233,7 @@ pub fn start_pgbouncer(
     let log = dir.path().join("pgbouncer.log");
     let config = format!(
         "[databases]\n\
-         * = host=127.0.0.1 port={pg_port}\n\
+         * = {upstream}\n\
          \n\
          [pgbouncer]\n\
          listen_addr = 127.0.0.1\n\
@@ -208,6 +246,7 @@ pub fn start_pgbouncer(
          default_pool_size = {clients}\n\
          log_connections = 0\n\
          log_disconnections = 0\n",
+        upstream = upstream.pgbouncer_value(),
         userlist = userlist.display(),
         clients = max_sessions + 50,
     );
@@ -240,6 +279,30 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// User + system CPU time of process `pid` (`/proc/PID/stat` fields 14 and 15).
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces; the fields after it are plain numbers.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // `after_name` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("no CPU times in /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).unwrap_or(100).max(1);
+    let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_micros(total * 1_000_000 / per_second))
 }
 
 /// The first `name` found on `PATH` or in `extra_dirs`.
