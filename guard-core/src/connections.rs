@@ -112,6 +112,13 @@ pub(crate) fn base_config(guard: &GuardConfig) -> Result<Config, GuardError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
+    // A guard query the client side gave up on must not keep running server-side, queueing
+    // the kills behind it on the same connection.
+    let options = match config.get_options() {
+        Some(options) => format!("{options} -c statement_timeout=5s"),
+        None => "-c statement_timeout=5s".to_owned(),
+    };
+    config.options(options);
     // A dead network path should fail the guard's queries in seconds, not hours.
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(Duration::from_secs(10));

@@ -9,13 +9,15 @@ use crate::connections::GuardConnection;
 use crate::session::{SessionRecord, UpstreamIdentity};
 
 /// Kill a TCP-connected backend only if its client port is our upstream socket's local port.
-/// The optional state makes the idle rules atomic too: a backend that started a statement
-/// since the probe no longer matches.
+/// The optional state (and the time it began) makes the idle rules atomic too: a backend that
+/// started a statement, or ended its transaction and began another, since the probe no longer
+/// matches.
 pub(crate) const KILL_BY_PORT_SQL: &str = "\
 SELECT pg_catalog.pg_terminate_backend(a.pid)
 FROM pg_catalog.pg_stat_activity a
 WHERE a.pid = $1::int4 AND a.client_port = $2::int4
-  AND ($3::text IS NULL OR a.state = $3::text)";
+  AND ($3::text IS NULL OR a.state = $3::text)
+  AND ($4::timestamptz IS NULL OR a.state_change = $4::timestamptz)";
 
 /// Kill a unix-socket backend (`client_port = -1`) only if it started inside the window
 /// around our session's start.
@@ -24,11 +26,12 @@ SELECT pg_catalog.pg_terminate_backend(a.pid)
 FROM pg_catalog.pg_stat_activity a
 WHERE a.pid = $1::int4 AND a.client_port = -1
   AND a.backend_start BETWEEN $2::timestamptz AND $3::timestamptz
-  AND ($4::text IS NULL OR a.state = $4::text)";
+  AND ($4::text IS NULL OR a.state = $4::text)
+  AND ($5::timestamptz IS NULL OR a.state_change = $5::timestamptz)";
 
 /// What a pid is now, to explain a kill that matched no row.
 pub(crate) const LOOKUP_SQL: &str = "\
-SELECT a.client_port, a.backend_start, a.state
+SELECT a.client_port, a.backend_start, a.state, a.state_change
 FROM pg_catalog.pg_stat_activity a
 WHERE a.pid = $1::int4";
 
@@ -92,6 +95,22 @@ impl Identity {
     }
 }
 
+/// The state a backend must still be in for an idle rule's kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequiredState<'a> {
+    /// `pg_stat_activity.state`, e.g. `idle in transaction`.
+    pub state: &'a str,
+    /// `pg_stat_activity.state_change` as the probe saw it, when known.
+    pub since: Option<SystemTime>,
+}
+
+impl<'a> RequiredState<'a> {
+    /// Just the state, whenever it began.
+    pub fn state(state: &'a str) -> RequiredState<'a> {
+        RequiredState { state, since: None }
+    }
+}
+
 /// What a verified kill found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KillOutcome {
@@ -119,7 +138,7 @@ impl KillOutcome {
 }
 
 /// Terminates `pid` if, at that very moment, it is the backend `identity` describes (and, if
-/// given, in `required_state` per `pg_stat_activity.state`). Identity and kill are one
+/// given, in the `required` state per `pg_stat_activity`). Identity and kill are one
 /// statement; a second read happens only when nothing was killed, to say why.
 ///
 /// After a successful signal, waits up to a second for the backend to exit so its locks are
@@ -128,15 +147,17 @@ pub async fn terminate_verified(
     conn: &GuardConnection,
     pid: i32,
     identity: &Identity,
-    required_state: Option<&str>,
+    required: Option<RequiredState<'_>>,
 ) -> Result<KillOutcome, tokio_postgres::Error> {
     let client = conn.client();
+    let required_state = required.map(|r| r.state);
+    let required_since = required.and_then(|r| r.since);
     let rows = match *identity {
         Identity::ClientPort(port) => {
             client
                 .query(
                     &conn.kill_by_port,
-                    &[&pid, &i32::from(port), &required_state],
+                    &[&pid, &i32::from(port), &required_state, &required_since],
                 )
                 .await?
         }
@@ -144,7 +165,7 @@ pub async fn terminate_verified(
             client
                 .query(
                     &conn.kill_by_start,
-                    &[&pid, &earliest, &latest, &required_state],
+                    &[&pid, &earliest, &latest, &required_state, &required_since],
                 )
                 .await?
         }
@@ -165,10 +186,13 @@ pub async fn terminate_verified(
     let client_port: Option<i32> = row.try_get(0)?;
     let backend_start: Option<SystemTime> = row.try_get(1)?;
     let state: Option<String> = row.try_get(2)?;
+    let state_change: Option<SystemTime> = row.try_get(3)?;
     if !identity.matches(client_port, backend_start) {
         return Ok(KillOutcome::IdentityMismatch);
     }
-    if required_state.is_some() && state.as_deref() != required_state {
+    if required_state.is_some() && state.as_deref() != required_state
+        || required_since.is_some() && state_change != required_since
+    {
         return Ok(KillOutcome::NoLongerIdle { state });
     }
     // Ours, in the right state, yet not signalled: pg_terminate_backend raced with its exit.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{rfc3339_utc, AuditEvent, AuditLog, Outcome};
 use crate::connections::{self, Connections, DbHealth};
-use crate::enforcer::{self, Identity, KillOutcome};
+use crate::enforcer::{self, Identity, KillOutcome, RequiredState};
 use crate::error::GuardError;
 use crate::policy::{self, LeaveReason, Rules, Trigger, Verdict};
 use crate::probe::{self, BackendFacts};
@@ -36,6 +36,8 @@ pub const OPERATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// of them fit in [`CLIENT_LOSS_DEADLINE`], so a slow kill still ends up in the audit (as an
 /// error) instead of being cut off by the caller's deadline.
 const QUERY_DEADLINE: Duration = Duration::from_secs(2);
+/// Upper bound of one verified kill, reconnect and retry included.
+const KILL_DEADLINE: Duration = Duration::from_secs(5);
 /// Floor for the sweep period, so a zero interval set in code cannot spin.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -560,7 +562,7 @@ impl Guard {
             .await
     }
 
-    /// Terminates `pid` in `database` if it matches `identity` (and `required_state`), over
+    /// Terminates `pid` in `database` if it matches `identity` (and the `required` state), over
     /// the guard's connection. The building block of every kill; public so the identity check
     /// can be exercised directly.
     pub async fn terminate_verified(
@@ -568,11 +570,11 @@ impl Guard {
         database: &str,
         pid: i32,
         identity: &Identity,
-        required_state: Option<&str>,
+        required: Option<RequiredState<'_>>,
     ) -> Result<KillOutcome, GuardError> {
         self.connections
             .run(database, QUERY_DEADLINE, |conn| async move {
-                enforcer::terminate_verified(&conn, pid, identity, required_state).await
+                enforcer::terminate_verified(&conn, pid, identity, required).await
             })
             .await
     }
@@ -625,17 +627,23 @@ impl Guard {
                 if trigger.required_server_state().is_some() && session.state() != state {
                     return Decision::Left(LeaveReason::StateChanged(session.state()));
                 }
-                let killed = self
-                    .terminate_verified(
-                        &session.client.database,
-                        pid,
-                        &identity,
-                        trigger.required_server_state(),
-                    )
-                    .await;
+                let required = trigger.required_server_state().map(|state| RequiredState {
+                    state,
+                    since: facts.and_then(|f| f.state_change),
+                });
+                // Bounded: while the claim is held the session's output is held back.
+                let killed = tokio::time::timeout(
+                    KILL_DEADLINE,
+                    self.terminate_verified(&session.client.database, pid, &identity, required),
+                )
+                .await;
                 let (outcome, error) = match killed {
-                    Ok(k) => (k.outcome(), None),
-                    Err(e) => (Outcome::Error, Some(e.to_string())),
+                    Ok(Ok(k)) => (k.outcome(), None),
+                    Ok(Err(e)) => (Outcome::Error, Some(e.to_string())),
+                    Err(_) => (
+                        Outcome::Error,
+                        Some(format!("the kill did not finish within {KILL_DEADLINE:?}")),
+                    ),
                 };
                 let event = self.event(session, pid, &trigger, facts, outcome, error);
                 if outcome == Outcome::Terminated {

@@ -25,7 +25,7 @@ pub mod session;
 
 pub use audit::{AuditEvent, AuditLog, LockEvidence, Outcome};
 pub use connections::{DbHealth, GuardConnection};
-pub use enforcer::{Identity, KillOutcome};
+pub use enforcer::{Identity, KillOutcome, RequiredState};
 pub use error::GuardError;
 pub use guard::{Decision, Guard, GuardHealth, HealthStatus, SweepReport, KILL_SQLSTATE};
 pub use policy::{LeaveReason, Trigger, Verdict};

@@ -38,7 +38,8 @@ SELECT a.pid,
        COALESCE(lk.schemas, '{}'::text[]),
        COALESCE(lk.tables, '{}'::text[]),
        COALESCE(lk.modes, '{}'::text[]),
-       COALESCE(wt.waiters, '{}'::int4[])
+       COALESCE(wt.waiters, '{}'::int4[]),
+       a.state_change
 FROM pg_catalog.pg_stat_activity a
 LEFT JOIN LATERAL (
     SELECT array_agg(n.nspname::text ORDER BY n.nspname, c.relname, h.mode) AS schemas,
@@ -87,6 +88,9 @@ pub struct BackendFacts {
     /// `pg_stat_activity.state`; `None` when the guard role may not see it (it needs
     /// `pg_read_all_stats`).
     pub state: Option<String>,
+    /// When `state` began: a kill for an idle rule requires it unchanged, so a transaction
+    /// that ended (and a new one that began) since the probe is never the one killed.
+    pub state_change: Option<SystemTime>,
     pub backend_start: Option<SystemTime>,
     /// `pg_stat_activity.client_port`: the TCP port of the backend's client (our upstream
     /// socket), `-1` for a unix socket, `None` if not visible.
@@ -124,6 +128,7 @@ pub async fn probe(
         let facts = BackendFacts {
             pid: row.try_get(0)?,
             state: row.try_get(1)?,
+            state_change: row.try_get(8)?,
             backend_start: row.try_get(2)?,
             client_port: row.try_get(3)?,
             locks,

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guard_core::enforcer::{self, UNIX_START_AFTER};
+use guard_core::enforcer::{self, RequiredState, UNIX_START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
     Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, KillOutcome, LeaveReason,
@@ -181,10 +181,14 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     // The right port, but the idle rule's state check fails: the backend is idle in a
     // transaction, not in a failed one.
     let right = Identity::ClientPort(port);
-    let outcome =
-        enforcer::terminate_verified(&conn, a.pid, &right, Some("idle in transaction (aborted)"))
-            .await
-            .unwrap();
+    let outcome = enforcer::terminate_verified(
+        &conn,
+        a.pid,
+        &right,
+        Some(RequiredState::state("idle in transaction (aborted)")),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         outcome,
         KillOutcome::NoLongerIdle {
@@ -193,7 +197,35 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     );
     assert!(backend_alive(&admin, a.pid).await);
 
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, Some("idle in transaction"))
+    // The probe saw one transaction; the session then committed it and opened another, idle
+    // in the same state text. The kill must not hit the new transaction.
+    let probed = guard.probe(&db, &[a.pid]).await.unwrap()[&a.pid].state_change;
+    assert!(probed.is_some());
+    a.client
+        .batch_execute(&format!("COMMIT; {LOCK_ROW}"))
+        .await
+        .unwrap();
+    let since_old = RequiredState {
+        state: "idle in transaction",
+        since: probed,
+    };
+    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, Some(since_old))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        KillOutcome::NoLongerIdle {
+            state: Some("idle in transaction".into())
+        }
+    );
+    assert!(backend_alive(&admin, a.pid).await);
+    let current = guard.probe(&db, &[a.pid]).await.unwrap()[&a.pid].state_change;
+    let since_now = RequiredState {
+        state: "idle in transaction",
+        since: current,
+    };
+
+    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, Some(since_now))
         .await
         .unwrap();
     assert_eq!(outcome, KillOutcome::Terminated);
