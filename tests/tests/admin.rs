@@ -1017,3 +1017,41 @@ async fn reload_re_reads_tls_certificates() {
     );
     before.exec("SELECT 2").await;
 }
+
+/// A flood of anonymous readers (no API token) shares the guard's probes: 200 concurrent
+/// `GET /api/clients` all answer with the session's probed facts, yet cost at most one probe
+/// per 250 ms of the flood (plus the first), not one probe each.
+#[tokio::test]
+async fn a_flood_of_api_readers_shares_a_few_probes() {
+    const READERS: usize = 200;
+    lockguard_tests::resources::raise_open_files_limit(4096).expect("open-files limit");
+    let db = database("admin_flood").await;
+    let mut config = admin_config(&[]);
+    config.admin.api_token = None;
+    let running = start(config, None).await;
+    let app = App::connect(&running, &db).await;
+    let guard = running.admin.guard().expect("guard enabled");
+    let probes_before = guard.probe_latency().count;
+    let started = std::time::Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..READERS).map(|_| http(running.http, "GET", "/api/clients", None)),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let probes = guard.probe_latency().count - probes_before;
+    for (status, _, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        let clients = json(body);
+        let row = clients
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["backend_pid"] == app.pid))
+            .unwrap_or_else(|| panic!("the session is listed: {body}"));
+        // Probed (a number), not left NULL: every reader got a probe's answer.
+        assert_eq!(row["protected_locks"], 0, "{row}");
+    }
+    let allowed = 2 + elapsed.as_millis() as u64 / 250;
+    assert!(
+        (1..=allowed).contains(&probes),
+        "{READERS} readers in {elapsed:?} ran {probes} probes (at most {allowed} allowed)"
+    );
+}

@@ -3,17 +3,16 @@
 //! console sends every statement here; the HTTP endpoint runs the same commands and renders
 //! the same tables as JSON.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use guard_core::{
-    AuditEvent, BackendFacts, GuardError, Outcome, SessionId, SessionRecord, Trigger,
-};
+use guard_core::{AuditEvent, GuardError, Outcome, SessionId, SessionRecord, Trigger};
 use lockguard_config::AdminRole;
 
+use super::probes::Probed;
 use super::{config_view, Admin, Login};
 
 /// The hint of every syntax error: all commands, as an operator types them.
@@ -520,10 +519,6 @@ pub struct Readiness {
     pub guard_error: Option<String>,
 }
 
-/// Live facts of a set of backends from one probe per database; missing when the guard is
-/// off or could not probe.
-type Probed = HashMap<i32, BackendFacts>;
-
 impl Admin {
     /// Runs `command` for `login`: the single entry point of both front ends.
     pub async fn execute(&self, command: &Command, login: &Login) -> Result<Table, AdminError> {
@@ -651,29 +646,27 @@ impl Admin {
         ])
     }
 
-    /// Probes the backends of `sessions`, one round trip per database, concurrently. A
-    /// database the guard cannot reach is left out (its sessions show NULL).
+    /// Live facts of the backends of `sessions`: one shared, rate-limited probe per
+    /// database ([`super::probes`]), the databases concurrently. A database the guard cannot
+    /// reach is left out (its sessions show NULL).
     async fn probe(&self, sessions: &[Arc<SessionRecord>]) -> Probed {
         let Some(guard) = &self.guard else {
             return Probed::new();
         };
-        let mut by_database: HashMap<&str, Vec<i32>> = HashMap::new();
-        for session in sessions {
-            if let Some(pid) = session.backend_pid() {
-                by_database
-                    .entry(session.client.database.as_str())
-                    .or_default()
-                    .push(pid);
-            }
+        let databases: HashSet<&str> = sessions
+            .iter()
+            .filter(|s| s.backend_pid().is_some())
+            .map(|s| s.client.database.as_str())
+            .collect();
+        self.probes.retain(&databases);
+        let probes = databases
+            .iter()
+            .map(|database| self.probes.probe(guard, &self.registry, database));
+        let mut probed = Probed::new();
+        for facts in join_all(probes).await {
+            probed.extend(facts.iter().map(|(pid, f)| (*pid, f.clone())));
         }
-        let probes = by_database.into_iter().map(|(database, pids)| async move {
-            let result = guard.probe(database, &pids).await;
-            if let Err(e) = &result {
-                tracing::debug!(database, error = %e, "admin probe failed");
-            }
-            result.unwrap_or_default()
-        });
-        join_all(probes).await.into_iter().flatten().collect()
+        probed
     }
 
     async fn clients_rows(&self) -> Vec<Vec<Value>> {

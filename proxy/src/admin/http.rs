@@ -10,6 +10,7 @@
 //! With `admin.api_token` set, every `/api/` request needs `Authorization: Bearer <token>`
 //! (401 without one, 403 with a wrong one). Without a token the API is read-only: kill is 403.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -40,8 +41,24 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
+/// Whether the read API (clients, their statements, events) answers anyone who can reach
+/// the address: no token is configured and the address is not loopback-only.
+pub fn anonymous_reads_exposed(listen: SocketAddr, has_token: bool) -> bool {
+    !has_token && !listen.ip().is_loopback()
+}
+
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    if let Ok(listen) = listener.local_addr() {
+        if anonymous_reads_exposed(listen, admin.credentials().api_token().is_some()) {
+            warn!(
+                %listen,
+                "admin HTTP API is anonymous: without admin.api_token anyone who can reach \
+                 {listen} reads /api/clients (with their last statements) and /api/events; \
+                 set admin.api_token or listen on a loopback address"
+            );
+        }
+    }
     let served = axum::serve(listener, router(admin))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;
@@ -205,4 +222,20 @@ async fn api_kill(State(admin): Shared, headers: HeaderMap, Path(id): Path<u64>)
         "detail": report.detail,
     });
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_token_less_api_on_a_non_loopback_address_is_exposed() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(anonymous_reads_exposed(addr("0.0.0.0:9930"), false));
+        assert!(anonymous_reads_exposed(addr("[::]:9930"), false));
+        assert!(anonymous_reads_exposed(addr("10.1.2.3:9930"), false));
+        assert!(!anonymous_reads_exposed(addr("0.0.0.0:9930"), true));
+        assert!(!anonymous_reads_exposed(addr("127.0.0.1:9930"), false));
+        assert!(!anonymous_reads_exposed(addr("[::1]:9930"), false));
+    }
 }

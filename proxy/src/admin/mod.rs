@@ -8,7 +8,8 @@
 //! - [`config_view`]: the running configuration as key/value rows, secrets masked, and what
 //!   a RELOAD may change live;
 //! - [`auth`]: SCRAM-SHA-256 and MD5 password checks for the console;
-//! - [`metrics`]: the Prometheus text rendering.
+//! - [`metrics`]: the Prometheus text rendering;
+//! - [`probes`]: the readers' lock probes, shared and rate-limited per database.
 
 pub mod auth;
 pub mod commands;
@@ -16,6 +17,7 @@ pub mod config_view;
 pub mod console;
 pub mod http;
 pub mod metrics;
+pub mod probes;
 pub mod reload;
 
 use std::collections::HashMap;
@@ -154,6 +156,8 @@ pub struct Admin {
     log_reloader: std::sync::Mutex<Option<LogReloader>>,
     /// One RELOAD at a time.
     reload_lock: tokio::sync::Mutex<()>,
+    /// The readers' probes, shared so that a flood of them cannot crowd out the guard.
+    probes: probes::ProbeGates,
 }
 
 impl Admin {
@@ -178,6 +182,7 @@ impl Admin {
             credentials: ArcSwap::from_pointee(credentials),
             log_reloader: std::sync::Mutex::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
+            probes: probes::ProbeGates::default(),
         })
     }
 
