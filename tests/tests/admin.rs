@@ -1055,3 +1055,196 @@ async fn a_flood_of_api_readers_shares_a_few_probes() {
         "{READERS} readers in {elapsed:?} ran {probes} probes (at most {allowed} allowed)"
     );
 }
+
+// ---- an unauthenticated console costs little ------------------------------------------
+
+/// Protocol 3.0's StartupMessage code.
+const PROTOCOL_3_0: u32 = 196_608;
+
+/// Bytes each flooding connection tries to send after its `Q` header.
+const FLOOD_BYTES: usize = 32 << 20;
+
+/// One flooding connection: a login as `ops` (never completed), then a `Q` header declaring
+/// 500 MB and its body trickled in 64 KiB chunks. Returns how much of the body got out
+/// before the console cut the connection, `None` if it never did.
+async fn flood_with_a_huge_query(console: SocketAddr) -> Option<usize> {
+    let mut stream = TcpStream::connect(console)
+        .await
+        .expect("connect to the console");
+    let startup = raw::startup_packet(PROTOCOL_3_0, &[("user", OPS.0), ("database", "lockguard")]);
+    stream.write_all(&startup).await.expect("send the startup");
+    let mut header = vec![b'Q'];
+    header.extend_from_slice(&500_000_004u32.to_be_bytes());
+    if stream.write_all(&header).await.is_err() {
+        return Some(0);
+    }
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0;
+    while sent < FLOOD_BYTES {
+        if stream.write_all(&chunk).await.is_err() {
+            return Some(sent);
+        }
+        sent += chunk.len();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    None
+}
+
+/// Issue 4 follow-up: 20 unauthenticated console connections that each declare a 500 MB
+/// query and keep sending it (640 MiB offered in all) are cut at the header, the process
+/// grows by far less than what they sent, and a console user and a proxied session carry on.
+#[tokio::test]
+async fn huge_unauthenticated_messages_are_cut_with_bounded_memory() {
+    const FLOODERS: usize = 20;
+    let db = database("admin_flood_console").await;
+    let running = start(admin_config(&[]), None).await;
+    let mut app = App::connect(&running, &db).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let rss_before = lockguard_tests::resources::vm_rss_bytes().expect("VmRSS");
+
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    let flood = async {
+        let flooders = (0..FLOODERS).map(|_| flood_with_a_huge_query(running.console));
+        let cut = futures_util::future::join_all(flooders).await;
+        flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+        cut
+    };
+    // The peak counts: buffers are freed once the flooders hang up.
+    let sample_peak_rss = async {
+        let mut peak = rss_before;
+        while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(lockguard_tests::resources::vm_rss_bytes().expect("VmRSS"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        peak
+    };
+    let (cut, rss_peak, _) = tokio::join!(flood, sample_peak_rss, async {
+        // Meanwhile the console and the proxy keep answering.
+        let clients = rows(&ops, "SHOW CLIENTS").await;
+        assert!(
+            clients
+                .iter()
+                .any(|c| c["backend_pid"] == app.pid.to_string()),
+            "{clients:?}"
+        );
+        app.exec("SELECT 1").await;
+    });
+
+    let grown = rss_peak.saturating_sub(rss_before);
+    assert!(
+        grown < 64 << 20,
+        "RSS grew by {} MiB while {FLOODERS} connections offered {} MiB",
+        grown >> 20,
+        (FLOODERS * FLOOD_BYTES) >> 20
+    );
+    for (i, sent) in cut.iter().enumerate() {
+        let sent = sent.unwrap_or_else(|| {
+            panic!("flooder {i} sent all {FLOOD_BYTES} bytes without being cut")
+        });
+        assert!(sent < FLOOD_BYTES, "flooder {i}");
+    }
+    // Everything still works, new console logins included.
+    app.exec("SELECT 2").await;
+    assert_eq!(rows(&ops, "SHOW VERSION").await.len(), 1);
+    let watcher = console(&running, WATCHER).await.expect("watcher logs in");
+    assert!(!rows(&watcher, "SHOW CLIENTS").await.is_empty());
+}
+
+/// The console serves at most `MAX_CONSOLE_CONNECTIONS` connections; the next one is refused
+/// with 53300 and a slot is free again once one of them closes.
+#[tokio::test]
+async fn the_console_refuses_connections_over_its_cap() {
+    use lockguard::admin::console::MAX_CONSOLE_CONNECTIONS;
+    let running = start(admin_config(&[]), None).await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONSOLE_CONNECTIONS {
+        held.push(
+            TcpStream::connect(running.console)
+                .await
+                .expect("connect to the console"),
+        );
+    }
+    // Connections are accepted in order: the held ones fill every slot first.
+    let e = console(&running, OPS).await.expect_err("over the cap");
+    assert_eq!(code_of(&e), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e:?}");
+
+    held.pop();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ops = loop {
+        match console(&running, OPS).await {
+            Ok(ops) => break ops,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(code_of(&e), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no slot freed after a connection closed: {e:?}"),
+        }
+    };
+    assert_eq!(rows(&ops, "SHOW VERSION").await.len(), 1);
+}
+
+/// A console connection gets `proxy.startup_timeout` to log in, silent or half-way through
+/// the password exchange; one that logged in stays.
+#[tokio::test]
+async fn console_logins_are_bounded_by_startup_timeout() {
+    let mut config = admin_config(&[]);
+    config.proxy.startup_timeout = Duration::from_secs(1);
+    let running = start(config, None).await;
+    let mut silent = TcpStream::connect(running.console).await.expect("connect");
+    let mut halfway = TcpStream::connect(running.console).await.expect("connect");
+    halfway
+        .write_all(&raw::startup_packet(
+            PROTOCOL_3_0,
+            &[("user", OPS.0), ("database", "lockguard")],
+        ))
+        .await
+        .expect("send the startup");
+    let challenge = raw::read_message(&mut halfway, WAIT)
+        .await
+        .expect("an authentication request");
+    assert_eq!(challenge.tag, b'R', "{challenge:?}");
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    assert!(
+        raw::closed_within(&mut silent, WAIT).await,
+        "silent connection kept"
+    );
+    assert!(
+        raw::closed_within(&mut halfway, WAIT).await,
+        "half-way login kept"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rows(&ops, "SHOW VERSION").await.len(), 1);
+}
+
+/// psql opens with an SSLRequest (and a GSSENCRequest where it has Kerberos): the console
+/// declines both with 'N' and the login goes on.
+#[tokio::test]
+async fn the_console_declines_encryption_requests() {
+    let running = start(admin_config(&[]), None).await;
+    let mut stream = TcpStream::connect(running.console).await.expect("connect");
+    for code in [80_877_103u32, 80_877_104] {
+        let mut request = 8u32.to_be_bytes().to_vec();
+        request.extend_from_slice(&code.to_be_bytes());
+        stream.write_all(&request).await.expect("send the request");
+        let mut answer = [0u8; 1];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
+            .await
+            .expect("answer in time")
+            .expect("read the answer");
+        assert_eq!(answer[0], b'N', "request {code}");
+    }
+    stream
+        .write_all(&raw::startup_packet(
+            PROTOCOL_3_0,
+            &[("user", OPS.0), ("database", "lockguard")],
+        ))
+        .await
+        .expect("send the startup");
+    let challenge = raw::read_message(&mut stream, WAIT)
+        .await
+        .expect("an authentication request");
+    assert_eq!(challenge.tag, b'R', "{challenge:?}");
+    // AuthenticationSASL (10) offering SCRAM-SHA-256.
+    assert_eq!(challenge.body[..4], 10u32.to_be_bytes());
+    assert!(challenge.body.windows(13).any(|w| w == b"SCRAM-SHA-256"));
+}

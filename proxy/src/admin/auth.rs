@@ -13,6 +13,7 @@ use pgwire::api::ClientInfo;
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use rand::RngCore;
+use tokio::sync::Semaphore;
 
 use super::Login;
 use crate::scram::{self, constant_time_eq, ClientFinal, ClientFirst, ScramKeys, SCRAM_SHA_256};
@@ -66,6 +67,30 @@ fn random_bytes(n: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; n];
     rand::rng().fill_bytes(&mut bytes);
     bytes
+}
+
+/// SCRAM key derivations running at once, across all logins.
+///
+/// A derivation is [`SCRAM_ITERATIONS`] PBKDF2 rounds, milliseconds of CPU. It runs on a
+/// blocking thread, because the proxy forwards every session on one runtime thread, and one
+/// at a time, so that a flood of logins (unknown users cost the same) leaves the other core
+/// to forwarding.
+static KEY_DERIVATIONS: Semaphore = Semaphore::const_new(1);
+
+/// The SCRAM keys of `password` with `salt`, derived off the runtime thread.
+async fn derive_keys(password: &str, salt: &[u8]) -> Result<ScramKeys, String> {
+    let turn = KEY_DERIVATIONS
+        .acquire()
+        .await
+        .map_err(|_| "SCRAM key derivation is shut down".to_owned())?;
+    let (password, salt) = (password.to_owned(), salt.to_vec());
+    let keys = tokio::task::spawn_blocking(move || {
+        ScramKeys::from_password(&password, &salt, SCRAM_ITERATIONS)
+    })
+    .await
+    .map_err(|e| format!("SCRAM key derivation failed: {e}"))?;
+    drop(turn);
+    Ok(keys)
 }
 
 // ---- MD5 -----------------------------------------------------------------------------------
@@ -159,7 +184,7 @@ impl ScramMechanism {
         }
     }
 
-    fn client_first(&mut self, data: &[u8]) -> Result<Authentication, String> {
+    async fn client_first(&mut self, data: &[u8]) -> Result<Authentication, String> {
         let first = ClientFirst::parse(data)?;
         if first.channel_binding.starts_with("p=") {
             return Err("channel binding is not supported by the admin console".to_owned());
@@ -171,7 +196,7 @@ impl ScramMechanism {
             scram::base64(&random_bytes(SERVER_NONCE_LEN))
         );
         let salt = random_bytes(SALT_LEN);
-        let keys = ScramKeys::from_password(&self.expected.password, &salt, SCRAM_ITERATIONS);
+        let keys = derive_keys(&self.expected.password, &salt).await?;
         let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", scram::base64(&salt));
         self.step = ScramStep::Challenged {
             client_first_bare: first.bare.to_owned(),
@@ -242,7 +267,7 @@ impl AuthMechanism<Login> for ScramMechanism {
                     ));
                 }
                 let data = initial.data.unwrap_or_default();
-                match self.client_first(&data) {
+                match self.client_first(&data).await {
                     Ok(next) => Ok(AuthState::InProgress(next)),
                     Err(e) => invalid(e),
                 }
@@ -278,7 +303,7 @@ mod tests {
     }
 
     /// Runs the client side of SCRAM against the mechanism's message functions.
-    fn scram_login(
+    async fn scram_login(
         stored_password: &str,
         client_password: &str,
     ) -> Result<Option<Authentication>, String> {
@@ -290,8 +315,9 @@ mod tests {
             )),
         ));
         let client_first_bare = "n=,r=clientnonce";
-        let Authentication::SASLContinue(server_first) =
-            mechanism.client_first(format!("n,,{client_first_bare}").as_bytes())?
+        let Authentication::SASLContinue(server_first) = mechanism
+            .client_first(format!("n,,{client_first_bare}").as_bytes())
+            .await?
         else {
             panic!("expected server-first");
         };
@@ -316,13 +342,41 @@ mod tests {
         mechanism.client_final(format!("{without_proof},p={}", scram::base64(&proof)).as_bytes())
     }
 
-    #[test]
-    fn scram_accepts_the_password_and_refuses_another() {
+    #[tokio::test]
+    async fn scram_accepts_the_password_and_refuses_another() {
         assert!(matches!(
-            scram_login("pw", "pw"),
+            scram_login("pw", "pw").await,
             Ok(Some(Authentication::SASLFinal(_)))
         ));
-        assert!(matches!(scram_login("pw", "wrong"), Ok(None)));
+        assert!(matches!(scram_login("pw", "wrong").await, Ok(None)));
+    }
+
+    /// The derivation runs off the runtime thread: on a current-thread runtime (as the proxy
+    /// runs on small machines) other tasks keep running while it is under way. Were it
+    /// computed inline, the other task would run at most once before it finished.
+    #[tokio::test(flavor = "current_thread")]
+    async fn key_derivation_leaves_the_runtime_thread_free() {
+        let done = std::cell::Cell::new(false);
+        let (keys, turns) = tokio::join!(
+            async {
+                let keys = derive_keys("pw", b"salt").await;
+                done.set(true);
+                keys
+            },
+            async {
+                let mut turns = 0u64;
+                while !done.get() {
+                    tokio::task::yield_now().await;
+                    turns += 1;
+                }
+                turns
+            }
+        );
+        assert!(keys.is_ok());
+        assert!(
+            turns >= 2,
+            "the runtime ran {turns} turns during the derivation"
+        );
     }
 
     #[test]

@@ -2,12 +2,19 @@
 //! and drivers. It authenticates console users ([`super::auth`]), parses each statement with
 //! [`Command::parse`] and answers with the command's table. The simple and the extended query
 //! protocol are both accepted; statements take no parameters.
+//!
+//! Before a login the console is open to anyone who can reach it, so what a connection can
+//! cost is bounded: at most [`MAX_CONSOLE_CONNECTIONS`] at once, `proxy.startup_timeout` to
+//! log in, messages of at most [`super::framing::MAX_CONSOLE_MESSAGE`] bytes, and SCRAM's key
+//! derivation off the runtime thread ([`super::auth`]).
 
 use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::{stream, Sink};
+use futures_util::{stream, Sink, SinkExt, StreamExt};
 use lockguard_config::{AdminAuthMethod, AdminRole};
 use pgwire::api::auth::mechanism::AuthMechanism;
 use pgwire::api::auth::{
@@ -19,21 +26,48 @@ use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type, METADATA_USER};
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, DefaultClient, PgWireConnectionState, PgWireServerHandlers,
+    Type, METADATA_USER,
+};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
-use tokio::net::TcpListener;
+use pgwire::messages::response::{GssEncResponse, SslResponse};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
+use pgwire::tokio::server::{process_error, process_message, PgWireMessageServerCodec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::auth::{Expected, Md5Mechanism, ScramMechanism};
 use super::commands::{AdminError, Column, ColumnType, Command, Table, Value};
+use super::framing::{FramingError, LimitedFraming};
 use super::{Admin, Login};
+use crate::protocol::{self, sqlstate, MAX_STARTUP_PACKET};
+
+/// Most console connections served at once; more are refused with 53300. Operators need a
+/// handful; the bound keeps unauthenticated connections from piling up.
+pub const MAX_CONSOLE_CONNECTIONS: usize = 64;
+
+/// Refusals (53300) under way at once; past that an extra connection is just closed.
+const MAX_REFUSALS: usize = 16;
+
+/// How long a refusal waits for the client's first packet, so that closing does not reset
+/// the connection before the client has read why.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// The socket pgwire speaks over: the client's bytes checked against the console's length
+/// limits ([`LimitedFraming`]).
+type ConsoleSocket = Framed<LimitedFraming<TcpStream>, PgWireMessageServerCodec<Command>>;
 
 /// Accepts console connections until `stop` is cancelled, then closes the open ones.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    let handlers = Arc::new(Handlers::new(admin));
+    let handlers = Arc::new(Handlers::new(Arc::clone(&admin)));
+    let slots = Arc::new(Semaphore::new(MAX_CONSOLE_CONNECTIONS));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let connections = TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -41,29 +75,172 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 Ok(accepted) => accepted,
                 Err(e) => {
                     warn!(error = %e, "admin console accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = stop.cancelled() => break,
         };
         let _ = socket.set_nodelay(true);
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, limit = MAX_CONSOLE_CONNECTIONS, "admin console connection refused: too many");
+            if let Ok(refusing) = Arc::clone(&refusals).try_acquire_owned() {
+                connections.spawn(async move {
+                    refuse(socket).await;
+                    drop(refusing);
+                });
+            }
+            continue;
+        };
+        // Like the proxy's clients: this long to get through startup and authentication.
+        let login_deadline = admin.config().proxy.startup_timeout;
         let handlers = Arc::clone(&handlers);
         let stop = stop.clone();
         connections.spawn(async move {
             debug!(%peer, "admin console connection");
             tokio::select! {
-                served = pgwire::tokio::process_socket(socket, None, handlers) => {
+                served = serve_connection(socket, peer, &handlers, login_deadline) => {
                     if let Err(e) = served {
                         debug!(%peer, error = %e, "admin console connection ended with an error");
                     }
                 }
                 _ = stop.cancelled() => {}
             }
+            drop(slot);
         });
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Tells a connection over [`MAX_CONSOLE_CONNECTIONS`] why it is closed (53300, as
+/// PostgreSQL's "too many clients"), then closes it.
+async fn refuse(mut socket: TcpStream) {
+    let message = format!(
+        "lockguard: too many admin console connections (at most {MAX_CONSOLE_CONNECTIONS})"
+    );
+    let refusal = protocol::fatal_error(sqlstate::TOO_MANY_CONNECTIONS, &message);
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        socket.write_all(&refusal).await?;
+        socket.shutdown().await?;
+        // Read what the client sends until it hangs up: closing with its bytes unread
+        // would reset the connection, and the client could lose the error.
+        let mut sink = [0u8; 1024];
+        let mut drained = 0;
+        while drained < MAX_STARTUP_PACKET {
+            match socket.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Serves one console connection: what `pgwire::tokio::process_socket` does, over a socket
+/// that enforces the console's message limits, with the login bounded by `login_deadline`.
+/// SSL and GSS encryption requests are declined (the console has no TLS).
+async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    handlers: &Handlers,
+    login_deadline: Duration,
+) -> Result<(), PgWireError> {
+    let mut socket: ConsoleSocket = Framed::new(
+        LimitedFraming::new(socket),
+        PgWireMessageServerCodec::new(DefaultClient::new(peer, false)),
+    );
+    let copy = handlers.copy_handler();
+    let cancel = handlers.cancel_handler();
+    let deadline = tokio::time::sleep(login_deadline);
+    tokio::pin!(deadline);
+    loop {
+        let logging_in = matches!(
+            socket.state(),
+            PgWireConnectionState::AwaitingSslRequest
+                | PgWireConnectionState::AwaitingStartup
+                | PgWireConnectionState::AuthenticationInProgress
+        );
+        let next = if logging_in {
+            tokio::select! {
+                next = socket.next() => next,
+                _ = &mut deadline => {
+                    info!(%peer, "admin console connection did not log in within startup_timeout; closing");
+                    return Ok(());
+                }
+            }
+        } else {
+            socket.next().await
+        };
+        let message = match next {
+            None => return Ok(()),
+            Some(Ok(message)) => message,
+            Some(Err(PgWireError::IoError(e))) => {
+                if let Some(framing) = FramingError::from_io(&e) {
+                    info!(%peer, error = %framing, "admin console connection closed");
+                    let fatal = ErrorInfo::new(
+                        "FATAL".to_owned(),
+                        sqlstate::PROTOCOL_VIOLATION.to_owned(),
+                        format!("lockguard admin console: {framing}"),
+                    );
+                    socket
+                        .send(PgWireBackendMessage::ErrorResponse(fatal.into()))
+                        .await?;
+                }
+                return Err(PgWireError::IoError(e));
+            }
+            Some(Err(e)) => return Err(e),
+        };
+        match message {
+            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresSsl(_)) => {
+                socket
+                    .send(PgWireBackendMessage::SslResponse(SslResponse::Refuse))
+                    .await?;
+                continue;
+            }
+            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresGss(_)) => {
+                socket
+                    .send(PgWireBackendMessage::GssEncResponse(GssEncResponse::Refuse))
+                    .await?;
+                continue;
+            }
+            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None) => {
+                // The startup packet (or a cancel request) is next; it is still buffered.
+                socket.set_state(PgWireConnectionState::AwaitingStartup);
+                continue;
+            }
+            // The client is leaving; some wait for the server to close first.
+            PgWireFrontendMessage::Terminate(_) => return Ok(()),
+            _ => {}
+        }
+        let is_extended_query = match socket.state() {
+            PgWireConnectionState::CopyInProgress(extended) => extended,
+            _ => message.is_extended_query(),
+        };
+        let is_cancel_request = matches!(message, PgWireFrontendMessage::CancelRequest(_));
+        let processed = process_message(
+            message,
+            &mut socket,
+            Arc::clone(&handlers.startup),
+            Arc::clone(&handlers.queries),
+            Arc::clone(&handlers.queries),
+            Arc::clone(&copy),
+            Arc::clone(&cancel),
+        )
+        .await;
+        if let Err(e) = processed {
+            // A FATAL error ends the session, as in PostgreSQL.
+            let fatal = e.is_fatal();
+            process_error(&mut socket, e, is_extended_query).await?;
+            if fatal {
+                return Ok(());
+            }
+        }
+        if is_cancel_request {
+            return Ok(());
+        }
+    }
 }
 
 /// The pgwire handlers of the console.

@@ -8,6 +8,7 @@
 //! - [`config_view`]: the running configuration as key/value rows, secrets masked, and what
 //!   a RELOAD may change live;
 //! - [`auth`]: SCRAM-SHA-256 and MD5 password checks for the console;
+//! - [`framing`]: the length limits on what a console client sends;
 //! - [`metrics`]: the Prometheus text rendering;
 //! - [`probes`]: the readers' lock probes, shared and rate-limited per database.
 
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod commands;
 pub mod config_view;
 pub mod console;
+pub mod framing;
 pub mod http;
 pub mod metrics;
 pub mod probes;
