@@ -195,12 +195,16 @@ pub async fn pump<CR, CW, SR, SW>(
         );
         let events = session_events(record, ctx, &draining);
         tokio::pin!(client_to_server, server_to_client, events);
+        // Each part is polled only when its own waker fired: traffic in one direction does not
+        // poll the other direction's socket, nor the rare events.
+        let mut client_to_server = WakeGated::new(client_to_server);
+        let mut server_to_client = WakeGated::new(server_to_client);
         let mut events = WakeGated::new(events);
         let first = poll_fn(|cx| {
-            if let Poll::Ready(end) = client_to_server.as_mut().poll(cx) {
+            if let Poll::Ready(end) = client_to_server.poll(cx) {
                 return Poll::Ready(Ended::Client(end));
             }
-            if let Poll::Ready(end) = server_to_client.as_mut().poll(cx) {
+            if let Poll::Ready(end) = server_to_client.poll(cx) {
                 return Poll::Ready(Ended::Server(end));
             }
             events.poll(cx)
@@ -209,7 +213,8 @@ pub async fn pump<CR, CW, SR, SW>(
         match first {
             // The server refused our write; it usually said why first.
             Ended::Client(ClientEnd::ServerWriteFailed(e)) => {
-                match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, &mut server_to_client).await {
+                let last_words = poll_fn(|cx| server_to_client.poll(cx));
+                match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, last_words).await {
                     Ok(end) => Ended::Server(end),
                     Err(_) => Ended::Server(ServerEnd::ReadFailed(e)),
                 }
@@ -682,9 +687,8 @@ fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// Polls its future only after the future's own waker fired (or on the first poll), so a
-/// future that is expensive to poll and rarely ready costs nothing while the rest of the task
-/// is busy.
+/// Polls its future only after the future's own waker fired (or on the first poll), so a part
+/// of a task that has nothing to do costs nothing while another part is busy.
 struct WakeGated<F> {
     future: F,
     gate: Arc<Gate>,
