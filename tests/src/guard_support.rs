@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guard_core::{ClientInfo, Registration, Registry, SessionRecord, UpstreamIdentity};
 use lockguard_config::GuardConfig;
@@ -206,6 +206,47 @@ pub async fn wait_until_waiting(admin: &Client, pid: i32) {
         },
     )
     .await;
+}
+
+/// The login of the incident: its own direct connection updates row 1 of
+/// `app.user_sessions` and waits behind whoever holds that row.
+pub struct BlockedLogin {
+    pub pid: i32,
+    /// Resolves with the moment the UPDATE returned (panics if it failed).
+    pub done: tokio::task::JoinHandle<Instant>,
+}
+
+impl BlockedLogin {
+    /// Starts the login in `db` and returns once PostgreSQL shows it waiting for a lock
+    /// (read over `observer`).
+    pub async fn start(cluster: &TestCluster, db: &str, observer: &Client) -> BlockedLogin {
+        let login = connect(cluster, db).await;
+        let pid: i32 = login
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("the login's backend pid")
+            .get(0);
+        let done = tokio::spawn(async move {
+            login
+                .execute(
+                    "UPDATE app.user_sessions SET token = 'login' WHERE id = 1",
+                    &[],
+                )
+                .await
+                .expect("the login's update");
+            Instant::now()
+        });
+        wait_until_waiting(observer, pid).await;
+        BlockedLogin { pid, done }
+    }
+
+    /// Waits up to `limit` for the login to go through; returns when it did.
+    pub async fn proceeds(self, limit: Duration) -> Instant {
+        tokio::time::timeout(limit, self.done)
+            .await
+            .unwrap_or_else(|_| panic!("the login was still blocked after {limit:?}"))
+            .expect("the login task")
+    }
 }
 
 /// Polls `check` every 20 ms until it is true; panics naming `what` after `limit`.

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use guard_core::{AuditEvent, Outcome};
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::guard_support::{backend_alive, connect, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw::{self, Received};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const PROTECTED: &str = "app.user_sessions";
 
@@ -27,7 +28,7 @@ struct Scene {
 async fn scene(prefix: &str, configure: impl FnOnce(&mut GuardConfig)) -> Scene {
     let cluster = TestCluster::shared();
     let db = cluster.create_database(prefix).await;
-    let admin = direct(&db).await;
+    let admin = connect(TestCluster::shared(), &db).await;
     admin
         .batch_execute(
             "CREATE SCHEMA app;
@@ -51,17 +52,6 @@ async fn scene(prefix: &str, configure: impl FnOnce(&mut GuardConfig)) -> Scene 
     configure(&mut config.guard);
     let proxy = TestProxy::start_with(config).await;
     Scene { db, proxy, admin }
-}
-
-async fn direct(db: &str) -> Client {
-    let cluster = TestCluster::shared();
-    let (client, conn) = cluster
-        .pg_config(cluster.superuser(), None, db)
-        .connect(NoTls)
-        .await
-        .expect("direct connection");
-    tokio::spawn(conn);
-    client
 }
 
 /// An application session through the proxy on a raw socket, so the test can make it vanish
@@ -114,71 +104,16 @@ impl App {
     }
 }
 
-/// Starts a session that updates the locked row and waits until it is blocked on the lock.
+/// Starts the incident's login and waits until it is blocked on the lock.
 async fn blocked_waiter(scene: &Scene) -> (JoinHandle<Instant>, i32) {
-    let waiter = direct(&scene.db).await;
-    let pid: i32 = waiter
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let task = tokio::spawn(async move {
-        waiter
-            .execute(
-                "UPDATE app.user_sessions SET token = 'login' WHERE id = 1",
-                &[],
-            )
-            .await
-            .expect("the waiter's update");
-        Instant::now()
-    });
-    wait_for(
-        &scene.admin,
-        "the waiter to block",
-        Duration::from_secs(5),
-        || async {
-            scene
-                .admin
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-                    &[&pid],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .is_some()
-        },
-    )
-    .await;
-    (task, pid)
-}
-
-async fn wait_for<F, Fut>(_admin: &Client, what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn backend_alive(admin: &Client, pid: i32) -> bool {
-    admin
-        .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
-        .await
-        .expect("pg_stat_activity")
-        .is_some()
+    let login = BlockedLogin::start(TestCluster::shared(), &scene.db, &scene.admin).await;
+    (login.done, login.pid)
 }
 
 async fn wait_until_gone(admin: &Client, pid: i32, timeout: Duration) {
-    wait_for(
-        admin,
-        &format!("backend {pid} to exit"),
-        timeout,
-        || async { !backend_alive(admin, pid).await },
-    )
+    wait_for(timeout, &format!("backend {pid} to exit"), || async {
+        !backend_alive(admin, pid).await
+    })
     .await;
 }
 

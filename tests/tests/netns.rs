@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use guard_core::Outcome;
 use lockguard_tests::cluster::TestCluster;
-use lockguard_tests::guard_support::{self, backend_alive, wait_for, wait_until_waiting};
+use lockguard_tests::guard_support::{self, backend_alive, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw;
 use tokio::io::AsyncWriteExt;
@@ -230,23 +230,8 @@ async fn a_client_whose_link_goes_down_is_detected_by_keepalive_and_its_backend_
     }
 
     // A login waits behind the lock.
-    let waiter = guard_support::connect(cluster, &db).await;
-    let waiter_pid: i32 = waiter
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let waiting = tokio::spawn(async move {
-        waiter
-            .execute(
-                "UPDATE app.user_sessions SET token = 'login' WHERE id = 1",
-                &[],
-            )
-            .await
-            .expect("the waiter's update");
-        Instant::now()
-    });
-    wait_until_waiting(&admin, waiter_pid).await;
+    let login = BlockedLogin::start(cluster, &db, &admin).await;
+    let waiter_pid = login.pid;
     // The guard sees the lock (and has its connection to this database open).
     let facts = guard.probe(&db, &[app_pid]).await.expect("probe");
     assert!(
@@ -261,10 +246,7 @@ async fn a_client_whose_link_goes_down_is_detected_by_keepalive_and_its_backend_
     let window = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT;
     let limit = window.max(USER_TIMEOUT) + Duration::from_secs(1);
     // Wait well past the limit so a late kill is measured and reported, not just timed out.
-    let proceeded = tokio::time::timeout(limit * 3, waiting)
-        .await
-        .unwrap_or_else(|_| panic!("the waiter was still blocked {:?} after the cut", limit * 3))
-        .expect("waiter task");
+    let proceeded = login.proceeds(limit * 3).await;
     let took = proceeded.duration_since(cut);
     eprintln!("the waiter proceeded {took:?} after the client's link went down (limit {limit:?})");
     assert!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use guard_core::{HealthStatus, Outcome};
 use lockguard_tests::cluster::TestCluster;
-use lockguard_tests::guard_support::{self, backend_alive, wait_for, wait_until_waiting};
+use lockguard_tests::guard_support::{self, backend_alive, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use tokio_postgres::error::SqlState;
 
@@ -227,29 +227,14 @@ async fn a_server_restart_under_traffic_gives_errors_not_hangs_and_everything_re
         .await
         .expect("lock a protected row");
     let admin = guard_support::connect(&cluster, &db).await;
-    let waiter = guard_support::connect(&cluster, &db).await;
-    let waiter_pid: i32 = waiter
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let waiting = tokio::spawn(async move {
-        waiter
-            .execute("UPDATE app.user_sessions SET token = 'x' WHERE id = 1", &[])
-            .await
-    });
-    wait_until_waiting(&admin, waiter_pid).await;
+    let login = BlockedLogin::start(&cluster, &db, &admin).await;
     let record = proxy.session_of(app_pid).await;
     let event = guard
         .kill_session(&record, "restart test")
         .await
         .expect("the operator kill after the restart");
     assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
-    tokio::time::timeout(BOUND, waiting)
-        .await
-        .expect("the waiter proceeds after the kill")
-        .expect("waiter task")
-        .expect("the waiter's update");
+    login.proceeds(BOUND).await;
     assert!(!backend_alive(&admin, app_pid).await);
 
     stop.store(true, Ordering::SeqCst);
