@@ -197,23 +197,28 @@ pub async fn pump<CR, CW, SR, SW>(
         tokio::pin!(client_to_server, server_to_client, events);
         // Each part is polled only when its own waker fired: traffic in one direction does not
         // poll the other direction's socket, nor the rare events.
-        let mut client_to_server = WakeGated::new(client_to_server);
-        let mut server_to_client = WakeGated::new(server_to_client);
-        let mut events = WakeGated::new(events);
+        let parts = WakeGroup::new();
+        let mut client_to_server = parts.gate(client_to_server);
+        let mut server_to_client = parts.gate(server_to_client);
+        let mut events = parts.gate(events);
         let first = poll_fn(|cx| {
-            if let Poll::Ready(end) = client_to_server.poll(cx) {
+            parts.register(cx);
+            if let Poll::Ready(end) = client_to_server.poll_if_woken() {
                 return Poll::Ready(Ended::Client(end));
             }
-            if let Poll::Ready(end) = server_to_client.poll(cx) {
+            if let Poll::Ready(end) = server_to_client.poll_if_woken() {
                 return Poll::Ready(Ended::Server(end));
             }
-            events.poll(cx)
+            events.poll_if_woken()
         })
         .await;
         match first {
             // The server refused our write; it usually said why first.
             Ended::Client(ClientEnd::ServerWriteFailed(e)) => {
-                let last_words = poll_fn(|cx| server_to_client.poll(cx));
+                let last_words = poll_fn(|cx| {
+                    parts.register(cx);
+                    server_to_client.poll_if_woken()
+                });
                 match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, last_words).await {
                     Ok(end) => Ended::Server(end),
                     Err(_) => Ended::Server(ServerEnd::ReadFailed(e)),
@@ -296,7 +301,7 @@ pub async fn pump<CR, CW, SR, SW>(
 }
 
 /// Waits for what ends a session from outside its traffic: a kill, the startup deadline, the
-/// proxy's shutdown. Polled only when one of them wakes it (see [`WakeGated`]), because polling
+/// proxy's shutdown. Polled only when one of them wakes it (see [`WakeGroup`]), because polling
 /// tokio's `Notify` or a `CancellationToken` takes a lock each time.
 async fn session_events(
     record: &SessionRecord,
@@ -687,18 +692,25 @@ fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// Polls its future only after the future's own waker fired (or on the first poll), so a part
-/// of a task that has nothing to do costs nothing while another part is busy.
+/// The parts of one task (the pump's two directions and its rare events), each polled only
+/// after its own waker fired (or on the first poll), so a part with nothing to do costs nothing
+/// while another is busy. The task's waker is registered once per poll of the task, for all
+/// parts.
+struct WakeGroup {
+    task: Arc<AtomicWaker>,
+}
+
+/// One part of a [`WakeGroup`].
 struct WakeGated<F> {
     future: F,
     gate: Arc<Gate>,
     waker: Waker,
 }
 
-/// The wake-up flag of a [`WakeGated`] future, and the task to wake with it.
+/// The wake-up flag of a [`WakeGated`] part, and the task to wake with it.
 struct Gate {
     woken: AtomicBool,
-    task: AtomicWaker,
+    task: Arc<AtomicWaker>,
 }
 
 impl Wake for Gate {
@@ -712,13 +724,19 @@ impl Wake for Gate {
     }
 }
 
-impl<F: Future + Unpin> WakeGated<F> {
-    fn new(future: F) -> Self {
+impl WakeGroup {
+    fn new() -> Self {
+        WakeGroup {
+            task: Arc::new(AtomicWaker::new()),
+        }
+    }
+
+    fn gate<F: Future + Unpin>(&self, future: F) -> WakeGated<F> {
         let gate = Arc::new(Gate {
             woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
+            task: Arc::clone(&self.task),
         });
-        let waker = Waker::from(gate.clone());
+        let waker = Waker::from(Arc::clone(&gate));
         WakeGated {
             future,
             gate,
@@ -726,8 +744,17 @@ impl<F: Future + Unpin> WakeGated<F> {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.gate.task.register(cx.waker());
+    /// To be called at the start of every poll of the task, before its parts are polled: a
+    /// part woken from then on wakes the task again.
+    fn register(&self, cx: &Context<'_>) {
+        self.task.register(cx.waker());
+    }
+}
+
+impl<F: Future + Unpin> WakeGated<F> {
+    /// Polls the part if its waker fired since its last poll. The group must have been
+    /// registered in this poll of the task.
+    fn poll_if_woken(&mut self) -> Poll<F::Output> {
         if !self.gate.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
