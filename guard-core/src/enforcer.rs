@@ -17,7 +17,8 @@ SELECT pg_catalog.pg_terminate_backend(a.pid)
 FROM pg_catalog.pg_stat_activity a
 WHERE a.pid = $1::int4 AND a.client_port = $2::int4
   AND ($3::text IS NULL OR a.state = $3::text)
-  AND ($4::timestamptz IS NULL OR a.state_change = $4::timestamptz)";
+  AND ($4::timestamptz IS NULL OR a.state_change = $4::timestamptz)
+  AND ($5::timestamptz IS NULL OR a.backend_start = $5::timestamptz)";
 
 /// Kill a unix-socket backend (`client_port = -1`) only if it started inside the window
 /// around our session's start.
@@ -27,7 +28,8 @@ FROM pg_catalog.pg_stat_activity a
 WHERE a.pid = $1::int4 AND a.client_port = -1
   AND a.backend_start BETWEEN $2::timestamptz AND $3::timestamptz
   AND ($4::text IS NULL OR a.state = $4::text)
-  AND ($5::timestamptz IS NULL OR a.state_change = $5::timestamptz)";
+  AND ($5::timestamptz IS NULL OR a.state_change = $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR a.backend_start = $6::timestamptz)";
 
 /// What a pid is now, to explain a kill that matched no row.
 pub(crate) const LOOKUP_SQL: &str = "\
@@ -141,12 +143,19 @@ impl KillOutcome {
 /// given, in the `required` state per `pg_stat_activity`). Identity and kill are one
 /// statement; a second read happens only when nothing was killed, to say why.
 ///
+/// `probed_start` is the `backend_start` the guard's probe saw for this pid, when there was a
+/// probe: the kill then hits only that very backend process. Between the probe and the kill
+/// our backend may die (an operator, a server timeout) and its pid and, once our socket is
+/// closed, its client port be handed to a new connection; that one started later. Both
+/// values come from the server's clock, so no clock skew is involved.
+///
 /// After a successful signal, waits up to a second for the backend to exit so its locks are
 /// gone when this returns.
 pub async fn terminate_verified(
     conn: &GuardConnection,
     pid: i32,
     identity: &Identity,
+    probed_start: Option<SystemTime>,
     required: Option<RequiredState<'_>>,
 ) -> Result<KillOutcome, tokio_postgres::Error> {
     let client = conn.client();
@@ -157,7 +166,13 @@ pub async fn terminate_verified(
             client
                 .query(
                     &conn.kill_by_port,
-                    &[&pid, &i32::from(port), &required_state, &required_since],
+                    &[
+                        &pid,
+                        &i32::from(port),
+                        &required_state,
+                        &required_since,
+                        &probed_start,
+                    ],
                 )
                 .await?
         }
@@ -165,7 +180,14 @@ pub async fn terminate_verified(
             client
                 .query(
                     &conn.kill_by_start,
-                    &[&pid, &earliest, &latest, &required_state, &required_since],
+                    &[
+                        &pid,
+                        &earliest,
+                        &latest,
+                        &required_state,
+                        &required_since,
+                        &probed_start,
+                    ],
                 )
                 .await?
         }
@@ -187,7 +209,9 @@ pub async fn terminate_verified(
     let backend_start: Option<SystemTime> = row.try_get(1)?;
     let state: Option<String> = row.try_get(2)?;
     let state_change: Option<SystemTime> = row.try_get(3)?;
-    if !identity.matches(client_port, backend_start) {
+    if !identity.matches(client_port, backend_start)
+        || probed_start.is_some() && backend_start != probed_start
+    {
         return Ok(KillOutcome::IdentityMismatch);
     }
     if required_state.is_some() && state.as_deref() != required_state

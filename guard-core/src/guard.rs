@@ -562,19 +562,20 @@ impl Guard {
             .await
     }
 
-    /// Terminates `pid` in `database` if it matches `identity` (and the `required` state), over
-    /// the guard's connection. The building block of every kill; public so the identity check
-    /// can be exercised directly.
+    /// Terminates `pid` in `database` if it matches `identity` (and, if given, the probed
+    /// `backend_start` and the `required` state), over the guard's connection. The building
+    /// block of every kill; public so the identity check can be exercised directly.
     pub async fn terminate_verified(
         &self,
         database: &str,
         pid: i32,
         identity: &Identity,
+        probed_start: Option<SystemTime>,
         required: Option<RequiredState<'_>>,
     ) -> Result<KillOutcome, GuardError> {
         self.connections
             .run(database, QUERY_DEADLINE, |conn| async move {
-                enforcer::terminate_verified(&conn, pid, identity, required).await
+                enforcer::terminate_verified(&conn, pid, identity, probed_start, required).await
             })
             .await
     }
@@ -634,7 +635,13 @@ impl Guard {
                 // Bounded: while the claim is held the session's output is held back.
                 let killed = tokio::time::timeout(
                     KILL_DEADLINE,
-                    self.terminate_verified(&session.client.database, pid, &identity, required),
+                    self.terminate_verified(
+                        &session.client.database,
+                        pid,
+                        &identity,
+                        facts.and_then(|f| f.backend_start),
+                        required,
+                    ),
                 )
                 .await;
                 let (outcome, error) = match killed {

@@ -156,7 +156,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let port = a.local_addr.expect("tcp").port();
     let stale = Identity::ClientPort(if port == u16::MAX { port - 1 } else { port + 1 });
 
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None)
+    let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
         .await
         .unwrap();
     assert_eq!(outcome, KillOutcome::IdentityMismatch);
@@ -172,7 +172,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let (guard, _) = build_guard(&guard_config(cluster, PROTECTED));
     assert_eq!(
         guard
-            .terminate_verified(&db, a.pid, &stale, None)
+            .terminate_verified(&db, a.pid, &stale, None, None)
             .await
             .unwrap(),
         KillOutcome::IdentityMismatch
@@ -185,6 +185,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         &conn,
         a.pid,
         &right,
+        None,
         Some(RequiredState::state("idle in transaction (aborted)")),
     )
     .await
@@ -209,7 +210,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         state: "idle in transaction",
         since: probed,
     };
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, Some(since_old))
+    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, None, Some(since_old))
         .await
         .unwrap();
     assert_eq!(
@@ -219,15 +220,28 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         }
     );
     assert!(backend_alive(&admin, a.pid).await);
-    let current = guard.probe(&db, &[a.pid]).await.unwrap()[&a.pid].state_change;
+    let probe = guard.probe(&db, &[a.pid]).await.unwrap()[&a.pid].clone();
     let since_now = RequiredState {
         state: "idle in transaction",
-        since: current,
+        since: probe.state_change,
     };
 
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, Some(since_now))
+    // Same pid, same port, but not the backend process the probe saw (one that reused the
+    // pid and port after ours died would have started later): not signalled.
+    let probed_start = probe
+        .backend_start
+        .expect("the guard role sees backend_start");
+    let later = Some(probed_start + Duration::from_micros(1));
+    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, later, Some(since_now))
         .await
         .unwrap();
+    assert_eq!(outcome, KillOutcome::IdentityMismatch);
+    assert!(backend_alive(&admin, a.pid).await);
+
+    let outcome =
+        enforcer::terminate_verified(&conn, a.pid, &right, Some(probed_start), Some(since_now))
+            .await
+            .unwrap();
     assert_eq!(outcome, KillOutcome::Terminated);
     // terminate_verified waits for the backend to exit.
     assert!(!backend_alive(&admin, a.pid).await);
@@ -235,13 +249,13 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
 
     // Killing it again finds nothing; so does a pid that never existed.
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &right, None)
+        enforcer::terminate_verified(&conn, a.pid, &right, None, None)
             .await
             .unwrap(),
         KillOutcome::AlreadyGone
     );
     assert_eq!(
-        enforcer::terminate_verified(&conn, 0x3fff_fff0, &right, None)
+        enforcer::terminate_verified(&conn, 0x3fff_fff0, &right, None, None)
             .await
             .unwrap(),
         KillOutcome::AlreadyGone
@@ -269,7 +283,7 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
         latest: long_ago,
     };
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &stale, None)
+        enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
             .await
             .unwrap(),
         KillOutcome::IdentityMismatch
@@ -278,7 +292,7 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
 
     // A TCP identity never matches a unix-socket backend (client_port is -1).
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &Identity::ClientPort(5432), None)
+        enforcer::terminate_verified(&conn, a.pid, &Identity::ClientPort(5432), None, None)
             .await
             .unwrap(),
         KillOutcome::IdentityMismatch
@@ -286,7 +300,7 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
 
     let ours = Identity::of(record);
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &ours, None)
+        enforcer::terminate_verified(&conn, a.pid, &ours, None, None)
             .await
             .unwrap(),
         KillOutcome::Terminated
