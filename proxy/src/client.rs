@@ -30,7 +30,11 @@ pub(crate) async fn serve(
     slot: Option<OwnedSemaphorePermit>,
 ) {
     let startup_deadline = Instant::now() + shared.proxy.startup_timeout;
-    let negotiated = tokio::time::timeout_at(startup_deadline, negotiate(tcp, addr, &shared)).await;
+    // The startup phase's futures (TLS handshakes, the upstream connect, the authentication
+    // relay) are boxed: inline, their several KB of state would stay in every session's task
+    // for its whole life, though only the pump's state is needed after startup.
+    let negotiated =
+        tokio::time::timeout_at(startup_deadline, Box::pin(negotiate(tcp, addr, &shared))).await;
     let (mut stream, first) = match negotiated {
         Ok(Some(negotiated)) => negotiated,
         Ok(None) => return,
@@ -41,7 +45,7 @@ pub(crate) async fn serve(
         }
     };
     match first {
-        FirstPacket::Cancel(packet) => forward_cancel(&packet, &shared).await,
+        FirstPacket::Cancel(packet) => Box::pin(forward_cancel(&packet, &shared)).await,
         // Only returned by `read_first_packet` when TLS is offered, which `negotiate` handles.
         FirstPacket::TlsRequested => {}
         FirstPacket::Startup(_) if slot.is_none() => {
@@ -132,11 +136,11 @@ async fn run_session(
     shared: &Shared,
 ) {
     let upstream_tls = shared.tls.upstream();
-    let connected = upstream::connect(
+    let connected = Box::pin(upstream::connect(
         &shared.proxy.upstream,
         upstream_tls.as_ref(),
         shared.proxy.connect_timeout,
-    )
+    ))
     .await;
     let mut upstream = match connected {
         Ok(upstream) => upstream,
@@ -192,9 +196,11 @@ async fn run_session(
         if upstream.is_tls() {
             let relayed = tokio::time::timeout_at(
                 startup_deadline,
-                auth::relay_authentication(&mut client, &mut upstream, || {
-                    scram_secret(shared.guard.as_ref(), &record.client.user)
-                }),
+                Box::pin(auth::relay_authentication(
+                    &mut client,
+                    &mut upstream,
+                    || scram_secret(shared.guard.as_ref(), &record.client.user),
+                )),
             )
             .await;
             match relayed {
