@@ -1018,12 +1018,12 @@ async fn reload_re_reads_tls_certificates() {
     before.exec("SELECT 2").await;
 }
 
-/// A flood of anonymous readers (no API token) shares the guard's probes: 200 concurrent
-/// `GET /api/clients` all answer with the session's probed facts, yet cost at most one probe
-/// per 250 ms of the flood (plus the first), not one probe each.
+/// A flood of anonymous readers (no API token) shares the guard's probes: as many concurrent
+/// `GET /api/clients` as the endpoint serves at once all answer with the session's probed
+/// facts, yet cost at most one probe per 250 ms of the flood (plus the first), not one each.
 #[tokio::test]
 async fn a_flood_of_api_readers_shares_a_few_probes() {
-    const READERS: usize = 200;
+    const READERS: usize = lockguard::admin::http::MAX_HTTP_CONNECTIONS;
     lockguard_tests::resources::raise_open_files_limit(4096).expect("open-files limit");
     let db = database("admin_flood").await;
     let mut config = admin_config(&[]);
@@ -1181,6 +1181,43 @@ async fn the_console_refuses_connections_over_its_cap() {
         }
     };
     assert_eq!(rows(&ops, "SHOW VERSION").await.len(), 1);
+}
+
+/// The HTTP endpoint serves at most `MAX_HTTP_CONNECTIONS` connections; the next gets a 503
+/// that says why. A connection that sends no request head within `proxy.startup_timeout` is
+/// closed, which frees its slot; one that sent its request half-way is closed too.
+#[tokio::test]
+async fn the_http_endpoint_caps_connections_and_closes_silent_ones() {
+    use lockguard::admin::http::MAX_HTTP_CONNECTIONS;
+    let mut config = admin_config(&[]);
+    config.proxy.startup_timeout = Duration::from_secs(1);
+    let running = start(config, None).await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_HTTP_CONNECTIONS {
+        held.push(TcpStream::connect(running.http).await.expect("connect"));
+    }
+    held[0]
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: lock")
+        .await
+        .expect("half a request");
+    let (status, headers, body) = http(running.http, "GET", "/healthz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers.get("retry-after").map(String::as_str), Some("1"));
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too many admin HTTP connections")),
+        "{body}"
+    );
+
+    for (i, silent) in held.iter_mut().enumerate() {
+        assert!(
+            raw::closed_within(silent, WAIT).await,
+            "connection {i} kept open without a request"
+        );
+    }
+    let (status, _, body) = http(running.http, "GET", "/healthz", None).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 /// A console connection gets `proxy.startup_timeout` to log in, silent or half-way through

@@ -34,30 +34,21 @@ use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::response::{GssEncResponse, SslResponse};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
 use pgwire::tokio::server::{process_error, process_message, PgWireMessageServerCodec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::accept::{serve_connections, Admission};
 use super::auth::{Expected, Md5Mechanism, ScramMechanism};
 use super::commands::{AdminError, Column, ColumnType, Command, Table, Value};
 use super::framing::{FramingError, LimitedFraming};
 use super::{Admin, Login};
-use crate::protocol::{self, sqlstate, MAX_STARTUP_PACKET};
+use crate::protocol::{self, sqlstate};
 
 /// Most console connections served at once; more are refused with 53300. Operators need a
 /// handful; the bound keeps unauthenticated connections from piling up.
 pub const MAX_CONSOLE_CONNECTIONS: usize = 64;
-
-/// Refusals (53300) under way at once; past that an extra connection is just closed.
-const MAX_REFUSALS: usize = 16;
-
-/// How long a refusal waits for the client's first packet, so that closing does not reset
-/// the connection before the client has read why.
-const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// The socket pgwire speaks over: the client's bytes checked against the console's length
 /// limits ([`LimitedFraming`]).
@@ -66,37 +57,22 @@ type ConsoleSocket = Framed<LimitedFraming<TcpStream>, PgWireMessageServerCodec<
 /// Accepts console connections until `stop` is cancelled, then closes the open ones.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
     let handlers = Arc::new(Handlers::new(Arc::clone(&admin)));
-    let slots = Arc::new(Semaphore::new(MAX_CONSOLE_CONNECTIONS));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-    let connections = TaskTracker::new();
-    loop {
-        let (socket, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "admin console accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
-        };
-        let _ = socket.set_nodelay(true);
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            debug!(%peer, limit = MAX_CONSOLE_CONNECTIONS, "admin console connection refused: too many");
-            if let Ok(refusing) = Arc::clone(&refusals).try_acquire_owned() {
-                connections.spawn(async move {
-                    refuse(socket).await;
-                    drop(refusing);
-                });
-            }
-            continue;
-        };
+    let message = format!(
+        "lockguard: too many admin console connections (at most {MAX_CONSOLE_CONNECTIONS})"
+    );
+    let admission = Admission {
+        name: "admin console",
+        limit: MAX_CONSOLE_CONNECTIONS,
+        // 53300, as PostgreSQL's "too many clients".
+        refusal: protocol::fatal_error(sqlstate::TOO_MANY_CONNECTIONS, &message).to_vec(),
+    };
+    let stopping = stop.clone();
+    serve_connections(listener, admission, stop, move |socket, peer| {
         // Like the proxy's clients: this long to get through startup and authentication.
         let login_deadline = admin.config().proxy.startup_timeout;
         let handlers = Arc::clone(&handlers);
-        let stop = stop.clone();
-        connections.spawn(async move {
+        let stop = stopping.clone();
+        async move {
             debug!(%peer, "admin console connection");
             tokio::select! {
                 served = serve_connection(socket, peer, &handlers, login_deadline) => {
@@ -106,34 +82,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 }
                 _ = stop.cancelled() => {}
             }
-            drop(slot);
-        });
-    }
-    connections.close();
-    connections.wait().await;
-}
-
-/// Tells a connection over [`MAX_CONSOLE_CONNECTIONS`] why it is closed (53300, as
-/// PostgreSQL's "too many clients"), then closes it.
-async fn refuse(mut socket: TcpStream) {
-    let message = format!(
-        "lockguard: too many admin console connections (at most {MAX_CONSOLE_CONNECTIONS})"
-    );
-    let refusal = protocol::fatal_error(sqlstate::TOO_MANY_CONNECTIONS, &message);
-    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-        socket.write_all(&refusal).await?;
-        socket.shutdown().await?;
-        // Read what the client sends until it hangs up: closing with its bytes unread
-        // would reset the connection, and the client could lose the error.
-        let mut sink = [0u8; 1024];
-        let mut drained = 0;
-        while drained < MAX_STARTUP_PACKET {
-            match socket.read(&mut sink).await? {
-                0 => break,
-                n => drained += n,
-            }
         }
-        Ok::<_, std::io::Error>(())
     })
     .await;
 }

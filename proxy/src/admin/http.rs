@@ -9,20 +9,28 @@
 //!
 //! With `admin.api_token` set, every `/api/` request needs `Authorization: Bearer <token>`
 //! (401 without one, 403 with a wrong one). Without a token the API is read-only: kill is 403.
+//!
+//! At most [`MAX_HTTP_CONNECTIONS`] connections are served at once (the next gets 503), and a
+//! connection has `proxy.startup_timeout` to send each request's head.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::accept::{serve_connections, Admission};
 use super::commands::{AdminError, Command, KillResult, KillTarget};
 use super::{metrics, Admin, Login};
 use crate::scram::constant_time_eq;
@@ -47,6 +55,13 @@ pub fn anonymous_reads_exposed(listen: SocketAddr, has_token: bool) -> bool {
     !has_token && !listen.ip().is_loopback()
 }
 
+/// HTTP connections served at once; the next one gets 503 and is closed. Scrapers and probes
+/// need a few; the bound keeps a flood of connections from piling up.
+pub const MAX_HTTP_CONNECTIONS: usize = 64;
+
+/// How long requests under way may take to finish once shutdown began.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
     if let Ok(listen) = listener.local_addr() {
@@ -59,12 +74,53 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
             );
         }
     }
-    let served = axum::serve(listener, router(admin))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        warn!(error = %e, "admin HTTP endpoint stopped with an error");
-    }
+    let admission = Admission {
+        name: "admin HTTP",
+        limit: MAX_HTTP_CONNECTIONS,
+        refusal: too_many_connections(),
+    };
+    let app = router(Arc::clone(&admin));
+    let stopping = stop.clone();
+    serve_connections(listener, admission, stop, move |socket, peer| {
+        // Like the proxy's clients: this long to send a request's head. The timer also runs
+        // while a kept-alive connection waits for its next request, so idle ones are closed.
+        let header_timeout = admin.config().proxy.startup_timeout;
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stopping.clone();
+        async move {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = builder.serve_connection(TokioIo::new(socket), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(SHUTDOWN_GRACE, connection).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = served {
+                debug!(%peer, error = %e, "admin HTTP connection ended with an error");
+            }
+        }
+    })
+    .await;
+}
+
+/// The complete answer to a connection over [`MAX_HTTP_CONNECTIONS`].
+fn too_many_connections() -> Vec<u8> {
+    let body = json!({
+        "error": format!("lockguard: too many admin HTTP connections (at most {MAX_HTTP_CONNECTIONS})")
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 async fn get_metrics(State(admin): Shared) -> Response {

@@ -3,6 +3,7 @@
 //! their protocol and call the one command layer, [`Admin`] ([`commands`]), so every answer
 //! and every action exists once.
 //!
+//! - [`accept`]: how many connections each front end serves at once, and the turn-away;
 //! - [`commands`]: the commands, their result tables and the actions (kill, ...);
 //! - [`reload`]: RELOAD and SIGHUP;
 //! - [`config_view`]: the running configuration as key/value rows, secrets masked, and what
@@ -12,6 +13,7 @@
 //! - [`metrics`]: the Prometheus text rendering;
 //! - [`probes`]: the readers' lock probes, shared and rate-limited per database.
 
+pub mod accept;
 pub mod auth;
 pub mod commands;
 pub mod config_view;
