@@ -883,6 +883,54 @@ async fn readyz_reports_the_guard_connection() {
     assert!(json(&body)["upstream_error"].is_string(), "{body}");
 }
 
+/// Readiness checks connect to the upstream (a backend fork each on a real server), so they
+/// are shared: however many probes arrive, one check at a time and at most one a second.
+#[tokio::test]
+async fn readyz_connects_upstream_at_most_once_a_second() {
+    use lockguard::admin::commands::READINESS_REUSE;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The readiness check only opens a TCP connection, so a listener that counts them stands
+    // in for the upstream here.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = upstream.local_addr().expect("address").port();
+    let connects = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&connects);
+    tokio::spawn(async move {
+        while upstream.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut config = admin_config(&[]);
+    config.proxy.upstream = lockguard_config::Upstream::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let running = start(config, None).await;
+    let settled = || async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        connects.load(Ordering::SeqCst)
+    };
+
+    let answers =
+        futures_util::future::join_all((0..20).map(|_| http(running.http, "GET", "/readyz", None)))
+            .await;
+    for (status, _, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+    }
+    assert_eq!(settled().await, 1, "20 concurrent probes, one check");
+
+    tokio::time::sleep(READINESS_REUSE).await;
+    let (status, _, body) = http(running.http, "GET", "/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        settled().await,
+        2,
+        "a probe after the reuse interval checks again"
+    );
+}
+
 /// Acceptance 5: the real psql runs SHOW CLIENTS against the console.
 #[tokio::test]
 async fn psql_runs_show_clients() {

@@ -508,6 +508,9 @@ impl ConfigChange {
     }
 }
 
+/// How long a readiness answer is reused (counted from the start of its check).
+pub const READINESS_REUSE: Duration = Duration::from_secs(1);
+
 /// Whether the proxy can serve: upstream reachable, guard connected (when configured).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Readiness {
@@ -603,8 +606,23 @@ impl Admin {
     }
 
     /// Upstream reachable (a TCP or unix-socket connect) and, with a guard, its connection
-    /// to the dsn's database working.
+    /// to the dsn's database working. One check at a time, and its answer is reused for
+    /// [`READINESS_REUSE`]: every upstream connect forks a PostgreSQL backend, and frequent
+    /// probes (or a flood of them) should not cost one each.
     pub async fn readiness(&self) -> Readiness {
+        let mut last = self.last_readiness.lock().await;
+        if let Some((started, readiness)) = last.as_ref() {
+            if started.elapsed() < READINESS_REUSE {
+                return readiness.clone();
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let readiness = self.check_readiness().await;
+        *last = Some((started, readiness.clone()));
+        readiness
+    }
+
+    async fn check_readiness(&self) -> Readiness {
         let config = self.config();
         let upstream =
             crate::upstream::connect(&config.proxy.upstream, None, config.proxy.connect_timeout);

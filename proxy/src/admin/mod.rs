@@ -162,6 +162,8 @@ pub struct Admin {
     reload_lock: tokio::sync::Mutex<()>,
     /// The readers' probes, shared so that a flood of them cannot crowd out the guard.
     probes: probes::ProbeGates,
+    /// The last readiness check and when it started; see [`Admin::readiness`].
+    last_readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, commands::Readiness)>>,
 }
 
 impl Admin {
@@ -187,6 +189,7 @@ impl Admin {
             log_reloader: std::sync::Mutex::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
             probes: probes::ProbeGates::default(),
+            last_readiness: tokio::sync::Mutex::new(None),
         })
     }
 
