@@ -834,6 +834,67 @@ async fn reload_makes_the_guard_protect_a_new_table_without_reconnecting() {
     assert!(events[0]["locks"].contains("app.scratch"), "{events:?}");
 }
 
+/// RELOAD applies to console users already logged in: a demoted admin may only SHOW from the
+/// next command on, and a removed user's session ends with FATAL 28000.
+#[tokio::test]
+async fn reload_demotes_and_removes_logged_in_console_users() {
+    let file = tempfile::NamedTempFile::new().expect("temp config file");
+    let write_config = |watcher: Option<&str>| {
+        let extra = watcher
+            .map(|role| {
+                format!(
+                    "[[admin.users]]\nname = \"{}\"\npassword = \"{}\"\nrole = \"{role}\"\n",
+                    WATCHER.0, WATCHER.1
+                )
+            })
+            .unwrap_or_default();
+        std::fs::write(file.path(), config_text("\"app.user_sessions\"", &extra))
+            .expect("write config");
+    };
+    write_config(Some("admin"));
+    let running = start_from_file(file.path()).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let watcher = console(&running, WATCHER).await.expect("watcher logs in");
+    rows(&watcher, "SET dry_run = off").await;
+
+    write_config(Some("monitor"));
+    rows(&ops, "RELOAD").await;
+    let e = watcher
+        .simple_query("SET dry_run = off")
+        .await
+        .expect_err("a monitor may not change settings");
+    assert_eq!(
+        code_of(&e),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{e:?}"
+    );
+    assert_eq!(rows(&watcher, "SHOW VERSION").await.len(), 1);
+
+    write_config(None);
+    rows(&ops, "RELOAD").await;
+    let e = watcher
+        .simple_query("SHOW VERSION")
+        .await
+        .expect_err("a removed user's session ends");
+    assert_eq!(
+        code_of(&e),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{e:?}"
+    );
+    let message = e.as_db_error().map(|db| db.message()).unwrap_or_default();
+    assert!(message.contains("no longer configured"), "{e:?}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !watcher.is_closed() {
+        assert!(tokio::time::Instant::now() < deadline, "session kept open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        console(&running, WATCHER).await.is_err(),
+        "login refused too"
+    );
+    assert_eq!(rows(&ops, "SHOW VERSION").await.len(), 1);
+}
+
 /// Acceptance 4 (readiness): 503 with a JSON reason while the guard connection cannot be made,
 /// 200 when it can; /healthz answers either way.
 #[tokio::test]

@@ -430,13 +430,35 @@ fn query_response(table: Table, format: &Format) -> PgWireResult<QueryResponse> 
 }
 
 impl Queries {
+    /// The connection's login as the configuration in force sees it: a RELOAD that changed a
+    /// user's role applies from their next command, and one that removed the user ends the
+    /// session (FATAL 28000), as it would refuse their next login.
+    fn login_in_force(&self, login: &Login) -> PgWireResult<Login> {
+        if let Some((_, current)) = self.admin.credentials().user(&login.user) {
+            return Ok(current);
+        }
+        if self.admin.config().admin.trust_loopback {
+            // An unlisted name is a trusted loopback login; it could log in again right now.
+            return Ok(login.clone());
+        }
+        info!(user = %login.user, "admin console user no longer configured; closing the session");
+        Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+            "FATAL".to_owned(),
+            sqlstate::INVALID_AUTHORIZATION.to_owned(),
+            format!(
+                "lockguard: admin console user \"{}\" is no longer configured",
+                login.user
+            ),
+        ))))
+    }
+
     async fn run<C: ClientInfo>(
         &self,
         client: &C,
         command: &Command,
         format: &Format,
     ) -> PgWireResult<Response> {
-        let login = login_of(client)?;
+        let login = self.login_in_force(&*login_of(client)?)?;
         let table = self
             .admin
             .execute(command, &login)
