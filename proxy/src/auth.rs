@@ -65,6 +65,8 @@ pub enum AuthError {
     TooLong(&'static str, usize),
     #[error("the server broke off SCRAM: {0}")]
     ServerScram(String),
+    #[error("client and server both sent a message during the GSSAPI exchange")]
+    Interleaved,
 }
 
 /// Looks up the stored SCRAM secret of the connecting user; the error says why there is none.
@@ -93,8 +95,12 @@ where
     L: SecretLookup,
 {
     let mut secret = Some(secret);
+    let mut next_from_server = None;
     loop {
-        let mut message = read_server(server).await?;
+        let mut message = match next_from_server.take() {
+            Some(message) => message,
+            None => read_server(server).await?,
+        };
         let tag = message[0];
         let code = (tag == AUTHENTICATION && message.len() >= 9)
             .then(|| u32::from_be_bytes([message[5], message[6], message[7], message[8]]));
@@ -108,13 +114,22 @@ where
         match (tag, code) {
             (ERROR_RESPONSE, _) => return Ok(AuthEnd::Refused),
             (_, Some(AUTH_OK)) => return Ok(AuthEnd::Authenticated),
+            (_, Some(AUTH_GSS_CONTINUE)) => {
+                // The server's last GSSAPI token may need no answer: the server then goes
+                // straight on to AuthenticationOk (or an error). Whichever side speaks first.
+                match next_speaker(client, server).await? {
+                    Spoke::Client(answer) => {
+                        server.write_all(&answer).await.map_err(AuthError::Server)?;
+                    }
+                    Spoke::Server(message) => next_from_server = Some(message),
+                }
+            }
             (
                 _,
                 Some(
                     AUTH_CLEARTEXT_PASSWORD
                     | AUTH_MD5_PASSWORD
                     | AUTH_GSS
-                    | AUTH_GSS_CONTINUE
                     | AUTH_SSPI
                     | AUTH_SASL
                     | AUTH_SASL_CONTINUE,
@@ -159,6 +174,30 @@ where
             _ => {}
         }
     }
+}
+
+/// Who sent the next message during a GSSAPI exchange.
+enum Spoke {
+    Client(Vec<u8>),
+    Server(Vec<u8>),
+}
+
+/// Waits for a whole message from either side. The other side must not have begun one: in a
+/// well-formed exchange only one side speaks at a time.
+async fn next_speaker<C, S>(client: &mut C, server: &mut S) -> Result<Spoke, AuthError>
+where
+    C: AsyncRead + Unpin,
+    S: AsyncRead + Unpin,
+{
+    let (mut from_client, mut from_server) = (Vec::new(), Vec::new());
+    let spoke = tokio::select! {
+        answer = read_client_into(client, &mut from_client) => Spoke::Client(answer?),
+        message = read_server_into(server, &mut from_server) => Spoke::Server(message?),
+    };
+    if !from_client.is_empty() || !from_server.is_empty() {
+        return Err(AuthError::Interleaved);
+    }
+    Ok(spoke)
 }
 
 /// A SASLInitialResponse choosing SCRAM-SHA-256 with gs2 flag `y`: its client-first data.
@@ -332,17 +371,35 @@ fn patch_length(message: &mut [u8]) {
 }
 
 async fn read_server<S: AsyncRead + Unpin>(server: &mut S) -> Result<Vec<u8>, AuthError> {
-    read_message(server).await.map_err(|e| match e {
-        ReadError::Io(e) => AuthError::Server(e),
-        ReadError::TooLong(n) => AuthError::TooLong("the server", n),
-    })
+    read_server_into(server, &mut Vec::new()).await
 }
 
 async fn read_client<C: AsyncRead + Unpin>(client: &mut C) -> Result<Vec<u8>, AuthError> {
-    read_message(client).await.map_err(|e| match e {
-        ReadError::Io(e) => AuthError::Client(e),
-        ReadError::TooLong(n) => AuthError::TooLong("the client", n),
-    })
+    read_client_into(client, &mut Vec::new()).await
+}
+
+async fn read_server_into<S: AsyncRead + Unpin>(
+    server: &mut S,
+    partial: &mut Vec<u8>,
+) -> Result<Vec<u8>, AuthError> {
+    read_message_into(server, partial)
+        .await
+        .map_err(|e| match e {
+            ReadError::Io(e) => AuthError::Server(e),
+            ReadError::TooLong(n) => AuthError::TooLong("the server", n),
+        })
+}
+
+async fn read_client_into<C: AsyncRead + Unpin>(
+    client: &mut C,
+    partial: &mut Vec<u8>,
+) -> Result<Vec<u8>, AuthError> {
+    read_message_into(client, partial)
+        .await
+        .map_err(|e| match e {
+            ReadError::Io(e) => AuthError::Client(e),
+            ReadError::TooLong(n) => AuthError::TooLong("the client", n),
+        })
 }
 
 enum ReadError {
@@ -350,19 +407,38 @@ enum ReadError {
     TooLong(usize),
 }
 
-async fn read_message<R: AsyncRead + Unpin>(from: &mut R) -> Result<Vec<u8>, ReadError> {
-    let mut header = [0u8; 5];
-    from.read_exact(&mut header).await.map_err(ReadError::Io)?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=MAX_AUTH_MESSAGE).contains(&len) {
-        return Err(ReadError::TooLong(len));
+/// Reads one whole message. Cancel-safe: the bytes read so far are kept in `partial`, so a
+/// read dropped in a `select!` loses nothing. Never reads past the message's end — what
+/// follows AuthenticationOk (BackendKeyData above all) belongs to the pump.
+async fn read_message_into<R: AsyncRead + Unpin>(
+    from: &mut R,
+    partial: &mut Vec<u8>,
+) -> Result<Vec<u8>, ReadError> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        let total = match partial.get(1..5) {
+            Some(&[a, b, c, d]) => {
+                let len = u32::from_be_bytes([a, b, c, d]) as usize;
+                if !(4..=MAX_AUTH_MESSAGE).contains(&len) {
+                    return Err(ReadError::TooLong(len));
+                }
+                1 + len
+            }
+            _ => 5,
+        };
+        if partial.len() == total {
+            return Ok(std::mem::take(partial));
+        }
+        let wanted = (total - partial.len()).min(chunk.len());
+        let n = from
+            .read(&mut chunk[..wanted])
+            .await
+            .map_err(ReadError::Io)?;
+        if n == 0 {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        partial.extend_from_slice(&chunk[..n]);
     }
-    let mut message = vec![0u8; 1 + len];
-    message[..5].copy_from_slice(&header);
-    from.read_exact(&mut message[5..])
-        .await
-        .map_err(ReadError::Io)?;
-    Ok(message)
 }
 
 /// AuthenticationSASL with every `-PLUS` (channel binding) mechanism removed.
@@ -438,5 +514,74 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(relay.await.unwrap().unwrap(), AuthEnd::Authenticated);
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn auth(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(data);
+        msg(AUTHENTICATION, &body)
+    }
+
+    async fn expect<R: AsyncRead + Unpin>(from: &mut R, expected: &[u8]) {
+        let mut seen = vec![0u8; expected.len()];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            from.read_exact(&mut seen),
+        )
+        .await
+        .expect("relayed in time")
+        .unwrap();
+        assert_eq!(seen, expected);
+    }
+
+    /// GSSAPI's last server token (mutual authentication) gets no answer from the client: the
+    /// server goes straight on to AuthenticationOk, and the relay must not wait for the
+    /// client. What follows AuthenticationOk stays unread for the pump.
+    #[tokio::test]
+    async fn gssapi_exchange_ends_without_a_client_answer_to_the_last_token() {
+        let (mut client, mut client_side) = tokio::io::duplex(4096);
+        let (mut server, mut server_side) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move {
+            let no_secret = || async { Err::<ScramSecret, _>("not needed".to_owned()) };
+            let end = relay_authentication(&mut client_side, &mut server_side, no_secret).await;
+            (end, server_side)
+        });
+        server.write_all(&auth(AUTH_GSS, b"")).await.unwrap();
+        expect(&mut client, &auth(AUTH_GSS, b"")).await;
+        let first_token = msg(PASSWORD_MESSAGE, &[7u8; 3000]);
+        client.write_all(&first_token).await.unwrap();
+        expect(&mut server, &first_token).await;
+
+        // A token that needs an answer: the client's one is forwarded.
+        server
+            .write_all(&auth(AUTH_GSS_CONTINUE, b"more"))
+            .await
+            .unwrap();
+        expect(&mut client, &auth(AUTH_GSS_CONTINUE, b"more")).await;
+        let second_token = msg(PASSWORD_MESSAGE, b"second");
+        client.write_all(&second_token).await.unwrap();
+        expect(&mut server, &second_token).await;
+
+        // The last token, then AuthenticationOk and the session's first messages at once.
+        let key_data = msg(b'K', &[0, 0, 0, 42, 1, 2, 3, 4]);
+        let mut burst = auth(AUTH_GSS_CONTINUE, b"mutual");
+        burst.extend_from_slice(&auth(AUTH_OK, b""));
+        burst.extend_from_slice(&key_data);
+        server.write_all(&burst).await.unwrap();
+        expect(&mut client, &auth(AUTH_GSS_CONTINUE, b"mutual")).await;
+        expect(&mut client, &auth(AUTH_OK, b"")).await;
+        let (end, mut server_side) = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("the relay ends without a client answer")
+            .unwrap();
+        assert_eq!(end.unwrap(), AuthEnd::Authenticated);
+        expect(&mut server_side, &key_data).await;
     }
 }
