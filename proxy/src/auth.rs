@@ -382,29 +382,31 @@ async fn read_server_into<S: AsyncRead + Unpin>(
     server: &mut S,
     partial: &mut Vec<u8>,
 ) -> Result<Vec<u8>, AuthError> {
-    read_message_into(server, partial)
-        .await
-        .map_err(|e| match e {
-            ReadError::Io(e) => AuthError::Server(e),
-            ReadError::TooLong(n) => AuthError::TooLong("the server", n),
-        })
+    let read = read_message_into(server, partial).await;
+    read.map_err(|e| e.into_auth_error("the server", AuthError::Server))
 }
 
 async fn read_client_into<C: AsyncRead + Unpin>(
     client: &mut C,
     partial: &mut Vec<u8>,
 ) -> Result<Vec<u8>, AuthError> {
-    read_message_into(client, partial)
-        .await
-        .map_err(|e| match e {
-            ReadError::Io(e) => AuthError::Client(e),
-            ReadError::TooLong(n) => AuthError::TooLong("the client", n),
-        })
+    let read = read_message_into(client, partial).await;
+    read.map_err(|e| e.into_auth_error("the client", AuthError::Client))
 }
 
 enum ReadError {
     Io(io::Error),
     TooLong(usize),
+}
+
+impl ReadError {
+    /// The error as the side (`peer`, and its I/O error variant) it came from.
+    fn into_auth_error(self, peer: &'static str, io: fn(io::Error) -> AuthError) -> AuthError {
+        match self {
+            ReadError::Io(e) => io(e),
+            ReadError::TooLong(n) => AuthError::TooLong(peer, n),
+        }
+    }
 }
 
 /// Reads one whole message. Cancel-safe: the bytes read so far are kept in `partial`, so a
