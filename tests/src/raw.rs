@@ -70,34 +70,43 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     stream: &mut R,
     timeout: Duration,
 ) -> Option<Received> {
-    let read = async {
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await.ok()?;
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len.checked_sub(4)?];
-        stream.read_exact(&mut body).await.ok()?;
-        Some(Received {
-            tag: header[0],
-            body,
-        })
-    };
-    tokio::time::timeout(timeout, read).await.ok().flatten()
+    tokio::time::timeout(timeout, read_next(stream))
+        .await
+        .ok()
+        .flatten()
 }
 
-/// Reads messages until the connection closes (or `timeout` passes) and returns them.
+/// Reads one message; `None` on EOF or a reset.
+async fn read_next<R: AsyncRead + Unpin>(stream: &mut R) -> Option<Received> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await.ok()?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let mut body = vec![0u8; len.checked_sub(4)?];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(Received {
+        tag: header[0],
+        body,
+    })
+}
+
+/// Reads messages until the connection closes (EOF or a reset) and returns them. Panics if
+/// it is still open after `timeout`: callers use it to show that the peer closed it.
 pub async fn read_until_close<R: AsyncRead + Unpin>(
     stream: &mut R,
     timeout: Duration,
 ) -> Vec<Received> {
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut all = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match read_message(stream, left).await {
-            Some(m) => all.push(m),
-            None => return all,
+    let read_all = async {
+        while let Some(message) = read_next(stream).await {
+            all.push(message);
         }
-    }
+    };
+    let closed = tokio::time::timeout(timeout, read_all).await.is_ok();
+    assert!(
+        closed,
+        "connection still open after {timeout:?}; received: {all:?}"
+    );
+    all
 }
 
 /// True if the peer closed the connection within `timeout` (EOF or reset), discarding data.
