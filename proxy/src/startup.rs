@@ -1,9 +1,10 @@
 //! The first packets of a client connection, before the session pump takes over.
 //!
-//! A client opens with an untagged packet (`length: u32, code: u32, ...`): an SSLRequest or
-//! GSSENCRequest (answered 'N': plaintext only for now), a CancelRequest (forwarded as-is by the
-//! caller), or the StartupMessage, whose user / database / application_name the session records.
-//! Everything after the StartupMessage, authentication included, is pumped through untouched.
+//! A client opens with an untagged packet (`length: u32, code: u32, ...`): an SSLRequest
+//! (answered 'S' when lockguard has a certificate for clients, the TLS handshake then being the
+//! caller's, otherwise 'N'), a GSSENCRequest (always 'N'), a CancelRequest (forwarded as-is by
+//! the caller), or the StartupMessage, whose user / database / application_name the session
+//! records. After the StartupMessage, authentication is relayed (`auth.rs`) or pumped through.
 
 use std::io;
 
