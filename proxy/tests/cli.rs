@@ -41,6 +41,58 @@ fn check_config_prints_the_effective_configuration() {
     assert!(stdout.contains("max_clients = 10000"), "{stdout}");
 }
 
+/// Every setting flag replaces the file's value; `--protect` replaces the whole list.
+#[test]
+fn every_flag_overrides_the_file() {
+    let file = config_file(
+        "[proxy]\nlisten = \"127.0.0.1:7000\"\n[log]\nformat = \"text\"\n\
+         [guard]\nprotected_tables = [\"x.y\"]\nidle_in_transaction_timeout = \"30s\"\n\
+         failed_transaction_timeout = \"20s\"\n[admin]\nlisten = \"127.0.0.1:6433\"\n",
+    );
+    let out = lockguard()
+        .arg("check-config")
+        .arg(file.path())
+        .args(["--listen", "127.0.0.1:7001"])
+        .args(["--log-format", "json"])
+        .args(["--log-level", "info,lockguard=debug"])
+        .args(["--guard-dsn", "host=127.0.0.1 user=guard"])
+        .args(["--protect", "a.b", "--protect", "c.*"])
+        .args(["--idle-in-transaction-timeout", "5s"])
+        .args(["--failed-transaction-timeout", "0"])
+        .arg("--dry-run")
+        .args(["--admin-listen", "127.0.0.1:7433"])
+        .args(["--admin-http-listen", "127.0.0.1:7930"])
+        .output()
+        .expect("run lockguard");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "listen = \"127.0.0.1:7001\"",
+        "format = \"json\"",
+        "level = \"info,lockguard=debug\"",
+        "dsn = \"host=127.0.0.1 user=guard\"",
+        "protected_tables = [\n    \"a.b\",\n    \"c.*\",\n]",
+        "idle_in_transaction_timeout = \"5s\"",
+        "failed_transaction_timeout = \"0s\"",
+        "dry_run = true",
+        "listen = \"127.0.0.1:7433\"",
+        "http_listen = \"127.0.0.1:7930\"",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains("x.y"),
+        "--protect keeps the file's list:\n{stdout}"
+    );
+}
+
 #[test]
 fn check_config_rejects_an_unknown_key_naming_it_and_its_line() {
     let file = config_file("[proxy]\nlisten = \"127.0.0.1:7000\"\nlisten_backlog = 5\n");
