@@ -55,3 +55,69 @@ pub fn tune_tcp(stream: &TcpStream, liveness: &Liveness) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected loopback pair: (the connecting end, the accepted end).
+    async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Values no kernel default has, so reading them back proves they were set.
+    const LIVENESS: Liveness = Liveness {
+        keepalive_idle: Duration::from_secs(17),
+        keepalive_interval: Duration::from_secs(7),
+        keepalive_count: 5,
+        user_timeout: Duration::from_millis(23_000),
+    };
+
+    #[tokio::test]
+    async fn tune_tcp_sets_nodelay_keepalive_and_user_timeout() {
+        let (connected, accepted) = loopback_pair().await;
+        for stream in [&connected, &accepted] {
+            let socket = SockRef::from(stream);
+            assert!(!socket.nodelay().unwrap(), "Nagle is on by default");
+            assert!(!socket.keepalive().unwrap(), "keepalive is off by default");
+
+            tune_tcp(stream, &LIVENESS).unwrap();
+
+            assert!(socket.nodelay().unwrap());
+            assert!(socket.keepalive().unwrap());
+            assert_eq!(socket.keepalive_time().unwrap(), LIVENESS.keepalive_idle);
+            assert_eq!(
+                socket.keepalive_interval().unwrap(),
+                LIVENESS.keepalive_interval
+            );
+            assert_eq!(
+                socket.keepalive_retries().unwrap(),
+                LIVENESS.keepalive_count
+            );
+            #[cfg(target_os = "linux")]
+            assert_eq!(
+                socket.tcp_user_timeout().unwrap(),
+                Some(LIVENESS.user_timeout)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zero_user_timeout_leaves_the_kernel_default() {
+        let (stream, _peer) = loopback_pair().await;
+        let liveness = Liveness {
+            user_timeout: Duration::ZERO,
+            ..LIVENESS
+        };
+        tune_tcp(&stream, &liveness).unwrap();
+        let socket = SockRef::from(&stream);
+        assert!(socket.nodelay().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
+    }
+}
