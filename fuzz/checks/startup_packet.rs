@@ -1,0 +1,172 @@
+//! Fuzzes `lockguard::startup::read_first_packet`, the first code to see a client's bytes.
+//!
+//! Input: byte 0's low 7 bits pick how many bytes each socket read returns (1..=127; 0 = as
+//! many as asked) and its high bit whether lockguard offers TLS; the rest is what the client
+//! sends before closing. The stream never blocks, so the future
+//! must finish in a single poll. Besides "no panic, no hang", each outcome is checked:
+//! - a StartupMessage or CancelRequest is exactly the bytes that followed the answered
+//!   encryption requests, nothing more was read, and its length and code are legal;
+//! - a TLS request is returned only when TLS is offered, right after the SSLRequest;
+//! - the only bytes written back are at most two 'N' answers;
+//! - a rejection names a SQLSTATE lockguard uses and says it comes from lockguard;
+//! - an I/O error happens only when the client's bytes ran out.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use lockguard::protocol::{sqlstate, startup_code, MAX_STARTUP_PACKET, MIN_STARTUP_PACKET};
+use lockguard::startup::{read_first_packet, FirstPacket, StartupError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A client socket that hands out `input` `chunk` bytes at a time, then EOF, and records what
+/// the proxy writes back.
+struct ScriptedClient<'a> {
+    input: &'a [u8],
+    pos: usize,
+    chunk: usize,
+    written: Vec<u8>,
+}
+
+impl AsyncRead for ScriptedClient<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self
+            .chunk
+            .min(self.input.len() - self.pos)
+            .min(buf.remaining());
+        let start = self.pos;
+        buf.put_slice(&self.input[start..start + n]);
+        self.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ScriptedClient<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.written.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn be32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// The checks for one fuzz input.
+pub fn check(data: &[u8]) {
+    let Some((&control, input)) = data.split_first() else {
+        return;
+    };
+    let offer_tls = control & 0x80 != 0;
+    let chunk = usize::from(control & 0x7F);
+    let mut client = ScriptedClient {
+        input,
+        pos: 0,
+        chunk: if chunk == 0 { usize::MAX } else { chunk },
+        written: Vec::new(),
+    };
+    let outcome = {
+        let mut future = std::pin::pin!(read_first_packet(&mut client, offer_tls));
+        let mut cx = Context::from_waker(Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(outcome) => outcome,
+            Poll::Pending => panic!("read_first_packet waits although the client never blocks"),
+        }
+    };
+
+    let answers = client.written.len();
+    assert!(answers <= 2, "more than two answers: {:?}", client.written);
+    assert!(
+        client.written.iter().all(|&b| b == b'N'),
+        "{:?}",
+        client.written
+    );
+    // Every answered request was an 8-byte SSLRequest/GSSENCRequest.
+    let after_negotiation = 8 * answers;
+    for request in input[..after_negotiation.min(input.len())].chunks(8) {
+        assert_eq!(be32(request), 8);
+        let code = be32(&request[4..]);
+        assert!(
+            code == startup_code::GSSENC_REQUEST
+                || (code == startup_code::SSL_REQUEST && !offer_tls),
+            "answered 'N' to request {code}"
+        );
+    }
+
+    match outcome {
+        Ok(FirstPacket::TlsRequested) => {
+            assert!(offer_tls, "TLS requested although none is offered");
+            let request = &input[after_negotiation..after_negotiation + 8];
+            assert_eq!(be32(request), 8);
+            assert_eq!(be32(&request[4..]), startup_code::SSL_REQUEST);
+            assert_eq!(
+                client.pos,
+                after_negotiation + 8,
+                "read past the SSLRequest"
+            );
+        }
+        Ok(first) => {
+            let raw = match &first {
+                FirstPacket::Startup(msg) => {
+                    assert!(!msg.user.is_empty());
+                    assert!(!msg.database.is_empty());
+                    assert_eq!(be32(&msg.raw[4..]) >> 16, 3);
+                    &msg.raw
+                }
+                FirstPacket::Cancel(raw) => {
+                    assert_eq!(be32(&raw[4..]), startup_code::CANCEL_REQUEST);
+                    raw
+                }
+                FirstPacket::TlsRequested => unreachable!("matched above"),
+            };
+            let len = be32(raw) as usize;
+            assert_eq!(len, raw.len());
+            assert!((MIN_STARTUP_PACKET..=MAX_STARTUP_PACKET).contains(&len));
+            assert_eq!(
+                raw.as_slice(),
+                &input[after_negotiation..after_negotiation + len]
+            );
+            assert_eq!(
+                client.pos,
+                after_negotiation + len,
+                "read past the first packet: those bytes belong to the session"
+            );
+        }
+        Err(StartupError::Rejected {
+            sqlstate: code,
+            message,
+        }) => {
+            assert!(
+                [
+                    sqlstate::PROTOCOL_VIOLATION,
+                    sqlstate::INVALID_AUTHORIZATION
+                ]
+                .contains(&code),
+                "{code}"
+            );
+            assert!(message.starts_with("lockguard: "), "{message}");
+            assert!(client.pos <= input.len());
+        }
+        Err(StartupError::Io(e)) => {
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+            assert_eq!(client.pos, input.len(), "I/O error with input left: {e}");
+        }
+    }
+}
