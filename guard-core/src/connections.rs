@@ -504,6 +504,20 @@ mod tests {
     }
 
     #[test]
+    fn base_config_takes_the_password_from_password_env() {
+        // A name no other test uses: tests run on threads of one process.
+        let var = "LOCKGUARD_TEST_GUARD_PASSWORD_BASE_CONFIG";
+        std::env::set_var(var, "s3cret pass");
+        let guard = GuardConfig {
+            dsn: Some("host=127.0.0.1 user=lg password=from-dsn".into()),
+            password_env: Some(var.into()),
+            ..GuardConfig::default()
+        };
+        let c = base_config(&guard).unwrap();
+        assert_eq!(c.get_password(), Some(&b"s3cret pass"[..]));
+    }
+
+    #[test]
     fn base_config_reports_bad_input() {
         let none = GuardConfig::default();
         assert!(matches!(base_config(&none), Err(GuardError::NoDsn)));
