@@ -1,7 +1,8 @@
 //! Upstream restart under traffic (issue 6, point 5): PostgreSQL is stopped with a fast
 //! shutdown and started again while clients keep working through the proxy. Clients get
 //! errors, never hangs; new connections succeed once the server is back; and the guard
-//! reconnects by itself: its health returns to ok and an operator kill works again.
+//! reconnects by itself: its health returns to ok and an operator kill works again. Also the
+//! guard's own database hanging: traffic does not wait for the guard (issue 3).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -252,4 +253,64 @@ async fn a_server_restart_under_traffic_gives_errors_not_hangs_and_everything_re
         "the restart went unnoticed by every client: {seen:?}"
     );
     assert!(seen.ok[usize::from(BACK)] > 0, "{seen:?}");
+}
+
+/// The guard's own database hangs (it accepts connections and never answers): forwarding never
+/// waits for the guard, and a client lost inside a transaction still frees its locks once the
+/// guard gives up on it, because the proxy then closes the upstream connection.
+#[tokio::test]
+async fn a_hanging_guard_database_never_holds_up_traffic() {
+    let cluster = TestCluster::shared();
+    let db = guard_support::guard_test_database(cluster, "guard_hangs").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_port = silent.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut config = config_for(cluster);
+    config.guard = guard_support::guard_config(cluster, &[PROTECTED]);
+    config.guard.dsn = Some(format!(
+        "host=127.0.0.1 port={silent_port} user={} dbname=postgres",
+        cluster.superuser()
+    ));
+    let proxy = TestProxy::start_with(config).await;
+
+    // Every query answers long before any guard deadline (the guard's connect alone would
+    // wait 5 s here).
+    let app = proxy
+        .connect(cluster.superuser(), None, &db)
+        .await
+        .expect("connect through the proxy");
+    for i in 0..50 {
+        let started = std::time::Instant::now();
+        let n: i32 = app
+            .query_one("SELECT $1::int4", &[&i])
+            .await
+            .expect("query")
+            .get(0);
+        assert_eq!(n, i);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "query {i} took {:?}: forwarding waited for the guard",
+            started.elapsed()
+        );
+    }
+
+    // A client lost while holding a protected row lock: the guard cannot check it, gives up
+    // after its deadline, and the closed upstream connection makes PostgreSQL roll back.
+    app.batch_execute("BEGIN; UPDATE app.user_sessions SET token = 'held' WHERE id = 1")
+        .await
+        .expect("lock a protected row");
+    let admin = guard_support::connect(cluster, &db).await;
+    let login = BlockedLogin::start(cluster, &db, &admin).await;
+    drop(app);
+    login
+        .proceeds(guard_core::guard::CLIENT_LOSS_DEADLINE + Duration::from_secs(5))
+        .await;
+    proxy.wait_for_sessions(0, BOUND).await;
 }
