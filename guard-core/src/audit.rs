@@ -393,6 +393,48 @@ mod tests {
         }
     }
 
+    /// Every event is also a WARN log line carrying its evidence as fields.
+    #[test]
+    fn every_event_is_logged_at_warn_with_its_evidence() {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || AuditLog::in_memory().record(event(7)));
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        for expected in [
+            " WARN ",
+            "lockguard::audit",
+            "lockguard: terminated backend 1234",
+            "trigger=idle_in_transaction",
+            "outcome=terminated",
+            "session_id=7",
+            "backend_pid=1234",
+            "locks=RowShareLock on app.user_sessions",
+            "waiter_pids=[1235]",
+            "last_statement=SELECT 1",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from {text:?}"
+            );
+        }
+    }
+
     #[test]
     fn ring_keeps_the_last_thousand() {
         let log = AuditLog::in_memory();
