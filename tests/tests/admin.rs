@@ -241,6 +241,37 @@ async fn rows(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
+/// The column names of `sql`'s answer as the console describes them (also with no rows).
+async fn column_names(client: &Client, sql: &str) -> Vec<String> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::RowDescription(columns) => {
+                Some(columns.iter().map(|c| c.name().to_owned()).collect())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no RowDescription"))
+}
+
+/// `SHOW STATS` as counter name → value.
+async fn stats(client: &Client) -> HashMap<String, i64> {
+    rows(client, "SHOW STATS")
+        .await
+        .into_iter()
+        .map(|row| {
+            let value = row["value"]
+                .parse()
+                .unwrap_or_else(|e| panic!("{row:?}: {e}"));
+            (row["name"].clone(), value)
+        })
+        .collect()
+}
+
 fn code_of(e: &tokio_postgres::Error) -> Option<&SqlState> {
     e.as_db_error().map(|db| db.code())
 }
@@ -990,6 +1021,258 @@ async fn readyz_connects_upstream_at_most_once_a_second() {
         2,
         "a probe after the reuse interval checks again"
     );
+}
+
+/// `KILL PID` ends the session whose backend has that pid: outcome `terminated`, its client
+/// gets 57P01 naming the operator, the other sessions carry on. SHOW EVENTS lists the kills
+/// newest first; SHOW STATS counts them and the sessions' traffic.
+#[tokio::test]
+async fn kill_pid_ends_one_session_and_events_and_stats_record_it() {
+    let db = database("admin_kill_pid").await;
+    let running = start(admin_config(&[]), None).await;
+    let checker = direct(&db).await;
+    let mut first = App::connect(&running, &db).await;
+    let mut second = App::connect(&running, &db).await;
+    let mut third = App::connect(&running, &db).await;
+    for app in [&mut first, &mut second, &mut third] {
+        app.exec("SELECT 1").await;
+    }
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    assert_eq!(stats(&ops).await["terminations.operator"], 0);
+
+    let answer = rows(&ops, &format!("KILL PID {}", first.pid)).await;
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    assert_eq!(answer[0]["outcome"], "terminated", "{answer:?}");
+    assert_eq!(answer[0]["backend_pid"], first.pid.to_string());
+    let (code, message) = first.farewell().await;
+    assert_eq!(code, "57P01");
+    assert!(
+        message.starts_with("lockguard: terminated by operator")
+            && message.contains(&format!("KILL by {}", OPS.0)),
+        "{message}"
+    );
+    assert!(!backend_alive(&checker, first.pid).await, "killed backend");
+    for app in [&mut second, &mut third] {
+        assert!(
+            backend_alive(&checker, app.pid).await,
+            "other backends live"
+        );
+        app.exec("SELECT 2").await;
+    }
+
+    let counters = stats(&ops).await;
+    assert_eq!(counters["terminations.operator"], 1, "{counters:?}");
+    assert_eq!(counters["clients_accepted"], 3, "{counters:?}");
+    assert_eq!(counters["sessions_started"], 3, "{counters:?}");
+    assert!(counters["bytes_from_clients"] > 0, "{counters:?}");
+    assert!(counters["bytes_from_servers"] > 0, "{counters:?}");
+
+    let answer = rows(&ops, &format!("KILL PID {}", second.pid)).await;
+    assert_eq!(answer[0]["outcome"], "terminated", "{answer:?}");
+    assert_eq!(second.farewell().await.0, "57P01");
+    let events = rows(&ops, "SHOW EVENTS").await;
+    let pids: Vec<&str> = events.iter().map(|e| e["backend_pid"].as_str()).collect();
+    assert_eq!(
+        pids,
+        [second.pid.to_string(), first.pid.to_string()],
+        "newest first: {events:?}"
+    );
+    assert!(
+        events.iter().all(|e| e["trigger"] == "operator"),
+        "{events:?}"
+    );
+    assert_eq!(stats(&ops).await["terminations.operator"], 2);
+    third.exec("SELECT 3").await;
+}
+
+/// Every command answers with the columns README.md documents, in that order (with rows or
+/// without).
+#[tokio::test]
+async fn every_command_answers_its_documented_columns() {
+    let file = tempfile::NamedTempFile::new().expect("temp config file");
+    std::fs::write(file.path(), config_text("", "")).expect("write config");
+    let running = start_from_file(file.path()).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let documented: &[(&str, &[&str])] = &[
+        (
+            "SHOW CLIENTS",
+            &[
+                "id",
+                "client_addr",
+                "client_port",
+                "user",
+                "database",
+                "application_name",
+                "backend_pid",
+                "state",
+                "xact_age_s",
+                "state_age_s",
+                "protected_locks",
+                "waiters",
+                "last_statement",
+            ],
+        ),
+        (
+            "SHOW LOCKS",
+            &["client_id", "backend_pid", "table", "mode", "waiters"],
+        ),
+        (
+            "SHOW EVENTS",
+            &[
+                "time",
+                "client_id",
+                "backend_pid",
+                "trigger",
+                "cause",
+                "outcome",
+                "locks",
+                "waiters",
+                "state",
+                "idle_ms",
+                "xact_ms",
+                "user",
+                "database",
+                "client_addr",
+                "application_name",
+                "last_statement",
+                "error",
+                "summary",
+            ],
+        ),
+        ("SHOW STATS", &["name", "value"]),
+        ("SHOW CONFIG", &["key", "value", "live"]),
+        ("SHOW VERSION", &["version"]),
+        (
+            "KILL 999999",
+            &["client_id", "backend_pid", "outcome", "detail"],
+        ),
+        (
+            "KILL PID 999999",
+            &["client_id", "backend_pid", "outcome", "detail"],
+        ),
+        ("RELOAD", &["key", "old_value", "new_value", "status"]),
+        ("SET dry_run = off", &["name", "value", "previous"]),
+    ];
+    for (command, expected) in documented {
+        assert_eq!(column_names(&ops, command).await, *expected, "{command}");
+    }
+}
+
+/// `/metrics` carries the probe latency histogram, bytes each way and upstream connect
+/// errors; the last counts a client the proxy could not connect upstream for.
+#[tokio::test]
+async fn metrics_show_probe_latency_bytes_and_upstream_connect_errors() {
+    let db = database("admin_metrics").await;
+    let running = start(admin_config(&[]), None).await;
+    let mut app = App::connect(&running, &db).await;
+    app.exec("SELECT repeat('x', 1000)").await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    // SHOW CLIENTS probes the session's database.
+    rows(&ops, "SHOW CLIENTS").await;
+    let m = metrics(&running).await;
+    let probes = m["lockguard_probe_duration_seconds_count"];
+    assert!(probes >= 1.0, "{m:?}");
+    assert_eq!(
+        m.get("lockguard_probe_duration_seconds_bucket{le=\"+Inf\"}"),
+        Some(&probes)
+    );
+    let finite_buckets = m
+        .keys()
+        .filter(|k| k.starts_with("lockguard_probe_duration_seconds_bucket{") && !k.contains("Inf"))
+        .count();
+    assert!(finite_buckets > 1, "{m:?}");
+    assert!(m["lockguard_bytes_total{direction=\"client_to_server\"}"] > 0.0);
+    assert!(m["lockguard_bytes_total{direction=\"server_to_client\"}"] > 1000.0);
+    assert_eq!(m.get("lockguard_upstream_connect_errors_total"), Some(&0.0));
+
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        listener.local_addr().expect("address").port()
+    };
+    let mut config = admin_config(&[]);
+    config.proxy.upstream = lockguard_config::Upstream::Tcp {
+        host: "127.0.0.1".into(),
+        port: closed_port,
+    };
+    let unreachable = start(config, None).await;
+    let errors = "lockguard_upstream_connect_errors_total";
+    assert_eq!(metrics(&unreachable).await.get(errors), Some(&0.0));
+    let e = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(unreachable.addr.port())
+        .user(TestCluster::shared().superuser())
+        .dbname(&db)
+        .connect_timeout(WAIT)
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("no upstream to connect to");
+    assert_eq!(code_of(&e), Some(&SqlState::CONNECTION_FAILURE), "{e:?}");
+    assert_eq!(metrics(&unreachable).await.get(errors), Some(&1.0));
+    let ops = console(&unreachable, OPS).await.expect("ops logs in");
+    assert_eq!(stats(&ops).await["upstream_connect_errors"], 1);
+}
+
+/// Accepts connections on `listener` and copies bytes both ways to `target`.
+fn forward(listener: tokio::net::TcpListener, target: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+/// Acceptance 4 on one instance: `/readyz` is 503 naming the guard while nothing listens on
+/// the guard's port, and turns 200 once that port leads to the database.
+#[tokio::test]
+async fn readyz_turns_ready_when_the_guard_port_comes_up() {
+    use lockguard::admin::commands::READINESS_REUSE;
+    let cluster = TestCluster::shared();
+    let guard_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        listener.local_addr().expect("address").port()
+    };
+    let mut config = admin_config(&[]);
+    config.guard.dsn = Some(format!(
+        "host=127.0.0.1 port={guard_port} user={} dbname=postgres",
+        cluster.superuser()
+    ));
+    let running = start(config, None).await;
+    let (status, _, body) = http(running.http, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        json(&body)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("guard")),
+        "{body}"
+    );
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", guard_port))
+        .await
+        .expect("listen on the guard's port");
+    let forwarder = forward(listener, format!("{}:{}", cluster.host(), cluster.port()));
+    tokio::time::sleep(READINESS_REUSE).await;
+    // The guard may be waiting out a reconnect backoff: poll, with a generous bound.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, body) = http(running.http, "GET", "/readyz", None).await;
+        if status == 200 {
+            assert_eq!(json(&body)["ready"], true, "{body}");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still not ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    forwarder.abort();
 }
 
 /// Acceptance 5: the real psql runs SHOW CLIENTS against the console.
