@@ -296,6 +296,25 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(stderr.contains("channel binding"), "{stderr}");
         }
+        // The same with tokio-postgres: no SCRAM-SHA-256-PLUS is offered, so the client
+        // refuses before sending a proof.
+        let err = connect_tls_binding(
+            &proxy,
+            &pki.ca_file,
+            SCRAM_USER,
+            Some(SCRAM_PASSWORD),
+            db,
+            ChannelBinding::Require,
+        )
+        .await
+        .expect_err("a client requiring channel binding");
+        assert_eq!(err.to_string(), "authentication error", "{err:?}");
+        let cause = std::error::Error::source(&err).map(ToString::to_string);
+        assert_eq!(
+            cause.as_deref(),
+            Some("server did not use channel binding"),
+            "{err:?}"
+        );
     }
     drop(proxy);
 
@@ -380,6 +399,59 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
         .await
         .expect("verify-ca ignores the name");
     assert_eq!(ask(&client, "SELECT 'ca ok'::text").await, "ca ok");
+}
+
+/// `upstream_mode` decides whether lockguard's own connection to PostgreSQL is TLS, as the
+/// server's `pg_stat_ssl` sees it: `prefer` and `require` use TLS with an ssl=on server,
+/// `disable` does not, and `prefer` falls back to plaintext when the server has no TLS.
+#[tokio::test]
+async fn upstream_modes_decide_whether_the_server_connection_is_tls() {
+    let pki = pki();
+    let (tls_cluster, _server_dir) = tls_cluster(&pki);
+    let plain_cluster = TestCluster::shared();
+    if !tls_cluster.is_owned() || !plain_cluster.is_owned() {
+        eprintln!("skipped: needs owned clusters (ssl=on and ssl=off)");
+        return;
+    }
+    let cases = [
+        (&tls_cluster, UpstreamTlsMode::Prefer, true),
+        (&tls_cluster, UpstreamTlsMode::Require, true),
+        (&tls_cluster, UpstreamTlsMode::Disable, false),
+        (plain_cluster, UpstreamTlsMode::Prefer, false),
+    ];
+    for (cluster, mode, expect_tls) in cases {
+        let mut config = config_for(cluster);
+        config.tls.upstream_mode = mode;
+        let proxy = start(config).await;
+        let (client, connection) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(proxy.addr.port())
+            .user(cluster.superuser())
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(10))
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e:?}"));
+        tokio::spawn(connection);
+        let upstream_ssl: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .get(0);
+        assert_eq!(
+            upstream_ssl,
+            expect_tls,
+            "{mode:?} against ssl={}",
+            if std::ptr::eq(cluster, &tls_cluster) {
+                "on"
+            } else {
+                "off"
+            }
+        );
+    }
 }
 
 /// Records the certificate the server presented.
