@@ -1,15 +1,15 @@
 //! Startup, authentication, limits and hostile input (issue 2, acceptance 5, 7 and 8).
 
-use std::net::TcpListener as StdListener;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::time::{Duration, Instant};
 
 use lockguard_config::Upstream;
 use lockguard_tests::cluster::{TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio_postgres::error::SqlState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_postgres::error::{DbError, Severity, SqlState};
 use tokio_postgres::{Client, NoTls};
 
 const PROTOCOL_3_0: u32 = 196_608;
@@ -64,6 +64,31 @@ fn dead_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
+/// Logs in through `proxy` (whose upstream cannot be reached) and checks the answer is a FATAL
+/// 08006 ErrorResponse saying lockguard could not reach the upstream; returns it.
+async fn expect_upstream_failure(proxy: &TestProxy, user: &str) -> DbError {
+    let err = proxy
+        .connect(user, None, "postgres")
+        .await
+        .expect_err("connecting to an unreachable upstream fails");
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {err:?}"))
+        .clone();
+    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
+    // 'S' (localised) and 'V' (never localised) both say FATAL: the session cannot go on.
+    assert_eq!(db.severity(), "FATAL");
+    assert_eq!(db.parsed_severity(), Some(Severity::Fatal));
+    assert!(
+        db.message()
+            .starts_with("lockguard: could not connect to upstream"),
+        "{}",
+        db.message()
+    );
+    assert!(proxy.registry().is_empty());
+    db
+}
+
 #[tokio::test]
 async fn upstream_down_gives_connection_failure() {
     let cluster = TestCluster::shared();
@@ -73,21 +98,55 @@ async fn upstream_down_gives_connection_failure() {
         port: dead_port(),
     };
     let proxy = TestProxy::start_with(config).await;
-    let err = proxy
-        .connect(cluster.superuser(), None, "postgres")
-        .await
-        .expect_err("connecting to a dead upstream fails");
-    let db = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {err:?}"));
-    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
+    let db = expect_upstream_failure(&proxy, cluster.superuser()).await;
     assert!(
-        db.message()
-            .starts_with("lockguard: could not connect to upstream"),
-        "{}",
+        db.message().to_lowercase().contains("refused"),
+        "the reason is missing: {}",
         db.message()
     );
-    assert!(proxy.registry().is_empty());
+}
+
+/// A listener on 127.0.0.1 whose accept queue is full, so the kernel drops further SYNs and
+/// a connect to it never completes; `None` if the queue could not be seen to fill. The
+/// returned connections keep the queue full.
+async fn listener_that_never_completes_a_connect(
+) -> Option<(TcpListener, Vec<TcpStream>, SocketAddr)> {
+    let socket = TcpSocket::new_v4().ok()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).ok()?;
+    let addr = socket.local_addr().ok()?;
+    // Backlog 0: Linux queues one connection, then drops SYNs until it is accepted.
+    let listener = socket.listen(0).ok()?;
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(_)) => return None,
+            Err(_) => return Some((listener, queued, addr)),
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn upstream_that_never_answers_the_connect_gives_a_timeout_failure() {
+    let Some((_listener, _queued, addr)) = listener_that_never_completes_a_connect().await else {
+        eprintln!("skipped: this kernel completes connects beyond a full accept queue");
+        return;
+    };
+    let cluster = TestCluster::shared();
+    let mut config = config_for(cluster);
+    config.proxy.upstream = Upstream::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    config.proxy.connect_timeout = Duration::from_secs(1);
+    let proxy = TestProxy::start_with(config).await;
+    let db = expect_upstream_failure(&proxy, cluster.superuser()).await;
+    assert!(
+        db.message().contains("timed out"),
+        "the reason is missing: {}",
+        db.message()
+    );
 }
 
 #[tokio::test]
@@ -328,4 +387,99 @@ async fn ssl_request_is_declined_and_protocol_3_2_is_passed_through() {
         String::from_utf8_lossy(&seen)
     );
     assert!(seen.contains(&b'K'));
+}
+
+#[tokio::test]
+async fn gssenc_request_is_declined_and_the_same_socket_logs_in() {
+    let cluster = TestCluster::shared();
+    let proxy = TestProxy::start(cluster).await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xD2, 0x16, 0x30])
+        .await
+        .expect("gssenc request");
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"N");
+
+    let login = raw::login(&mut s, cluster.superuser(), "postgres").await;
+    assert!(login.iter().any(|m| m.tag == b'K'), "{login:?}");
+    s.write_all(&raw::query("SELECT 'after gssenc'::text"))
+        .await
+        .expect("query");
+    let mut rows = Vec::new();
+    loop {
+        let m = raw::read_message(&mut s, Duration::from_secs(10))
+            .await
+            .expect("the query is answered");
+        match m.tag {
+            // Column count (2), value length (4), value.
+            b'D' => rows.push(String::from_utf8_lossy(&m.body[6..]).into_owned()),
+            b'E' => panic!("query failed: {:?}", m.error_fields()),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(rows, ["after gssenc"]);
+}
+
+/// A CancelRequest: length, code 80877102, backend pid, secret key (4 bytes in protocol 3.0,
+/// up to 256 in 3.2).
+fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
+    let mut packet = ((12 + key.len()) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(key);
+    packet
+}
+
+/// Accepts one connection, records one untagged packet (read by its length prefix) plus
+/// anything that follows within a moment, then closes, as a server does after a cancel.
+async fn record_one_packet(listener: &TcpListener) -> Vec<u8> {
+    let (mut conn, _) = listener.accept().await.expect("the proxy connects");
+    let mut received = vec![0u8; 4];
+    let read_packet = async {
+        conn.read_exact(&mut received).await.expect("length");
+        let len = u32::from_be_bytes([received[0], received[1], received[2], received[3]]);
+        received.resize((len as usize).max(4), 0);
+        conn.read_exact(&mut received[4..]).await.expect("body");
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_packet)
+        .await
+        .expect("a whole packet arrives");
+    // Whatever else arrives shows up in the comparison.
+    let mut extra = [0u8; 512];
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut extra)).await
+    {
+        received.extend_from_slice(&extra[..n]);
+    }
+    received
+}
+
+#[tokio::test]
+async fn cancel_requests_are_forwarded_unchanged_and_the_client_closed() {
+    let cluster = TestCluster::shared();
+    // The listener stands in for the server only to capture the forwarded bytes.
+    let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server_addr = server.local_addr().expect("addr");
+    let mut config = config_for(cluster);
+    config.proxy.upstream = Upstream::Tcp {
+        host: server_addr.ip().to_string(),
+        port: server_addr.port(),
+    };
+    let proxy = TestProxy::start_with(config).await;
+
+    let classic = cancel_request(0x0102_0304, &[0xA1, 0xB2, 0xC3, 0xD4]);
+    let key_3_2: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5A).collect();
+    let long = cancel_request(0x7FFF_0001, &key_3_2);
+    assert_eq!((classic.len(), long.len()), (16, 44));
+    for packet in [classic, long] {
+        let cancel = async {
+            let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+            client.write_all(&packet).await.expect("cancel request");
+            raw::read_until_close(&mut client, Duration::from_secs(10)).await
+        };
+        let (received, answer) = tokio::join!(record_one_packet(&server), cancel);
+        assert_eq!(received, packet, "forwarded bytes differ");
+        assert!(answer.is_empty(), "a cancel gets no answer: {answer:?}");
+    }
 }
