@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use guard_core::{AuditEvent, Outcome};
-use lockguard_config::GuardConfig;
+use lockguard_config::{ClientLossAction, GuardConfig};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{backend_alive, connect, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
@@ -110,6 +110,16 @@ async fn blocked_waiter(scene: &Scene) -> (JoinHandle<Instant>, i32) {
     (login.done, login.pid)
 }
 
+/// How long after `dropped` the waiter's UPDATE went through (panics if it is still blocked
+/// after 5 s): the measure of "within a second of the drop".
+async fn waiter_released_after(waiter: JoinHandle<Instant>, dropped: Instant) -> Duration {
+    let proceeded = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    proceeded - dropped
+}
+
 async fn wait_until_gone(admin: &Client, pid: i32, timeout: Duration) {
     wait_for(timeout, &format!("backend {pid} to exit"), || async {
         !backend_alive(admin, pid).await
@@ -176,11 +186,7 @@ async fn the_incident_a_vanished_client_holding_a_protected_row_lock_is_terminat
 
     let dropped = Instant::now();
     drop(app.stream); // a crash: no Terminate
-    let proceeded = tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("the waiter proceeds")
-        .expect("waiter task");
-    let released_after = proceeded - dropped;
+    let released_after = waiter_released_after(waiter, dropped).await;
     assert!(
         released_after < Duration::from_secs(1),
         "released after {released_after:?}"
@@ -198,6 +204,139 @@ async fn the_incident_a_vanished_client_holding_a_protected_row_lock_is_terminat
         event.last_statement
     );
     assert_eq!(event.database, scene.db);
+}
+
+/// After A's client was lost while A held the protected row with the login waiting: the
+/// login proceeds, A's backend is gone, and the audit records the kill; returns the event.
+async fn assert_lost_client_terminated(
+    scene: &Scene,
+    pid: i32,
+    waiter: JoinHandle<Instant>,
+) -> AuditEvent {
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter proceeds")
+        .expect("waiter task");
+    wait_until_gone(&scene.admin, pid, Duration::from_secs(2)).await;
+    let event = wait_for_event(scene, pid, Duration::from_secs(2)).await;
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(event.trigger, "client_loss");
+    assert_protected_row_lock(&event);
+    event
+}
+
+#[tokio::test]
+async fn a_client_whose_connection_is_reset_while_holding_a_protected_lock_is_terminated() {
+    let scene = scene("guard_reset", |_| {}).await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    let (waiter, _) = blocked_waiter(&scene).await;
+
+    // SO_LINGER 0: closing sends an RST instead of a FIN, as when a host drops a connection.
+    socket2::SockRef::from(&app.stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("set SO_LINGER 0");
+    drop(app.stream);
+
+    let event = assert_lost_client_terminated(&scene, app.pid, waiter).await;
+    let cause = event.cause.as_deref().unwrap_or_default();
+    // The pump's ClientLoss::ReadFailed, carrying the OS error (ECONNRESET).
+    assert!(
+        cause.starts_with("client connection failed: ") && cause.contains("reset"),
+        "cause: {cause:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_breaks_the_protocol_while_holding_a_protected_lock_is_terminated() {
+    let scene = scene("guard_violation", |_| {}).await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    let (waiter, _) = blocked_waiter(&scene).await;
+
+    // A Query header claiming a 4 GiB body: no valid stream looks like this.
+    app.stream
+        .write_all(&[b'Q', 0xFF, 0xFF, 0xFF, 0xFF])
+        .await
+        .expect("send the broken header");
+    let reply = raw::read_until_close(&mut app.stream, Duration::from_secs(5)).await;
+    let last = reply.last().expect("lockguard says why it closes");
+    assert_eq!(last.tag, b'E', "{reply:?}");
+    assert_eq!(last.error_fields().0, "08P01", "{reply:?}");
+
+    let event = assert_lost_client_terminated(&scene, app.pid, waiter).await;
+    assert_eq!(
+        event.cause.as_deref(),
+        Some("client protocol violation: invalid message length 4294967295 for message type 'Q'")
+    );
+}
+
+#[tokio::test]
+async fn a_statement_that_reached_idle_before_the_grace_ended_is_not_killed() {
+    // A grace far longer than the statement, so only the rule is tested, not the timing.
+    let scene = scene("guard_reached_idle", |g| {
+        g.inflight_grace = Duration::from_secs(5);
+    })
+    .await;
+    let mut app = App::connect(&scene).await;
+    app.exec("BEGIN").await;
+    let reply = app
+        .exec("UPDATE app.user_sessions SET token = 'committed-by-a' WHERE id = 1")
+        .await;
+    assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");
+
+    // One simple Query that ends the transaction, sent just before the client vanishes.
+    app.send("SELECT pg_sleep(0.3); COMMIT").await;
+    drop(app.stream);
+
+    // Once ReadyForQuery (I) arrived the proxy just closes the upstream socket and the
+    // backend exits on its own.
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(5)).await;
+    let token: String = scene
+        .admin
+        .query_one("SELECT token FROM app.user_sessions WHERE id = 1", &[])
+        .await
+        .expect("read the row")
+        .get(0);
+    assert_eq!(token, "committed-by-a", "the COMMIT was lost");
+    assert!(
+        events_for(&scene, app.pid).is_empty(),
+        "{:?}",
+        events_for(&scene, app.pid)
+    );
+}
+
+#[tokio::test]
+async fn on_client_loss_log_records_the_loss_and_leaves_the_backend_running() {
+    let scene = scene("guard_loss_log", |g| {
+        g.on_client_loss = ClientLossAction::Log;
+    })
+    .await;
+    let mut app = App::connect(&scene).await;
+    app.lock_protected_row().await;
+    // Mid statement: after the grace the proxy closes the upstream socket, which a sleeping
+    // backend does not notice, so only a kill would end it.
+    app.send("SELECT pg_sleep(60)").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(app.stream);
+
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(5)).await;
+    assert_eq!(event.outcome, Outcome::Logged, "{event:?}");
+    assert_eq!(event.trigger, "client_loss");
+    assert_protected_row_lock(&event);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        backend_alive(&scene.admin, app.pid).await,
+        "backend {} was terminated although on_client_loss = log",
+        app.pid
+    );
+    assert_eq!(events_for(&scene, app.pid).len(), 1);
+
+    scene
+        .admin
+        .execute("SELECT pg_terminate_backend($1)", &[&app.pid])
+        .await
+        .expect("cleanup");
 }
 
 #[tokio::test]
@@ -420,11 +559,13 @@ async fn traffic_survives_a_killed_guard_connection_and_the_guard_recovers() {
     let mut app = App::connect(&scene).await;
     app.lock_protected_row().await;
     let (waiter, _) = blocked_waiter(&scene).await;
+    let dropped = Instant::now();
     drop(app.stream);
-    tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("the waiter proceeds")
-        .expect("waiter task");
+    let released_after = waiter_released_after(waiter, dropped).await;
+    assert!(
+        released_after < Duration::from_secs(1),
+        "released after {released_after:?}"
+    );
     let event = wait_for_event(&scene, app.pid, Duration::from_secs(3)).await;
     assert_eq!(event.outcome, Outcome::Terminated);
 }

@@ -645,8 +645,11 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     })
     .await;
 
+    let probes_before = guard.probe_latency().count;
     let report = guard.sweep_once().await;
     assert_eq!(report.candidates, 2);
+    // Both candidates share a database: one probe round trip covers them.
+    assert_eq!(guard.probe_latency().count, probes_before + 1);
     assert!(report.events.is_empty(), "{report:?}");
     let mut left = report.left.clone();
     left.sort_by_key(|(id, _)| *id);
