@@ -7,6 +7,9 @@ use bytes::Bytes;
 use futures_util::{future, pin_mut, SinkExt, StreamExt, TryStreamExt};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::proxy::TestProxy;
+use lockguard_tests::raw;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 
@@ -372,4 +375,114 @@ async fn two_hundred_clients_times_one_hundred_queries() {
     drop(p.proxied);
     // Every client has been dropped: their sessions leave the registry.
     p.proxy.wait_for_sessions(0, Duration::from_secs(10)).await;
+}
+
+/// What a client sends after login in [`server_bytes_match_a_direct_connection_byte_for_byte`]:
+/// a simple query (NULLs, control characters, non-ASCII text), an extended-protocol round with
+/// binary parameters and binary results, and a query that fails, all pipelined.
+fn byte_exact_script() -> (Vec<u8>, usize) {
+    let mut script = raw::query(
+        "SELECT g, CASE WHEN g % 3 = 0 THEN NULL ELSE md5(g::text) END, \
+                repeat(chr(g % 250 + 1), g % 40), 'zäø€'::text || g \
+         FROM generate_series(1, 120) g",
+    );
+
+    let sql = "SELECT $1::int4 + g, $2::bytea, NULL::int8, g::float8 / 7 \
+               FROM generate_series(1, 60) g";
+    let mut parse = vec![0u8]; // unnamed statement
+    parse.extend_from_slice(sql.as_bytes());
+    parse.push(0);
+    parse.extend_from_slice(&2i16.to_be_bytes());
+    parse.extend_from_slice(&23u32.to_be_bytes()); // int4
+    parse.extend_from_slice(&17u32.to_be_bytes()); // bytea
+    script.extend(raw::message(b'P', &parse));
+
+    let blob: Vec<u8> = (0..=255u8).rev().collect();
+    let mut bind = vec![0u8, 0u8]; // unnamed portal, unnamed statement
+    bind.extend_from_slice(&1i16.to_be_bytes()); // one format code for all parameters:
+    bind.extend_from_slice(&1i16.to_be_bytes()); // binary
+    bind.extend_from_slice(&2i16.to_be_bytes());
+    bind.extend_from_slice(&4i32.to_be_bytes());
+    bind.extend_from_slice(&1_000_000i32.to_be_bytes());
+    bind.extend_from_slice(&(blob.len() as i32).to_be_bytes());
+    bind.extend_from_slice(&blob);
+    bind.extend_from_slice(&1i16.to_be_bytes()); // results: binary
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    script.extend(raw::message(b'B', &bind));
+    script.extend(raw::message(b'D', b"P\0"));
+    script.extend(raw::message(b'E', &[0, 0, 0, 0, 0])); // unnamed portal, all rows
+    script.extend(raw::message(b'S', b""));
+
+    script.extend(raw::query("SELECT 1/0"));
+    // Each simple query and the Sync end with a ReadyForQuery.
+    (script, 3)
+}
+
+/// Logs in on `stream`, runs the script and returns every message the server sent after the
+/// login, up to the script's last ReadyForQuery, re-encoded byte for byte.
+async fn run_byte_exact_script(mut stream: TcpStream, user: &str, db: &str) -> Vec<u8> {
+    raw::login(&mut stream, user, db).await;
+    let (script, ready_for_queries) = byte_exact_script();
+    stream.write_all(&script).await.expect("send the script");
+    let mut received = Vec::new();
+    let mut ready = 0;
+    while ready < ready_for_queries {
+        let m = raw::read_message(&mut stream, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("answer {ready} of {ready_for_queries} never came"));
+        ready += usize::from(m.tag == b'Z');
+        received.extend(raw::message(m.tag, &m.body));
+    }
+    stream
+        .write_all(&raw::message(b'X', b""))
+        .await
+        .expect("terminate");
+    received
+}
+
+#[tokio::test]
+async fn server_bytes_match_a_direct_connection_byte_for_byte() {
+    let cluster = TestCluster::shared();
+    let db = cluster.create_database("fwd_bytes").await;
+    let proxy = TestProxy::start(cluster).await;
+    let su = cluster.superuser();
+    let direct_socket = TcpStream::connect((cluster.host(), cluster.port()))
+        .await
+        .expect("direct connection");
+    let direct = run_byte_exact_script(direct_socket, su, &db).await;
+    let proxied_socket = TcpStream::connect(proxy.addr).await.expect("proxy");
+    let proxied = run_byte_exact_script(proxied_socket, su, &db).await;
+
+    // The script did what it says: rows with NULLs, the error, three ReadyForQuery.
+    let tags: Vec<u8> = messages(&direct).map(|(tag, _)| tag).collect();
+    assert_eq!(tags.iter().filter(|&&t| t == b'D').count(), 120 + 60);
+    assert_eq!(tags.iter().filter(|&&t| t == b'Z').count(), 3);
+    let (_, error) = messages(&direct)
+        .find(|(tag, _)| *tag == b'E')
+        .expect("an error");
+    assert!(
+        error.windows(6).any(|w| w == b"C22012"),
+        "{}",
+        String::from_utf8_lossy(error)
+    );
+    assert_eq!(proxied.len(), direct.len(), "byte counts differ");
+    if let Some(at) = direct.iter().zip(&proxied).position(|(d, p)| d != p) {
+        panic!(
+            "streams differ from byte {at}: direct {:?}, proxied {:?}",
+            &direct[at..(at + 32).min(direct.len())],
+            &proxied[at..(at + 32).min(proxied.len())]
+        );
+    }
+}
+
+/// (tag, body) of each message in an encoded server stream.
+fn messages(stream: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = stream;
+    std::iter::from_fn(move || {
+        let (&tag, after_tag) = rest.split_first()?;
+        let len = u32::from_be_bytes(after_tag.get(..4)?.try_into().ok()?) as usize;
+        let body = after_tag.get(4..len)?;
+        rest = &after_tag[len..];
+        Some((tag, body))
+    })
 }
