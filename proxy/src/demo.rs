@@ -6,7 +6,8 @@
 //!    goes silent inside its transaction (the crashed-handler case); a login for that user
 //!    blocks until the guard's idle rule ends the holder;
 //! 2. through lockguard, a separate app *process* holding the row lock dies abruptly; the
-//!    login proceeds as soon as the proxy sees the connection drop;
+//!    login proceeds as soon as the proxy sees the connection drop, and the guard's audit
+//!    event for that backend (read on the admin console) shows it terminated it;
 //! 3. act 1 again on a direct connection: the login is still blocked after the same wait.
 //!
 //! Each act ends with a `RESULT` line; the integration test checks those.
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use guard_core::{Outcome, Trigger};
 use lockguard_config::Config;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -43,6 +45,9 @@ const LOGIN: &str = "login-service";
 
 /// The login every act waits on.
 const LOGIN_SQL: &str = "UPDATE app.user_sessions SET last_login = now() WHERE user_id = $1";
+
+/// How long act 2 looks for the guard's audit event after the login was freed.
+const EVENT_WAIT: Duration = Duration::from_secs(3);
 
 /// How to run the demo.
 #[derive(Debug, Clone)]
@@ -219,7 +224,10 @@ async fn idle_holder_through_lockguard(
     Ok(waited)
 }
 
-/// Act 2: the holder's whole process dies; the proxy sees the connection drop.
+/// Act 2: the holder's whole process dies; the proxy sees the connection drop. PostgreSQL
+/// would also release the lock once the proxy closes the upstream socket, so the login
+/// completing proves nothing by itself: the guard's audit event for the backend is the
+/// evidence the narration rests on.
 async fn crashed_process_through_lockguard(addrs: &Addresses, story: &Story) -> anyhow::Result<()> {
     story.act("Incident 2 — crashed app process (through lockguard)");
     let user_id = 7;
@@ -239,6 +247,7 @@ async fn crashed_process_through_lockguard(addrs: &Addresses, story: &Story) -> 
         "{LOGIN} (backend {}): login for user {user_id} ... waiting, blocked by backend {}",
         login.pid, app.backend_pid
     ));
+    let console = Console::connect(addrs.console).await?;
     story.app(&format!(
         "kill -9 {}: the app process dies; its kernel closes the socket",
         app.os_pid()
@@ -250,21 +259,83 @@ async fn crashed_process_through_lockguard(addrs: &Addresses, story: &Story) -> 
         .await?
         .ok_or_else(|| anyhow!("the login was still blocked 10 s after the crash"))?;
     let after = completed.saturating_duration_since(crashed);
-    story.guard(&format!(
-        "lockguard saw the connection drop inside a transaction holding a lock on \
-         {PROTECTED_TABLE} and terminated backend {}",
-        app.backend_pid
-    ));
+    let event = console.event_about(app.backend_pid).await?;
+    let verdict = event.as_deref().map(ClientLossVerdict::of);
+    match (&event, &verdict) {
+        (Some(row), Some(ClientLossVerdict::Terminated { locks })) => story.guard(&format!(
+            "lockguard saw the connection drop inside a transaction holding {locks} and \
+             terminated backend {}",
+            column(row, "backend_pid").unwrap_or_default()
+        )),
+        (Some(row), _) => story.problem(&format!(
+            "lockguard's event for backend {} is trigger {}, outcome {}: not a termination \
+             on client loss",
+            app.backend_pid,
+            column(row, "trigger").unwrap_or_default(),
+            column(row, "outcome").unwrap_or_default()
+        )),
+        (None, _) => story.problem(&format!(
+            "SHOW EVENTS has no event for backend {}: lockguard did not terminate it (the lock \
+             went away because PostgreSQL rolls back a transaction whose connection closes)",
+            app.backend_pid
+        )),
+    }
     story.login(&format!(
         "{LOGIN}: login completed {} ms after the crash",
         after.as_millis()
     ));
+    if let Some(row) = &event {
+        story.console("SHOW EVENTS", row);
+    }
+    let evidence = match verdict {
+        Some(ClientLossVerdict::Terminated { .. }) => format!(
+            "; lockguard terminated backend {} on client loss",
+            app.backend_pid
+        ),
+        _ => format!(
+            ", but lockguard recorded no client-loss termination of backend {}",
+            app.backend_pid
+        ),
+    };
     story.result(&format!(
         "RESULT incident 2 (crashed process) with lockguard: the blocked login succeeded {} ms \
-         after the crash",
+         after the crash{evidence}",
         after.as_millis()
     ));
     Ok(())
+}
+
+/// What an audit event row says about a lost client's backend.
+enum ClientLossVerdict {
+    /// Trigger `client_loss`, outcome `terminated`; `locks` as the event lists them.
+    Terminated { locks: String },
+    /// Anything else.
+    Other,
+}
+
+impl ClientLossVerdict {
+    fn of(row: &[(String, String)]) -> ClientLossVerdict {
+        let client_loss = Trigger::ClientLoss {
+            cause: String::new(),
+        }
+        .name();
+        if column(row, "trigger") == Some(client_loss)
+            && column(row, "outcome") == Some(Outcome::Terminated.key())
+        {
+            ClientLossVerdict::Terminated {
+                locks: column(row, "locks").unwrap_or_default().to_owned(),
+            }
+        } else {
+            ClientLossVerdict::Other
+        }
+    }
+}
+
+/// The value of column `name` in a console row.
+fn column<'a>(row: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    row.iter()
+        .find(|(column, _)| column == name)
+        .map(|(_, value)| value.as_str())
 }
 
 /// Act 3: act 1 on a direct connection.
@@ -487,6 +558,25 @@ impl Console {
                     .any(|(name, value)| name == "application_name" && value == application)
             })
             .ok_or_else(|| anyhow!("{command} shows no client named {application}"))
+    }
+
+    /// The newest `SHOW EVENTS` row about `backend_pid`. The guard records its event right
+    /// after the kill, which may be a moment after the freed login completes, so this waits
+    /// up to [`EVENT_WAIT`] before concluding there is none.
+    async fn event_about(&self, backend_pid: i32) -> anyhow::Result<Option<Vec<(String, String)>>> {
+        let pid = backend_pid.to_string();
+        let deadline = Instant::now() + EVENT_WAIT;
+        loop {
+            let found = self
+                .rows("SHOW EVENTS")
+                .await?
+                .into_iter()
+                .find(|row| column(row, "backend_pid") == Some(pid.as_str()));
+            if found.is_some() || Instant::now() > deadline {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn first_row(&self, command: &str) -> anyhow::Result<Vec<(String, String)>> {

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use guard_core::{Outcome, Trigger};
+
 /// Temp dirs the demo's sandboxes left behind (none should exist once it has exited).
 fn demo_dirs() -> Vec<PathBuf> {
     std::fs::read_dir(std::env::temp_dir())
@@ -33,6 +35,18 @@ fn reported(stdout: &str, prefix: &str, unit: &str) -> f64 {
     number
         .parse()
         .unwrap_or_else(|e| panic!("{number:?} in {line:?}: {e}"))
+}
+
+/// The lines of the act whose heading starts with `heading`, up to the next heading.
+fn act<'a>(stdout: &'a str, heading: &str) -> &'a str {
+    let start = stdout
+        .find(&format!("\n{heading}"))
+        .unwrap_or_else(|| panic!("no act {heading:?} in:\n{stdout}"));
+    let rest = &stdout[start + 1..];
+    let end = rest
+        .find("\n\n")
+        .map_or(rest.len(), |blank_line| blank_line);
+    &rest[..end]
 }
 
 #[test]
@@ -90,6 +104,42 @@ fn demo_shows_the_blocked_login_freed_by_lockguard_and_stuck_without_it() {
         " ms",
     );
     assert!(second < 1000.0, "incident 2 took {second} ms");
+    // PostgreSQL would free the login on its own once the proxy closes the upstream socket,
+    // so the timing alone does not prove the guard acted: its audit event for the crashed
+    // app's backend must say it terminated it on client loss.
+    let act2 = act(&stdout, "Incident 2");
+    let app_backend = act2
+        .lines()
+        .find_map(|l| l.split("(backend ").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("act 2 names no app backend:\n{act2}"));
+    let client_loss = Trigger::ClientLoss {
+        cause: String::new(),
+    }
+    .name();
+    let terminated = Outcome::Terminated.key();
+    let event = act2
+        .split_once("admin console> SHOW EVENTS")
+        .unwrap_or_else(|| panic!("act 2 shows no audit event:\n{act2}"))
+        .1;
+    for (name, expected) in [
+        ("backend_pid", app_backend),
+        ("trigger", client_loss),
+        ("outcome", terminated),
+    ] {
+        assert!(
+            event
+                .lines()
+                .any(|l| l.trim_start() == format!("{name} | {expected}")),
+            "act 2's audit event lacks {name} = {expected}:\n{act2}"
+        );
+    }
+    assert!(
+        stdout.contains(&format!(
+            "after the crash; lockguard terminated backend {app_backend} on client loss"
+        )),
+        "{stdout}"
+    );
 
     // Without lockguard the login is still blocked after a longer wait than incident 1 took.
     let stuck = reported(
