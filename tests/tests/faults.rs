@@ -2,7 +2,8 @@
 //! packet one byte per second are all cut at `startup_timeout` while a normal client keeps
 //! working and the proxy's memory stays bounded; a client that stops reading a huge result
 //! stalls its own stream (backpressure reaches PostgreSQL) instead of making the proxy buffer
-//! it, and other clients do not notice.
+//! it, and other clients do not notice. A single 200 MiB DataRow and a single 200 MiB
+//! CopyData stream through without the proxy holding either whole (issue 2).
 //!
 //! The proxy runs in this process, so the process's resident memory bounds the proxy's. The
 //! tests of this binary run one at a time (see [`SERIAL`]) so neither measures the other.
@@ -48,12 +49,12 @@ async fn keep_querying(proxy: &TestProxy, user: &str, stop: &AtomicBool) -> usiz
     done
 }
 
-/// Peak of [`vm_rss_bytes`] sampled every 100 ms until `stop`.
-async fn peak_rss_until(stop: &AtomicBool) -> u64 {
+/// Peak of [`vm_rss_bytes`] sampled every `every` until `stop`.
+async fn peak_rss_until(stop: &AtomicBool, every: Duration) -> u64 {
     let mut peak = 0;
     while !stop.load(Ordering::Relaxed) {
         peak = peak.max(vm_rss_bytes().expect("VmRSS"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
     peak.max(vm_rss_bytes().expect("VmRSS"))
 }
@@ -144,7 +145,7 @@ async fn a_thousand_slow_startups_are_cut_at_the_deadline_while_a_normal_client_
     let (lifetimes, queries, peak_rss) = tokio::join!(
         attack,
         keep_querying(&proxy, cluster.superuser(), &attack_over),
-        peak_rss_until(&attack_over)
+        peak_rss_until(&attack_over, Duration::from_millis(100))
     );
 
     let shortest = lifetimes.iter().min().copied().unwrap_or_default();
@@ -275,4 +276,233 @@ async fn a_client_that_stops_reading_a_huge_result_is_held_back_not_buffered() {
     )
     .await;
     proxy.wait_for_sessions(0, Duration::from_secs(10)).await;
+}
+
+/// The size of the single message the streaming tests below push through the proxy: far
+/// more than the proxy may hold, well under PostgreSQL's 1 GB field limit.
+const HUGE_MESSAGE: usize = 200 * 1024 * 1024;
+/// What the process may grow by while [`HUGE_MESSAGE`] passes: the proxy's buffers, the
+/// clients' chunk buffers and allocator noise, nowhere near the message itself.
+const HUGE_MESSAGE_RSS_GROWTH_LIMIT: u64 = 64 * MIB;
+/// How the test clients read and write the huge value: in chunks of this, never whole.
+const CHUNK_LEN: usize = 64 * 1024;
+/// [`CHUNK_LEN`] `x`s: what the clients write, and compare what they read with.
+static CHUNK: [u8; CHUNK_LEN] = [b'x'; CHUNK_LEN];
+/// Sampling period of the RSS peak: fine enough that a whole-message buffer, alive for at
+/// least the time the message takes to arrive, cannot slip between two samples.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// A 5-byte message header read from `stream`: the tag and the body length.
+async fn read_header(stream: &mut TcpStream) -> (u8, usize) {
+    let mut header = [0u8; 5];
+    stream
+        .read_exact(&mut header)
+        .await
+        .expect("a message header");
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    (
+        header[0],
+        len.checked_sub(4).expect("a length of at least 4"),
+    )
+}
+
+/// Runs `sql` with the simple protocol, every answer message small. Returns the messages up
+/// to ReadyForQuery; panics on an ErrorResponse.
+async fn small_query(stream: &mut TcpStream, sql: &str) -> Vec<raw::Received> {
+    stream
+        .write_all(&raw::query(sql))
+        .await
+        .expect("send a query");
+    read_small_until_ready(stream).await
+}
+
+/// Reads small messages up to ReadyForQuery; panics on an ErrorResponse.
+async fn read_small_until_ready(stream: &mut TcpStream) -> Vec<raw::Received> {
+    let mut seen = Vec::new();
+    loop {
+        let m = raw::read_message(stream, Duration::from_secs(30))
+            .await
+            .expect("the server answered");
+        assert_ne!(m.tag, b'E', "the server failed: {:?}", m.error_fields());
+        let tag = m.tag;
+        seen.push(m);
+        if tag == b'Z' {
+            return seen;
+        }
+    }
+}
+
+/// Reads the answer to a query returning one huge text value of `x`s, the DataRow in
+/// [`CHUNK`]-sized pieces that are compared and dropped. Returns the value's length.
+async fn read_one_huge_x_value(stream: &mut TcpStream) -> usize {
+    let mut received = None;
+    loop {
+        let (tag, len) = read_header(stream).await;
+        match tag {
+            b'D' => {
+                let mut counts = [0u8; 6];
+                stream.read_exact(&mut counts).await.expect("DataRow head");
+                assert_eq!(u16::from_be_bytes([counts[0], counts[1]]), 1, "one column");
+                let value_len =
+                    u32::from_be_bytes([counts[2], counts[3], counts[4], counts[5]]) as usize;
+                assert_eq!(len, 6 + value_len, "the DataRow holds exactly the value");
+                let mut chunk = [0u8; CHUNK_LEN];
+                let mut count = 0;
+                while count < value_len {
+                    let want = CHUNK.len().min(value_len - count);
+                    let n = stream
+                        .read(&mut chunk[..want])
+                        .await
+                        .expect("read the DataRow");
+                    assert!(
+                        n > 0,
+                        "the connection closed after {count} bytes of the value"
+                    );
+                    assert!(
+                        chunk[..n] == CHUNK[..n],
+                        "a byte other than 'x' near {count}"
+                    );
+                    count += n;
+                }
+                received = Some(count);
+            }
+            b'E' => {
+                let mut body = vec![0u8; len];
+                stream.read_exact(&mut body).await.expect("ErrorResponse");
+                let error = raw::Received { tag, body };
+                panic!("the huge query failed: {:?}", error.error_fields());
+            }
+            _ => {
+                assert!(
+                    len < 64 * 1024,
+                    "an unexpected {len}-byte {:?}",
+                    tag as char
+                );
+                let mut body = vec![0u8; len];
+                stream.read_exact(&mut body).await.expect("a small message");
+                if tag == b'Z' {
+                    return received.expect("a DataRow before ReadyForQuery");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_200_mib_data_row_streams_through_without_being_buffered_whole() {
+    let _serial = SERIAL.lock().await;
+    let cluster = TestCluster::shared();
+    let proxy = TestProxy::start(cluster).await;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    raw::login(&mut client, cluster.superuser(), "postgres").await;
+    let rss_before = vm_rss_bytes().expect("VmRSS");
+    let started = Instant::now();
+
+    client
+        .write_all(&raw::query(&format!("SELECT repeat('x', {HUGE_MESSAGE})")))
+        .await
+        .expect("send the query");
+    let streamed = AtomicBool::new(false);
+    let read = async {
+        let len = read_one_huge_x_value(&mut client).await;
+        streamed.store(true, Ordering::Relaxed);
+        len
+    };
+    let (received, peak_rss) = tokio::join!(read, peak_rss_until(&streamed, RSS_SAMPLE_EVERY));
+
+    let growth = peak_rss.saturating_sub(rss_before);
+    eprintln!(
+        "a {} MiB DataRow took {:?}; RSS {} MiB before, grew by {} MiB at the peak",
+        HUGE_MESSAGE / 1024 / 1024,
+        started.elapsed(),
+        rss_before / MIB,
+        growth / MIB
+    );
+    assert_eq!(received, HUGE_MESSAGE);
+    assert!(
+        growth < HUGE_MESSAGE_RSS_GROWTH_LIMIT,
+        "RSS grew by {} MiB while a {} MiB DataRow passed",
+        growth / MIB,
+        HUGE_MESSAGE / 1024 / 1024
+    );
+    // The session goes on normally after it.
+    let after = small_query(&mut client, "SELECT 1").await;
+    assert!(after.iter().any(|m| m.tag == b'D'), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_200_mib_copy_data_message_streams_through_without_being_buffered_whole() {
+    let _serial = SERIAL.lock().await;
+    let cluster = TestCluster::shared();
+    let proxy = TestProxy::start(cluster).await;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    raw::login(&mut client, cluster.superuser(), "postgres").await;
+    small_query(&mut client, "CREATE TEMP TABLE huge_copy (v text)").await;
+    let rss_before = vm_rss_bytes().expect("VmRSS");
+    let started = Instant::now();
+
+    client
+        .write_all(&raw::query("COPY huge_copy FROM STDIN"))
+        .await
+        .expect("send COPY");
+    let copy_in = raw::read_message(&mut client, Duration::from_secs(10))
+        .await
+        .expect("an answer to COPY");
+    assert_eq!(
+        copy_in.tag,
+        b'G',
+        "CopyInResponse: {:?}",
+        copy_in.error_fields()
+    );
+    let copied = AtomicBool::new(false);
+    let send = async {
+        // One CopyData message: the row's `x`s and its newline.
+        let body_len = u32::try_from(4 + HUGE_MESSAGE + 1).expect("fits");
+        let mut header = vec![b'd'];
+        header.extend_from_slice(&body_len.to_be_bytes());
+        client.write_all(&header).await.expect("CopyData header");
+        let mut sent = 0;
+        while sent < HUGE_MESSAGE {
+            let n = CHUNK.len().min(HUGE_MESSAGE - sent);
+            client.write_all(&CHUNK[..n]).await.expect("CopyData");
+            sent += n;
+        }
+        client.write_all(b"\n").await.expect("end of the row");
+        client
+            .write_all(&raw::message(b'c', &[]))
+            .await
+            .expect("CopyDone");
+        let done = read_small_until_ready(&mut client).await;
+        copied.store(true, Ordering::Relaxed);
+        done
+    };
+    let (done, peak_rss) = tokio::join!(send, peak_rss_until(&copied, RSS_SAMPLE_EVERY));
+
+    let growth = peak_rss.saturating_sub(rss_before);
+    eprintln!(
+        "a {} MiB CopyData took {:?}; RSS {} MiB before, grew by {} MiB at the peak",
+        HUGE_MESSAGE / 1024 / 1024,
+        started.elapsed(),
+        rss_before / MIB,
+        growth / MIB
+    );
+    let complete = done
+        .iter()
+        .find(|m| m.tag == b'C')
+        .expect("CommandComplete");
+    assert_eq!(complete.body, b"COPY 1\0");
+    let stored = small_query(&mut client, "SELECT length(v) FROM huge_copy").await;
+    let row = stored.iter().find(|m| m.tag == b'D').expect("a DataRow");
+    // One column: count (2 bytes), length (4 bytes), the number as text.
+    let length: usize = std::str::from_utf8(&row.body[6..])
+        .expect("text")
+        .parse()
+        .expect("a number");
+    assert_eq!(length, HUGE_MESSAGE, "the stored value's length");
+    assert!(
+        growth < HUGE_MESSAGE_RSS_GROWTH_LIMIT,
+        "RSS grew by {} MiB while a {} MiB CopyData passed",
+        growth / MIB,
+        HUGE_MESSAGE / 1024 / 1024
+    );
 }
