@@ -392,7 +392,9 @@ impl Watch for ClientWatch<'_> {
     }
 }
 
-fn on_client_message(
+/// Notes what a client message tells about the session. Public so that
+/// `proxy/tests/no_alloc.rs` drives the pump's own per-message code.
+pub fn on_client_message(
     m: Message<'_>,
     record: &SessionRecord,
     syncs_since_execute: &mut u32,
@@ -495,7 +497,9 @@ impl Watch for ServerWatch<'_> {
     }
 }
 
-fn on_server_message(m: Message<'_>, record: &SessionRecord, sent_fatal: &mut bool) {
+/// Notes what a server message tells about the session. Public so that
+/// `proxy/tests/no_alloc.rs` drives the pump's own per-message code.
+pub fn on_server_message(m: Message<'_>, record: &SessionRecord, sent_fatal: &mut bool) {
     match m.tag {
         backend::BACKEND_KEY_DATA => {
             if let Some((pid, secret)) = m.body_prefix.split_first_chunk::<4>() {

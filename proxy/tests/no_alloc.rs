@@ -2,10 +2,8 @@
 //! hands every read to a `FrameScanner` and updates the session record from the messages it
 //! reports; neither may allocate, whatever the traffic. A separate test binary, so it can
 //! install a counting global allocator.
-//!
-//! The message callbacks of the pump (`session::on_server_message` / `on_client_message`) are
-//! private to the session module, so the callbacks here make the same `SessionRecord` calls
-//! for the same messages.
+//! The messages are handled by the pump's own callbacks, `session::on_server_message` and
+//! `session::on_client_message`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -13,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use guard_core::{ClientInfo, SessionRecord, UpstreamIdentity};
 use lockguard::frame::{FrameScanner, Message, CLIENT_INTERESTS, SERVER_INTERESTS};
-use lockguard::protocol::{self, backend, frontend};
+use lockguard::protocol::{backend, frontend};
+use lockguard::session::{on_client_message, on_server_message};
 
 /// Counts allocations made by threads that asked for it; everything else (the test harness's
 /// other threads) is ignored.
@@ -208,47 +207,6 @@ fn client_stream(messages: usize) -> (Vec<u8>, usize) {
     (out, reported)
 }
 
-/// The record updates the pump makes for a message from the server.
-fn on_server_message(m: Message<'_>, record: &SessionRecord, sent_fatal: &mut bool) {
-    match m.tag {
-        backend::BACKEND_KEY_DATA => {
-            if let Some((pid, secret)) = m.body_prefix.split_first_chunk::<4>() {
-                record.set_backend_key(i32::from_be_bytes(*pid), secret);
-            }
-        }
-        backend::READY_FOR_QUERY => {
-            if let Some(&status) = m.body_prefix.first() {
-                record.ready_for_query(status);
-            }
-        }
-        backend::ERROR_RESPONSE => {
-            let severity = protocol::error_fields(m.body_prefix)
-                .find(|(kind, _)| *kind == b'S')
-                .map(|(_, value)| value);
-            *sent_fatal |= matches!(severity, Some(b"FATAL" | b"PANIC"));
-        }
-        _ => {}
-    }
-}
-
-/// The record updates the pump makes for a message from the client.
-fn on_client_message(m: Message<'_>, record: &SessionRecord) {
-    match m.tag {
-        frontend::QUERY => {
-            record.set_last_statement(m.body_prefix.split(|&b| b == 0).next().unwrap_or(&[]));
-            record.sync_sent();
-        }
-        frontend::PARSE => {
-            let mut parts = m.body_prefix.split(|&b| b == 0);
-            let _name = parts.next();
-            record.set_last_statement(parts.next().unwrap_or(&[]));
-        }
-        frontend::EXECUTE => record.execute_sent(),
-        frontend::SYNC => record.sync_sent(),
-        _ => {}
-    }
-}
-
 /// Read sizes the pump sees: whole 64 KiB buffers, PostgreSQL's 8 KiB sends, and odd sizes
 /// that split headers and captured prefixes anywhere.
 const PIECES: [usize; 6] = [65_536, 8192, 1500, 333, 17, 5];
@@ -304,7 +262,9 @@ fn scanning_and_recording_messages_does_not_allocate() {
     // two reads once it first needs one, and that is per session, not per message.
     let on_server = |m: Message<'_>| on_server_message(m, &record, &mut sent_fatal);
     feed_in_pieces(&mut server, &server_bytes, on_server, |_| {});
-    let on_client = |m: Message<'_>| on_client_message(m, &record);
+    let (mut syncs_since_execute, mut said_goodbye) = (0, false);
+    let on_client =
+        |m: Message<'_>| on_client_message(m, &record, &mut syncs_since_execute, &mut said_goodbye);
     feed_in_pieces(&mut client, &client_bytes, on_client, |_| {});
 
     let (allocations, reported) = allocations_during(|| {
@@ -317,7 +277,7 @@ fn scanning_and_recording_messages_does_not_allocate() {
         let client_reported = feed_in_pieces(
             &mut client,
             &client_bytes,
-            |m| on_client_message(m, &record),
+            |m| on_client_message(m, &record, &mut syncs_since_execute, &mut said_goodbye),
             |n| record.add_bytes_from_client(n),
         );
         (server_reported, client_reported)
