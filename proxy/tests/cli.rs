@@ -2,7 +2,7 @@
 //! stops, SIGHUP reloads the configuration file).
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -153,20 +153,8 @@ fn sigterm_stops_the_proxy_cleanly() {
         .expect("start lockguard");
     // Give it time to install its signal handlers.
     std::thread::sleep(Duration::from_millis(500));
-    let pid = i32::try_from(child.id()).expect("pid");
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "lockguard did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    signal(&child, libc::SIGTERM);
+    let status = exit_status_after_sigterm(&mut child);
     let output = child.wait_with_output().expect("output");
     let logs = String::from_utf8_lossy(&output.stderr);
     assert!(status.success(), "exit {status:?}: {logs}");
@@ -184,6 +172,21 @@ fn signal(child: &Child, signal: i32) {
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: plain kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// Waits up to 10 s for the child, signalled with SIGTERM, to exit.
+fn exit_status_after_sigterm(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lockguard did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The child's stderr, line by line, read on a thread.
@@ -271,16 +274,6 @@ fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
 
     // Still serving: SIGTERM stops it cleanly.
     signal(&child, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "lockguard did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_status_after_sigterm(&mut child);
     assert!(status.success(), "exit {status:?}");
 }

@@ -11,7 +11,7 @@ use lockguard::admin::{Admin, ConfigSource};
 use lockguard::Proxy;
 use lockguard_config::{AdminAuthMethod, AdminRole, AdminUser, Config};
 use lockguard_tests::cluster::TestCluster;
-use lockguard_tests::guard_support::{backend_alive, wait_until_waiting};
+use lockguard_tests::guard_support::{self, backend_alive, wait_until_waiting};
 use lockguard_tests::proxy::{config_for, init_test_logging};
 use lockguard_tests::psql;
 use lockguard_tests::raw::{self, Received};
@@ -124,34 +124,14 @@ async fn start_from_file(file: &std::path::Path) -> Running {
     start(config, Some(source)).await
 }
 
-/// A fresh database with a protected-looking table and a scratch table.
+/// A fresh database with the guard tests' tables (`app.user_sessions`, `app.scratch`).
 async fn database(prefix: &str) -> String {
-    let cluster = TestCluster::shared();
-    let db = cluster.create_database(prefix).await;
-    direct(&db)
-        .await
-        .batch_execute(
-            "CREATE SCHEMA app;
-             CREATE TABLE app.user_sessions (id int PRIMARY KEY, token text);
-             INSERT INTO app.user_sessions SELECT g, 't' || g FROM generate_series(1, 5) g;
-             CREATE TABLE app.scratch (id int PRIMARY KEY, note text);
-             INSERT INTO app.scratch SELECT g, 'n' FROM generate_series(1, 5) g;",
-        )
-        .await
-        .expect("create tables");
-    db
+    guard_support::guard_test_database(TestCluster::shared(), prefix).await
 }
 
 /// A superuser connection straight to PostgreSQL.
 async fn direct(db: &str) -> Client {
-    let cluster = TestCluster::shared();
-    let (client, conn) = cluster
-        .pg_config(cluster.superuser(), None, db)
-        .connect(NoTls)
-        .await
-        .expect("direct connection");
-    tokio::spawn(conn);
-    client
+    guard_support::connect(TestCluster::shared(), db).await
 }
 
 /// A console session; the error is returned so refusals can be checked.
@@ -1453,6 +1433,22 @@ async fn a_flood_of_api_readers_shares_a_few_probes() {
 /// Protocol 3.0's StartupMessage code.
 const PROTOCOL_3_0: u32 = 196_608;
 
+/// Sends `ops`'s StartupMessage for the console database.
+async fn send_ops_startup(stream: &mut TcpStream) {
+    let startup = raw::startup_packet(PROTOCOL_3_0, &[("user", OPS.0), ("database", "lockguard")]);
+    stream.write_all(&startup).await.expect("send the startup");
+}
+
+/// Starts `ops`'s login and returns the console's authentication request.
+async fn begin_ops_login(stream: &mut TcpStream) -> Received {
+    send_ops_startup(stream).await;
+    let challenge = raw::read_message(stream, WAIT)
+        .await
+        .expect("an authentication request");
+    assert_eq!(challenge.tag, b'R', "{challenge:?}");
+    challenge
+}
+
 /// Bytes each flooding connection tries to send after its `Q` header.
 const FLOOD_BYTES: usize = 32 << 20;
 
@@ -1463,8 +1459,7 @@ async fn flood_with_a_huge_query(console: SocketAddr) -> Option<usize> {
     let mut stream = TcpStream::connect(console)
         .await
         .expect("connect to the console");
-    let startup = raw::startup_packet(PROTOCOL_3_0, &[("user", OPS.0), ("database", "lockguard")]);
-    stream.write_all(&startup).await.expect("send the startup");
+    send_ops_startup(&mut stream).await;
     let mut header = vec![b'Q'];
     header.extend_from_slice(&500_000_004u32.to_be_bytes());
     if stream.write_all(&header).await.is_err() {
@@ -1621,17 +1616,7 @@ async fn console_logins_are_bounded_by_startup_timeout() {
     let running = start(config, None).await;
     let mut silent = TcpStream::connect(running.console).await.expect("connect");
     let mut halfway = TcpStream::connect(running.console).await.expect("connect");
-    halfway
-        .write_all(&raw::startup_packet(
-            PROTOCOL_3_0,
-            &[("user", OPS.0), ("database", "lockguard")],
-        ))
-        .await
-        .expect("send the startup");
-    let challenge = raw::read_message(&mut halfway, WAIT)
-        .await
-        .expect("an authentication request");
-    assert_eq!(challenge.tag, b'R', "{challenge:?}");
+    begin_ops_login(&mut halfway).await;
     let ops = console(&running, OPS).await.expect("ops logs in");
     assert!(
         raw::closed_within(&mut silent, WAIT).await,
@@ -1662,17 +1647,7 @@ async fn the_console_declines_encryption_requests() {
             .expect("read the answer");
         assert_eq!(answer[0], b'N', "request {code}");
     }
-    stream
-        .write_all(&raw::startup_packet(
-            PROTOCOL_3_0,
-            &[("user", OPS.0), ("database", "lockguard")],
-        ))
-        .await
-        .expect("send the startup");
-    let challenge = raw::read_message(&mut stream, WAIT)
-        .await
-        .expect("an authentication request");
-    assert_eq!(challenge.tag, b'R', "{challenge:?}");
+    let challenge = begin_ops_login(&mut stream).await;
     // AuthenticationSASL (10) offering SCRAM-SHA-256.
     assert_eq!(challenge.body[..4], 10u32.to_be_bytes());
     assert!(challenge.body.windows(13).any(|w| w == b"SCRAM-SHA-256"));

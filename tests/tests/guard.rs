@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use guard_core::{AuditEvent, Outcome};
 use lockguard_config::{ClientLossAction, GuardConfig};
 use lockguard_tests::cluster::TestCluster;
-use lockguard_tests::guard_support::{backend_alive, connect, wait_for, BlockedLogin};
+use lockguard_tests::guard_support::{self, backend_alive, connect, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw::{self, Received};
 use tokio::io::AsyncWriteExt;
@@ -27,25 +27,13 @@ struct Scene {
 
 async fn scene(prefix: &str, configure: impl FnOnce(&mut GuardConfig)) -> Scene {
     let cluster = TestCluster::shared();
-    let db = cluster.create_database(prefix).await;
-    let admin = connect(TestCluster::shared(), &db).await;
-    admin
-        .batch_execute(
-            "CREATE SCHEMA app;
-             CREATE TABLE app.user_sessions (id int PRIMARY KEY, token text);
-             INSERT INTO app.user_sessions SELECT g, 'token-' || g FROM generate_series(1, 10) g;
-             CREATE TABLE app.scratch (id int PRIMARY KEY, note text);
-             INSERT INTO app.scratch SELECT g, 'note' FROM generate_series(1, 10) g;",
-        )
-        .await
-        .expect("create tables");
+    let db = guard_support::guard_test_database(cluster, prefix).await;
+    let admin = connect(cluster, &db).await;
     let mut config = config_for(cluster);
-    config.guard.dsn = Some(format!(
-        "host={} port={} user={} dbname=postgres",
-        cluster.host(),
-        cluster.port(),
-        cluster.superuser()
-    ));
+    // The guard's role and password as the other guard tests use them; the timings below.
+    let role = guard_support::guard_config(cluster, &[]);
+    config.guard.dsn = role.dsn;
+    config.guard.password_env = role.password_env;
     config.guard.protected_tables = vec![PROTECTED.to_owned()];
     config.guard.sweep_interval = Duration::from_millis(100);
     config.guard.inflight_grace = Duration::from_millis(500);

@@ -116,6 +116,16 @@ async fn ask(client: &Client, sql: &str) -> String {
         .get(0)
 }
 
+/// The message of lockguard's FATAL 28000 refusal that ended a login.
+fn authorization_refusal(err: &tokio_postgres::Error) -> &str {
+    let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
+    assert_eq!(
+        db_err.code(),
+        &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    );
+    db_err.message()
+}
+
 /// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1.
 struct Pki {
     dir: tempfile::TempDir,
@@ -326,16 +336,8 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect_err("binding-capable client without a guard");
-    let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
-    assert_eq!(
-        db_err.code(),
-        &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-    );
-    assert!(
-        db_err.message().contains("channel_binding=disable"),
-        "{}",
-        db_err.message()
-    );
+    let message = authorization_refusal(&err);
+    assert!(message.contains("channel_binding=disable"), "{message}");
     let client = connect_tls_binding(
         &proxy,
         &pki.ca_file,
@@ -366,15 +368,10 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect_err("auth_query fails");
-    let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
-    assert_eq!(
-        db_err.code(),
-        &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-    );
+    let message = authorization_refusal(&err);
     assert!(
-        !db_err.message().contains("no_such_column") && !db_err.message().contains("pg_authid"),
-        "{}",
-        db_err.message()
+        !message.contains("no_such_column") && !message.contains("pg_authid"),
+        "{message}"
     );
     drop(proxy);
 
