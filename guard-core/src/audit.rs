@@ -32,6 +32,23 @@ pub struct LockEvidence {
     pub mode: String,
 }
 
+impl fmt::Display for LockEvidence {
+    /// `RowShareLock on app.user_sessions`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} on {}", self.mode, self.table)
+    }
+}
+
+/// Locks as one line, e.g. `RowShareLock on app.user_sessions, AccessShareLock on app.scratch`;
+/// empty for none.
+pub fn locks_text(locks: &[LockEvidence]) -> String {
+    locks
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// How a decision ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -275,12 +292,7 @@ fn write_lines(mut file: File, path: &Path, queue: mpsc::Receiver<String>) {
 }
 
 fn trace_event(e: &AuditEvent) {
-    let locks = e
-        .locks
-        .iter()
-        .map(|l| format!("{} on {}", l.mode, l.table))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let locks = locks_text(&e.locks);
     tracing::warn!(
         target: "lockguard::audit",
         trigger = %e.trigger,

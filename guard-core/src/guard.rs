@@ -14,7 +14,7 @@ use lockguard_config::{GuardConfig, TablePattern};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{rfc3339_utc, AuditEvent, AuditLog, Outcome};
+use crate::audit::{locks_text, rfc3339_utc, AuditEvent, AuditLog, LockEvidence, Outcome};
 use crate::connections::{self, Connections, DbHealth};
 use crate::enforcer::{self, Identity, KillOutcome, RequiredState};
 use crate::error::GuardError;
@@ -688,10 +688,7 @@ impl Guard {
             trigger,
             state,
             state_age,
-            locks: &locks
-                .iter()
-                .map(|l| format!("{} on {}", l.mode, l.table))
-                .collect::<Vec<_>>(),
+            locks: &locks,
             waiters: waiter_pids.len(),
             error: error.as_deref(),
         });
@@ -790,8 +787,7 @@ struct SummaryParts<'a> {
     trigger: &'a Trigger,
     state: TxnState,
     state_age: Duration,
-    /// `Mode on schema.table` each.
-    locks: &'a [String],
+    locks: &'a [LockEvidence],
     waiters: usize,
     error: Option<&'a str>,
 }
@@ -823,7 +819,7 @@ fn summary(p: SummaryParts<'_>) -> String {
     let locks = if p.locks.is_empty() {
         "no protected lock".to_owned()
     } else {
-        p.locks.join(", ")
+        locks_text(p.locks)
     };
     let waiters = match p.waiters {
         0 => "no session waiting".to_owned(),
@@ -855,7 +851,11 @@ fn summary(p: SummaryParts<'_>) -> String {
 mod tests {
     use super::*;
 
-    fn parts<'a>(outcome: Outcome, trigger: &'a Trigger, locks: &'a [String]) -> SummaryParts<'a> {
+    fn parts<'a>(
+        outcome: Outcome,
+        trigger: &'a Trigger,
+        locks: &'a [LockEvidence],
+    ) -> SummaryParts<'a> {
         SummaryParts {
             outcome,
             pid: 1234,
@@ -870,7 +870,10 @@ mod tests {
 
     #[test]
     fn kill_message_names_trigger_table_mode_idle_time_and_waiters() {
-        let locks = ["RowShareLock on app.user_sessions".to_owned()];
+        let locks = [LockEvidence {
+            table: "app.user_sessions".to_owned(),
+            mode: "RowShareLock".to_owned(),
+        }];
         let text = summary(parts(
             Outcome::Terminated,
             &Trigger::IdleInTransaction,

@@ -801,12 +801,7 @@ pub fn version() -> String {
 }
 
 fn event_row(e: &AuditEvent) -> Vec<Value> {
-    let locks = e
-        .locks
-        .iter()
-        .map(|l| format!("{} on {}", l.mode, l.table))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let locks = guard_core::audit::locks_text(&e.locks);
     vec![
         Value::text(&e.time),
         Value::int(e.session_id),
