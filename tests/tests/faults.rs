@@ -388,13 +388,38 @@ async fn read_one_huge_x_value(stream: &mut TcpStream) -> usize {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_200_mib_data_row_streams_through_without_being_buffered_whole() {
-    let _serial = SERIAL.lock().await;
+/// A proxy and a raw client logged in through it, for one huge message.
+async fn huge_message_session() -> (TestProxy, TcpStream) {
     let cluster = TestCluster::shared();
     let proxy = TestProxy::start(cluster).await;
     let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
     raw::login(&mut client, cluster.superuser(), "postgres").await;
+    (proxy, client)
+}
+
+/// The process (proxy included) grew by less than [`HUGE_MESSAGE_RSS_GROWTH_LIMIT`] while one
+/// `kind` message of [`HUGE_MESSAGE`] bytes passed.
+fn assert_bounded_rss_growth(kind: &str, rss_before: u64, peak_rss: u64, started: Instant) {
+    let growth = peak_rss.saturating_sub(rss_before);
+    eprintln!(
+        "a {} MiB {kind} took {:?}; RSS {} MiB before, grew by {} MiB at the peak",
+        HUGE_MESSAGE / 1024 / 1024,
+        started.elapsed(),
+        rss_before / MIB,
+        growth / MIB
+    );
+    assert!(
+        growth < HUGE_MESSAGE_RSS_GROWTH_LIMIT,
+        "RSS grew by {} MiB while a {} MiB {kind} passed",
+        growth / MIB,
+        HUGE_MESSAGE / 1024 / 1024
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_200_mib_data_row_streams_through_without_being_buffered_whole() {
+    let _serial = SERIAL.lock().await;
+    let (_proxy, mut client) = huge_message_session().await;
     let rss_before = vm_rss_bytes().expect("VmRSS");
     let started = Instant::now();
 
@@ -410,21 +435,8 @@ async fn a_single_200_mib_data_row_streams_through_without_being_buffered_whole(
     };
     let (received, peak_rss) = tokio::join!(read, peak_rss_until(&streamed, RSS_SAMPLE_EVERY));
 
-    let growth = peak_rss.saturating_sub(rss_before);
-    eprintln!(
-        "a {} MiB DataRow took {:?}; RSS {} MiB before, grew by {} MiB at the peak",
-        HUGE_MESSAGE / 1024 / 1024,
-        started.elapsed(),
-        rss_before / MIB,
-        growth / MIB
-    );
     assert_eq!(received, HUGE_MESSAGE);
-    assert!(
-        growth < HUGE_MESSAGE_RSS_GROWTH_LIMIT,
-        "RSS grew by {} MiB while a {} MiB DataRow passed",
-        growth / MIB,
-        HUGE_MESSAGE / 1024 / 1024
-    );
+    assert_bounded_rss_growth("DataRow", rss_before, peak_rss, started);
     // The session goes on normally after it.
     let after = small_query(&mut client, "SELECT 1").await;
     assert!(after.iter().any(|m| m.tag == b'D'), "{after:?}");
@@ -433,10 +445,7 @@ async fn a_single_200_mib_data_row_streams_through_without_being_buffered_whole(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_200_mib_copy_data_message_streams_through_without_being_buffered_whole() {
     let _serial = SERIAL.lock().await;
-    let cluster = TestCluster::shared();
-    let proxy = TestProxy::start(cluster).await;
-    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
-    raw::login(&mut client, cluster.superuser(), "postgres").await;
+    let (_proxy, mut client) = huge_message_session().await;
     small_query(&mut client, "CREATE TEMP TABLE huge_copy (v text)").await;
     let rss_before = vm_rss_bytes().expect("VmRSS");
     let started = Instant::now();
@@ -478,14 +487,7 @@ async fn a_single_200_mib_copy_data_message_streams_through_without_being_buffer
     };
     let (done, peak_rss) = tokio::join!(send, peak_rss_until(&copied, RSS_SAMPLE_EVERY));
 
-    let growth = peak_rss.saturating_sub(rss_before);
-    eprintln!(
-        "a {} MiB CopyData took {:?}; RSS {} MiB before, grew by {} MiB at the peak",
-        HUGE_MESSAGE / 1024 / 1024,
-        started.elapsed(),
-        rss_before / MIB,
-        growth / MIB
-    );
+    assert_bounded_rss_growth("CopyData", rss_before, peak_rss, started);
     let complete = done
         .iter()
         .find(|m| m.tag == b'C')
@@ -499,10 +501,4 @@ async fn a_single_200_mib_copy_data_message_streams_through_without_being_buffer
         .parse()
         .expect("a number");
     assert_eq!(length, HUGE_MESSAGE, "the stored value's length");
-    assert!(
-        growth < HUGE_MESSAGE_RSS_GROWTH_LIMIT,
-        "RSS grew by {} MiB while a {} MiB CopyData passed",
-        growth / MIB,
-        HUGE_MESSAGE / 1024 / 1024
-    );
 }
