@@ -20,6 +20,27 @@ pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
     packet
 }
 
+/// SSLRequest's code.
+pub const SSL_REQUEST: u32 = 80_877_103;
+/// GSSENCRequest's code.
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+
+/// Sends an SSLRequest or a GSSENCRequest (`code`) and returns the one-byte answer.
+pub async fn encryption_request(stream: &mut TcpStream, code: u32) -> u8 {
+    let mut request = 8u32.to_be_bytes().to_vec();
+    request.extend_from_slice(&code.to_be_bytes());
+    stream
+        .write_all(&request)
+        .await
+        .expect("send the encryption request");
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    answer[0]
+}
+
 /// A tagged message.
 pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![tag];

@@ -1324,13 +1324,11 @@ async fn presented_certificate(addr: SocketAddr, ca: &std::path::Path) -> Vec<u8
     .with_root_certificates(roots)
     .with_no_client_auth();
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    // SSLRequest: length 8, code 80877103.
-    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .expect("SSLRequest");
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.expect("SSL answer");
-    assert_eq!(answer[0], b'S', "TLS offered");
+    assert_eq!(
+        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
+        b'S',
+        "TLS offered"
+    );
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
@@ -1636,16 +1634,9 @@ async fn console_logins_are_bounded_by_startup_timeout() {
 async fn the_console_declines_encryption_requests() {
     let running = start(admin_config(&[]), None).await;
     let mut stream = TcpStream::connect(running.console).await.expect("connect");
-    for code in [80_877_103u32, 80_877_104] {
-        let mut request = 8u32.to_be_bytes().to_vec();
-        request.extend_from_slice(&code.to_be_bytes());
-        stream.write_all(&request).await.expect("send the request");
-        let mut answer = [0u8; 1];
-        tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
-            .await
-            .expect("answer in time")
-            .expect("read the answer");
-        assert_eq!(answer[0], b'N', "request {code}");
+    for code in [raw::SSL_REQUEST, raw::GSSENC_REQUEST] {
+        let answer = raw::encryption_request(&mut stream, code).await;
+        assert_eq!(answer, b'N', "request {code}");
     }
     let challenge = begin_ops_login(&mut stream).await;
     // AuthenticationSASL (10) offering SCRAM-SHA-256.

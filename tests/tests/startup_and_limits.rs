@@ -358,14 +358,10 @@ async fn ssl_request_is_declined_and_protocol_3_2_is_passed_through() {
     let proxy = TestProxy::start(cluster).await;
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
     // SSLRequest, answered 'N'; then a 3.2 startup, which PostgreSQL 15 negotiates down itself.
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xD2, 0x16, 0x2F])
-        .await
-        .expect("ssl request");
-    let mut answer = [0u8; 1];
-    tokio::io::AsyncReadExt::read_exact(&mut s, &mut answer)
-        .await
-        .expect("answer");
-    assert_eq!(&answer, b"N");
+    assert_eq!(
+        raw::encryption_request(&mut s, raw::SSL_REQUEST).await,
+        b'N'
+    );
     s.write_all(&raw::startup_packet(
         196_610,
         &[("user", cluster.superuser()), ("database", "postgres")],
@@ -394,12 +390,10 @@ async fn gssenc_request_is_declined_and_the_same_socket_logs_in() {
     let cluster = TestCluster::shared();
     let proxy = TestProxy::start(cluster).await;
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xD2, 0x16, 0x30])
-        .await
-        .expect("gssenc request");
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await.expect("answer");
-    assert_eq!(&answer, b"N");
+    assert_eq!(
+        raw::encryption_request(&mut s, raw::GSSENC_REQUEST).await,
+        b'N'
+    );
 
     let login = raw::login(&mut s, cluster.superuser(), "postgres").await;
     assert!(login.iter().any(|m| m.tag == b'K'), "{login:?}");

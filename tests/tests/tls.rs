@@ -17,7 +17,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::error::SqlState;
@@ -495,15 +495,13 @@ impl ServerCertVerifier for RecordingVerifier {
     }
 }
 
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xD2, 0x16, 0x2F];
-
 /// The certificate lockguard presents to a new client.
 async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(&SSL_REQUEST).await.expect("SSLRequest");
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.expect("answer");
-    assert_eq!(&answer, b"S");
+    assert_eq!(
+        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
+        b'S'
+    );
     let verifier = Arc::new(RecordingVerifier::default());
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -560,10 +558,10 @@ async fn broken_and_stalled_handshakes_are_cut_without_hurting_others() {
 
     // Garbage instead of a ClientHello.
     let mut garbage = TcpStream::connect(proxy.addr).await.expect("connect");
-    garbage.write_all(&SSL_REQUEST).await.expect("SSLRequest");
-    let mut answer = [0u8; 1];
-    garbage.read_exact(&mut answer).await.expect("answer");
-    assert_eq!(&answer, b"S");
+    assert_eq!(
+        raw::encryption_request(&mut garbage, raw::SSL_REQUEST).await,
+        b'S'
+    );
     garbage
         .write_all(b"\x16\x03\x01\x00\x05hello, this is not TLS at all")
         .await
@@ -572,8 +570,7 @@ async fn broken_and_stalled_handshakes_are_cut_without_hurting_others() {
 
     // A client that starts TLS and never finishes the handshake: cut at the deadline.
     let mut stalled = TcpStream::connect(proxy.addr).await.expect("connect");
-    stalled.write_all(&SSL_REQUEST).await.expect("SSLRequest");
-    stalled.read_exact(&mut answer).await.expect("answer");
+    raw::encryption_request(&mut stalled, raw::SSL_REQUEST).await;
     let started = Instant::now();
     assert!(raw::closed_within(&mut stalled, Duration::from_secs(4)).await);
     assert!(
