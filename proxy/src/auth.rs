@@ -65,7 +65,7 @@ pub enum AuthError {
     TooLong(&'static str, usize),
     #[error("the server broke off SCRAM: {0}")]
     ServerScram(String),
-    #[error("client and server both sent a message during the GSSAPI exchange")]
+    #[error("client and server both sent a message at once during authentication")]
     Interleaved,
 }
 
@@ -114,28 +114,28 @@ where
         match (tag, code) {
             (ERROR_RESPONSE, _) => return Ok(AuthEnd::Refused),
             (_, Some(AUTH_OK)) => return Ok(AuthEnd::Authenticated),
-            (_, Some(AUTH_GSS_CONTINUE)) => {
-                // The server's last GSSAPI token may need no answer: the server then goes
-                // straight on to AuthenticationOk (or an error). Whichever side speaks first.
-                match next_speaker(client, server).await? {
-                    Spoke::Client(answer) => {
-                        server.write_all(&answer).await.map_err(AuthError::Server)?;
-                    }
-                    Spoke::Server(message) => next_from_server = Some(message),
-                }
-            }
             (
                 _,
                 Some(
                     AUTH_CLEARTEXT_PASSWORD
                     | AUTH_MD5_PASSWORD
                     | AUTH_GSS
+                    | AUTH_GSS_CONTINUE
                     | AUTH_SSPI
                     | AUTH_SASL
                     | AUTH_SASL_CONTINUE,
                 ),
             ) => {
-                let answer = read_client(client).await?;
+                // Usually the client answers, but GSSAPI's last token (mutual authentication)
+                // needs no answer: the server goes straight on to AuthenticationOk or an
+                // error. So whichever side speaks first is next.
+                let answer = match next_speaker(client, server).await? {
+                    Spoke::Client(answer) => answer,
+                    Spoke::Server(message) => {
+                        next_from_server = Some(message);
+                        continue;
+                    }
+                };
                 if code == Some(AUTH_SASL) {
                     if let Some(initial) = binding_capable_scram(&answer) {
                         let Some(lookup) = secret.take() else {
@@ -176,7 +176,7 @@ where
     }
 }
 
-/// Who sent the next message during a GSSAPI exchange.
+/// Who sent the next message after an authentication request.
 enum Spoke {
     Client(Vec<u8>),
     Server(Vec<u8>),
