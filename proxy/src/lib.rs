@@ -17,6 +17,7 @@ pub mod client;
 pub mod demo;
 pub mod frame;
 pub mod listener;
+pub mod log_format;
 pub mod net;
 pub mod protocol;
 pub mod sandbox;

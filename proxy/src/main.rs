@@ -157,7 +157,9 @@ fn init_logging(config: &Config) -> Result<LogReloader, String> {
     let failed = |e| format!("could not set up logging: {e}");
     match config.log.format {
         LogFormat::Text => {
-            let builder = builder.with_filter_reloading();
+            let builder = builder
+                .fmt_fields(lockguard::log_format::EscapedFields)
+                .with_filter_reloading();
             let handle = builder.reload_handle();
             builder.try_init().map_err(failed)?;
             Ok(filter_reloader(handle))
