@@ -12,20 +12,33 @@
 //! itself on TLS, rejects that as a downgrade attack. The flag is covered by the client's proof,
 //! so it cannot be rewritten in flight. Instead lockguard takes the user's stored SCRAM secret
 //! (fetched by the guard with `guard.auth_query`), checks the client's proof itself, recovers
-//! the ClientKey the proof demonstrates, and completes the upstream exchange with flag `n` and a
-//! proof of its own ([`crate::scram`]). The password never passes through lockguard.
+//! the ClientKey the proof demonstrates, and completes the upstream exchange with a proof of its
+//! own ([`crate::scram`]). The password never passes through lockguard.
+//!
+//! Upstream, lockguard is then the SCRAM client, and it binds like one: when the server offers
+//! `SCRAM-SHA-256-PLUS`, the proof is bound to lockguard's own TLS channel (the hash of the
+//! certificate the server presented, `tls-server-end-point`), so a relay that terminates TLS with
+//! a certificate of its own cannot carry the login to the real server; when the server does not
+//! offer it, lockguard says `y`, and a real server that supports binding refuses — which catches
+//! a relay that struck `-PLUS` from the list.
+//!
+//! A wrong proof is not answered by lockguard alone: the server is sent a proof that cannot
+//! match, so it sees (and delays, logs, counts) the failed login as it would directly, and the
+//! client gets the server's own refusal.
 //!
 //! PostgreSQL's authentication is strictly request/response, so the relay alternates: one
 //! server message, and where it asks for one, one client message.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::protocol::{fatal_error, sqlstate};
 use crate::scram::{self, ClientFinal, ClientFirst, ScramSecret};
+use crate::upstream::ChannelBinding;
 
 /// Authentication messages are small (GSSAPI tokens are the largest, a few KiB).
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
@@ -69,6 +82,31 @@ pub enum AuthError {
     Interleaved,
 }
 
+/// The longest role name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_ROLE_NAME_BYTES: usize = 63;
+
+/// The role PostgreSQL will authenticate for a startup packet's `user`, for looking up its
+/// secret. The server cuts an over-long name to its first 63 bytes — by bytes, not characters
+/// (its startup packet handling, unlike SQL identifiers) — and looks that up. `None` when the cut
+/// falls inside a character: no role name, stored in valid UTF-8, can match those bytes.
+pub fn role_name(user: &str) -> Option<&str> {
+    if user.len() <= MAX_ROLE_NAME_BYTES {
+        return Some(user);
+    }
+    user.get(..MAX_ROLE_NAME_BYTES)
+}
+
+/// One client's login, as the relay needs to know it.
+#[derive(Debug, Clone)]
+pub struct Login<'a> {
+    /// The client's address, for the log.
+    pub client: SocketAddr,
+    /// The user name from the client's startup packet, as sent.
+    pub user: &'a str,
+    /// What lockguard's own TLS connection to the server lets it bind a SCRAM exchange to.
+    pub upstream: ChannelBinding,
+}
+
 /// Looks up the stored SCRAM secret of the connecting user; the error says why there is none.
 pub trait SecretLookup: FnOnce() -> Self::Fut {
     type Fut: Future<Output = Result<ScramSecret, String>>;
@@ -82,11 +120,12 @@ where
     type Fut = Fut;
 }
 
-/// Relays until AuthenticationOk or an error. `secret` is called only for a SCRAM client that
-/// announces channel binding (see the module docs). See the module docs.
+/// Relays until AuthenticationOk or an error, over a TLS connection to the server. `secret` is
+/// called only for a SCRAM client that announces channel binding (see the module docs).
 pub async fn relay_authentication<C, S, L>(
     client: &mut C,
     server: &mut S,
+    login: &Login<'_>,
     secret: L,
 ) -> Result<AuthEnd, AuthError>
 where
@@ -96,6 +135,7 @@ where
 {
     let mut secret = Some(secret);
     let mut next_from_server = None;
+    let mut binding_offered = false;
     loop {
         let mut message = match next_from_server.take() {
             Some(message) => message,
@@ -105,6 +145,7 @@ where
         let code = (tag == AUTHENTICATION && message.len() >= 9)
             .then(|| u32::from_be_bytes([message[5], message[6], message[7], message[8]]));
         if code == Some(AUTH_SASL) {
+            binding_offered = offers(&message, SCRAM_SHA_256_PLUS);
             message = without_channel_binding(&message);
         }
         client
@@ -141,30 +182,17 @@ where
                         let Some(lookup) = secret.take() else {
                             return Err(AuthError::ServerScram("SASL offered twice".into()));
                         };
-                        match lookup().await {
-                            Ok(secret) => {
-                                if let Some(end) =
-                                    scram_on_behalf(client, server, initial, &secret).await?
-                                {
-                                    return Ok(end);
-                                }
-                                continue;
-                            }
-                            Err(reason) => {
-                                // The reason (guard errors, role names) is for the operator,
-                                // not for a client that has not authenticated.
-                                warn!(
-                                    %reason,
-                                    "cannot check a channel-binding SCRAM client's proof: set \
-                                     guard.dsn and a guard.auth_query the guard role may run"
-                                );
-                                let message = "lockguard: this client offers SCRAM channel \
-                                     binding, which cannot cross lockguard to a TLS upstream, and \
-                                     lockguard cannot check the login in the server's place (see \
-                                     lockguard's log); connect with channel_binding=disable";
-                                refuse(client, sqlstate::INVALID_AUTHORIZATION, message).await;
-                                return Ok(AuthEnd::Refused);
-                            }
+                        let on_behalf = scram_on_behalf(
+                            client,
+                            server,
+                            login,
+                            binding_offered,
+                            initial,
+                            lookup,
+                        );
+                        match on_behalf.await? {
+                            Some(end) => return Ok(end),
+                            None => continue,
                         }
                     }
                 }
@@ -174,6 +202,63 @@ where
             _ => {}
         }
     }
+}
+
+/// Completes the SCRAM exchange of a binding-capable client in the server's place (see the
+/// module docs). `Some(end)` when that ended the authentication; `None` when the server
+/// accepted and the relay goes on.
+async fn scram_on_behalf<C, S, L>(
+    client: &mut C,
+    server: &mut S,
+    login: &Login<'_>,
+    binding_offered: bool,
+    client_first_data: &[u8],
+    lookup: L,
+) -> Result<Option<AuthEnd>, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    L: SecretLookup,
+{
+    let upstream = match upstream_binding(login, binding_offered) {
+        Ok(upstream) => upstream,
+        Err(reason) => {
+            warn!(
+                %reason,
+                user = ?login.user,
+                client = %login.client,
+                "cannot complete a SCRAM login bound to the upstream TLS connection"
+            );
+            let message = "lockguard: cannot bind this login to lockguard's TLS connection to \
+                 the server (see lockguard's log)";
+            refuse(client, sqlstate::INVALID_AUTHORIZATION, message).await;
+            return Ok(Some(AuthEnd::Refused));
+        }
+    };
+    let secret = match lookup().await {
+        Ok(secret) => secret,
+        Err(reason) => {
+            // The reason (guard errors, role names) is for the operator, not for a client that
+            // has not authenticated.
+            warn!(
+                %reason,
+                "cannot check a channel-binding SCRAM client's proof: set guard.dsn and a \
+                 guard.auth_query the guard role may run"
+            );
+            let message = "lockguard: this client offers SCRAM channel binding, which cannot \
+                 cross lockguard to a TLS upstream, and lockguard cannot check the login in the \
+                 server's place (see lockguard's log); connect with channel_binding=disable";
+            refuse(client, sqlstate::INVALID_AUTHORIZATION, message).await;
+            return Ok(Some(AuthEnd::Refused));
+        }
+    };
+    let exchange = OnBehalf {
+        login,
+        upstream,
+        client_first_data,
+        secret: &secret,
+    };
+    exchange.run(client, server).await
 }
 
 /// Who sent the next message after an authentication request.
@@ -216,112 +301,184 @@ fn binding_capable_scram(answer: &[u8]) -> Option<&[u8]> {
     data.starts_with(b"y,").then_some(data)
 }
 
-/// Carries one SCRAM exchange in the server's place towards the client and the client's place
-/// towards the server. `Some(end)` when it ended the authentication; `None` when the server
-/// accepted and the relay goes on (AuthenticationOk and what follows).
-async fn scram_on_behalf<C, S>(
-    client: &mut C,
-    server: &mut S,
-    client_first_data: &[u8],
-    secret: &ScramSecret,
-) -> Result<Option<AuthEnd>, AuthError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let protocol_error =
-        |what: String| AuthError::Client(io::Error::new(io::ErrorKind::InvalidData, what));
-    let first = ClientFirst::parse(client_first_data).map_err(protocol_error)?;
-    // Upstream, lockguard is a client that cannot bind (it has no use for it: the upstream
-    // channel is lockguard's own), so the flag is `n` and `c=` is "n,," in base64.
-    let upstream_gs2 = "n,,";
-    let mut upstream_first = upstream_gs2.as_bytes().to_vec();
-    upstream_first.extend_from_slice(first.bare.as_bytes());
-    server
-        .write_all(&sasl_message(Some(scram::SCRAM_SHA_256), &upstream_first))
-        .await
-        .map_err(AuthError::Server)?;
+/// The SASL mechanism with channel binding.
+const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
-    let server_first_message = read_server(server).await?;
-    let Some(server_first) = sasl_payload(&server_first_message, AUTH_SASL_CONTINUE) else {
-        return forward_refusal(client, &server_first_message).await;
+/// How lockguard, as the server's SCRAM client, binds: the mechanism, the gs2 header and the
+/// binding data its `c=` carries after the header.
+#[derive(Debug, PartialEq, Eq)]
+struct UpstreamGs2 {
+    mechanism: &'static str,
+    header: &'static str,
+    data: Vec<u8>,
+}
+
+/// The binding lockguard uses towards the server, or why it cannot complete the login safely.
+fn upstream_binding(login: &Login<'_>, offered: bool) -> Result<UpstreamGs2, String> {
+    let plain = |header| UpstreamGs2 {
+        mechanism: scram::SCRAM_SHA_256,
+        header,
+        data: Vec::new(),
     };
-    let server_first = std::str::from_utf8(server_first)
-        .map_err(|_| AuthError::ServerScram("server-first is not UTF-8".into()))?
-        .to_owned();
-    client
-        .write_all(&server_first_message)
-        .await
-        .map_err(AuthError::Client)?;
+    match (&login.upstream, offered) {
+        (ChannelBinding::EndPoint(hash), true) => Ok(UpstreamGs2 {
+            mechanism: SCRAM_SHA_256_PLUS,
+            header: "p=tls-server-end-point,,",
+            data: hash.clone(),
+        }),
+        // "I could bind, but you did not offer it": a server that can bind refuses, so a relay
+        // that struck -PLUS from the list gets nowhere.
+        (_, false) => Ok(plain("y,,")),
+        // Nothing to bind to, but the certificate was checked against a CA: the peer is the
+        // server, which is what binding would have proved.
+        (
+            ChannelBinding::Unavailable {
+                certificate_verified: true,
+                ..
+            },
+            true,
+        ) => Ok(plain("n,,")),
+        (
+            ChannelBinding::Unavailable {
+                reason,
+                certificate_verified: false,
+            },
+            true,
+        ) => Err(format!(
+            "{reason}; without channel binding a relay with a certificate of its own could take \
+             the login over, and upstream_mode does not verify the server certificate: set \
+             upstream_mode = verify-full (or verify-ca) with upstream_ca"
+        )),
+    }
+}
 
-    let final_message = read_client(client).await?;
-    let final_data = final_message
-        .get(5..)
-        .filter(|_| final_message[0] == PASSWORD_MESSAGE)
-        .ok_or_else(|| protocol_error("expected a SASLResponse".into()))?;
-    let fin = ClientFinal::parse(final_data).map_err(protocol_error)?;
-    if fin.channel_binding != scram::base64(first.gs2_header.as_bytes())
-        || !server_first.starts_with(&format!("r={},", fin.nonce))
+/// One SCRAM exchange carried in the server's place towards the client and in the client's
+/// place towards the server.
+struct OnBehalf<'a> {
+    login: &'a Login<'a>,
+    upstream: UpstreamGs2,
+    client_first_data: &'a [u8],
+    secret: &'a ScramSecret,
+}
+
+impl OnBehalf<'_> {
+    /// `Some(end)` when it ended the authentication; `None` when the server accepted and the
+    /// relay goes on (AuthenticationOk and what follows).
+    async fn run<C, S>(self, client: &mut C, server: &mut S) -> Result<Option<AuthEnd>, AuthError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
-        return Err(protocol_error(
-            "client-final does not match the exchange".into(),
-        ));
-    }
-    let client_auth_message = scram::auth_message(first.bare, &server_first, fin.without_proof);
-    let Some(client_key) = secret
-        .keys
-        .recover_client_key(&client_auth_message, &fin.proof)
-    else {
-        info!("SCRAM proof checked by lockguard is wrong: password authentication failed");
-        refuse(
-            client,
-            sqlstate::INVALID_PASSWORD,
-            "password authentication failed",
-        )
-        .await;
-        return Ok(Some(AuthEnd::Refused));
-    };
+        let protocol_error =
+            |what: String| AuthError::Client(io::Error::new(io::ErrorKind::InvalidData, what));
+        let first = ClientFirst::parse(self.client_first_data).map_err(protocol_error)?;
+        let mut upstream_first = self.upstream.header.as_bytes().to_vec();
+        upstream_first.extend_from_slice(first.bare.as_bytes());
+        server
+            .write_all(&sasl_message(
+                Some(self.upstream.mechanism),
+                &upstream_first,
+            ))
+            .await
+            .map_err(AuthError::Server)?;
 
-    let upstream_without_proof = match fin.without_proof.split_once(',') {
-        Some((_, rest)) => format!("c={},{rest}", scram::base64(upstream_gs2.as_bytes())),
-        None => return Err(protocol_error("client-final has no nonce".into())),
-    };
-    let upstream_auth_message =
-        scram::auth_message(first.bare, &server_first, &upstream_without_proof);
-    let proof = secret
-        .keys
-        .client_proof(&client_key, &upstream_auth_message);
-    let upstream_final = format!("{upstream_without_proof},p={}", scram::base64(&proof));
-    server
-        .write_all(&sasl_message(None, upstream_final.as_bytes()))
-        .await
-        .map_err(AuthError::Server)?;
+        let server_first_message = read_server(server).await?;
+        let Some(server_first) = sasl_payload(&server_first_message, AUTH_SASL_CONTINUE) else {
+            return forward_refusal(client, &server_first_message).await;
+        };
+        let server_first = std::str::from_utf8(server_first)
+            .map_err(|_| AuthError::ServerScram("server-first is not UTF-8".into()))?
+            .to_owned();
+        client
+            .write_all(&server_first_message)
+            .await
+            .map_err(AuthError::Client)?;
 
-    let server_final_message = read_server(server).await?;
-    let Some(server_final) = sasl_payload(&server_final_message, AUTH_SASL_FINAL) else {
-        return forward_refusal(client, &server_final_message).await;
-    };
-    // The server proves it knows the same secret; the client gets the proof for its own
-    // exchange.
-    let expected = format!(
-        "v={}",
-        scram::base64(&secret.keys.server_signature(&upstream_auth_message))
-    );
-    if !scram::constant_time_eq(server_final, expected.as_bytes()) {
-        return Err(AuthError::ServerScram(
-            "the server's SCRAM signature does not match the stored secret".into(),
-        ));
+        let final_message = read_client(client).await?;
+        let final_data = final_message
+            .get(5..)
+            .filter(|_| final_message[0] == PASSWORD_MESSAGE)
+            .ok_or_else(|| protocol_error("expected a SASLResponse".into()))?;
+        let fin = ClientFinal::parse(final_data).map_err(protocol_error)?;
+        if fin.channel_binding != scram::base64(first.gs2_header.as_bytes())
+            || !server_first.starts_with(&format!("r={},", fin.nonce))
+        {
+            return Err(protocol_error(
+                "client-final does not match the exchange".into(),
+            ));
+        }
+        let keys = &self.secret.keys;
+        let client_auth_message = scram::auth_message(first.bare, &server_first, fin.without_proof);
+        let client_key = keys.recover_client_key(&client_auth_message, &fin.proof);
+
+        let Some((_, nonce_and_rest)) = fin.without_proof.split_once(',') else {
+            return Err(protocol_error("client-final has no nonce".into()));
+        };
+        let mut binding = self.upstream.header.as_bytes().to_vec();
+        binding.extend_from_slice(&self.upstream.data);
+        let upstream_without_proof = format!("c={},{nonce_and_rest}", scram::base64(&binding));
+        let upstream_auth_message =
+            scram::auth_message(first.bare, &server_first, &upstream_without_proof);
+        let proof = match &client_key {
+            Some(client_key) => keys.client_proof(client_key, &upstream_auth_message),
+            // A wrong password still reaches the server as a failed login, with a proof that
+            // cannot match: its auth_delay, its log and whatever watches that log see it as
+            // they would see a direct client.
+            None => {
+                warn!(
+                    user = ?self.login.user,
+                    client = %self.login.client,
+                    "SCRAM login failed: wrong password or no such role (lockguard checked the \
+                     proof; the server is sent a failing one so it sees the attempt too)"
+                );
+                rand::random()
+            }
+        };
+        let upstream_final = format!("{upstream_without_proof},p={}", scram::base64(&proof));
+        server
+            .write_all(&sasl_message(None, upstream_final.as_bytes()))
+            .await
+            .map_err(AuthError::Server)?;
+
+        let server_final_message = read_server(server).await?;
+        if client_key.is_none() {
+            if server_final_message[0] == ERROR_RESPONSE {
+                return forward_refusal(client, &server_final_message).await;
+            }
+            // Only a server that does not check proofs accepts that one; the client's proof
+            // was wrong all the same.
+            let message = format!(
+                "password authentication failed for user \"{}\"",
+                self.login.user
+            );
+            refuse(client, sqlstate::INVALID_PASSWORD, &message).await;
+            return Ok(Some(AuthEnd::Refused));
+        }
+        let Some(server_final) = sasl_payload(&server_final_message, AUTH_SASL_FINAL) else {
+            return forward_refusal(client, &server_final_message).await;
+        };
+        // The server proves it knows the same secret; the client gets the proof for its own
+        // exchange.
+        let expected = format!(
+            "v={}",
+            scram::base64(&keys.server_signature(&upstream_auth_message))
+        );
+        if !scram::constant_time_eq(server_final, expected.as_bytes()) {
+            return Err(AuthError::ServerScram(
+                "the server's SCRAM signature does not match the stored secret".into(),
+            ));
+        }
+        let client_final = format!(
+            "v={}",
+            scram::base64(&keys.server_signature(&client_auth_message))
+        );
+        let mut reply = vec![AUTHENTICATION, 0, 0, 0, 0];
+        reply.extend_from_slice(&AUTH_SASL_FINAL.to_be_bytes());
+        reply.extend_from_slice(client_final.as_bytes());
+        patch_length(&mut reply);
+        client.write_all(&reply).await.map_err(AuthError::Client)?;
+        Ok(None)
     }
-    let client_final = format!(
-        "v={}",
-        scram::base64(&secret.keys.server_signature(&client_auth_message))
-    );
-    let mut reply = vec![AUTHENTICATION, 0, 0, 0, 0];
-    reply.extend_from_slice(&AUTH_SASL_FINAL.to_be_bytes());
-    reply.extend_from_slice(client_final.as_bytes());
-    patch_length(&mut reply);
-    client.write_all(&reply).await.map_err(AuthError::Client)?;
-    Ok(None)
 }
 
 /// The server's answer was not the next SCRAM step: pass it on (an ErrorResponse, normally)
@@ -443,6 +600,16 @@ async fn read_message_into<R: AsyncRead + Unpin>(
     }
 }
 
+/// Whether an AuthenticationSASL lists `mechanism`.
+fn offers(message: &[u8], mechanism: &str) -> bool {
+    message
+        .get(9..)
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .take_while(|name| !name.is_empty())
+        .any(|name| name == mechanism.as_bytes())
+}
+
 /// AuthenticationSASL with every `-PLUS` (channel binding) mechanism removed.
 fn without_channel_binding(message: &[u8]) -> Vec<u8> {
     let mechanisms = message[9..]
@@ -463,6 +630,192 @@ fn without_channel_binding(message: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scram::ScramKeys;
+
+    const END_POINT: [u8; 32] = [0xab; 32];
+
+    fn login() -> Login<'static> {
+        Login {
+            client: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            user: "alice",
+            upstream: ChannelBinding::EndPoint(END_POINT.to_vec()),
+        }
+    }
+
+    fn unavailable(certificate_verified: bool) -> Login<'static> {
+        Login {
+            upstream: ChannelBinding::Unavailable {
+                reason: "an Ed25519 certificate".into(),
+                certificate_verified,
+            },
+            ..login()
+        }
+    }
+
+    #[test]
+    fn role_names_are_cut_to_63_bytes_as_the_server_cuts_them() {
+        assert_eq!(role_name("alice"), Some("alice"));
+        let exact = "x".repeat(63);
+        assert_eq!(role_name(&exact), Some(exact.as_str()));
+        let long = format!("{exact}yyyy");
+        assert_eq!(role_name(&long), Some(exact.as_str()));
+        // "a" and 31 two-byte characters fill 63 bytes; what follows is cut.
+        let role = format!("a{}", "é".repeat(31));
+        assert_eq!(role_name(&format!("{role}üüü")), Some(role.as_str()));
+        // 63 bytes end inside the 32nd "é": no role has that name.
+        assert_eq!(role_name(&"é".repeat(50)), None);
+    }
+
+    #[test]
+    fn the_upstream_exchange_binds_when_the_server_offers_binding() {
+        assert_eq!(
+            upstream_binding(&login(), true),
+            Ok(UpstreamGs2 {
+                mechanism: SCRAM_SHA_256_PLUS,
+                header: "p=tls-server-end-point,,",
+                data: END_POINT.to_vec(),
+            })
+        );
+        // Not offered: "I could have bound", which a server that can bind refuses.
+        for login in [login(), unavailable(false), unavailable(true)] {
+            let gs2 = upstream_binding(&login, false).expect("not offered");
+            assert_eq!((gs2.mechanism, gs2.header), (scram::SCRAM_SHA_256, "y,,"));
+        }
+        // Offered, but the certificate gives nothing to bind to: only a verified certificate
+        // makes an unbound login safe.
+        let gs2 = upstream_binding(&unavailable(true), true).expect("verified certificate");
+        assert_eq!((gs2.mechanism, gs2.header), (scram::SCRAM_SHA_256, "n,,"));
+        let refused = upstream_binding(&unavailable(false), true).expect_err("unverified");
+        assert!(refused.contains("Ed25519") && refused.contains("verify-full"));
+    }
+
+    async fn read_one<R: AsyncRead + Unpin>(from: &mut R) -> Vec<u8> {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), read_server(from));
+        match read.await {
+            Ok(Ok(message)) => message,
+            Ok(Err(e)) => panic!("reading a message: {e}"),
+            Err(_) => panic!("no message in time"),
+        }
+    }
+
+    fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+        sasl_message(Some(mechanism), data)
+    }
+
+    /// Plays a binding-capable client and a PostgreSQL offering SCRAM-SHA-256-PLUS around
+    /// the relay, with the client's password `password` (the stored one is "pencil"). Returns
+    /// what the client finally received and how the relay ended.
+    async fn exchange_with_binding(password: &str) -> (Vec<u8>, Result<AuthEnd, AuthError>) {
+        let salt = b"0123456789abcdef".to_vec();
+        let keys = ScramKeys::from_password("pencil", &salt, 4096);
+        let secret = ScramSecret {
+            iterations: 4096,
+            salt: salt.clone(),
+            keys: keys.clone(),
+        };
+        let (mut client, mut client_side) = tokio::io::duplex(4096);
+        let (mut server, mut server_side) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move {
+            let lookup = || async move { Ok::<_, String>(secret) };
+            relay_authentication(&mut client_side, &mut server_side, &login(), lookup).await
+        });
+
+        server
+            .write_all(&sasl(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]))
+            .await
+            .unwrap();
+        expect(&mut client, &sasl(&["SCRAM-SHA-256"])).await;
+        client
+            .write_all(&sasl_initial("SCRAM-SHA-256", b"y,,n=,r=clientnonce"))
+            .await
+            .unwrap();
+
+        // Upstream: bound to the server certificate lockguard saw.
+        let upstream_first = read_one(&mut server).await;
+        assert_eq!(
+            upstream_first,
+            sasl_initial(
+                "SCRAM-SHA-256-PLUS",
+                b"p=tls-server-end-point,,n=,r=clientnonce"
+            )
+        );
+        let server_first = format!("r=clientnonceSERVER,s={},i=4096", scram::base64(&salt));
+        let continue_message = auth(AUTH_SASL_CONTINUE, server_first.as_bytes());
+        server.write_all(&continue_message).await.unwrap();
+        expect(&mut client, &continue_message).await;
+
+        // The client proves `password` for its own exchange (c= repeats its "y,,").
+        let client_without_proof = "c=eSws,r=clientnonceSERVER";
+        let client_auth =
+            scram::auth_message("n=,r=clientnonce", &server_first, client_without_proof);
+        let salted = scram::salted_password(password.as_bytes(), &salt, 4096);
+        let client_key = scram::hmac(&salted, b"Client Key");
+        let proof = keys.client_proof(&client_key, &client_auth);
+        let client_final = format!("{client_without_proof},p={}", scram::base64(&proof));
+        client
+            .write_all(&sasl_message(None, client_final.as_bytes()))
+            .await
+            .unwrap();
+
+        // What reaches the server is bound to the certificate hash; the server checks the
+        // proof as PostgreSQL does.
+        let upstream_final = read_one(&mut server).await;
+        let upstream_final = std::str::from_utf8(&upstream_final[5..])
+            .unwrap()
+            .to_owned();
+        let mut binding = b"p=tls-server-end-point,,".to_vec();
+        binding.extend_from_slice(&END_POINT);
+        let upstream_without_proof = format!("c={},r=clientnonceSERVER", scram::base64(&binding));
+        let (without_proof, upstream_proof) = upstream_final.rsplit_once(",p=").unwrap();
+        assert_eq!(without_proof, upstream_without_proof);
+        let upstream_auth =
+            scram::auth_message("n=,r=clientnonce", &server_first, &upstream_without_proof);
+        let upstream_proof =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, upstream_proof)
+                .unwrap();
+        if keys
+            .recover_client_key(&upstream_auth, &upstream_proof)
+            .is_some()
+        {
+            let signature = keys.server_signature(&upstream_auth);
+            let server_final = format!("v={}", scram::base64(&signature));
+            server
+                .write_all(&auth(AUTH_SASL_FINAL, server_final.as_bytes()))
+                .await
+                .unwrap();
+            let client_final = format!("v={}", scram::base64(&keys.server_signature(&client_auth)));
+            expect(&mut client, &auth(AUTH_SASL_FINAL, client_final.as_bytes())).await;
+            server.write_all(&auth(AUTH_OK, b"")).await.unwrap();
+        } else {
+            server.write_all(&refusal()).await.unwrap();
+        }
+        let mut received = vec![0u8; 64];
+        let n = client.read(&mut received).await.unwrap();
+        received.truncate(n);
+        let end = relay.await.unwrap();
+        (received, end)
+    }
+
+    fn refusal() -> Vec<u8> {
+        msg(
+            ERROR_RESPONSE,
+            b"SFATAL\0C28P01\0Mpassword authentication failed\0\0",
+        )
+    }
+
+    #[tokio::test]
+    async fn a_login_lockguard_completes_is_bound_to_the_upstream_certificate() {
+        let (received, end) = exchange_with_binding("pencil").await;
+        assert_eq!(received, auth(AUTH_OK, b""));
+        assert_eq!(end.unwrap(), AuthEnd::Authenticated);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_reaches_the_server_and_its_refusal_is_forwarded() {
+        let (received, end) = exchange_with_binding("not pencil").await;
+        assert_eq!(received, refusal());
+        assert_eq!(end.unwrap(), AuthEnd::Refused);
+    }
 
     fn sasl(mechanisms: &[&str]) -> Vec<u8> {
         let mut body = AUTH_SASL.to_be_bytes().to_vec();
@@ -491,7 +844,7 @@ mod tests {
         let (mut server, mut server_side) = tokio::io::duplex(4096);
         let relay = tokio::spawn(async move {
             let no_secret = || async { Err::<ScramSecret, _>("not needed".to_owned()) };
-            relay_authentication(&mut client_side, &mut server_side, no_secret).await
+            relay_authentication(&mut client_side, &mut server_side, &login(), no_secret).await
         });
         let msg = |tag: u8, body: &[u8]| {
             let mut m = vec![tag];
@@ -552,7 +905,8 @@ mod tests {
         let (mut server, mut server_side) = tokio::io::duplex(4096);
         let relay = tokio::spawn(async move {
             let no_secret = || async { Err::<ScramSecret, _>("not needed".to_owned()) };
-            let end = relay_authentication(&mut client_side, &mut server_side, no_secret).await;
+            let end =
+                relay_authentication(&mut client_side, &mut server_side, &login(), no_secret).await;
             (end, server_side)
         });
         server.write_all(&auth(AUTH_GSS, b"")).await.unwrap();

@@ -193,12 +193,18 @@ async fn run_session(
             warn!(error = %e, "could not send the startup packet upstream");
             return;
         }
-        if upstream.is_tls() {
+        if let Some(binding) = upstream.channel_binding(upstream_tls.as_ref()) {
+            let login = auth::Login {
+                client: addr,
+                user: &record.client.user,
+                upstream: binding,
+            };
             let relayed = tokio::time::timeout_at(
                 startup_deadline,
                 Box::pin(auth::relay_authentication(
                     &mut client,
                     &mut upstream,
+                    &login,
                     || scram_secret(shared.guard.as_ref(), &record.client.user),
                 )),
             )
@@ -246,14 +252,27 @@ async fn run_session(
 /// The stored SCRAM secret of `user`, read by the guard (see [`auth`] for when it is needed).
 /// A role without one gets a mock secret, so the client learns no more than PostgreSQL would
 /// tell it ("password authentication failed"). The error is for the log only.
+///
+/// The secret is looked up under the name PostgreSQL will authenticate (an over-long name cut
+/// to 63 bytes): a longer one would only make the lookup fail, and the name is the client's.
 async fn scram_secret(guard: Option<&GuardHandle>, user: &str) -> Result<ScramSecret, String> {
     let guard = guard.ok_or("no guard.dsn is configured")?;
-    match guard.password_secret(user).await {
+    let Some(role) = auth::role_name(user) else {
+        debug!(
+            ?user,
+            "the server cuts this name inside a character: mock authentication"
+        );
+        return Ok(ScramSecret::mock());
+    };
+    match guard.password_secret(role).await {
         Ok(stored) => Ok(stored
             .as_deref()
             .and_then(ScramSecret::parse)
             .unwrap_or_else(|| {
-                debug!(%user, "no SCRAM secret stored for this role: mock authentication");
+                debug!(
+                    ?user,
+                    "no SCRAM secret stored for this role: mock authentication"
+                );
                 ScramSecret::mock()
             })),
         Err(e) => Err(e.to_string()),

@@ -22,6 +22,7 @@ pub mod net;
 pub mod protocol;
 pub mod sandbox;
 pub mod scram;
+pub mod secret;
 pub mod session;
 pub mod startup;
 pub mod stats;

@@ -1,0 +1,674 @@
+//! Logins that lockguard completes itself (a binding-capable SCRAM client on TLS in front of a
+//! TLS upstream) against the attacks a review tried: a man in the middle on the upstream link,
+//! password guessing that PostgreSQL should see, and over-long user names.
+//!
+//! Every test runs its own PostgreSQL with ssl=on (and `auth_delay` where it matters); the
+//! clients are tokio-postgres over TLS with channel binding `prefer`, as libpq's default is.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use guard_core::HealthStatus;
+use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
+use lockguard_tests::certs::{hand_to_postgres, TestCa};
+use lockguard_tests::cluster::{TestCluster, SCRAM_PASSWORD, SCRAM_USER};
+use lockguard_tests::guard_support::guard_config;
+use lockguard_tests::proxy::{config_for, TestProxy};
+use lockguard_tests::raw;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::config::{ChannelBinding, SslMode};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Everything lockguard logs, for the tests that check what it says. Installed before the
+/// first proxy starts (the harness's own logging then stands aside).
+fn captured_logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("lockguard=info"))
+            .with_ansi(false)
+            .with_writer(move || LogSink(logs))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("install the log capture");
+        logs
+    })
+}
+
+struct LogSink(&'static Mutex<Vec<u8>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_lines_with(needles: &[&str]) -> Vec<String> {
+    let logs = captured_logs().lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|line| needles.iter().all(|n| line.contains(n)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Certificates for one test: a CA that signs lockguard's and PostgreSQL's certificates.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: TestCa,
+    ca_file: PathBuf,
+    proxy_cert: PathBuf,
+    proxy_key: PathBuf,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new("lockguard auth test CA");
+    let ca_file = ca.write_ca(dir.path(), "ca.crt");
+    let proxy = ca.issue(dir.path(), "proxy", &["127.0.0.1", "localhost"]);
+    Pki {
+        _dir: dir,
+        ca,
+        ca_file,
+        proxy_cert: proxy.cert,
+        proxy_key: proxy.key,
+    }
+}
+
+/// A private PostgreSQL with ssl=on, its certificate signed by `pki`'s CA; `settings` go to
+/// postgresql.conf as well.
+fn tls_cluster(pki: &Pki, settings: &[(&str, &str)]) -> (TestCluster, tempfile::TempDir) {
+    let server_dir = tempfile::tempdir().expect("temp dir");
+    let server = pki.ca.issue(server_dir.path(), "server", &["localhost"]);
+    hand_to_postgres(server_dir.path());
+    start_tls_cluster(&server.cert, &server.key, settings, server_dir)
+}
+
+fn start_tls_cluster(
+    cert: &Path,
+    key: &Path,
+    settings: &[(&str, &str)],
+    dir: tempfile::TempDir,
+) -> (TestCluster, tempfile::TempDir) {
+    let cert = cert.to_string_lossy().into_owned();
+    let key = key.to_string_lossy().into_owned();
+    let mut all = vec![
+        ("ssl", "on"),
+        ("ssl_cert_file", cert.as_str()),
+        ("ssl_key_file", key.as_str()),
+    ];
+    all.extend_from_slice(settings);
+    let cluster = TestCluster::start(&all).expect("start a cluster with ssl=on");
+    (cluster, dir)
+}
+
+/// lockguard with TLS towards its clients, `upstream_mode` towards `upstream_port` on
+/// 127.0.0.1 (the cluster itself, or a relay in front of it), and a guard reading SCRAM
+/// secrets from `cluster` directly.
+fn lockguard_config(
+    cluster: &TestCluster,
+    pki: &Pki,
+    upstream_port: u16,
+    mode: UpstreamTlsMode,
+) -> Config {
+    let mut config = config_for(cluster);
+    config.tls.client_cert = Some(pki.proxy_cert.clone());
+    config.tls.client_key = Some(pki.proxy_key.clone());
+    config.tls.client_mode = ClientTlsMode::Allow;
+    config.proxy.upstream = Upstream::Tcp {
+        host: "127.0.0.1".to_owned(),
+        port: upstream_port,
+    };
+    config.tls.upstream_mode = mode;
+    config.guard = guard_config(cluster, &[]);
+    config
+}
+
+/// A rustls client configuration trusting only `ca`.
+fn trusting(ca: &Path) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
+        roots.add(cert.expect("parse CA")).expect("add CA");
+    }
+    ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Logs in through lockguard over TLS with channel binding `prefer` (so the client announces
+/// that it could bind), returning the outcome and the client's own address as lockguard sees
+/// it.
+async fn login(
+    proxy: &TestProxy,
+    ca: &Path,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> (Result<Client, tokio_postgres::Error>, SocketAddr) {
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let local = stream.local_addr().expect("local address");
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(user)
+        .password(password)
+        .dbname(db)
+        .ssl_mode(SslMode::Require)
+        .channel_binding(ChannelBinding::Prefer);
+    let tls = MakeTlsConnect::<TcpStream>::make_tls_connect(
+        &mut MakeRustlsConnect::new(trusting(ca)),
+        "127.0.0.1",
+    )
+    .expect("TLS connector");
+    let attempt = tokio::time::timeout(Duration::from_secs(20), config.connect_raw(stream, tls))
+        .await
+        .expect("the login ends in time");
+    let outcome = attempt.map(|(client, connection)| {
+        tokio::spawn(connection);
+        client
+    });
+    (outcome, local)
+}
+
+async fn current_user(client: &Client) -> String {
+    client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("current_user")
+        .get(0)
+}
+
+fn sqlstate(err: &tokio_postgres::Error) -> Option<&SqlState> {
+    err.as_db_error().map(|e| e.code())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A man in the middle of the upstream link.
+
+/// What a relay between lockguard and PostgreSQL saw of one connection.
+#[derive(Debug, Default)]
+struct Transcript {
+    /// SASL mechanisms lockguard chose (SASLInitialResponse).
+    mechanisms: Vec<String>,
+    /// PostgreSQL sent AuthenticationOk through the relay: the relay holds a logged-in session.
+    authenticated: bool,
+    /// Query and Parse messages that passed after the startup packet.
+    queries: usize,
+}
+
+/// Accepts everything (the relay is the attacker; it does not care whom it talks to).
+#[derive(Debug)]
+struct AcceptAnyCertificate;
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS-terminating relay in front of the server on `server_port`: it answers lockguard's
+/// SSLRequest with `S`, shows its own self-signed certificate, opens its own TLS connection to
+/// PostgreSQL and passes the decrypted bytes both ways, as an attacker on the network path
+/// would. The handle yields what it saw of the one connection it serves.
+async fn man_in_the_middle(server_port: u16) -> (SocketAddr, tokio::task::JoinHandle<Transcript>) {
+    let own = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let key = PrivateKeyDer::Pkcs8(own.signing_key.serialize_der().into());
+    let server_side = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![own.cert.der().clone()], key)
+        .expect("relay certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_side));
+    let client_side = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_side));
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let addr = listener.local_addr().expect("relay address");
+    let relay = tokio::spawn(async move {
+        let (mut victim, _) = listener.accept().await.expect("lockguard connects");
+        let mut request = [0u8; 8];
+        victim.read_exact(&mut request).await.expect("SSLRequest");
+        victim.write_all(b"S").await.expect("answer S");
+        let victim = acceptor
+            .accept(victim)
+            .await
+            .expect("TLS towards lockguard");
+
+        let mut server = TcpStream::connect(("127.0.0.1", server_port))
+            .await
+            .expect("connect to PostgreSQL");
+        assert_eq!(
+            raw::encryption_request(&mut server, raw::SSL_REQUEST).await,
+            b'S'
+        );
+        let name = ServerName::try_from("localhost").expect("name");
+        let server = connector
+            .connect(name, server)
+            .await
+            .expect("TLS towards PostgreSQL");
+
+        let (victim_read, victim_write) = tokio::io::split(victim);
+        let (server_read, server_write) = tokio::io::split(server);
+        let (from_lockguard, from_server) = tokio::join!(
+            pass_on(victim_read, server_write),
+            pass_on(server_read, victim_write)
+        );
+        read_transcript(&from_lockguard, &from_server)
+    });
+    (addr, relay)
+}
+
+/// Copies until either end stops, returning what passed.
+async fn pass_on<R, W>(mut from: R, mut to: W) -> Vec<u8>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+    seen
+}
+
+/// Tagged messages in `bytes` (what is left after the last whole one is ignored).
+fn messages(mut bytes: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        if len < 4 || bytes.len() < 1 + len {
+            break;
+        }
+        out.push((bytes[0], &bytes[5..1 + len]));
+        bytes = &bytes[1 + len..];
+    }
+    out
+}
+
+fn read_transcript(from_lockguard: &[u8], from_server: &[u8]) -> Transcript {
+    let mut transcript = Transcript::default();
+    // The startup packet has no tag: skip it by its length.
+    let startup_len = from_lockguard
+        .get(..4)
+        .map_or(0, |l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+    for (tag, body) in messages(from_lockguard.get(startup_len..).unwrap_or_default()) {
+        match tag {
+            b'p' if transcript.mechanisms.is_empty() => {
+                let name_end = body.iter().position(|&b| b == 0).unwrap_or(0);
+                transcript
+                    .mechanisms
+                    .push(String::from_utf8_lossy(&body[..name_end]).into_owned());
+            }
+            b'Q' | b'P' => transcript.queries += 1,
+            _ => {}
+        }
+    }
+    transcript.authenticated = messages(from_server)
+        .iter()
+        .any(|(tag, body)| *tag == b'R' && *body == [0, 0, 0, 0]);
+    transcript
+}
+
+/// With `upstream_mode = require` lockguard takes any certificate, so the relay gets between
+/// lockguard and PostgreSQL. Because lockguard binds the SCRAM exchange it completes to its
+/// own TLS channel (SCRAM-SHA-256-PLUS, tls-server-end-point), PostgreSQL sees that the
+/// channel is not the one it terminates and refuses: the relay never holds a logged-in
+/// session. Without the relay the same login succeeds, so the binding lockguard computes is
+/// the one PostgreSQL expects.
+#[tokio::test]
+async fn a_relay_with_its_own_certificate_cannot_take_over_a_login_lockguard_completes() {
+    captured_logs();
+    let pki = pki();
+    let (cluster, _server_dir) = tls_cluster(&pki, &[]);
+    if !cluster.is_owned() {
+        eprintln!("skipped: needs an owned cluster");
+        return;
+    }
+
+    let direct = TestProxy::start_with(lockguard_config(
+        &cluster,
+        &pki,
+        cluster.port(),
+        UpstreamTlsMode::Require,
+    ))
+    .await;
+    let (client, _) = login(
+        &direct,
+        &pki.ca_file,
+        SCRAM_USER,
+        SCRAM_PASSWORD,
+        "postgres",
+    )
+    .await;
+    let client = client.expect("the login succeeds without a relay in between");
+    assert_eq!(current_user(&client).await, SCRAM_USER);
+    drop(client);
+
+    let (relay_addr, relay) = man_in_the_middle(cluster.port()).await;
+    let behind_relay = TestProxy::start_with(lockguard_config(
+        &cluster,
+        &pki,
+        relay_addr.port(),
+        UpstreamTlsMode::Require,
+    ))
+    .await;
+    let (attempt, _) = login(
+        &behind_relay,
+        &pki.ca_file,
+        SCRAM_USER,
+        SCRAM_PASSWORD,
+        "postgres",
+    )
+    .await;
+    if let Ok(client) = &attempt {
+        // What the relay could now do in the user's name.
+        let _ = client.simple_query("SELECT 'through the relay'").await;
+    }
+    let outcome = attempt.map(|_| "logged in");
+    let transcript = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("the relay's connection ends")
+        .expect("relay task");
+    assert_eq!(
+        transcript.mechanisms,
+        ["SCRAM-SHA-256-PLUS"],
+        "{transcript:?}"
+    );
+    assert!(
+        !transcript.authenticated && transcript.queries == 0,
+        "the relay holds a logged-in session: {transcript:?}"
+    );
+    let err = outcome.expect_err("the login through the relay fails");
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("channel binding")),
+        "{err:?}"
+    );
+}
+
+/// tls-server-end-point hashes the server certificate with the hash of its signature
+/// algorithm: SHA-384 for an ECDSA P-384 certificate. PostgreSQL computes the same, so the
+/// login succeeds.
+#[tokio::test]
+async fn channel_binding_matches_postgres_for_a_sha384_certificate() {
+    captured_logs();
+    let pki = pki();
+    let server_dir = tempfile::tempdir().expect("temp dir");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("self-signed P-384 certificate");
+    let (cert_file, key_file) = (
+        server_dir.path().join("server.crt"),
+        server_dir.path().join("server.key"),
+    );
+    std::fs::write(&cert_file, cert.pem()).expect("write certificate");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    hand_to_postgres(server_dir.path());
+    let (cluster, _server_dir) = start_tls_cluster(&cert_file, &key_file, &[], server_dir);
+    if !cluster.is_owned() {
+        eprintln!("skipped: needs an owned cluster");
+        return;
+    }
+    let proxy = TestProxy::start_with(lockguard_config(
+        &cluster,
+        &pki,
+        cluster.port(),
+        UpstreamTlsMode::Require,
+    ))
+    .await;
+    let (client, _) = login(&proxy, &pki.ca_file, SCRAM_USER, SCRAM_PASSWORD, "postgres").await;
+    let client = client.expect("bound login with a SHA-384 server certificate");
+    assert_eq!(current_user(&client).await, SCRAM_USER);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Password guessing.
+
+const AUTH_DELAY: Duration = Duration::from_millis(2000);
+
+/// A wrong password that lockguard itself detects still reaches PostgreSQL as a failed
+/// attempt: `auth_delay` holds each answer back as it would for a direct client, the server
+/// log names the user, and lockguard warns with the user and the client's address.
+#[tokio::test]
+async fn wrong_passwords_lockguard_detects_still_reach_postgres_as_failed_logins() {
+    captured_logs();
+    let pki = pki();
+    let delay_ms = AUTH_DELAY.as_millis().to_string();
+    let (cluster, _server_dir) = tls_cluster(
+        &pki,
+        &[
+            ("shared_preload_libraries", "auth_delay"),
+            ("auth_delay.milliseconds", delay_ms.as_str()),
+        ],
+    );
+    let Some(server_log) = cluster.log_path().map(Path::to_path_buf) else {
+        eprintln!("skipped: needs an owned cluster");
+        return;
+    };
+    let proxy = TestProxy::start_with(lockguard_config(
+        &cluster,
+        &pki,
+        cluster.port(),
+        UpstreamTlsMode::Require,
+    ))
+    .await;
+
+    const GUESSES: u32 = 3;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..GUESSES {
+        let guess = format!("guess-{i}");
+        let (attempt, local) = login(&proxy, &pki.ca_file, SCRAM_USER, &guess, "postgres").await;
+        let err = attempt.expect_err("a wrong password is refused");
+        assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+        clients.push(local);
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= AUTH_DELAY * GUESSES,
+        "{GUESSES} wrong guesses took {elapsed:?}: PostgreSQL's auth_delay of {AUTH_DELAY:?} \
+         was not applied to each"
+    );
+
+    let failure = format!("password authentication failed for user \"{SCRAM_USER}\"");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&server_log).unwrap_or_default();
+        let seen = log.matches(&failure).count();
+        if seen >= GUESSES as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server logged {seen} of {GUESSES} failed logins; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for client in clients {
+        let client = client.to_string();
+        let warnings = log_lines_with(&["WARN", &client, SCRAM_USER]);
+        assert!(
+            !warnings.is_empty(),
+            "no warning names {SCRAM_USER} and {client}; lockguard logged:\n{}",
+            log_lines_with(&[&client]).join("\n")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Over-long user names.
+
+/// The database whose logins these tests make PostgreSQL check with scram-sha-256 (the
+/// harness trusts every other role).
+const NAMES_DB: &str = "lg_names";
+
+/// Requires scram-sha-256 for every login to [`NAMES_DB`] over TCP, and waits until the server
+/// applies it (a login as `probe_role` without a password stops working).
+async fn require_scram_for_names_db(cluster: &TestCluster, probe_role: &str) {
+    let hba = cluster
+        .data_dir()
+        .expect("owned cluster")
+        .join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    let rule = format!(
+        "host {NAMES_DB} all 127.0.0.1/32 scram-sha-256\nhost {NAMES_DB} all ::1/128 scram-sha-256\n"
+    );
+    std::fs::write(&hba, format!("{rule}{old}")).expect("write pg_hba.conf");
+    let admin = cluster.connect_admin().await;
+    admin
+        .batch_execute("SELECT pg_catalog.pg_reload_conf()")
+        .await
+        .expect("reload");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster
+        .pg_config(probe_role, None, NAMES_DB)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pg_hba.conf was not reloaded in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client may send a user name longer than PostgreSQL's 63-byte names. PostgreSQL cuts it
+/// to its first 63 bytes; lockguard looks the stored secret up under the same name, so the
+/// login works as it would directly, a wrong password gets the usual 28P01, and the guard's
+/// lookup never fails on the length ("identifier too long") nor degrades the guard.
+#[tokio::test]
+async fn an_overlong_user_name_is_looked_up_as_postgres_truncates_it() {
+    captured_logs();
+    let pki = pki();
+    let (cluster, _server_dir) = tls_cluster(&pki, &[]);
+    if !cluster.is_owned() {
+        eprintln!("skipped: needs an owned cluster");
+        return;
+    }
+    // 63 bytes: "a" and 31 two-byte characters.
+    let role: String = std::iter::once('a')
+        .chain(std::iter::repeat_n('é', 31))
+        .collect();
+    assert_eq!(role.len(), 63);
+    // 100 bytes that start with the role's name.
+    let long_name: String = role
+        .chars()
+        .chain(std::iter::repeat_n('ü', 18))
+        .chain(std::iter::once('z'))
+        .collect();
+    assert_eq!(long_name.len(), 100);
+    // 100 bytes whose 63rd byte is the middle of a character: no role has that name.
+    let cut_mid_character = "é".repeat(50);
+
+    let admin = cluster.connect_admin().await;
+    for statement in [
+        format!("CREATE DATABASE {NAMES_DB}"),
+        format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'name_pass'"),
+    ] {
+        admin.batch_execute(&statement).await.expect(&statement);
+    }
+    require_scram_for_names_db(&cluster, &role).await;
+
+    let proxy = TestProxy::start_with(lockguard_config(
+        &cluster,
+        &pki,
+        cluster.port(),
+        UpstreamTlsMode::Require,
+    ))
+    .await;
+    let (client, _) = login(&proxy, &pki.ca_file, &long_name, "name_pass", NAMES_DB).await;
+    let client = client.expect("a 100-byte name logs in as the role of its first 63 bytes");
+    assert_eq!(current_user(&client).await, role);
+    drop(client);
+
+    let (attempt, _) = login(&proxy, &pki.ca_file, &long_name, "wrong", NAMES_DB).await;
+    let err = attempt.expect_err("a wrong password is refused");
+    assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+
+    // PostgreSQL looks up the cut bytes, finds no role and refuses as for a wrong password;
+    // lockguard does not look such a name up at all.
+    let (attempt, _) = login(&proxy, &pki.ca_file, &cut_mid_character, "x", NAMES_DB).await;
+    let err = attempt.expect_err("no such role");
+    assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+
+    let guard = proxy.guard().expect("guard configured");
+    let health = guard.health();
+    assert_eq!(health.status, HealthStatus::Ok, "{:?}", health.last_error);
+}
