@@ -134,6 +134,8 @@ pub struct SessionRecord {
     /// Set before a kill is attempted, so the pump stops forwarding the backend's own
     /// termination message and sends ours instead.
     kill_pending: AtomicBool,
+    /// Set once the guard has warned that PostgreSQL does not know this session's backend pid.
+    unmapped_backend_noted: AtomicBool,
 }
 
 impl SessionRecord {
@@ -158,6 +160,7 @@ impl SessionRecord {
             kill_notice: OnceLock::new(),
             kill_wakeup: Notify::new(),
             kill_pending: AtomicBool::new(false),
+            unmapped_backend_noted: AtomicBool::new(false),
         }
     }
 
@@ -342,6 +345,12 @@ impl SessionRecord {
             Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Notes that PostgreSQL does not know this session's backend pid (as ours); true the
+    /// first time only, so the warning is logged once per session.
+    pub fn note_unmapped_backend(&self) -> bool {
+        !self.unmapped_backend_noted.swap(true, Ordering::AcqRel)
     }
 
     // ---- ending a live session on purpose -----------------------------------------------

@@ -375,3 +375,92 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
     assert!(row.body.ends_with(b"2"), "two COPYs succeeded: {row:?}");
     assert_eq!(record.state(), TxnState::Idle);
 }
+
+/// A raw session through `proxy` logged in to `db`, with its backend pid.
+async fn raw_session(proxy: &TestProxy, db: &str) -> (TcpStream, i32) {
+    let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
+    let login = raw::login(&mut app, TestCluster::shared().superuser(), db).await;
+    let key = login
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
+    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    (app, pid)
+}
+
+#[tokio::test]
+async fn terminate_with_a_statement_in_flight_is_a_lost_client() {
+    let (proxy, db, admin) = guarded("terminate_busy").await;
+    let (mut app, pid) = raw_session(&proxy, &db).await;
+    app.write_all(&raw::query(LOCK_AND_SLEEP))
+        .await
+        .expect("send");
+    let waiter = BlockedLogin::start(TestCluster::shared(), &db, &admin).await;
+
+    // What PgBouncer does when its own client vanished mid-statement: Terminate, then close.
+    app.write_all(&raw::message(b'X', &[]))
+        .await
+        .expect("send Terminate");
+    let said_goodbye = std::time::Instant::now();
+    drop(app);
+    let proceeded = waiter
+        .proceeds(INFLIGHT_GRACE + Duration::from_secs(1))
+        .await;
+    assert!(proceeded - said_goodbye >= INFLIGHT_GRACE - Duration::from_millis(50));
+    let guard = proxy.guard().expect("guard on");
+    guard_support::wait_for(Duration::from_secs(2), "the kill's audit event", || {
+        let found = guard.audit().recent().iter().any(|e| e.backend_pid == pid);
+        async move { found }
+    })
+    .await;
+    let event = guard
+        .audit()
+        .recent()
+        .into_iter()
+        .find(|e| e.backend_pid == pid)
+        .expect("the event just seen");
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(
+        event.cause.as_deref(),
+        Some("Terminate while busy: the client said goodbye with a statement in flight")
+    );
+}
+
+#[tokio::test]
+async fn terminate_while_idle_in_a_transaction_is_a_clean_goodbye() {
+    let (proxy, db, admin) = guarded("terminate_idle").await;
+    let (mut app, pid) = raw_session(&proxy, &db).await;
+    app.write_all(&raw::query(
+        "BEGIN; UPDATE app.user_sessions SET token = 'rolled back' WHERE id = 1",
+    ))
+    .await
+    .expect("send");
+    let reply = read_until(&mut app, b'Z').await;
+    assert_eq!(reply.last().map(|m| m.body.clone()), Some(b"T".to_vec()));
+    app.write_all(&raw::message(b'X', &[]))
+        .await
+        .expect("send Terminate");
+    drop(app);
+
+    // The backend reads the Terminate at once, rolls back and exits by itself; the session
+    // ends without asking the guard.
+    proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
+    guard_support::wait_for(Duration::from_secs(5), "the backend to exit", || {
+        let admin = &admin;
+        async move { !guard_support::backend_alive(admin, pid).await }
+    })
+    .await;
+    let token: String = admin
+        .query_one("SELECT token FROM app.user_sessions WHERE id = 1", &[])
+        .await
+        .expect("read the row")
+        .get(0);
+    assert_eq!(token, "token-1");
+    assert!(proxy
+        .guard()
+        .expect("guard on")
+        .audit()
+        .recent()
+        .iter()
+        .all(|e| e.backend_pid != pid));
+}
