@@ -88,7 +88,7 @@ pub struct SessionContext {
 enum ClientEnd {
     /// Terminate was sent with nothing in flight: an orderly goodbye.
     Goodbye,
-    /// The client vanished without Terminate.
+    /// The client vanished without Terminate, or sent it while a statement was in flight.
     Lost(ClientLoss),
     /// The server stopped accepting what the client sent.
     ServerWriteFailed(io::Error),
