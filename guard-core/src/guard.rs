@@ -484,7 +484,8 @@ impl Guard {
                 database = %database,
                 cause,
                 %error,
-                "client lost inside a transaction but the guard cannot check its locks"
+                "client lost with a transaction open or a statement in flight, but the guard \
+                 cannot check its locks"
             ),
             Decision::Acted(_) => {}
         }
@@ -542,7 +543,43 @@ impl Guard {
             })
             .await;
         self.probes.record(started.elapsed(), result.is_ok());
+        if let Ok(facts) = &result {
+            self.warn_unmapped_backends(pids, facts);
+        }
         result
+    }
+
+    /// A session whose backend pid PostgreSQL does not know, or knows as another
+    /// connection's, is not connected to PostgreSQL directly: a pooler between lockguard and
+    /// the server (PgBouncer) hands out BackendKeyData of its own, and the guard can neither
+    /// see nor terminate that session's backend. Says so once per session rather than
+    /// failing silently. A backend whose `client_port` the guard role may not read is not
+    /// judged (that has its own warning).
+    fn warn_unmapped_backends(&self, pids: &[i32], facts: &HashMap<i32, BackendFacts>) {
+        for &pid in pids {
+            let Some(session) = self.registry.find_by_pid(pid) else {
+                continue;
+            };
+            let unmapped = match facts.get(&pid) {
+                None => true,
+                Some(f) => {
+                    f.client_port.is_some()
+                        && !Identity::of(&session).matches(f.client_port, f.backend_start)
+                }
+            };
+            if unmapped && !session.kill_pending() && session.note_unmapped_backend() {
+                tracing::warn!(
+                    session_id = session.id,
+                    backend_pid = pid,
+                    database = %session.client.database,
+                    "PostgreSQL has no backend {pid} connected from this session's upstream \
+                     socket: lockguard is probably not connected to PostgreSQL directly. A \
+                     connection pooler (e.g. PgBouncer) between lockguard and PostgreSQL \
+                     hands out its own BackendKeyData, so the guard cannot see or terminate \
+                     this session's backend; put lockguard between the pooler and PostgreSQL"
+                );
+            }
+        }
     }
 
     /// The stored password secret of `user` (`pg_authid.rolpassword` form), fetched with

@@ -114,6 +114,10 @@ pub struct SessionRecord {
     /// An Execute was sent with no Sync after it yet (pipeline mode, Flush): the server runs
     /// it at once, in an implicit transaction that holds its locks until the Sync.
     unsynced_execute: AtomicBool,
+    /// The server sent CopyInResponse and, as far as the proxy has seen, is still in COPY IN
+    /// mode: only then does it ignore Syncs, and only then does a CopyDone or CopyFail end
+    /// anything.
+    copy_in: AtomicBool,
     /// Clock ticks ([`clock::now_micros`]) when the current state began.
     state_since: AtomicU64,
     /// Clock ticks when the current transaction began; 0 outside a transaction.
@@ -130,6 +134,8 @@ pub struct SessionRecord {
     /// Set before a kill is attempted, so the pump stops forwarding the backend's own
     /// termination message and sends ours instead.
     kill_pending: AtomicBool,
+    /// Set once the guard has warned that PostgreSQL does not know this session's backend pid.
+    unmapped_backend_noted: AtomicBool,
 }
 
 impl SessionRecord {
@@ -145,6 +151,7 @@ impl SessionRecord {
             rfq_status: AtomicU8::new(RFQ_NONE),
             pending_syncs: AtomicU32::new(0),
             unsynced_execute: AtomicBool::new(false),
+            copy_in: AtomicBool::new(false),
             state_since: AtomicU64::new(clock::now_micros()),
             xact_since: AtomicU64::new(0),
             bytes_from_client: AtomicU64::new(0),
@@ -153,6 +160,7 @@ impl SessionRecord {
             kill_notice: OnceLock::new(),
             kill_wakeup: Notify::new(),
             kill_pending: AtomicBool::new(false),
+            unmapped_backend_noted: AtomicBool::new(false),
         }
     }
 
@@ -191,18 +199,31 @@ impl SessionRecord {
         }
     }
 
-    /// `n` Sync messages sent earlier will get no ReadyForQuery of their own: the server
-    /// ignores Sync while in COPY IN mode (the copy's end produces the one ReadyForQuery).
-    pub fn syncs_ignored(&self, n: u32) {
+    /// The server sent CopyInResponse: it is in COPY IN mode, where it ignores Sync.
+    pub fn copy_in_started(&self) {
+        self.copy_in.store(true, Ordering::Release);
+    }
+
+    /// The client ended a COPY IN (CopyDone or CopyFail) after sending `syncs` Syncs since the
+    /// statement that started it. If the server really is in COPY IN mode (its CopyInResponse
+    /// was seen), it ignored those Syncs, so they will get no ReadyForQuery of their own.
+    /// Otherwise the server ignores the CopyDone / CopyFail itself and answers every Sync: the
+    /// client's word alone never makes a running statement look finished.
+    pub fn copy_in_ended(&self, syncs: u32) {
+        if !self.copy_in.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let _ = self
             .pending_syncs
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                Some(pending.saturating_sub(n))
+                Some(pending.saturating_sub(syncs))
             });
     }
 
     /// The server sent ReadyForQuery with transaction status `status` (`I`, `T` or `E`).
     pub fn ready_for_query(&self, status: u8) {
+        // Whatever COPY IN there was has ended (with CopyDone, CopyFail or an error).
+        self.copy_in.store(false, Ordering::Release);
         // Saturating: the first ReadyForQuery after authentication answers no sync of ours.
         let _ = self
             .pending_syncs
@@ -324,6 +345,12 @@ impl SessionRecord {
             Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Notes that PostgreSQL does not know this session's backend pid (as ours); true the
+    /// first time only, so the warning is logged once per session.
+    pub fn note_unmapped_backend(&self) -> bool {
+        !self.unmapped_backend_noted.swap(true, Ordering::AcqRel)
     }
 
     // ---- ending a live session on purpose -----------------------------------------------
@@ -453,6 +480,38 @@ mod tests {
         assert_eq!(r.state(), TxnState::Active);
         r.ready_for_query(b'I');
         assert_eq!(r.state(), TxnState::Idle);
+    }
+
+    #[test]
+    fn a_copy_end_discounts_syncs_only_after_the_server_entered_copy_in() {
+        let r = record();
+        r.ready_for_query(b'I');
+        // Execute of a long statement, its Sync, then a CopyFail no COPY asked for.
+        r.execute_sent();
+        r.sync_sent();
+        r.copy_in_ended(1);
+        assert!(r.statement_in_flight(), "a stray CopyFail ended nothing");
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Idle);
+
+        // Execute of COPY FROM STDIN with its Sync: the server answers CopyInResponse and
+        // ignores that Sync; CopyDone and the next Sync get the one ReadyForQuery.
+        r.execute_sent();
+        r.sync_sent();
+        r.copy_in_started();
+        r.copy_in_ended(1);
+        r.sync_sent();
+        assert_eq!(r.state(), TxnState::Active);
+        r.ready_for_query(b'I');
+        assert_eq!(r.state(), TxnState::Idle);
+
+        // A COPY that ended with an error and ReadyForQuery: a late CopyDone is stray again.
+        r.sync_sent();
+        r.copy_in_started();
+        r.ready_for_query(b'I');
+        r.sync_sent();
+        r.copy_in_ended(1);
+        assert!(r.statement_in_flight());
     }
 
     #[test]

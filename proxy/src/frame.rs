@@ -87,13 +87,14 @@ pub static CLIENT_INTERESTS: Interests = Interests::new()
     .with(frontend::COPY_FAIL, 0)
     .with(frontend::TERMINATE, 0);
 
-/// Server → client: backend identity, transaction status, errors.
+/// Server → client: backend identity, transaction status, errors, the start of COPY IN.
 pub static SERVER_INTERESTS: Interests = Interests::new()
     // pid (4) + secret key: 4 bytes in protocol 3.0, up to 256 in 3.2.
     .with(backend::BACKEND_KEY_DATA, 4 + 256)
     .with(backend::READY_FOR_QUERY, 1)
     // Severity and SQLSTATE come first in practice.
-    .with(backend::ERROR_RESPONSE, 64);
+    .with(backend::ERROR_RESPONSE, 64)
+    .with(backend::COPY_IN_RESPONSE, 0);
 
 /// Incremental framer for one direction of one session. See the module docs.
 pub struct FrameScanner {

@@ -20,6 +20,7 @@ pub mod backend {
     pub const BACKEND_KEY_DATA: u8 = b'K';
     pub const READY_FOR_QUERY: u8 = b'Z';
     pub const ERROR_RESPONSE: u8 = b'E';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
 }
 
 /// Request codes of the untagged packets a client may open a connection with.

@@ -13,9 +13,14 @@
 //! deadline) are watched by a future that is polled only when one of them wakes it.
 //!
 //! How a session ends decides what happens to its backend:
-//! - the client said goodbye (Terminate) → the server ends the backend itself;
-//! - the client vanished → wait for an in-flight statement up to `inflight_grace`, then, if a
-//!   transaction is still open, hand the session to the guard before closing the upstream;
+//! - the client said goodbye (Terminate) with nothing in flight → the server ends the backend
+//!   itself;
+//! - the client vanished, or sent Terminate while a statement was still in flight → wait for
+//!   that statement up to `inflight_grace`, then, if a transaction is still open or the
+//!   statement still runs, hand the session to the guard before closing the upstream. A busy
+//!   backend reads the Terminate only when its statement ends, so for its locks such a
+//!   goodbye is a lost client: PgBouncer sends exactly that when its own client vanishes
+//!   mid-statement, and drivers do from `close()` after a timeout;
 //! - the server closed → the client gets the server's FATAL, or lockguard's 08006 if there was
 //!   none;
 //! - the guard or an operator killed it → the client gets lockguard's explanation (57P01).
@@ -81,9 +86,9 @@ pub struct SessionContext {
 /// Why the client side of a session ended.
 #[derive(Debug)]
 enum ClientEnd {
-    /// Terminate was sent: an orderly goodbye.
+    /// Terminate was sent with nothing in flight: an orderly goodbye.
     Goodbye,
-    /// The client vanished without Terminate.
+    /// The client vanished without Terminate, or sent it while a statement was in flight.
     Lost(ClientLoss),
     /// The server stopped accepting what the client sent.
     ServerWriteFailed(io::Error),
@@ -93,6 +98,8 @@ enum ClientEnd {
 #[derive(Debug)]
 enum ClientLoss {
     Eof,
+    /// Terminate arrived while a statement was in flight.
+    TerminateWhileBusy,
     ReadFailed(io::Error),
     WriteFailed(io::Error),
     ProtocolViolation(FrameError),
@@ -102,6 +109,9 @@ impl fmt::Display for ClientLoss {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientLoss::Eof => f.write_str("client closed the connection without Terminate"),
+            ClientLoss::TerminateWhileBusy => f.write_str(
+                "Terminate while busy: the client said goodbye with a statement in flight",
+            ),
             ClientLoss::ReadFailed(e) => write!(f, "client connection failed: {e}"),
             ClientLoss::WriteFailed(e) => write!(f, "writing to the client failed: {e}"),
             ClientLoss::ProtocolViolation(e) => write!(f, "client protocol violation: {e}"),
@@ -135,10 +145,33 @@ enum Ended {
 /// State of the client → server direction, kept across the pump's phases.
 struct ClientSide {
     flow: Flow,
+    track: ClientTrack,
+}
+
+/// What the client → server direction remembers between messages.
+#[derive(Debug, Default)]
+pub struct ClientTrack {
     /// Syncs sent since the last Execute or Query. If that command turns out to be a COPY FROM
     /// STDIN, the server ignores these Syncs, so they must not be counted as awaiting a reply.
     syncs_since_execute: u32,
-    said_goodbye: bool,
+    /// Set by Terminate.
+    goodbye: Option<Goodbye>,
+}
+
+impl ClientTrack {
+    /// The Terminate the client sent, if any.
+    pub fn goodbye(&self) -> Option<Goodbye> {
+        self.goodbye
+    }
+}
+
+/// When the client sent Terminate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goodbye {
+    /// With nothing in flight: the backend reads it at once and ends.
+    Idle,
+    /// With a statement in flight: the backend reads it only once the statement is done.
+    WhileBusy,
 }
 
 /// State of the server → client direction, kept across the pump's phases.
@@ -172,8 +205,7 @@ pub async fn pump<CR, CW, SR, SW>(
 {
     let mut client = ClientSide {
         flow: Flow::new(&CLIENT_INTERESTS),
-        syncs_since_execute: 0,
-        said_goodbye: false,
+        track: ClientTrack::default(),
     };
     let mut server = ServerSide {
         flow: Flow::new(&SERVER_INTERESTS),
@@ -344,21 +376,18 @@ where
     CR: AsyncRead + Unpin,
     SW: AsyncWrite + Unpin,
 {
-    let ClientSide {
-        flow,
-        syncs_since_execute,
-        said_goodbye,
-    } = side;
-    let mut watch = ClientWatch {
-        record,
-        syncs_since_execute,
-        said_goodbye,
+    let ClientSide { flow, track } = side;
+    let mut watch = ClientWatch { record, track };
+    let stopped = poll_fn(|cx| flow.poll_forward(cx, client, server, &mut watch)).await;
+    let goodbye = match watch.track.goodbye {
+        Some(Goodbye::Idle) => ClientEnd::Goodbye,
+        // The backend keeps running, and keeps its locks, until the statement ends.
+        Some(Goodbye::WhileBusy) => ClientEnd::Lost(ClientLoss::TerminateWhileBusy),
+        None => ClientEnd::Lost(ClientLoss::Eof),
     };
-    match poll_fn(|cx| flow.poll_forward(cx, client, server, &mut watch)).await {
+    match stopped {
         // Nothing may follow Terminate; the server closes once it has read it.
-        Stopped::Stop => ClientEnd::Goodbye,
-        Stopped::Eof if *watch.said_goodbye => ClientEnd::Goodbye,
-        Stopped::Eof => ClientEnd::Lost(ClientLoss::Eof),
+        Stopped::Stop | Stopped::Eof => goodbye,
         Stopped::ReadFailed(e) => ClientEnd::Lost(ClientLoss::ReadFailed(e)),
         Stopped::Invalid(e) => ClientEnd::Lost(ClientLoss::ProtocolViolation(e)),
         Stopped::WriteFailed(e) => ClientEnd::ServerWriteFailed(e),
@@ -370,8 +399,7 @@ where
 /// What the client → server direction notes as messages pass.
 struct ClientWatch<'a> {
     record: &'a SessionRecord,
-    syncs_since_execute: &'a mut u32,
-    said_goodbye: &'a mut bool,
+    track: &'a mut ClientTrack,
 }
 
 impl Watch for ClientWatch<'_> {
@@ -384,22 +412,18 @@ impl Watch for ClientWatch<'_> {
     }
 
     fn on_message(&mut self, m: Message<'_>) {
-        on_client_message(m, self.record, self.syncs_since_execute, self.said_goodbye);
+        on_client_message(m, self.record, self.track);
     }
 
     fn stop(&self, _at_boundary: bool) -> bool {
-        *self.said_goodbye
+        self.track.goodbye.is_some()
     }
 }
 
 /// Notes what a client message tells about the session. Public so that
 /// `proxy/tests/no_alloc.rs` drives the pump's own per-message code.
-pub fn on_client_message(
-    m: Message<'_>,
-    record: &SessionRecord,
-    syncs_since_execute: &mut u32,
-    said_goodbye: &mut bool,
-) {
+pub fn on_client_message(m: Message<'_>, record: &SessionRecord, track: &mut ClientTrack) {
+    let syncs_since_execute = &mut track.syncs_since_execute;
     match m.tag {
         frontend::QUERY => {
             record.set_last_statement(until_nul(m.body_prefix));
@@ -422,10 +446,17 @@ pub fn on_client_message(
         }
         frontend::FUNCTION_CALL => record.sync_sent(),
         frontend::COPY_DONE | frontend::COPY_FAIL => {
-            record.syncs_ignored(*syncs_since_execute);
+            // Counts only if the server entered COPY IN; a stray one changes nothing.
+            record.copy_in_ended(*syncs_since_execute);
             *syncs_since_execute = 0;
         }
-        frontend::TERMINATE => *said_goodbye = true,
+        frontend::TERMINATE if track.goodbye.is_none() => {
+            track.goodbye = Some(if record.statement_in_flight() {
+                Goodbye::WhileBusy
+            } else {
+                Goodbye::Idle
+            });
+        }
         _ => {}
     }
 }
@@ -511,6 +542,7 @@ pub fn on_server_message(m: Message<'_>, record: &SessionRecord, sent_fatal: &mu
                 record.ready_for_query(status);
             }
         }
+        backend::COPY_IN_RESPONSE => record.copy_in_started(),
         backend::ERROR_RESPONSE => {
             let severity = protocol::error_fields(m.body_prefix)
                 .find(|(kind, _)| *kind == b'S')
@@ -789,11 +821,23 @@ async fn after_client_loss<SR: AsyncRead + Unpin>(
         );
     }
     let state = record.state();
-    if !(record.in_transaction() || state == TxnState::Active) {
-        debug!(cause = %loss, %state, "client lost outside a transaction");
-        return;
+    let pid = record.backend_pid();
+    match (record.in_transaction(), state == TxnState::Active) {
+        (false, false) => {
+            debug!(cause = %loss, %state, "client lost with nothing in flight, outside a transaction");
+            return;
+        }
+        (false, true) => {
+            info!(cause = %loss, %state, pid, "client lost with a statement in flight");
+        }
+        (true, false) => info!(cause = %loss, %state, pid, "client lost inside a transaction"),
+        (true, true) => info!(
+            cause = %loss,
+            %state,
+            pid,
+            "client lost inside a transaction with a statement in flight"
+        ),
     }
-    info!(cause = %loss, %state, pid = record.backend_pid(), "client lost inside a transaction");
     if let Some(guard) = &ctx.guard {
         // Boxed: the guard's future (a probe and a terminate over the guard connection) is
         // kilobytes, and inline it would enlarge every session's task for its whole life.
@@ -889,14 +933,59 @@ mod tests {
         SessionRecord::new(1, client, UpstreamIdentity::Unix)
     }
 
-    fn client_message(record: &SessionRecord, tag: u8, body: &[u8]) {
-        let (mut syncs, mut goodbye) = (0, false);
-        let m = Message {
+    fn message(tag: u8, body: &[u8]) -> Message<'_> {
+        Message {
             tag,
             body_len: body.len() as u32,
             body_prefix: body,
-        };
-        on_client_message(m, record, &mut syncs, &mut goodbye);
+        }
+    }
+
+    fn client_message(record: &SessionRecord, tag: u8, body: &[u8]) {
+        on_client_message(message(tag, body), record, &mut ClientTrack::default());
+    }
+
+    #[test]
+    fn terminate_is_a_goodbye_only_with_nothing_in_flight() {
+        let r = record();
+        r.ready_for_query(b'T');
+        let mut idle = ClientTrack::default();
+        on_client_message(message(frontend::TERMINATE, b""), &r, &mut idle);
+        assert_eq!(idle.goodbye(), Some(Goodbye::Idle));
+
+        let mut busy = ClientTrack::default();
+        on_client_message(
+            message(frontend::QUERY, b"SELECT pg_sleep(30)\0"),
+            &r,
+            &mut busy,
+        );
+        on_client_message(message(frontend::TERMINATE, b""), &r, &mut busy);
+        assert_eq!(busy.goodbye(), Some(Goodbye::WhileBusy));
+    }
+
+    #[test]
+    fn copy_ends_count_only_after_the_server_started_copy_in() {
+        let r = record();
+        r.ready_for_query(b'I');
+        let mut track = ClientTrack::default();
+        let mut sent_fatal = false;
+        for tag in [frontend::EXECUTE, frontend::SYNC, frontend::COPY_FAIL] {
+            on_client_message(message(tag, b""), &r, &mut track);
+        }
+        assert_eq!(r.state(), TxnState::Active, "a stray CopyFail ends nothing");
+        on_server_message(message(backend::READY_FOR_QUERY, b"I"), &r, &mut sent_fatal);
+        assert_eq!(r.state(), TxnState::Idle);
+
+        // COPY FROM STDIN over the extended protocol, as libpq runs it.
+        for tag in [frontend::EXECUTE, frontend::SYNC] {
+            on_client_message(message(tag, b""), &r, &mut track);
+        }
+        on_server_message(message(backend::COPY_IN_RESPONSE, b""), &r, &mut sent_fatal);
+        for tag in [frontend::COPY_DONE, frontend::SYNC] {
+            on_client_message(message(tag, b""), &r, &mut track);
+        }
+        on_server_message(message(backend::READY_FOR_QUERY, b"I"), &r, &mut sent_fatal);
+        assert_eq!(r.state(), TxnState::Idle);
     }
 
     #[test]

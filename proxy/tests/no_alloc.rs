@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use guard_core::{ClientInfo, SessionRecord, UpstreamIdentity};
 use lockguard::frame::{FrameScanner, Message, CLIENT_INTERESTS, SERVER_INTERESTS};
 use lockguard::protocol::{backend, frontend};
-use lockguard::session::{on_client_message, on_server_message};
+use lockguard::session::{on_client_message, on_server_message, ClientTrack};
 
 /// Counts allocations made by threads that asked for it; everything else (the test harness's
 /// other threads) is ignored.
@@ -262,9 +262,8 @@ fn scanning_and_recording_messages_does_not_allocate() {
     // two reads once it first needs one, and that is per session, not per message.
     let on_server = |m: Message<'_>| on_server_message(m, &record, &mut sent_fatal);
     feed_in_pieces(&mut server, &server_bytes, on_server, |_| {});
-    let (mut syncs_since_execute, mut said_goodbye) = (0, false);
-    let on_client =
-        |m: Message<'_>| on_client_message(m, &record, &mut syncs_since_execute, &mut said_goodbye);
+    let mut track = ClientTrack::default();
+    let on_client = |m: Message<'_>| on_client_message(m, &record, &mut track);
     feed_in_pieces(&mut client, &client_bytes, on_client, |_| {});
 
     let (allocations, reported) = allocations_during(|| {
@@ -277,7 +276,7 @@ fn scanning_and_recording_messages_does_not_allocate() {
         let client_reported = feed_in_pieces(
             &mut client,
             &client_bytes,
-            |m| on_client_message(m, &record, &mut syncs_since_execute, &mut said_goodbye),
+            |m| on_client_message(m, &record, &mut track),
             |n| record.add_bytes_from_client(n),
         );
         (server_reported, client_reported)

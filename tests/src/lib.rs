@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod guard_support;
+pub mod pgbouncer;
 pub mod proxy;
 pub mod psql;
 pub mod raw;

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use guard_core::{TxnState, UpstreamIdentity};
+use guard_core::{Outcome, TxnState, UpstreamIdentity};
 use lockguard_tests::cluster::{TestCluster, APPLICATION_NAME};
+use lockguard_tests::guard_support::{self, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw;
 use tokio::io::AsyncWriteExt;
@@ -182,4 +183,284 @@ async fn shutdown_timeout_closes_sessions_that_stay_in_a_transaction() {
         .expect("stopped")
         .expect("join")
         .expect("ok");
+}
+
+/// A proxy guarding `app.user_sessions` in a fresh guard test database, with a short in-flight
+/// grace; plus a direct superuser connection to that database.
+async fn guarded(prefix: &str) -> (TestProxy, String, tokio_postgres::Client) {
+    let cluster = TestCluster::shared();
+    let db = guard_support::guard_test_database(cluster, prefix).await;
+    let admin = guard_support::connect(cluster, &db).await;
+    let mut config = config_for(cluster);
+    let role = guard_support::guard_config(cluster, &[]);
+    config.guard.dsn = role.dsn;
+    config.guard.password_env = role.password_env;
+    config.guard.protected_tables = vec!["app.user_sessions".to_owned()];
+    config.guard.inflight_grace = INFLIGHT_GRACE;
+    config.guard.idle_in_transaction_timeout = Duration::ZERO;
+    let proxy = TestProxy::start_with(config).await;
+    (proxy, db, admin)
+}
+
+const INFLIGHT_GRACE: Duration = Duration::from_millis(500);
+
+/// An autocommit statement that takes the protected row lock and then keeps running: an
+/// UPDATE in a CTE, with the sleep in the outer query.
+const LOCK_AND_SLEEP: &str = "WITH locked AS (UPDATE app.user_sessions SET token = 'busy' \
+     WHERE id = 1 RETURNING id) SELECT pg_catalog.pg_sleep(30) FROM locked";
+
+/// Parse, Bind, Execute and Sync of `sql` (unnamed statement and portal, no parameters).
+fn extended_round(sql: &str) -> Vec<u8> {
+    let mut parse = vec![0];
+    parse.extend_from_slice(sql.as_bytes());
+    parse.push(0);
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut round = raw::message(b'P', &parse);
+    round.extend(raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    round.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+    round.extend(raw::message(b'S', &[]));
+    round
+}
+
+/// A client runs [`LOCK_AND_SLEEP`] over the extended protocol, follows it with `stray`
+/// (COPY-ending messages no COPY asked for, and Syncs), and vanishes. The server ignores a
+/// CopyDone or CopyFail outside COPY IN, so the statement is still running: the waiter must be
+/// freed by the guard's kill after the in-flight grace.
+async fn stray_copy_end_keeps_the_statement_in_flight(prefix: &str, stray: &[Vec<u8>]) {
+    let (proxy, db, admin) = guarded(prefix).await;
+    let cluster = TestCluster::shared();
+    let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
+    let login = raw::login(&mut app, cluster.superuser(), &db).await;
+    let key = login
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
+    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let record = proxy.session_of(pid).await;
+
+    let mut bytes = extended_round(LOCK_AND_SLEEP);
+    for m in stray {
+        bytes.extend_from_slice(m);
+    }
+    let scanned = record.bytes_from_client() + bytes.len() as u64;
+    app.write_all(&bytes).await.expect("send");
+    // Until the proxy has scanned every byte sent, the state says nothing yet.
+    guard_support::wait_for(
+        Duration::from_secs(5),
+        "the proxy to read the burst",
+        || {
+            let seen = record.bytes_from_client();
+            async move { seen >= scanned }
+        },
+    )
+    .await;
+    assert_eq!(record.state(), TxnState::Active, "statement still running");
+
+    let waiter = BlockedLogin::start(cluster, &db, &admin).await;
+    let dropped = std::time::Instant::now();
+    drop(app);
+    let proceeded = waiter
+        .proceeds(INFLIGHT_GRACE + Duration::from_secs(1))
+        .await;
+    let released_after = proceeded - dropped;
+    assert!(
+        released_after >= INFLIGHT_GRACE - Duration::from_millis(50),
+        "freed before the grace ended: {released_after:?}"
+    );
+    let guard = proxy.guard().expect("guard on");
+    let event_for = || {
+        guard
+            .audit()
+            .recent()
+            .into_iter()
+            .find(|e| e.backend_pid == pid)
+    };
+    // The waiter may go on the moment the backend dies, before the event is written.
+    guard_support::wait_for(Duration::from_secs(2), "the kill's audit event", || {
+        let found = event_for().is_some();
+        async move { found }
+    })
+    .await;
+    let event = event_for().expect("an audit event for the killed backend");
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(event.state, "active", "{event:?}");
+}
+
+#[tokio::test]
+async fn a_stray_copy_fail_after_sync_does_not_end_a_running_statement() {
+    let copy_fail = raw::message(b'f', b"stray\0");
+    stray_copy_end_keeps_the_statement_in_flight("stray_copyfail", &[copy_fail]).await;
+}
+
+#[tokio::test]
+async fn stray_syncs_and_copy_done_do_not_end_a_running_statement() {
+    let sync = raw::message(b'S', &[]);
+    let copy_done = raw::message(b'c', &[]);
+    let copy_fail = raw::message(b'f', b"stray\0");
+    stray_copy_end_keeps_the_statement_in_flight(
+        "stray_copydone",
+        &[sync.clone(), copy_done, sync, copy_fail],
+    )
+    .await;
+}
+
+/// Reads messages until one tagged `tag`; panics on EOF or after 10 s.
+async fn read_until(stream: &mut TcpStream, tag: u8) -> Vec<raw::Received> {
+    let mut seen = Vec::new();
+    loop {
+        let m = raw::read_message(stream, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("no {:?} message; got {seen:?}", char::from(tag)));
+        let done = m.tag == tag;
+        seen.push(m);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn copy_in_ended_every_way_leaves_the_session_idle() {
+    let cluster = TestCluster::shared();
+    let db = cluster.create_database("copy_ends").await;
+    let proxy = TestProxy::start(cluster).await;
+    let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
+    let login = raw::login(&mut app, cluster.superuser(), &db).await;
+    let key = login
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
+    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let record = proxy.session_of(pid).await;
+    app.write_all(&raw::query("CREATE TABLE t (v int)"))
+        .await
+        .expect("send");
+    read_until(&mut app, b'Z').await;
+
+    let copy = "COPY t FROM STDIN";
+    let data = raw::message(b'd', b"1\n");
+    let copy_done = raw::message(b'c', &[]);
+    let copy_fail = raw::message(b'f', b"changed my mind\0");
+    let sync = raw::message(b'S', &[]);
+    // (how the COPY starts, what the client sends once the server is in COPY IN)
+    let cases: [(Vec<u8>, Vec<Vec<u8>>); 4] = [
+        // Extended protocol as libpq runs it: the Sync after Execute is ignored during COPY IN.
+        (
+            extended_round(copy),
+            vec![data.clone(), copy_done.clone(), sync.clone()],
+        ),
+        (
+            extended_round(copy),
+            vec![data.clone(), copy_fail.clone(), sync.clone()],
+        ),
+        // Simple Query: the copy's end brings ReadyForQuery; a Sync sent meanwhile is ignored.
+        (
+            raw::query(copy),
+            vec![sync.clone(), data.clone(), copy_done],
+        ),
+        (raw::query(copy), vec![data, copy_fail]),
+    ];
+    for (start, rest) in cases {
+        app.write_all(&start).await.expect("start the COPY");
+        read_until(&mut app, b'G').await;
+        app.write_all(&rest.concat()).await.expect("end the COPY");
+        read_until(&mut app, b'Z').await;
+        settles_to(&record, TxnState::Idle).await;
+    }
+    app.write_all(&raw::query("SELECT count(*) FROM t"))
+        .await
+        .expect("send");
+    let rows = read_until(&mut app, b'Z').await;
+    let row = rows.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(row.body.ends_with(b"2"), "two COPYs succeeded: {row:?}");
+    assert_eq!(record.state(), TxnState::Idle);
+}
+
+/// A raw session through `proxy` logged in to `db`, with its backend pid.
+async fn raw_session(proxy: &TestProxy, db: &str) -> (TcpStream, i32) {
+    let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
+    let login = raw::login(&mut app, TestCluster::shared().superuser(), db).await;
+    let key = login
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
+    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    (app, pid)
+}
+
+#[tokio::test]
+async fn terminate_with_a_statement_in_flight_is_a_lost_client() {
+    let (proxy, db, admin) = guarded("terminate_busy").await;
+    let (mut app, pid) = raw_session(&proxy, &db).await;
+    app.write_all(&raw::query(LOCK_AND_SLEEP))
+        .await
+        .expect("send");
+    let waiter = BlockedLogin::start(TestCluster::shared(), &db, &admin).await;
+
+    // What PgBouncer does when its own client vanished mid-statement: Terminate, then close.
+    app.write_all(&raw::message(b'X', &[]))
+        .await
+        .expect("send Terminate");
+    let said_goodbye = std::time::Instant::now();
+    drop(app);
+    let proceeded = waiter
+        .proceeds(INFLIGHT_GRACE + Duration::from_secs(1))
+        .await;
+    assert!(proceeded - said_goodbye >= INFLIGHT_GRACE - Duration::from_millis(50));
+    let guard = proxy.guard().expect("guard on");
+    guard_support::wait_for(Duration::from_secs(2), "the kill's audit event", || {
+        let found = guard.audit().recent().iter().any(|e| e.backend_pid == pid);
+        async move { found }
+    })
+    .await;
+    let event = guard
+        .audit()
+        .recent()
+        .into_iter()
+        .find(|e| e.backend_pid == pid)
+        .expect("the event just seen");
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(
+        event.cause.as_deref(),
+        Some("Terminate while busy: the client said goodbye with a statement in flight")
+    );
+}
+
+#[tokio::test]
+async fn terminate_while_idle_in_a_transaction_is_a_clean_goodbye() {
+    let (proxy, db, admin) = guarded("terminate_idle").await;
+    let (mut app, pid) = raw_session(&proxy, &db).await;
+    app.write_all(&raw::query(
+        "BEGIN; UPDATE app.user_sessions SET token = 'rolled back' WHERE id = 1",
+    ))
+    .await
+    .expect("send");
+    let reply = read_until(&mut app, b'Z').await;
+    assert_eq!(reply.last().map(|m| m.body.clone()), Some(b"T".to_vec()));
+    app.write_all(&raw::message(b'X', &[]))
+        .await
+        .expect("send Terminate");
+    drop(app);
+
+    // The backend reads the Terminate at once, rolls back and exits by itself; the session
+    // ends without asking the guard.
+    proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
+    guard_support::wait_for(Duration::from_secs(5), "the backend to exit", || {
+        let admin = &admin;
+        async move { !guard_support::backend_alive(admin, pid).await }
+    })
+    .await;
+    let token: String = admin
+        .query_one("SELECT token FROM app.user_sessions WHERE id = 1", &[])
+        .await
+        .expect("read the row")
+        .get(0);
+    assert_eq!(token, "token-1");
+    assert!(proxy
+        .guard()
+        .expect("guard on")
+        .audit()
+        .recent()
+        .iter()
+        .all(|e| e.backend_pid != pid));
 }
