@@ -158,9 +158,7 @@ impl Finder<'_> {
     fn key_text(&self, span: Span, encoding: Option<Encoding>) -> String {
         let raw = self.text.get(span.start()..span.end()).unwrap_or_default();
         match encoding {
-            Some(_) => raw
-                .trim_matches(|c| c == '"' || c == '\'')
-                .to_owned(),
+            Some(_) => raw.trim_matches(|c| c == '"' || c == '\'').to_owned(),
             None => raw.trim().to_owned(),
         }
     }
@@ -380,9 +378,17 @@ mod tests {
             "[admin]\napi_token = \"tok\"\nlisten = \"127.0.0.1:1\"\n\
              [[admin.users]]\nname = \"a\"\npassword = 'pw'\npassword_env = \"X\"\n",
         );
-        assert!(found.contains(&("admin.api_token".into(), "\"tok\"".into())), "{found:?}");
-        assert!(found.contains(&("admin.users.password".into(), "'pw'".into())), "{found:?}");
-        assert!(!found.iter().any(|(_, v)| v.contains("127.0.0.1") || v.contains('X')));
+        assert!(
+            found.contains(&("admin.api_token".into(), "\"tok\"".into())),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("admin.users.password".into(), "'pw'".into())),
+            "{found:?}"
+        );
+        assert!(!found
+            .iter()
+            .any(|(_, v)| v.contains("127.0.0.1") || v.contains('X')));
         // An unterminated string, a value of the wrong type, an inline table.
         for text in [
             "[admin]\napi_token = \"s3cr\n",
@@ -399,7 +405,11 @@ mod tests {
                     .iter()
                     .any(|s| s.values.iter().any(|v| v.contains(&at)))
             };
-            let needle = if text.contains("s3cr") { "s3cr" } else { "12345" };
+            let needle = if text.contains("s3cr") {
+                "s3cr"
+            } else {
+                "12345"
+            };
             assert!(covered(needle), "{text:?}: {spans:?}");
         }
     }

@@ -514,7 +514,11 @@ fn parse_errors_never_show_a_secret_value() {
         // Unterminated string.
         ("[admin]\napi_token = \"s3cr3t-token\n", "api_token", 2),
         // A bare word instead of a string.
-        ("[admin]\nlisten = \"127.0.0.1:1\"\napi_token = s3cr3t-token\n", "api_token", 3),
+        (
+            "[admin]\nlisten = \"127.0.0.1:1\"\napi_token = s3cr3t-token\n",
+            "api_token",
+            3,
+        ),
         // The wrong type: serde quotes the value it got.
         ("[admin]\napi_token = 5551234987\n", "admin.api_token", 2),
         // Junk after the value.
@@ -526,9 +530,17 @@ fn parse_errors_never_show_a_secret_value() {
         // The password inside the guard's connection string.
         ("[guard]\ndsn = \"host=db password=s3cr3t\n", "dsn", 2),
         // A misspelt secret key is unknown: its value is not shown either.
-        ("[admin]\napi_tokn = \"s3cr3t-token\"\n", "admin.api_tokn", 2),
+        (
+            "[admin]\napi_tokn = \"s3cr3t-token\"\n",
+            "admin.api_tokn",
+            2,
+        ),
         // An inline table holding a secret, broken elsewhere on the line.
-        ("admin = { api_token = \"s3cr3t\", bogus = 1 }\n", "admin.bogus", 1),
+        (
+            "admin = { api_token = \"s3cr3t\", bogus = 1 }\n",
+            "admin.bogus",
+            1,
+        ),
         // The same secret twice.
         (
             "[admin]\napi_token = \"s3cr3t\"\napi_token = \"s3cr3t\"\n",
@@ -540,8 +552,14 @@ fn parse_errors_never_show_a_secret_value() {
         let shown = e.to_string();
         let debug = format!("{e:?}");
         for secret in ["s3cr3t", "5551234987"] {
-            assert!(!shown.contains(secret), "{text:?} shows the secret:\n{shown}");
-            assert!(!debug.contains(secret), "{text:?} shows the secret:\n{debug}");
+            assert!(
+                !shown.contains(secret),
+                "{text:?} shows the secret:\n{shown}"
+            );
+            assert!(
+                !debug.contains(secret),
+                "{text:?} shows the secret:\n{debug}"
+            );
         }
         assert_eq!(e.line(), Some(line), "{text:?}: {shown}");
         assert!(shown.contains(&format!("line {line}")), "{text:?}: {shown}");
@@ -593,9 +611,21 @@ fn load_refuses_unset_or_empty_secret_variables_naming_them() {
     let dir = tempfile_dir();
     let file = dir.join("secrets.toml");
     for (text, key, line) in [
-        (format!("[guard]\npassword_env = \"{empty}\"\n"), "guard.password_env", 2),
-        (format!("[guard]\npassword_env = \"{unset}\"\n"), "guard.password_env", 2),
-        (format!("[admin]\napi_token_env = \"{blank}\"\n"), "admin.api_token_env", 2),
+        (
+            format!("[guard]\npassword_env = \"{empty}\"\n"),
+            "guard.password_env",
+            2,
+        ),
+        (
+            format!("[guard]\npassword_env = \"{unset}\"\n"),
+            "guard.password_env",
+            2,
+        ),
+        (
+            format!("[admin]\napi_token_env = \"{blank}\"\n"),
+            "admin.api_token_env",
+            2,
+        ),
         (
             format!(
                 "[[admin.users]]\nname = \"a\"\npassword_env = \"{good}\"\n\
@@ -617,7 +647,10 @@ fn load_refuses_unset_or_empty_secret_variables_naming_them() {
         assert!(shown.contains(var), "{shown}");
         // Pure parsing does not read the environment.
         Config::from_toml_str(&text).expect("parses without the environment");
-        assert!(Config::from_toml_str(&text).unwrap().check_secrets().is_err());
+        assert!(Config::from_toml_str(&text)
+            .unwrap()
+            .check_secrets()
+            .is_err());
     }
     std::fs::write(
         &file,
@@ -625,8 +658,14 @@ fn load_refuses_unset_or_empty_secret_variables_naming_them() {
     )
     .expect("write config");
     let c = Config::load(&file).expect("set variables load");
-    assert_eq!(c.admin.resolve_api_token(), Ok(Some("a-password".to_owned())));
-    assert_eq!(c.guard.resolve_password(), Ok(Some("a-password".to_owned())));
+    assert_eq!(
+        c.admin.resolve_api_token(),
+        Ok(Some("a-password".to_owned()))
+    );
+    assert_eq!(
+        c.guard.resolve_password(),
+        Ok(Some("a-password".to_owned()))
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -657,7 +696,10 @@ fn startup_slots_and_console_tls_settings_are_checked() {
     )
     .expect("console TLS from [tls]");
     for (text, key) in [
-        ("[proxy]\nmax_startup_clients = 0\n", "proxy.max_startup_clients"),
+        (
+            "[proxy]\nmax_startup_clients = 0\n",
+            "proxy.max_startup_clients",
+        ),
         ("[admin]\nlisten = \"0.0.0.0:6433\"\n", "admin.require_tls"),
         ("[admin]\nlisten = \"10.1.2.3:6433\"\n", "admin.require_tls"),
         ("[admin]\nrequire_tls = true\n", "admin.require_tls"),
