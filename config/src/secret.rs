@@ -308,7 +308,7 @@ fn lines_naming_a_secret(text: &str) -> Vec<SecretSpan> {
                 spans.push(SecretSpan {
                     key: (*leaf).to_owned(),
                     entry: start..end,
-                    values: vec![start + value_at..end],
+                    values: std::iter::once(start + value_at..end).collect(),
                 });
             }
         }
