@@ -1,7 +1,9 @@
 //! The admin console: a PostgreSQL-protocol server (built on `pgwire`) so operators use `psql`
 //! and drivers. It authenticates console users ([`super::auth`]), parses each statement with
 //! [`Command::parse`] and answers with the command's table. The simple and the extended query
-//! protocol are both accepted; statements take no parameters.
+//! protocol are both accepted; statements take no parameters. It speaks TLS when it has a
+//! certificate (`admin.tls_cert`, else `[tls] client_cert`), and with `admin.require_tls`
+//! refuses plaintext logins.
 //!
 //! Before a login the console is open to anyone who can reach it, so what a connection can
 //! cost is bounded: at most [`MAX_CONSOLE_CONNECTIONS`] at once, `proxy.startup_timeout` to

@@ -272,8 +272,10 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<Option<Login>, Refusa
     }
 }
 
-/// Whether `presented` is the token, in time that depends on neither value nor on either
-/// length: both are hashed to fixed-size SHA-256 digests, compared in constant time.
+/// Whether `presented` is the token. Both are hashed to fixed-size SHA-256 digests first, so
+/// the constant-time compare sees 32 bytes whatever the lengths: its time tells neither where
+/// the values differ nor whether their lengths match. (Hashing takes time by length: the
+/// presented one's, which the caller knows, and the token's, the same for every request.)
 fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
     let (presented, expected) = (Sha256::digest(presented), Sha256::digest(expected));
     presented.as_slice().ct_eq(expected.as_slice()).into()
