@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+use crate::secret::{scrub, secret_spans, SecretSpan};
+
 /// Why a configuration could not be loaded. Every variant names where the problem is (file, key,
 /// line when known) so `lockguard check-config` can print it as is.
 ///
@@ -24,10 +26,11 @@ pub enum ConfigError {
         error: std::io::Error,
     },
 
-    /// TOML syntax error, unknown key, or a value of the wrong type or format. The toml crate's
-    /// message already shows "line N, column M" and the offending source line; we add the file
-    /// and the dotted key path in front.
-    #[error("{}", render_parse(file.as_ref(), key.as_deref(), error))]
+    /// TOML syntax error, unknown key, or a value of the wrong type or format. The detail says
+    /// "line N, column M" and, unless that line holds a secret or an unknown key (which may be
+    /// a misspelt secret), shows the offending source line; we add the file and the dotted key
+    /// path in front.
+    #[error("{}{}{detail}", file_prefix(file.as_ref()), key_prefix(key.as_deref()))]
     Parse {
         /// The file, when loaded from one.
         file: Option<PathBuf>,
@@ -36,8 +39,9 @@ pub enum ConfigError {
         key: Option<String>,
         /// 1-based line of the error, when toml reported a position.
         line: Option<usize>,
-        /// The toml crate's error (boxed: it is large and errors are rare).
-        error: Box<toml::de::Error>,
+        /// The parser's description, with the value of any secret masked. The toml crate's
+        /// error itself is not kept: it carries the whole file text, secrets included.
+        detail: String,
     },
 
     /// The file parsed but a value breaks a rule (a zero timeout, a bad table pattern, ...).
@@ -74,17 +78,77 @@ impl ConfigError {
     }
 
     /// Builds a `Parse` error, finding the key path from the error's span.
+    /// The toml crate's own text shows the source line of the error; that line is left out
+    /// when it holds a secret's value (see [`crate::secret`]) or an unknown key, and quoted
+    /// parts of a secret's value are masked in the message.
     pub(crate) fn parse(error: toml::de::Error, text: &str, file: Option<PathBuf>) -> Self {
-        let span = error.span();
-        let line = span.as_ref().map(|s| line_of(text, s.start));
-        let key = span.and_then(|s| key_at(text, s.start));
+        let at = error.span().map(|s| s.start.min(text.len()));
+        let line = at.map(|at| line_of(text, at));
+        let mut key = at.and_then(|at| key_at(text, at));
+        let secrets: Vec<SecretSpan> = match at {
+            Some(at) => {
+                let line_bytes = line_bytes(text, at);
+                secret_spans(text)
+                    .into_iter()
+                    .filter(|s| s.entry.start < line_bytes.end && line_bytes.start < s.entry.end)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let detail = match (at, secrets.first()) {
+            (Some(at), Some(first)) => {
+                key.get_or_insert_with(|| first.key.clone());
+                let values = secrets.iter().flat_map(|s| s.values.iter());
+                let message = values.fold(error.message().to_owned(), |m, value| {
+                    scrub(&m, text.get(value.clone()).unwrap_or_default())
+                });
+                format!(
+                    "{}: {message} (the line is not shown: it holds the secret {})",
+                    position(text, at),
+                    first.key
+                )
+            }
+            (Some(at), None) if error.message().starts_with("unknown field") => {
+                format!("{}: {}", position(text, at), error.message())
+            }
+            // No position: the message stands alone (toml adds no source line then).
+            _ => error.to_string().trim_end().to_owned(),
+        };
         ConfigError::Parse {
             file,
             key,
             line,
-            error: Box::new(error),
+            detail,
         }
     }
+}
+
+/// "TOML parse error at line N, column M", as the toml crate words it.
+fn position(text: &str, at: usize) -> String {
+    let bytes = line_bytes(text, at);
+    let column = text
+        .get(bytes.start..at)
+        .map_or(at - bytes.start, |s| s.chars().count())
+        + 1;
+    format!(
+        "TOML parse error at line {}, column {column}",
+        line_of(text, at)
+    )
+}
+
+/// Byte range of the line holding byte `at`, its newline included.
+fn line_bytes(text: &str, at: usize) -> Range<usize> {
+    let bytes = text.as_bytes();
+    let at = at.min(bytes.len());
+    let start = bytes[..at]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let end = bytes[at..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(bytes.len(), |i| at + i + 1);
+    start..end
 }
 
 fn file_prefix(file: Option<&PathBuf>) -> String {
@@ -96,11 +160,8 @@ fn line_prefix(line: Option<usize>) -> String {
     line.map(|l| format!("line {l}: ")).unwrap_or_default()
 }
 
-fn render_parse(file: Option<&PathBuf>, key: Option<&str>, error: &toml::de::Error) -> String {
-    let key = key.map(|k| format!("{k}: ")).unwrap_or_default();
-    // toml ends its message with a newline; a Display value should not.
-    let toml_text = error.to_string();
-    format!("{}{key}{}", file_prefix(file), toml_text.trim_end())
+fn key_prefix(key: Option<&str>) -> String {
+    key.map(|k| format!("{k}: ")).unwrap_or_default()
 }
 
 /// One step of a key path: a table key or an array index.

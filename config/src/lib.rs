@@ -9,6 +9,7 @@
 
 mod duration;
 mod error;
+mod secret;
 mod sections;
 mod table_pattern;
 mod upstream;
@@ -19,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
 use error::{KeyPath, Seg};
+pub use secret::{is_secret_key, SECRET_KEYS};
+use sections::is_empty_secret;
 pub use sections::{
     AdminAuthMethod, AdminConfig, AdminRole, AdminUser, ClientLossAction, ClientTlsMode,
     GuardConfig, LogConfig, LogFormat, ProxyConfig, TlsConfig, UpstreamTlsMode, DEFAULT_AUTH_QUERY,
@@ -48,13 +51,67 @@ impl Config {
         Self::parse(text, None)
     }
 
-    /// Reads, parses and validates a config file; every error names `path`.
+    /// Reads, parses and validates a config file, and reads the secrets it names from the
+    /// environment ([`Config::check_secrets`]); every error names `path`. This is what the
+    /// proxy's start, `lockguard check-config` and RELOAD load.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
             error,
         })?;
-        Self::parse(&text, Some(path))
+        let config = Self::parse(&text, Some(path))?;
+        if let Some((key, message)) = config.secret_violation() {
+            return Err(ConfigError::Invalid {
+                file: Some(path.to_owned()),
+                key: KeyPath(&key).to_string(),
+                line: error::line_of_path(&text, &key),
+                message,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Reads every secret given by environment variable (`guard.password_env`,
+    /// `admin.api_token_env`, each admin user's `password_env`) and fails, naming the key and
+    /// the variable, when one is unset or empty: an empty password or token would let anyone
+    /// in. [`Config::load`] calls it; call it yourself for a `Config` built in code.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        match self.secret_violation() {
+            None => Ok(()),
+            Some((path, message)) => Err(ConfigError::Invalid {
+                file: None,
+                key: KeyPath(&path).to_string(),
+                line: None,
+                message,
+            }),
+        }
+    }
+
+    /// The first secret variable that is unset or empty, as (key path, message).
+    fn secret_violation(&self) -> Option<(Vec<Seg>, String)> {
+        let key = |section: &str, name: &str| vec![Seg::from(section), Seg::from(name)];
+        if let Err(message) = self.guard.resolve_password() {
+            return Some((key("guard", "password_env"), message));
+        }
+        if self.admin.api_token.is_none() {
+            if let Err(message) = self.admin.resolve_api_token() {
+                return Some((key("admin", "api_token_env"), message));
+            }
+        }
+        for (i, user) in self.admin.users.iter().enumerate() {
+            if user.password.is_none() {
+                if let Err(message) = user.resolve_password() {
+                    let path = vec![
+                        Seg::from("admin"),
+                        Seg::from("users"),
+                        Seg::Index(i),
+                        Seg::from("password_env"),
+                    ];
+                    return Some((path, message));
+                }
+            }
+        }
+        None
     }
 
     fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -101,6 +158,9 @@ impl Config {
         }
         if p.max_clients == 0 {
             return Some((key("proxy", "max_clients"), positive));
+        }
+        if p.max_startup_clients == 0 {
+            return Some((key("proxy", "max_startup_clients"), positive));
         }
         if p.client_keepalive_idle.is_zero() {
             return Some((key("proxy", "client_keepalive_idle"), positive));
@@ -205,6 +265,35 @@ impl Config {
                 ),
             ));
         }
+        if a.tls_cert.is_some() != a.tls_key.is_some() {
+            let missing = if a.tls_cert.is_some() {
+                "tls_key"
+            } else {
+                "tls_cert"
+            };
+            return Some((
+                key(missing),
+                "tls_cert and tls_key must be set together".to_owned(),
+            ));
+        }
+        if !a.listen.ip().is_loopback() && !a.require_tls {
+            return Some((
+                key("require_tls"),
+                format!(
+                    "must be true when admin.listen ({}) is not a loopback address: console \
+                     passwords and commands would otherwise cross the network in plaintext",
+                    a.listen
+                ),
+            ));
+        }
+        if a.require_tls && a.own_tls().is_none() && !self.tls.serves_clients() {
+            return Some((
+                key("require_tls"),
+                "needs a certificate: set admin.tls_cert and admin.tls_key, or [tls] \
+                 client_cert and client_key"
+                    .to_owned(),
+            ));
+        }
         let same_socket =
             |x: std::net::SocketAddr, y: std::net::SocketAddr| x.port() != 0 && x == y;
         if same_socket(a.listen, self.proxy.listen) {
@@ -228,7 +317,7 @@ impl Config {
                 "set either api_token or api_token_env, not both".to_owned(),
             ));
         }
-        if a.api_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        if a.api_token.as_deref().is_some_and(is_empty_secret) {
             return Some((
                 key("api_token"),
                 "must not be empty; remove the key to disable the token".to_owned(),
@@ -271,8 +360,11 @@ impl Config {
                         "each admin user needs password or password_env".to_owned(),
                     ))
                 }
-                (Some(p), None) if p.is_empty() => {
-                    return Some((at("password"), "must not be empty".to_owned()))
+                (Some(p), None) if is_empty_secret(p) => {
+                    return Some((
+                        at("password"),
+                        "must not be empty: an empty password would let anyone in".to_owned(),
+                    ))
                 }
                 (None, Some(v)) if v.trim().is_empty() => {
                     return Some((

@@ -25,8 +25,17 @@ pub struct ProxyConfig {
     /// How long a graceful shutdown waits for sessions before closing them. Default 30s.
     #[serde(with = "crate::duration")]
     pub shutdown_timeout: Duration,
-    /// Client connections accepted at once; more are refused. Default 10000; must be > 0.
+    /// Client sessions at once, counted from the end of their startup (authentication done,
+    /// first ReadyForQuery); more are refused. Default 10000; must be > 0.
     pub max_clients: usize,
+    /// Connections still in startup at once (TLS handshake, startup packet, authentication),
+    /// counted apart from `max_clients`, so connections that never finish startup cannot take
+    /// the slots of authenticated clients; more are refused at once. Default 2000; must be > 0.
+    ///
+    /// A connection in startup costs a socket and a small task, and once its StartupMessage
+    /// is in, a PostgreSQL backend; a server admits a few hundred of those at once, so 2000
+    /// leaves room for a whole fleet reconnecting while bounding a flood of silent sockets.
+    pub max_startup_clients: usize,
     /// Idle time on a client connection before TCP keepalive probes start. A client host that
     /// vanished (power loss, network cut) sends no FIN; keepalive is how its session is
     /// noticed as lost, so the guard can release its locks. Default 10s; must be > 0.
@@ -52,6 +61,7 @@ impl Default for ProxyConfig {
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             max_clients: 10_000,
+            max_startup_clients: 2_000,
             client_keepalive_idle: Duration::from_secs(10),
             client_keepalive_interval: Duration::from_secs(5),
             client_keepalive_count: 3,
@@ -181,6 +191,15 @@ fn lossy_path<S: serde::Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::O
 }
 
 impl GuardConfig {
+    /// The guard role's password from `password_env`, when that is set: `Ok(None)` without
+    /// it. An unset or empty variable is an error naming it.
+    pub fn resolve_password(&self) -> Result<Option<String>, String> {
+        match &self.password_env {
+            Some(var) => secret_from_env(var, "guard.password_env").map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The protected tables, parsed. Entries that do not parse are skipped; a validated config
     /// (anything from [`crate::Config::load`] or [`crate::Config::from_toml_str`]) has none.
     pub fn table_patterns(&self) -> Vec<TablePattern> {
@@ -308,19 +327,41 @@ pub struct AdminUser {
 }
 
 impl AdminUser {
-    /// The password, reading `password_env` if that is how it is given. Errors name the
-    /// variable.
+    /// The password, reading `password_env` if that is how it is given. An empty password
+    /// is an error (it would let anyone in). Errors name the variable, never the value.
     pub fn resolve_password(&self) -> Result<String, String> {
+        let what = || format!("password_env of admin user {:?}", self.name);
         match (&self.password, &self.password_env) {
+            (Some(p), _) if is_empty_secret(p) => Err(format!(
+                "the password of admin user {:?} is empty",
+                self.name
+            )),
             (Some(p), _) => Ok(p.clone()),
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                format!(
-                    "environment variable {var} (password_env of admin user {:?}) is not set or not valid UTF-8",
-                    self.name
-                )
-            }),
+            (None, Some(var)) => secret_from_env(var, &what()),
             (None, None) => Err(format!("admin user {:?} has no password", self.name)),
         }
+    }
+}
+
+/// Whether a secret counts as empty: nothing, or only white space (a variable filled from a
+/// file often ends with a newline).
+pub(crate) fn is_empty_secret(value: &str) -> bool {
+    value.trim().is_empty()
+}
+
+/// The non-empty value of environment variable `var`; `what` names the key that names it.
+pub(crate) fn secret_from_env(var: &str, what: &str) -> Result<String, String> {
+    match std::env::var(var) {
+        Ok(value) if is_empty_secret(&value) => Err(format!(
+            "environment variable {var} ({what}) is empty; an empty secret is refused"
+        )),
+        Ok(value) => Ok(value),
+        Err(std::env::VarError::NotPresent) => {
+            Err(format!("environment variable {var} ({what}) is not set"))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!(
+            "environment variable {var} ({what}) is not valid UTF-8"
+        )),
     }
 }
 
@@ -347,6 +388,17 @@ pub struct AdminConfig {
     /// Name of an environment variable holding the API token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_token_env: Option<String>,
+    /// Refuse console logins that do not use TLS (FATAL 28000). Required when `listen` is
+    /// not a loopback address; needs a certificate (`tls_cert`/`tls_key`, or `[tls]`
+    /// `client_cert`/`client_key`). Default false.
+    pub require_tls: bool,
+    /// PEM certificate chain of the console; with `tls_key`, the console answers SSLRequest
+    /// with it. Without them it uses `[tls]` `client_cert`/`client_key`, when set.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
+    pub tls_key: Option<PathBuf>,
     /// Console logins (`[[admin.users]]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<AdminUser>,
@@ -362,6 +414,9 @@ impl Default for AdminConfig {
             http_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9930)),
             api_token: None,
             api_token_env: None,
+            require_tls: false,
+            tls_cert: None,
+            tls_key: None,
             users: Vec::new(),
         }
     }
@@ -374,14 +429,19 @@ impl AdminConfig {
     }
 
     /// The API token, reading `api_token_env` if that is how it is given; `Ok(None)` when no
-    /// token is configured.
+    /// token is configured. An empty token is an error. Errors name the variable, never the
+    /// value.
     pub fn resolve_api_token(&self) -> Result<Option<String>, String> {
         match (&self.api_token, &self.api_token_env) {
+            (Some(t), _) if is_empty_secret(t) => Err("admin.api_token is empty".to_owned()),
             (Some(t), _) => Ok(Some(t.clone())),
-            (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
-                format!("environment variable {var} (admin.api_token_env) is not set or not valid UTF-8")
-            }),
+            (None, Some(var)) => secret_from_env(var, "admin.api_token_env").map(Some),
             (None, None) => Ok(None),
         }
+    }
+
+    /// The console's own certificate and key, when both are set.
+    pub fn own_tls(&self) -> Option<(&PathBuf, &PathBuf)> {
+        self.tls_cert.as_ref().zip(self.tls_key.as_ref())
     }
 }

@@ -2,12 +2,14 @@
 //! then either a forwarded cancel request or a session pumped to its upstream backend.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use guard_core::ClientInfo;
+use guard_core::{ClientInfo, KillNotice, SessionRecord, TxnState};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
@@ -16,18 +18,20 @@ use crate::protocol::sqlstate;
 use crate::scram::ScramSecret;
 use crate::session::{self, farewell, SessionContext};
 use crate::startup::{self, FirstPacket, StartupError, StartupMessage};
+use crate::stats::ProxyStats;
 use crate::stream::ClientStream;
 use crate::upstream;
 use crate::{GuardHandle, Shared};
 
-/// Serves one client connection. `slot` is its share of `max_clients`; `None` means the proxy
-/// is full and the client is told so once it has said what it wants (cancel requests are still
-/// served: they free capacity rather than use it).
+/// Serves one client connection. `startup` is its share of `max_startup_clients`, held until
+/// its startup is over; the session then needs a share of `max_clients` ([`SlotHandover`]).
+/// When `max_clients` is already full the client is told so once it has said what it wants
+/// (cancel requests are still served: they free capacity rather than use it).
 pub(crate) async fn serve(
     tcp: TcpStream,
     addr: SocketAddr,
     shared: Arc<Shared>,
-    slot: Option<OwnedSemaphorePermit>,
+    startup: OwnedSemaphorePermit,
 ) {
     let startup_deadline = Instant::now() + shared.proxy.startup_timeout;
     // The startup phase's futures (TLS handshakes, the upstream connect, the authentication
@@ -48,14 +52,17 @@ pub(crate) async fn serve(
         FirstPacket::Cancel(packet) => Box::pin(forward_cancel(&packet, &shared)).await,
         // Only returned by `read_first_packet` when TLS is offered, which `negotiate` handles.
         FirstPacket::TlsRequested => {}
-        FirstPacket::Startup(_) if slot.is_none() => {
+        // Full already: say so before connecting upstream. (A slot taken while this client
+        // authenticates is caught when its startup ends, see `SlotHandover`.)
+        FirstPacket::Startup(_) if shared.clients.available_permits() == 0 => {
             shared.stats.client_refused();
             warn!(client = %addr, max_clients = shared.proxy.max_clients, "refusing client: proxy is full");
-            let message = format!(
-                "lockguard: too many clients already (max_clients = {})",
-                shared.proxy.max_clients
-            );
-            farewell(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, &message).await;
+            farewell(
+                &mut stream,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                &too_many_clients(&shared),
+            )
+            .await;
         }
         FirstPacket::Startup(_) if !stream.is_tls() && shared.tls.clients_must_use_tls() => {
             shared.stats.startup_rejected();
@@ -67,11 +74,35 @@ pub(crate) async fn serve(
             )
             .await;
         }
-        FirstPacket::Startup(startup) => {
-            run_session(stream, addr, startup, startup_deadline, &shared).await;
-            drop(slot);
+        FirstPacket::Startup(message) => {
+            let handover = SlotHandover {
+                startup,
+                clients: Arc::clone(&shared.clients),
+                refused_message: too_many_clients(&shared),
+                stats: Arc::clone(&shared.stats),
+            };
+            run_session(stream, addr, message, startup_deadline, &shared, handover).await;
         }
     }
+}
+
+/// What a client refused for `max_clients` is told.
+fn too_many_clients(shared: &Shared) -> String {
+    format!(
+        "lockguard: too many clients already (max_clients = {})",
+        shared.proxy.max_clients
+    )
+}
+
+/// Refuses a connection over `max_startup_clients` at once: FATAL 53300, then close. It is
+/// not asked for its startup packet, which a silent connection would never send.
+pub(crate) async fn refuse_startup(tcp: TcpStream, max_startup_clients: usize) {
+    let message = format!(
+        "lockguard: too many connections are still starting up (max_startup_clients = \
+         {max_startup_clients}); try again"
+    );
+    let answer = crate::protocol::fatal_error(sqlstate::TOO_MANY_CONNECTIONS, &message);
+    crate::admin::accept::turn_away(tcp, &answer).await;
 }
 
 /// Reads the client's first packets, doing the TLS handshake if it asks for one and lockguard
@@ -128,12 +159,14 @@ where
 }
 
 /// Connects upstream, registers the session, forwards the StartupMessage and pumps.
+/// `handover` moves the session from its startup slot to a `max_clients` slot.
 async fn run_session(
     mut client: ClientStream,
     addr: SocketAddr,
     startup: StartupMessage,
     startup_deadline: Instant,
     shared: &Shared,
+    handover: SlotHandover,
 ) {
     let upstream_tls = shared.tls.upstream();
     let connected = Box::pin(upstream::connect(
@@ -226,6 +259,7 @@ async fn run_session(
             }
         }
         let (client_read, client_write) = client.into_split();
+        let client_write = handover.watch(client_write, record);
         let (server_read, server_write) = upstream.into_split();
         session::pump(
             client_read,
@@ -313,4 +347,157 @@ where
     let mut sink = [0u8; 64];
     while server.read(&mut sink).await? > 0 {}
     Ok(())
+}
+
+/// Moves a session from its `max_startup_clients` slot to a `max_clients` slot at the end of
+/// its startup: once the server has sent BackendKeyData (it does so only after a successful
+/// authentication) or its first ReadyForQuery. Until then a connection counts only against
+/// the startup cap, so connections that never finish startup cannot take the slots of
+/// authenticated clients.
+pub(crate) struct SlotHandover {
+    startup: OwnedSemaphorePermit,
+    clients: Arc<Semaphore>,
+    /// What the client is told when `max_clients` filled up while it authenticated.
+    refused_message: String,
+    stats: Arc<ProxyStats>,
+}
+
+impl SlotHandover {
+    /// Wraps the session's client writer: the pump's writes to the client are the first
+    /// thing that runs after it has noted a server message, so the end of startup is seen
+    /// there at once, at the cost of one branch per write afterwards.
+    fn watch<W>(self, writer: W, record: &Arc<SessionRecord>) -> SlotWatch<W> {
+        SlotWatch {
+            inner: writer,
+            pending: Some((self, Arc::clone(record))),
+            _client_slot: None,
+        }
+    }
+}
+
+/// Whether a session's startup is over, from what the pump has noted in its record.
+fn startup_over(record: &SessionRecord) -> bool {
+    // A client pipelining a query during startup makes `state()` say Active, which must not
+    // count; BackendKeyData or a ReadyForQuery status cannot be forged by the client.
+    record.backend_pid().is_some()
+        || matches!(
+            record.state(),
+            TxnState::Idle | TxnState::IdleInTransaction | TxnState::IdleInFailedTransaction
+        )
+}
+
+/// The client writer of a session still holding its startup slot; see [`SlotHandover`]. The
+/// `max_clients` slot it takes is released with it, when the pump ends.
+struct SlotWatch<W> {
+    inner: W,
+    pending: Option<(SlotHandover, Arc<SessionRecord>)>,
+    _client_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<W> SlotWatch<W> {
+    fn check(&mut self) {
+        let Some((_, record)) = &self.pending else {
+            return;
+        };
+        if !startup_over(record) {
+            return;
+        }
+        let Some((handover, record)) = self.pending.take() else {
+            return;
+        };
+        drop(handover.startup);
+        match handover.clients.try_acquire_owned() {
+            Ok(slot) => self._client_slot = Some(slot),
+            Err(_) => {
+                // Rare: the last slots went while this client authenticated (it was checked
+                // before connecting upstream). Ended as a kill, so the pump delivers the
+                // FATAL at a message boundary and closes both sockets.
+                handover.stats.client_refused();
+                warn!(
+                    client = %record.client.addr,
+                    user = %record.client.user,
+                    "refusing client after its startup: max_clients was reached meanwhile"
+                );
+                if record.begin_kill() {
+                    record.finish_kill(KillNotice {
+                        sqlstate: sqlstate::TOO_MANY_CONNECTIONS,
+                        message: handover.refused_message,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for SlotWatch<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.pending.is_some() {
+            self.check();
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.pending.is_some() {
+            self.check();
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use guard_core::UpstreamIdentity;
+
+    use super::*;
+
+    fn record() -> SessionRecord {
+        SessionRecord::new(
+            1,
+            ClientInfo {
+                addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
+                user: "u".into(),
+                database: "d".into(),
+                application_name: String::new(),
+            },
+            UpstreamIdentity::Unix,
+        )
+    }
+
+    /// What the client sends cannot end its startup; only what the server says after a
+    /// successful authentication can.
+    #[test]
+    fn startup_ends_with_backend_key_data_or_ready_for_query_not_with_client_queries() {
+        let pipelined = record();
+        pipelined.sync_sent();
+        assert_eq!(pipelined.state(), TxnState::Active);
+        assert!(!startup_over(&pipelined));
+        pipelined.set_backend_key(4242, &[1, 2, 3, 4]);
+        assert!(startup_over(&pipelined));
+
+        let ready = record();
+        assert!(!startup_over(&ready));
+        ready.ready_for_query(b'I');
+        assert!(startup_over(&ready));
+    }
 }

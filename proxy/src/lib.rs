@@ -47,7 +47,9 @@ pub(crate) struct Shared {
     pub inflight_grace: Duration,
     pub registry: Arc<Registry>,
     pub guard: Option<GuardHandle>,
-    /// One permit per client session (`max_clients`).
+    /// One permit per connection still in startup (`max_startup_clients`).
+    pub startups: Arc<Semaphore>,
+    /// One permit per client session past its startup (`max_clients`).
     pub clients: Arc<Semaphore>,
     /// Permits for connections being told the proxy is full.
     pub refusals: Arc<Semaphore>,

@@ -20,9 +20,13 @@ use crate::stats::ProxyStats;
 use crate::tls::Tls;
 use crate::{client, GuardHandle, Shared};
 
-/// Connections beyond `max_clients` that may wait at once to be told the proxy is full; past
-/// this a connection is closed without a word, so a flood cannot pile up tasks.
+/// Connections beyond `max_startup_clients` that may be told at once that the proxy is full;
+/// past this a connection is closed without a word, so a flood cannot pile up tasks.
 const MAX_PENDING_REFUSALS: usize = 256;
+
+/// At most one log line per this interval about connections refused for
+/// `max_startup_clients`: a flood must not turn into a flood of log lines.
+const STARTUP_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Back-off after a failed accept (out of file descriptors, ...), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -52,6 +56,8 @@ impl Proxy {
         source: Option<ConfigSource>,
     ) -> anyhow::Result<Proxy> {
         config.validate().context("invalid configuration")?;
+        // Also for a configuration built in code: an empty secret would let anyone in.
+        config.check_secrets().context("invalid configuration")?;
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
@@ -76,6 +82,7 @@ impl Proxy {
         );
         let admin_listeners = AdminListeners::bind(&config.admin).await?;
         let shared = Shared {
+            startups: Arc::new(Semaphore::new(config.proxy.max_startup_clients)),
             clients: Arc::new(Semaphore::new(config.proxy.max_clients)),
             refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
             inflight_grace: config.guard.inflight_grace,
@@ -172,6 +179,7 @@ impl Proxy {
             guard = shared.guard.is_some(),
             "lockguard is accepting connections"
         );
+        let mut startup_refusals = RefusalLog::default();
         loop {
             let (stream, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -188,23 +196,25 @@ impl Proxy {
             if let Err(e) = net::tune_tcp(&stream, &client_liveness) {
                 debug!(client = %addr, error = %e, "could not set socket options");
             }
-            let slot = Arc::clone(&shared.clients).try_acquire_owned().ok();
-            // A refused client still gets a proper error, within the bounded refusal budget.
-            let refusal = match slot {
-                Some(_) => None,
-                None => match Arc::clone(&shared.refusals).try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    Err(_) => {
-                        shared.stats.client_refused();
-                        continue;
-                    }
-                },
+            // Every connection starts in a startup slot; the session takes a `max_clients`
+            // slot once its startup is over (see `client::serve`), so connections that never
+            // get there cannot crowd out authenticated clients.
+            let Ok(startup) = Arc::clone(&shared.startups).try_acquire_owned() else {
+                shared.stats.client_refused();
+                startup_refusals.note(addr, shared.proxy.max_startup_clients);
+                // Told at once, without waiting for a startup packet that may never come,
+                // within the bounded refusal budget.
+                if let Ok(refusing) = Arc::clone(&shared.refusals).try_acquire_owned() {
+                    let max = shared.proxy.max_startup_clients;
+                    sessions.spawn(async move {
+                        client::refuse_startup(stream, max).await;
+                        drop(refusing);
+                    });
+                }
+                continue;
             };
             let shared = Arc::clone(&shared);
-            sessions.spawn(async move {
-                client::serve(stream, addr, shared, slot).await;
-                drop(refusal);
-            });
+            sessions.spawn(client::serve(stream, addr, shared, startup));
         }
         drop(listener);
         sessions.close();
@@ -233,5 +243,34 @@ impl Proxy {
         }
         info!("lockguard stopped");
         Ok(())
+    }
+}
+
+/// Logs refusals for `max_startup_clients` at most once per
+/// [`STARTUP_REFUSAL_LOG_INTERVAL`], with how many there were since the last line.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, client: SocketAddr, max_startup_clients: usize) {
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < STARTUP_REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        warn!(
+            %client,
+            max_startup_clients,
+            refused = self.unlogged,
+            "refusing connections: too many still in startup"
+        );
+        self.last = Some(now);
+        self.unlogged = 0;
     }
 }

@@ -277,3 +277,131 @@ fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
     let status = exit_status_after_sigterm(&mut child);
     assert!(status.success(), "exit {status:?}");
 }
+
+/// A config file whose only console user takes its password from `var`.
+fn config_with_password_env(var: &str) -> tempfile::NamedTempFile {
+    config_file(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         [[admin.users]]\nname = \"ops\"\npassword_env = \"{var}\"\nrole = \"admin\"\n"
+    ))
+}
+
+/// Runs `lockguard` with `args` and `var` set to `value` (or unset); it must fail at once.
+/// Returns its stderr.
+fn fails_with_env(args: &[&std::ffi::OsStr], var: &str, value: Option<&str>) -> String {
+    let mut command = lockguard();
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    match value {
+        Some(value) => command.env(var, value),
+        None => command.env_remove(var),
+    };
+    let mut child = command.spawn().expect("run lockguard");
+    let status = exit_status_after_sigterm_or_exit(&mut child);
+    let output = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !status.success(),
+        "{args:?} with {var}={value:?} succeeded: {stderr}"
+    );
+    stderr
+}
+
+/// Waits up to 10 s for a child that is expected to exit by itself; SIGTERM if it does not.
+fn exit_status_after_sigterm_or_exit(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(child, libc::SIGTERM);
+    exit_status_after_sigterm(child)
+}
+
+/// An admin password given by an empty (or unset) environment variable is a configuration
+/// error naming the variable, in `check-config` and at start: an empty password would let
+/// anyone log in.
+#[test]
+fn check_config_and_start_refuse_an_empty_secret_variable_naming_it() {
+    let var = "LOCKGUARD_CLI_TEST_ADMIN_PASSWORD";
+    let file = config_with_password_env(var);
+    for value in [Some(""), Some(" \n"), None] {
+        let check = fails_with_env(
+            &["check-config".as_ref(), file.path().as_os_str()],
+            var,
+            value,
+        );
+        let start = fails_with_env(&["--config".as_ref(), file.path().as_os_str()], var, value);
+        for stderr in [check, start] {
+            assert!(stderr.contains(var), "{stderr}");
+            assert!(stderr.contains("admin.users[0].password_env"), "{stderr}");
+            assert!(stderr.contains("line 9"), "{stderr}");
+        }
+    }
+    let out = lockguard()
+        .arg("check-config")
+        .arg(file.path())
+        .env(var, "a-password")
+        .output()
+        .expect("run lockguard");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The effective configuration names the variable, never its value.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("a-password"));
+}
+
+/// A malformed line holding a secret: `check-config`, a failed start and a failed SIGHUP
+/// reload each name the line and the key, and none shows the value.
+#[test]
+fn a_malformed_secret_line_is_named_but_never_shown() {
+    const SECRET: &str = "s3cr3t-cli-token";
+    let good = "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n\
+                [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n";
+    let broken = format!("{good}api_token = \"{SECRET}\n");
+    let file = config_file(&broken);
+    let check = fails_with_env(
+        &["check-config".as_ref(), file.path().as_os_str()],
+        "LOCKGUARD_CLI_TEST_UNUSED",
+        None,
+    );
+    let start = fails_with_env(
+        &["--config".as_ref(), file.path().as_os_str()],
+        "LOCKGUARD_CLI_TEST_UNUSED",
+        None,
+    );
+    for stderr in [&check, &start] {
+        assert!(!stderr.contains(SECRET), "{stderr}");
+        assert!(stderr.contains("line 7"), "{stderr}");
+        assert!(stderr.contains("admin.api_token"), "{stderr}");
+    }
+
+    std::fs::write(file.path(), good).expect("write a good config");
+    let mut child = lockguard()
+        .arg("--config")
+        .arg(file.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lockguard");
+    let lines = log_lines(&mut child);
+    wait_for_log(&lines, &["lockguard is accepting connections"]);
+    std::fs::write(file.path(), &broken).expect("break the config");
+    signal(&child, libc::SIGHUP);
+    let (failed, before) = wait_for_log(&lines, &["SIGHUP reload failed"]);
+    assert!(failed.contains("line 7"), "{failed}");
+    assert!(failed.contains("admin.api_token"), "{failed}");
+    for line in before.iter().chain([&failed]) {
+        assert!(!line.contains(SECRET), "{line}");
+    }
+    signal(&child, libc::SIGTERM);
+    let status = exit_status_after_sigterm(&mut child);
+    assert!(status.success(), "exit {status:?}");
+}

@@ -256,7 +256,8 @@ fn code_of(e: &tokio_postgres::Error) -> Option<&SqlState> {
     e.as_db_error().map(|db| db.code())
 }
 
-/// One HTTP/1.1 exchange on a fresh connection: (status, headers, body).
+/// One HTTP/1.1 exchange on a fresh connection, addressed to `addr` by IP as a scraper would
+/// (without a token the endpoint answers names with 421): (status, headers, body).
 async fn http(
     addr: SocketAddr,
     method: &str,
@@ -268,7 +269,7 @@ async fn http(
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: lockguard\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -1628,8 +1629,9 @@ async fn console_logins_are_bounded_by_startup_timeout() {
     assert_eq!(rows(&ops, "SHOW VERSION").await.len(), 1);
 }
 
-/// psql opens with an SSLRequest (and a GSSENCRequest where it has Kerberos): the console
-/// declines both with 'N' and the login goes on.
+/// psql opens with an SSLRequest (and a GSSENCRequest where it has Kerberos): a console
+/// without a certificate (neither its own nor the client side's) declines both with 'N' and
+/// the login goes on.
 #[tokio::test]
 async fn the_console_declines_encryption_requests() {
     let running = start(admin_config(&[]), None).await;

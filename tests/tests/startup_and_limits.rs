@@ -217,6 +217,176 @@ async fn max_clients_refuses_with_53300_and_frees_slots() {
     assert_eq!(ask(&third, "SELECT 'third'::text").await, "third");
 }
 
+/// Opens `n` connections to `addr` that never send a byte.
+async fn silent_sockets(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        sockets.push(
+            TcpStream::connect(addr)
+                .await
+                .expect("connect a silent socket"),
+        );
+    }
+    sockets
+}
+
+/// Connects as the superuser, retrying while the proxy refuses with 53300 (a slot is freed
+/// when the proxy notices a closed connection), up to `WAIT_FOR_SLOT`.
+async fn connect_once_a_slot_frees(proxy: &TestProxy) -> Client {
+    const WAIT_FOR_SLOT: Duration = Duration::from_secs(10);
+    let deadline = Instant::now() + WAIT_FOR_SLOT;
+    loop {
+        match proxy
+            .connect(TestCluster::shared().superuser(), None, "postgres")
+            .await
+        {
+            Ok(client) => return client,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no slot freed within {WAIT_FOR_SLOT:?}: {e:?}"),
+        }
+    }
+}
+
+/// Connections that never finish startup count against their own cap, not `max_clients`:
+/// more silent sockets than `max_clients` leave every client slot to authenticated
+/// clients, and `max_clients` still bounds those.
+#[tokio::test]
+async fn silent_sockets_cannot_take_the_slots_of_authenticated_clients() {
+    let cluster = TestCluster::shared();
+    let su = cluster.superuser();
+    let mut config = config_for(cluster);
+    config.proxy.max_clients = 3;
+    let proxy = TestProxy::start_with(config).await;
+    let first = proxy
+        .connect(su, None, "postgres")
+        .await
+        .expect("first client");
+    // Accepted in order: all of them before the clients below.
+    let _silent = silent_sockets(proxy.addr, 5).await;
+    let second = proxy
+        .connect(su, None, "postgres")
+        .await
+        .expect("an authenticated client gets in beside five silent sockets");
+    let third = proxy
+        .connect(su, None, "postgres")
+        .await
+        .expect("third client");
+    let err = proxy
+        .connect(su, None, "postgres")
+        .await
+        .expect_err("a fourth authenticated client is over max_clients");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    let message = err.as_db_error().map(|db| db.message()).unwrap_or_default();
+    assert!(message.contains("max_clients = 3"), "{err:?}");
+    for client in [&first, &second, &third] {
+        assert_eq!(ask(client, "SELECT 'working'::text").await, "working");
+    }
+}
+
+/// With `max_startup_clients` connections in startup, the next is told at once (53300,
+/// naming the setting) without being asked for a startup packet; sessions past startup
+/// carry on, and once a startup slot frees an authenticated client gets in.
+#[tokio::test]
+async fn connections_over_max_startup_clients_are_refused_at_once() {
+    const STARTUPS: usize = 3;
+    let cluster = TestCluster::shared();
+    let mut config = config_for(cluster);
+    config.proxy.max_startup_clients = STARTUPS;
+    // Long enough that a refusal "at once" cannot be the startup deadline.
+    config.proxy.startup_timeout = Duration::from_secs(30);
+    let proxy = TestProxy::start_with(config).await;
+    let connected = proxy
+        .connect(cluster.superuser(), None, "postgres")
+        .await
+        .expect("a session before the silent sockets");
+    let mut silent = silent_sockets(proxy.addr, STARTUPS).await;
+
+    let mut over = TcpStream::connect(proxy.addr).await.expect("connect");
+    let t = Instant::now();
+    let reply = raw::read_until_close(&mut over, Duration::from_secs(5)).await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let (code, message) = reply.first().expect("an ErrorResponse").error_fields();
+    assert_eq!(reply[0].tag, b'E', "{reply:?}");
+    assert_eq!(code, "53300", "{message}");
+    assert!(
+        message.contains(&format!("max_startup_clients = {STARTUPS}")),
+        "{message}"
+    );
+
+    assert_eq!(
+        ask(&connected, "SELECT 'still here'::text").await,
+        "still here"
+    );
+    let err = proxy
+        .connect(cluster.superuser(), None, "postgres")
+        .await
+        .expect_err("no startup slot is free");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+
+    drop(silent.pop());
+    let newcomer = connect_once_a_slot_frees(&proxy).await;
+    assert_eq!(ask(&newcomer, "SELECT 'in'::text").await, "in");
+    // Past its startup the newcomer no longer holds a startup slot: one is free again.
+    let another = connect_once_a_slot_frees(&proxy).await;
+    assert_eq!(ask(&another, "SELECT 'in too'::text").await, "in too");
+}
+
+/// A client checked against `max_clients` before it connected upstream, whose slot went to
+/// another client while it typed its password, is told so right after its startup (FATAL
+/// 53300) and closed; the other client carries on.
+#[tokio::test]
+async fn a_client_whose_slot_went_while_it_authenticated_is_refused_after_startup() {
+    let cluster = TestCluster::shared();
+    if !cluster.is_owned() {
+        eprintln!("skipped: needs the md5 role of an owned cluster");
+        return;
+    }
+    let mut config = config_for(cluster);
+    config.proxy.max_clients = 1;
+    let proxy = TestProxy::start_with(config).await;
+    let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
+    slow.write_all(&raw::startup_packet(
+        PROTOCOL_3_0,
+        &[("user", MD5_USER), ("database", "postgres")],
+    ))
+    .await
+    .expect("startup");
+    let request = raw::read_message(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("a password request");
+    assert_eq!(request.tag, b'R');
+    assert_eq!(
+        request.body[..4],
+        5u32.to_be_bytes(),
+        "AuthenticationMD5Password"
+    );
+    let salt = &request.body[4..8];
+
+    let fast = proxy
+        .connect(cluster.superuser(), None, "postgres")
+        .await
+        .expect("the fast client takes the only slot");
+    let answer = lockguard::admin::auth::md5_response(MD5_USER, MD5_PASSWORD, salt);
+    let mut body = answer.into_bytes();
+    body.push(0);
+    slow.write_all(&raw::message(b'p', &body))
+        .await
+        .expect("password");
+    let reply = raw::read_until_close(&mut slow, Duration::from_secs(10)).await;
+    let tags: Vec<u8> = reply.iter().map(|m| m.tag).collect();
+    assert!(tags.contains(&b'Z'), "authenticated: {reply:?}");
+    let last = reply.last().expect("messages");
+    assert_eq!(last.tag, b'E', "{reply:?}");
+    let (code, message) = last.error_fields();
+    assert_eq!(code, "53300", "{message}");
+    assert!(message.contains("max_clients = 1"), "{message}");
+    assert_eq!(ask(&fast, "SELECT 'kept'::text").await, "kept");
+    proxy.wait_for_sessions(1, Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn hostile_input_is_refused_while_a_normal_client_keeps_working() {
     let cluster = TestCluster::shared();

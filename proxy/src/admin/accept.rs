@@ -86,8 +86,9 @@ pub async fn serve_connections<F, Fut>(
     connections.wait().await;
 }
 
-/// Sends `answer`, then closes the connection.
-async fn turn_away(mut socket: TcpStream, answer: &[u8]) {
+/// Sends `answer`, then closes the connection, within about a second: what every port of
+/// lockguard does with a connection over its limit.
+pub(crate) async fn turn_away(mut socket: TcpStream, answer: &[u8]) {
     let _ = tokio::time::timeout(REFUSAL_LINGER, async {
         socket.write_all(answer).await?;
         socket.shutdown().await?;

@@ -170,7 +170,8 @@ enum ScramStep {
     Done,
 }
 
-/// SCRAM-SHA-256 without channel binding (the console has no TLS).
+/// SCRAM-SHA-256 without channel binding: `-PLUS` is not offered, also over TLS (a client
+/// that could bind says so with the `y` flag, which is then correct).
 pub struct ScramMechanism {
     expected: Expected,
     step: ScramStep,

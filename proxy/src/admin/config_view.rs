@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lockguard_config::Config;
+use lockguard_config::{is_secret_key, Config};
 
 /// Shown instead of a secret.
 pub const MASK: &str = "********";
@@ -23,6 +23,10 @@ pub const LIVE_KEYS: &[&str] = &[
     "admin.api_token",
     "admin.api_token_env",
     "admin.users",
+    "admin.require_tls",
+    // The console's certificates are re-read like the client side's.
+    "admin.tls_cert",
+    "admin.tls_key",
     // Tls::reload re-reads certificates and modes as a whole.
     "tls.client_cert",
     "tls.client_key",
@@ -56,6 +60,9 @@ pub fn apply_live(running: &Config, new: &Config) -> Config {
     a.api_token = n.api_token.clone();
     a.api_token_env = n.api_token_env.clone();
     a.users = n.users.clone();
+    a.require_tls = n.require_tls;
+    a.tls_cert = n.tls_cert.clone();
+    a.tls_key = n.tls_key.clone();
     out.tls = new.tls.clone();
     out
 }
@@ -85,8 +92,9 @@ pub fn flatten(config: &Config) -> BTreeMap<String, String> {
     for (name, value) in raw(config) {
         let text = match (name.as_str(), &value) {
             ("admin.users", toml::Value::Array(users)) => users_text(users),
-            ("admin.api_token", _) => MASK.to_owned(),
+            // The connection string is shown, its password masked.
             ("guard.dsn", toml::Value::String(dsn)) => mask_dsn_password(dsn),
+            (key, _) if is_secret_key(key) => MASK.to_owned(),
             (_, toml::Value::String(s)) => s.clone(),
             (_, other) => other.to_string(),
         };

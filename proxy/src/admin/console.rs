@@ -1,7 +1,9 @@
 //! The admin console: a PostgreSQL-protocol server (built on `pgwire`) so operators use `psql`
 //! and drivers. It authenticates console users ([`super::auth`]), parses each statement with
 //! [`Command::parse`] and answers with the command's table. The simple and the extended query
-//! protocol are both accepted; statements take no parameters.
+//! protocol are both accepted; statements take no parameters. It speaks TLS when it has a
+//! certificate (`admin.tls_cert`, else `[tls] client_cert`), and with `admin.require_tls`
+//! refuses plaintext logins.
 //!
 //! Before a login the console is open to anyone who can reach it, so what a connection can
 //! cost is bounded: at most [`MAX_CONSOLE_CONNECTIONS`] at once, `proxy.startup_timeout` to
@@ -35,6 +37,7 @@ use pgwire::messages::response::{GssEncResponse, SslResponse};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
 use pgwire::tokio::server::{process_error, process_message, PgWireMessageServerCodec};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -45,14 +48,24 @@ use super::commands::{AdminError, Column, ColumnType, Command, Table, Value};
 use super::framing::{FramingError, LimitedFraming};
 use super::{Admin, Login};
 use crate::protocol::{self, sqlstate};
+use crate::stream::ClientStream;
 
 /// Most console connections served at once; more are refused with 53300. Operators need a
 /// handful; the bound keeps unauthenticated connections from piling up.
 pub const MAX_CONSOLE_CONNECTIONS: usize = 64;
 
-/// The socket pgwire speaks over: the client's bytes checked against the console's length
-/// limits ([`LimitedFraming`]).
-type ConsoleSocket = Framed<LimitedFraming<TcpStream>, PgWireMessageServerCodec<Command>>;
+/// The socket pgwire speaks over: the client's bytes (plain or TLS) checked against the
+/// console's length limits ([`LimitedFraming`]).
+type ConsoleSocket = Framed<LimitedFraming<ClientStream>, PgWireMessageServerCodec<Command>>;
+
+/// A console socket at its start, before any byte was read.
+fn console_socket(stream: ClientStream, peer: SocketAddr) -> ConsoleSocket {
+    let secure = stream.is_tls();
+    Framed::new(
+        LimitedFraming::new(stream),
+        PgWireMessageServerCodec::new(DefaultClient::new(peer, secure)),
+    )
+}
 
 /// Accepts console connections until `stop` is cancelled, then closes the open ones.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
@@ -89,17 +102,16 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
 
 /// Serves one console connection: what `pgwire::tokio::process_socket` does, over a socket
 /// that enforces the console's message limits, with the login bounded by `login_deadline`.
-/// SSL and GSS encryption requests are declined (the console has no TLS).
+/// An SSLRequest is answered with TLS when the console has a certificate (its own or the
+/// client side's), 'N' otherwise; GSS encryption is always declined. With
+/// `admin.require_tls`, a plaintext login is refused.
 async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
     handlers: &Handlers,
     login_deadline: Duration,
 ) -> Result<(), PgWireError> {
-    let mut socket: ConsoleSocket = Framed::new(
-        LimitedFraming::new(socket),
-        PgWireMessageServerCodec::new(DefaultClient::new(peer, false)),
-    );
+    let mut socket = console_socket(ClientStream::Plain(socket), peer);
     let copy = handlers.copy_handler();
     let cancel = handlers.cancel_handler();
     let deadline = tokio::time::sleep(login_deadline);
@@ -143,9 +155,22 @@ async fn serve_connection(
         };
         match message {
             PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresSsl(_)) => {
-                socket
-                    .send(PgWireBackendMessage::SslResponse(SslResponse::Refuse))
-                    .await?;
+                let acceptor = match socket.get_ref().get_ref() {
+                    // Inside TLS, the request is not repeated; pgwire's state no longer
+                    // expects one, so this is only reachable on the plain socket.
+                    ClientStream::Tls(_) => None,
+                    ClientStream::Plain(_) => handlers.startup.admin.console_tls_acceptor(),
+                };
+                let Some(acceptor) = acceptor else {
+                    socket
+                        .send(PgWireBackendMessage::SslResponse(SslResponse::Refuse))
+                        .await?;
+                    continue;
+                };
+                match start_tls(socket, peer, acceptor).await {
+                    Some(tls) => socket = tls,
+                    None => return Ok(()),
+                }
                 continue;
             }
             PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresGss(_)) => {
@@ -161,6 +186,23 @@ async fn serve_connection(
             }
             // The client is leaving; some wait for the server to close first.
             PgWireFrontendMessage::Terminate(_) => return Ok(()),
+            PgWireFrontendMessage::Startup(_)
+                if !socket.get_ref().get_ref().is_tls()
+                    && handlers.startup.admin.config().admin.require_tls =>
+            {
+                info!(%peer, "admin console login refused: TLS is required");
+                let fatal = ErrorInfo::new(
+                    "FATAL".to_owned(),
+                    sqlstate::INVALID_AUTHORIZATION.to_owned(),
+                    "lockguard admin console: TLS is required (admin.require_tls); connect \
+                     with sslmode=require"
+                        .to_owned(),
+                );
+                socket
+                    .send(PgWireBackendMessage::ErrorResponse(fatal.into()))
+                    .await?;
+                return Ok(());
+            }
             _ => {}
         }
         let is_extended_query = match socket.state() {
@@ -188,6 +230,43 @@ async fn serve_connection(
         }
         if is_cancel_request {
             return Ok(());
+        }
+    }
+}
+
+/// Answers 'S' to an SSLRequest and runs the TLS handshake; the console socket over TLS, or
+/// `None` when the connection ends here (the reason logged).
+async fn start_tls(
+    socket: ConsoleSocket,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+) -> Option<ConsoleSocket> {
+    let mut socket = socket;
+    if let Err(e) = socket
+        .send(PgWireBackendMessage::SslResponse(SslResponse::Accept))
+        .await
+    {
+        debug!(%peer, error = %e, "admin console client left during TLS negotiation");
+        return None;
+    }
+    let parts = socket.into_parts();
+    if !parts.read_buf.is_empty() {
+        // Bytes sent before the handshake would count as if they came over TLS.
+        warn!(%peer, "admin console client sent data after its SSLRequest, before TLS; closing");
+        return None;
+    }
+    let ClientStream::Plain(tcp) = parts.io.into_inner() else {
+        return None;
+    };
+    match acceptor.accept(tcp).await {
+        Ok(tls) => {
+            let mut socket = console_socket(ClientStream::Tls(Box::new(tls)), peer);
+            socket.set_state(PgWireConnectionState::AwaitingStartup);
+            Some(socket)
+        }
+        Err(e) => {
+            warn!(%peer, error = %e, "admin console TLS handshake failed");
+            None
         }
     }
 }

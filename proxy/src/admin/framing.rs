@@ -174,6 +174,18 @@ impl<S> LimitedFraming<S> {
     }
 }
 
+impl<S> LimitedFraming<S> {
+    /// The wrapped stream, e.g. to start TLS on it after an SSLRequest.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
 fn invalid(error: FramingError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }

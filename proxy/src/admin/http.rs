@@ -8,17 +8,20 @@
 //! - `POST /api/clients/{id}/kill` — `KILL <id>`.
 //!
 //! With `admin.api_token` set, every `/api/` request needs `Authorization: Bearer <token>`
-//! (401 without one, 403 with a wrong one). Without a token the API is read-only: kill is 403.
+//! (401 without one, 403 with a wrong one). Without a token the API is read-only: kill is 403,
+//! and every route but `/healthz` answers only requests whose `Host` names an IP address or
+//! `localhost` ([`check_host`]), so a web page cannot read it through DNS rebinding.
 //!
 //! At most [`MAX_HTTP_CONNECTIONS`] connections are served at once (the next gets 503), and a
 //! connection has `proxy.startup_timeout` to send each request's head.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +29,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -33,11 +38,11 @@ use tracing::{debug, info, warn};
 use super::accept::{serve_connections, Admission};
 use super::commands::{AdminError, Command, KillResult, KillTarget};
 use super::{metrics, Admin, Login};
-use crate::scram::constant_time_eq;
 
 type Shared = State<Arc<Admin>>;
 
-/// The routes, over `admin`.
+/// The routes, over `admin`. The Host check is a layer over all of them (routes added later
+/// included), not a step of each handler.
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/metrics", get(get_metrics))
@@ -46,7 +51,69 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/clients", get(api_clients))
         .route("/api/events", get(api_events))
         .route("/api/clients/{id}/kill", post(api_kill))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&admin),
+            check_host,
+        ))
         .with_state(admin)
+}
+
+/// The one route the Host check leaves open: it answers a constant, so a page that reaches
+/// it learns nothing, and liveness probes keep working whatever name they use.
+const HOST_CHECK_EXEMPT: &str = "/healthz";
+
+/// DNS rebinding: a web page in a browser that can reach the endpoint (the operator's own
+/// machine, a jump host) points its own host name at the endpoint's address and reads the
+/// answers as same-origin. Without a token nothing else stops it, so without one a request
+/// must be addressed to the endpoint by IP address or as `localhost` — names an attacker
+/// cannot point elsewhere — and anything else gets 421 Misdirected Request. Browsers always
+/// send Host, so a request without one is let through. With a token the API needs the
+/// token, which such a page does not have.
+async fn check_host(State(admin): Shared, request: Request, next: Next) -> Response {
+    if admin.credentials().api_token().is_some() || request.uri().path() == HOST_CHECK_EXEMPT {
+        return next.run(request).await;
+    }
+    match request.headers().get(header::HOST) {
+        Some(host) if !host_is_an_address(host.as_bytes()) => {
+            debug!(host = ?host, path = request.uri().path(), "admin HTTP request refused: Host is a name");
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                Json(json!({
+                    "error": "lockguard: without admin.api_token the admin HTTP endpoint answers \
+                              only requests addressed to an IP address or localhost"
+                })),
+            )
+                .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether a Host header names an IP literal (`10.0.0.5`, `[::1]`) or `localhost`, with or
+/// without a port.
+fn host_is_an_address(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    // (the name unless it is a bracketed IPv6 literal, then ":port" or nothing)
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) if v6.parse::<Ipv6Addr>().is_ok() => (None, port),
+            _ => return false,
+        },
+        None => match host.find(':') {
+            Some(colon) => (Some(&host[..colon]), &host[colon..]),
+            None => (Some(host), ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+    let name_ok = name.is_none_or(|name| {
+        name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok()
+    });
+    port_ok && name_ok
 }
 
 /// Whether the read API (clients, their statements, events) answers anyone who can reach
@@ -196,13 +263,22 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<Option<Login>, Refusa
         .ok_or(Refusal::Unauthorized(
             "this endpoint needs an Authorization: Bearer <admin.api_token> header",
         ))?;
-    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+    if token_matches(presented.as_bytes(), expected.as_bytes()) {
         Ok(Some(Login::http_token()))
     } else {
         Err(Refusal::Forbidden(
             "the bearer token is not admin.api_token",
         ))
     }
+}
+
+/// Whether `presented` is the token. Both are hashed to fixed-size SHA-256 digests first, so
+/// the constant-time compare sees 32 bytes whatever the lengths: its time tells neither where
+/// the values differ nor whether their lengths match. (Hashing takes time by length: the
+/// presented one's, which the caller knows, and the token's, the same for every request.)
+fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    let (presented, expected) = (Sha256::digest(presented), Sha256::digest(expected));
+    presented.as_slice().ct_eq(expected.as_slice()).into()
 }
 
 /// A caller without a token (none configured) runs SHOW commands as a monitor.
@@ -283,6 +359,48 @@ async fn api_kill(State(admin): Shared, headers: HeaderMap, Path(id): Path<u64>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ip_literals_and_localhost_count_as_addresses() {
+        for good in [
+            "127.0.0.1",
+            "127.0.0.1:9930",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:9930",
+            "[fe80::1]:1",
+            "localhost",
+            "LocalHost:9930",
+        ] {
+            assert!(host_is_an_address(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "attacker.example",
+            "attacker.example:9930",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "localhost.",
+            "127.0.0.1:",
+            "127.0.0.1:99x",
+            "[::1",
+            "[nonsense]:1",
+            "::1",
+            "user@127.0.0.1",
+            "",
+            "1.2.3.4:5:6",
+        ] {
+            assert!(!host_is_an_address(bad.as_bytes()), "{bad}");
+        }
+        assert!(!host_is_an_address(&[0xff, b'1']));
+    }
+
+    #[test]
+    fn the_token_compare_matches_only_the_same_bytes() {
+        assert!(token_matches(b"token", b"token"));
+        assert!(!token_matches(b"token", b"tokem"));
+        assert!(!token_matches(b"token", b"token-longer"));
+        assert!(!token_matches(b"", b"token"));
+    }
 
     #[test]
     fn only_a_token_less_api_on_a_non_loopback_address_is_exposed() {

@@ -33,8 +33,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use guard_core::Registry;
-use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError};
+use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError, TlsConfig};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -149,8 +150,12 @@ pub struct Admin {
     registry: Arc<Registry>,
     guard: Option<GuardHandle>,
     stats: Arc<ProxyStats>,
-    /// RELOAD re-reads the certificates through it.
+    /// RELOAD re-reads the certificates through it; the console uses its client-side
+    /// certificate when `[admin]` names none of its own.
     tls: Arc<Tls>,
+    /// The console's own certificate (`admin.tls_cert` / `admin.tls_key`), when set; replaced
+    /// whole by RELOAD.
+    console_tls: ArcSwap<Tls>,
     /// The configuration in force: the start configuration with every live change (RELOAD,
     /// `SET dry_run`) applied.
     config: ArcSwap<Config>,
@@ -168,7 +173,8 @@ pub struct Admin {
 
 impl Admin {
     /// The command layer over a proxy's state. Fails if an admin password or the API token
-    /// names an environment variable that is not set.
+    /// names an environment variable that is not set or empty, or the console's certificate
+    /// cannot be read.
     pub fn new(
         config: &Config,
         source: Option<ConfigSource>,
@@ -178,11 +184,13 @@ impl Admin {
         tls: Arc<Tls>,
     ) -> anyhow::Result<Admin> {
         let credentials = Credentials::resolve(&config.admin).map_err(anyhow::Error::msg)?;
+        let console_tls = load_console_tls(&config.admin)?;
         Ok(Admin {
             registry,
             guard,
             stats,
             tls,
+            console_tls: ArcSwap::from_pointee(console_tls),
             config: ArcSwap::from_pointee(config.clone()),
             source,
             credentials: ArcSwap::from_pointee(credentials),
@@ -224,6 +232,33 @@ impl Admin {
     pub fn guard(&self) -> Option<&GuardHandle> {
         self.guard.as_ref()
     }
+
+    /// What the console answers an SSLRequest with: its own certificate, else the client
+    /// side's, else nothing (the request is declined).
+    pub fn console_tls_acceptor(&self) -> Option<TlsAcceptor> {
+        if self.config().admin.own_tls().is_some() {
+            self.console_tls.load().client_acceptor()
+        } else {
+            self.tls.client_acceptor()
+        }
+    }
+}
+
+/// Reads the console's own certificate and key, when `[admin]` names them (an empty TLS
+/// state otherwise). Errors name the files.
+fn load_console_tls(admin: &AdminConfig) -> anyhow::Result<Tls> {
+    let (client_cert, client_key) = match admin.own_tls() {
+        Some((cert, key)) => (Some(cert.clone()), Some(key.clone())),
+        None => (None, None),
+    };
+    // The console is a TLS server like the client side: the same loader, with only the
+    // certificate set.
+    let config = TlsConfig {
+        client_cert,
+        client_key,
+        ..TlsConfig::default()
+    };
+    Tls::load(&config).context("admin.tls_cert / admin.tls_key")
 }
 
 /// The bound admin sockets of a proxy, not yet serving.

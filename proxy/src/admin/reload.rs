@@ -44,6 +44,8 @@ impl Admin {
         }
         // Certificates are re-read even when their paths did not change: renewal replaces
         // the files in place. On error the old ones stay.
+        let console_tls = super::load_console_tls(&next.admin)
+            .map_err(|e| AdminError::Reload(format!("{e:#}")))?;
         self.tls
             .reload(&next.tls)
             .map_err(|e| AdminError::Reload(format!("{e:#}")))?;
@@ -60,6 +62,7 @@ impl Admin {
             }
         }
         self.credentials.store(Arc::new(credentials));
+        self.console_tls.store(Arc::new(console_tls));
         let changes = changes(&running, &file);
         self.config.store(Arc::new(next));
         info!(
