@@ -111,6 +111,8 @@ struct Running {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<Value>,
+    /// Events received while waiting for another one.
+    events: Mutex<Vec<Value>>,
 }
 
 impl Running {
@@ -133,22 +135,34 @@ impl Running {
                 collected.lock().expect("logs").push(line);
             }
         });
-        Running { child, logs, lines }
+        Running {
+            child,
+            logs,
+            lines,
+            events: Mutex::new(Vec::new()),
+        }
     }
 
-    /// The `listen` address of the log event `message`.
+    /// The `listen` address of the log event `message`, logged before or within `WAIT`.
     fn address_of(&self, message: &str) -> SocketAddr {
+        let mut events = self.events.lock().expect("events");
+        let find = |event: &Value| {
+            (event["message"] == message)
+                .then(|| event["listen"].as_str().and_then(|a| a.parse().ok()))
+                .flatten()
+        };
+        if let Some(addr) = events.iter().find_map(find) {
+            return addr;
+        }
         let deadline = Instant::now() + WAIT;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(event) if event["message"] == message => {
-                    if let Some(addr) = event["listen"].as_str().and_then(|a| a.parse().ok()) {
-                        return addr;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
+            let Ok(event) = self.lines.recv_timeout(left) else {
+                break;
+            };
+            if let Some(addr) = find(&event) {
+                return addr;
             }
+            events.push(event);
         }
         panic!("no {message:?} in the log:\n{}", self.logs())
     }
@@ -812,6 +826,7 @@ fn build_static_binary() -> PathBuf {
         .env("CARGO_TARGET_DIR", &target)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_PROFILE_DEV_DEBUG", "false")
+        .env("CARGO_INCREMENTAL", "0")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_MAKEFLAGS")
         .env_remove("MAKEFLAGS")
