@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use lockguard::admin::{Admin, ConfigSource, LogReloader};
 use lockguard::cli::{effective_config, Cli, Command};
 use lockguard::Proxy;
@@ -40,6 +40,24 @@ fn main() -> ExitCode {
         }
         Some(Command::DemoApp { addr, user_id }) => {
             run_demo_task(lockguard::demo::app_process(*addr, *user_id))
+        }
+        Some(Command::Completions { shell }) => {
+            let mut command = lockguard::cli::completion_command();
+            clap_complete::generate(*shell, &mut command, "lockguard", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Man { dir }) => {
+            let written = match dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+                None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lockguard: could not write the manual page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         None => {
             let config = match effective_config(cli.config.as_deref(), &cli.overrides) {

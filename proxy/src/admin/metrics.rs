@@ -74,6 +74,13 @@ pub fn render(admin: &Admin) -> String {
         "Proxied client sessions now.",
         sessions.len(),
     );
+    // The limit beside the count, so an alert can say "near the limit" without knowing it.
+    m.single(
+        "lockguard_max_clients",
+        "gauge",
+        "Client sessions allowed at once (proxy.max_clients); more are refused.",
+        admin.config().proxy.max_clients,
+    );
     m.family(
         "lockguard_clients",
         "gauge",
