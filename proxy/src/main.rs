@@ -124,6 +124,28 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // Installed before anything else: SIGHUP's default action would end the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    match lockguard::net::raise_open_files_limit(config.proxy.max_clients) {
+        Ok(limit) => {
+            if limit.now > limit.before {
+                info!(
+                    from = limit.before,
+                    to = limit.now,
+                    "open-files limit raised to the hard limit"
+                );
+            }
+            if limit.now < limit.needed {
+                warn!(
+                    limit = limit.now,
+                    needed = limit.needed,
+                    max_clients = config.proxy.max_clients,
+                    "the open-files limit is below what max_clients sessions need (two \
+                     descriptors each): raise the hard limit (LimitNOFILE, ulimit -Hn) or lower \
+                     proxy.max_clients, or connections will fail with 'too many open files'"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "could not read or raise the open-files limit"),
+    }
     let proxy = Proxy::bind_with_source(config, Some(source)).await?;
     let admin = proxy.admin();
     admin.set_log_reloader(log_reloader);

@@ -56,6 +56,51 @@ pub fn tune_tcp(stream: &TcpStream, liveness: &Liveness) -> io::Result<()> {
     Ok(())
 }
 
+/// Descriptors a session holds: its client socket and its upstream socket.
+const DESCRIPTORS_PER_SESSION: u64 = 2;
+/// Descriptors beside the sessions: listeners, admin connections, guard connections, files.
+const DESCRIPTORS_SPARE: u64 = 1024;
+
+/// What [`raise_open_files_limit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFilesLimit {
+    pub before: u64,
+    pub now: u64,
+    /// Descriptors `max_clients` sessions need at most (plus a spare amount).
+    pub needed: u64,
+}
+
+/// Raises the soft open-files limit to the hard limit. Every session holds two descriptors,
+/// and the usual soft default (1024, also what container runtimes give) would refuse
+/// connections long before `max_clients`; the hard limit is what the operator allowed, so
+/// taking it needs no privilege (as PostgreSQL and most servers do).
+pub fn raise_open_files_limit(max_clients: usize) -> io::Result<OpenFilesLimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let sessions = u64::try_from(max_clients).unwrap_or(u64::MAX);
+    Ok(OpenFilesLimit {
+        before,
+        now: limit.rlim_cur,
+        needed: sessions
+            .saturating_mul(DESCRIPTORS_PER_SESSION)
+            .saturating_add(DESCRIPTORS_SPARE),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::net::TcpListener;
