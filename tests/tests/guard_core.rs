@@ -4,9 +4,9 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use guard_core::enforcer::{self, RequiredState, UNIX_START_AFTER};
+use guard_core::enforcer::{self, RequiredState, START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
     Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, KillOutcome, LeaveReason,
@@ -15,8 +15,8 @@ use guard_core::{
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{
-    backend_alive, connect, guard_config, guard_test_database, wait_for, wait_until_waiting,
-    DirectSession,
+    backend_alive, connect, guard_config, guard_role, guard_test_database, wait_for,
+    wait_until_waiting, DirectSession,
 };
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
@@ -64,10 +64,11 @@ async fn assert_proceeds(b: JoinHandle<Result<u64, String>>, within: Duration) {
     }
 }
 
-/// A connection of the test's own, with the guard's statements, to hand to the enforcer.
+/// A connection of the test's own as the guard's role, with the guard's statements, to hand
+/// to the enforcer.
 async fn enforcer_connection(cluster: &TestCluster, db: &str) -> GuardConnection {
     let (client, connection) = cluster
-        .pg_config(cluster.superuser(), None, db)
+        .pg_config(guard_role(cluster), None, db)
         .connect(NoTls)
         .await
         .expect("connecting the enforcer");
@@ -154,7 +155,8 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let a = DirectSession::tcp(cluster, &db).await;
     a.client.batch_execute(LOCK_ROW).await.unwrap();
     let port = a.local_addr.expect("tcp").port();
-    let stale = Identity::ClientPort(if port == u16::MAX { port - 1 } else { port + 1 });
+    let other_port = if port == u16::MAX { port - 1 } else { port + 1 };
+    let stale = Identity::connected(i32::from(other_port), SystemTime::now());
 
     let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
         .await
@@ -180,7 +182,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
 
     // The right port, but the idle rule's state check fails: the backend is idle in a
     // transaction, not in a failed one.
-    let right = Identity::ClientPort(port);
+    let right = Identity::connected(i32::from(port), SystemTime::now());
     let outcome = enforcer::terminate_verified(
         &conn,
         a.pid,
@@ -277,9 +279,10 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
     let record = registration.record();
 
     // A window that ended before this backend started: a reused pid, not ours.
-    let long_ago = record.connected_at - 4 * UNIX_START_AFTER;
-    let stale = Identity::StartedBetween {
-        earliest: long_ago - UNIX_START_AFTER,
+    let long_ago = record.connected_at - 4 * START_AFTER;
+    let stale = Identity {
+        client_port: -1,
+        earliest: long_ago - START_AFTER,
         latest: long_ago,
     };
     assert_eq!(
@@ -292,9 +295,15 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
 
     // A TCP identity never matches a unix-socket backend (client_port is -1).
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &Identity::ClientPort(5432), None, None)
-            .await
-            .unwrap(),
+        enforcer::terminate_verified(
+            &conn,
+            a.pid,
+            &Identity::connected(5432, SystemTime::now()),
+            None,
+            None
+        )
+        .await
+        .unwrap(),
         KillOutcome::IdentityMismatch
     );
 
