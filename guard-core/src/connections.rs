@@ -616,14 +616,16 @@ impl Connections {
         self.slot(database).mark_error(error);
     }
 
-    /// Periodic upkeep: reconnects broken connections of databases that still have sessions
-    /// (so health recovers and the next sweep finds a working connection) and closes those of
-    /// databases nobody has used for a while.
+    /// Periodic upkeep: reconnects broken connections of databases that still have sessions,
+    /// and of the dsn's own database (the guard connects there at start, and readiness checks
+    /// and secret lookups use it), so health recovers and the next sweep finds a working
+    /// connection; closes those of databases nobody has used for a while.
     pub(crate) async fn maintain(&self, in_use: &HashSet<String>) {
         let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let home = self.home_database();
         let mut reconnect = Vec::new();
         for slot in slots {
-            if in_use.contains(&slot.database) {
+            if in_use.contains(&slot.database) || slot.database == home {
                 slot.touch();
                 if !slot.status().connected {
                     reconnect.push(slot.database.clone());

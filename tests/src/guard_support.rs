@@ -61,11 +61,16 @@ pub async fn guard_test_database(cluster: &TestCluster, prefix: &str) -> String 
 
 /// A superuser connection to `db` over TCP (task spawned on the current runtime).
 pub async fn connect(cluster: &TestCluster, db: &str) -> Client {
+    connect_as(cluster, cluster.superuser(), db).await
+}
+
+/// A connection as `user` (a trusted role) to `db` over TCP.
+pub async fn connect_as(cluster: &TestCluster, user: &str, db: &str) -> Client {
     let (client, connection) = cluster
-        .pg_config(cluster.superuser(), None, db)
+        .pg_config(user, None, db)
         .connect(NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connecting to {db}: {e:?}"));
+        .unwrap_or_else(|e| panic!("connecting to {db} as {user}: {e:?}"));
     tokio::spawn(connection);
     client
 }
