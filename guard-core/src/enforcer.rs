@@ -202,11 +202,13 @@ pub async fn terminate_verified(
             let server = e
                 .as_db_error()
                 .map_or("permission denied", |db| db.message());
+            let why = if server.contains("superuser") {
+                "the guard role's pg_signal_backend cannot signal a superuser's backend"
+            } else {
+                "the guard role needs pg_signal_backend (see lockguard setup-sql)"
+            };
             return Ok(KillOutcome::NotPermitted {
-                reason: format!(
-                    "{server}: the guard role's pg_signal_backend cannot signal a superuser's \
-                     backend"
-                ),
+                reason: format!("{server}: {why}"),
             });
         }
         Err(e) => return Err(e),
