@@ -199,16 +199,21 @@ pub async fn terminate_verified(
     let rows = match killed {
         Ok(rows) => rows,
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-            let server = e
-                .as_db_error()
-                .map_or("permission denied", |db| db.message());
-            let why = if server.contains("superuser") {
+            // PostgreSQL 15 says "must be a superuser to terminate superuser process"; newer
+            // versions put the superuser part in the detail.
+            let (message, detail) = e.as_db_error().map_or(("permission denied", None), |db| {
+                (db.message(), db.detail())
+            });
+            let superuser = format!("{message} {}", detail.unwrap_or_default())
+                .to_ascii_lowercase()
+                .contains("superuser");
+            let why = if superuser {
                 "the guard role's pg_signal_backend cannot signal a superuser's backend"
             } else {
                 "the guard role needs pg_signal_backend (see lockguard setup-sql)"
             };
             return Ok(KillOutcome::NotPermitted {
-                reason: format!("{server}: {why}"),
+                reason: format!("{message}: {why}"),
             });
         }
         Err(e) => return Err(e),
