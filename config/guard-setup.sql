@@ -13,7 +13,7 @@
 -- * pg_signal_backend: pg_terminate_backend on other roles' backends (never a superuser's);
 -- * pg_read_all_stats: the client_port, backend_start and state of every backend in
 --   pg_stat_activity, which every kill verifies before it signals;
--- * EXECUTE on {{schema}}.user_secret(text) only: the SCRAM secret of a role, for
+-- * EXECUTE on {{schema}}.scram_verifier(text) only: the SCRAM secret of a role, for
 --   clients lockguard authenticates itself (SCRAM over TLS on both sides). The function runs
 --   as its owner (a superuser) with its search_path pinned, and hands out SCRAM secrets only:
 --   an md5 hash is as good as the password itself, a SCRAM secret is not.
@@ -70,7 +70,7 @@ $setup$;
 REVOKE ALL ON SCHEMA {{schema}} FROM PUBLIC;
 GRANT USAGE ON SCHEMA {{schema}} TO {{role}};
 
-CREATE OR REPLACE FUNCTION {{schema}}.user_secret(role_name pg_catalog.text)
+CREATE OR REPLACE FUNCTION {{schema}}.scram_verifier(role_name pg_catalog.text)
 RETURNS pg_catalog.text
 LANGUAGE sql
 STABLE STRICT
@@ -83,8 +83,8 @@ AS $lookup$
       AND pg_catalog.starts_with(a.rolpassword, 'SCRAM-SHA-256$')
 $lookup$;
 
-ALTER FUNCTION {{schema}}.user_secret(pg_catalog.text) OWNER TO CURRENT_USER;
-REVOKE ALL ON FUNCTION {{schema}}.user_secret(pg_catalog.text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION {{schema}}.user_secret(pg_catalog.text) TO {{role}};
+ALTER FUNCTION {{schema}}.scram_verifier(pg_catalog.text) OWNER TO CURRENT_USER;
+REVOKE ALL ON FUNCTION {{schema}}.scram_verifier(pg_catalog.text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION {{schema}}.scram_verifier(pg_catalog.text) TO {{role}};
 
 COMMIT;

@@ -152,7 +152,7 @@ pub struct GuardConfig {
 /// `SECURITY DEFINER` function owned by a superuser that returns a role's SCRAM secret, so the
 /// guard role itself never needs to read `pg_authid`. Schema and argument type are spelled out:
 /// the query runs with the guard's rights and must resolve to exactly that function.
-pub const DEFAULT_AUTH_QUERY: &str = "SELECT lockguard.user_secret($1::pg_catalog.text)";
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT lockguard.scram_verifier($1::pg_catalog.text)";
 
 impl Default for GuardConfig {
     fn default() -> Self {

@@ -58,7 +58,7 @@ pub fn setup_sql(role: &str, schema: &str) -> Result<String, InvalidName> {
 /// The `auth_query` that calls the lookup function the script created in `schema`.
 pub fn auth_query(schema: &str) -> String {
     format!(
-        "SELECT {}.user_secret($1::pg_catalog.text)",
+        "SELECT {}.scram_verifier($1::pg_catalog.text)",
         quote_ident(schema)
     )
 }
@@ -115,13 +115,13 @@ mod tests {
     fn the_default_script_names_the_default_role_and_schema() {
         let sql = setup_sql(DEFAULT_ROLE, DEFAULT_SCHEMA).unwrap();
         assert!(sql.contains("GRANT pg_signal_backend, pg_read_all_stats TO \"lockguard\";"));
-        assert!(sql.contains("CREATE OR REPLACE FUNCTION \"lockguard\".user_secret("));
+        assert!(sql.contains("CREATE OR REPLACE FUNCTION \"lockguard\".scram_verifier("));
         assert!(sql.contains("SECURITY DEFINER"));
         assert!(sql.contains("SET search_path = pg_catalog, pg_temp"));
-        assert!(sql.contains("REVOKE ALL ON FUNCTION \"lockguard\".user_secret"));
+        assert!(sql.contains("REVOKE ALL ON FUNCTION \"lockguard\".scram_verifier"));
         assert_eq!(
             auth_query(DEFAULT_SCHEMA),
-            "SELECT \"lockguard\".user_secret($1::pg_catalog.text)"
+            "SELECT \"lockguard\".scram_verifier($1::pg_catalog.text)"
         );
     }
 

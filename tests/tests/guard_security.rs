@@ -342,8 +342,8 @@ async fn the_setup_sql_gives_the_guard_role_exactly_its_privileges() {
             "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolbypassrls,
                     pg_has_role(r.oid, 'pg_signal_backend', 'MEMBER'),
                     pg_has_role(r.oid, 'pg_read_all_stats', 'MEMBER'),
-                    has_function_privilege(r.oid, 'lockguard.user_secret(text)', 'EXECUTE'),
-                    has_function_privilege('public', 'lockguard.user_secret(text)', 'EXECUTE')
+                    has_function_privilege(r.oid, 'lockguard.scram_verifier(text)', 'EXECUTE'),
+                    has_function_privilege('public', 'lockguard.scram_verifier(text)', 'EXECUTE')
              FROM pg_roles r WHERE r.rolname = $1",
             &[&GUARD_USER],
         )
@@ -390,7 +390,7 @@ async fn the_setup_sql_gives_the_guard_role_exactly_its_privileges() {
     let odd_ok: bool = admin
         .query_one(
             "SELECT has_function_privilege('guard \"odd\" ''role''', \
-             '\"odd schema\".user_secret(text)', 'EXECUTE')",
+             '\"odd schema\".scram_verifier(text)', 'EXECUTE')",
             &[],
         )
         .await
@@ -478,7 +478,7 @@ async fn an_auth_query_failing_for_a_clients_user_name_leaves_the_guard_up() {
     let cluster = TestCluster::shared();
     let long_name = "x".repeat(100);
     let config = GuardConfig {
-        auth_query: "SELECT lockguard.user_secret($1::pg_catalog.name::pg_catalog.text)".into(),
+        auth_query: "SELECT lockguard.scram_verifier($1::pg_catalog.name::pg_catalog.text)".into(),
         ..guard_config(cluster, &[])
     };
     let guard = Guard::new(&config, Arc::new(Registry::new())).expect("guard");

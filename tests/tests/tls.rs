@@ -621,7 +621,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     // authentication), and a failing auth_query tells the client nothing about why.
     let mut no_secret = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
     no_secret.guard.auth_query =
-        "SELECT lockguard.user_secret($1::pg_catalog.text) WHERE false".to_owned();
+        "SELECT lockguard.scram_verifier($1::pg_catalog.text) WHERE false".to_owned();
     let proxy = start(no_secret).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
