@@ -158,10 +158,11 @@ pub struct GuardConfig {
     pub auth_query: String,
 }
 
-/// Reading `pg_authid` needs a superuser; a `SECURITY DEFINER` function can give a less
-/// privileged guard role just this column.
-pub const DEFAULT_AUTH_QUERY: &str =
-    "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1";
+/// Calls the lookup function `config/guard-setup.sql` creates (`lockguard setup-sql`): a
+/// `SECURITY DEFINER` function owned by a superuser that returns a role's SCRAM secret, so the
+/// guard role itself never needs to read `pg_authid`. Schema and argument type are spelled out:
+/// the query runs with the guard's rights and must resolve to exactly that function.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT lockguard.scram_verifier($1::pg_catalog.text)";
 
 impl Default for GuardConfig {
     fn default() -> Self {

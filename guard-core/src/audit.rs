@@ -63,6 +63,9 @@ pub enum Outcome {
     /// Between the probe and the kill the backend started working (it is no longer idle), so
     /// the idle rule no longer applies: nothing was signalled.
     NoLongerIdle,
+    /// PostgreSQL refused the guard's signal: the backend belongs to a superuser, which
+    /// `pg_signal_backend` does not cover. Nothing was signalled; see `error`.
+    NotPermitted,
     /// `dry_run`: the guard would have terminated it.
     DryRun,
     /// `on_client_loss = "log"`: the guard would have terminated it.
@@ -79,6 +82,7 @@ impl Outcome {
             Outcome::AlreadyGone => "already gone",
             Outcome::IdentityMismatch => "identity mismatch",
             Outcome::NoLongerIdle => "no longer idle",
+            Outcome::NotPermitted => "not permitted",
             Outcome::DryRun => "dry-run",
             Outcome::Logged => "logged",
             Outcome::Error => "error",
@@ -88,11 +92,12 @@ impl Outcome {
 
 impl Outcome {
     /// Every outcome, in a stable order (for metrics that list zeros too).
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Terminated,
         Outcome::AlreadyGone,
         Outcome::IdentityMismatch,
         Outcome::NoLongerIdle,
+        Outcome::NotPermitted,
         Outcome::DryRun,
         Outcome::Logged,
         Outcome::Error,
@@ -105,6 +110,7 @@ impl Outcome {
             Outcome::AlreadyGone => "already_gone",
             Outcome::IdentityMismatch => "identity_mismatch",
             Outcome::NoLongerIdle => "no_longer_idle",
+            Outcome::NotPermitted => "not_permitted",
             Outcome::DryRun => "dry_run",
             Outcome::Logged => "logged",
             Outcome::Error => "error",
@@ -147,7 +153,7 @@ pub struct AuditEvent {
     /// Truncated text of the session's last statement.
     pub last_statement: String,
     pub outcome: Outcome,
-    /// What went wrong, when `outcome` is `error`.
+    /// What went wrong, when `outcome` is `error` or `not_permitted`.
     pub error: Option<String>,
     pub dry_run: bool,
     /// One human sentence; for a terminated live client, the message it was sent.
@@ -183,16 +189,13 @@ impl AuditLog {
     }
 
     /// A log that also appends JSON lines to `path` (created if missing). The file is opened
-    /// here, once, so a wrong path fails at startup rather than at the first kill.
+    /// here, once, so a wrong path fails at startup rather than at the first kill. See
+    /// [`open_audit_file`] for what is refused.
     pub fn with_file(path: &Path) -> Result<Self, GuardError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| GuardError::AuditLog {
-                path: path.to_owned(),
-                source,
-            })?;
+        let file = open_audit_file(path).map_err(|source| GuardError::AuditLog {
+            path: path.to_owned(),
+            source,
+        })?;
         let (lines, queue) = mpsc::sync_channel(FILE_QUEUE);
         let writer_path = path.to_owned();
         std::thread::Builder::new()
@@ -278,6 +281,49 @@ impl AuditLog {
             .map(|((trigger, outcome), n)| (trigger.clone(), *outcome, *n))
             .collect()
     }
+}
+
+/// Opens the audit file for appending. The events hold client addresses and statements, so a
+/// new file is created `0600`, and an existing one readable by others is tightened to that.
+/// A symlink at `path` is refused (`O_NOFOLLOW`) rather than followed: whoever could plant
+/// one would otherwise have lockguard append to (or create) a file of their choosing. So is
+/// anything but a regular file (`O_NONBLOCK` keeps a FIFO from blocking the open).
+pub fn open_audit_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(
+                    e.kind(),
+                    "it is a symbolic link, which lockguard does not follow for its audit log",
+                )
+            } else {
+                e
+            }
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        // fchmod on the descriptor we hold: no path lookup for anyone to race.
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+        tracing::warn!(
+            path = %path.display(),
+            was = format!("{:o}", mode & 0o777),
+            "audit log was readable by others; its mode is now owner-only"
+        );
+    }
+    Ok(file)
 }
 
 /// The writer thread: one line per event, in order; a failed write is logged, not fatal.

@@ -4,16 +4,22 @@
 //! guard report itself degraded.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
-use lockguard_config::GuardConfig;
+use lockguard_config::{GuardConfig, UpstreamTlsMode};
 use serde::Serialize;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::clock::ClockOffset;
+use crate::dsn::{self, DsnTls};
 use crate::error::{pg_error_text, GuardError};
 use crate::{enforcer, probe};
 
@@ -31,35 +37,61 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// unused database does not keep one (it would also block a plain `DROP DATABASE`).
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
 
+/// Startup options of every guard connection, after whatever `options` the dsn has (a later
+/// `-c` wins, and startup options beat `ALTER DATABASE/ROLE ... SET`).
+///
+/// The guard's SQL runs inside the clients' databases, whose owners can create functions,
+/// aggregates and operators: with the database's own `search_path` an owner's
+/// `public.array_agg(text)` or `evil.=` would run with the guard role's rights. So the path is
+/// only `pg_catalog` (and `pg_temp`, last, where nobody else can create anything), and every
+/// name in the guard's statements is qualified besides.
+///
+/// A guard query the client side gave up on must not keep running server-side, queueing the
+/// kills behind it on the same connection: hence the statement timeout.
+pub const GUARD_OPTIONS: &str = "-c search_path=pg_catalog,pg_temp -c statement_timeout=5s";
+
+/// What the guard learns about its own session when it connects: its pid, whether its role is
+/// a superuser (it should not be), and the server's clock.
+const SESSION_SQL: &str = "\
+SELECT pg_catalog.pg_backend_pid(),
+       pg_catalog.current_setting('is_superuser'),
+       pg_catalog.clock_timestamp()";
+
 /// An open guard connection with its statements prepared, so a probe or a kill is a single
 /// round trip.
 #[derive(Debug)]
 pub struct GuardConnection {
     client: Client,
     backend_pid: i32,
+    superuser: bool,
+    clock_offset: ClockOffset,
     pub(crate) probe: Statement,
-    pub(crate) kill_by_port: Statement,
-    pub(crate) kill_by_start: Statement,
+    pub(crate) kill: Statement,
     pub(crate) lookup: Statement,
 }
 
 impl GuardConnection {
-    /// Prepares the guard's statements on an open connection whose task is already running.
-    /// Public so tests can hand the enforcer a connection of their own.
+    /// Reads the session's facts and prepares the guard's statements on an open connection
+    /// whose task is already running. Public so tests can hand the enforcer a connection of
+    /// their own.
     pub async fn prepare(client: Client) -> Result<Self, tokio_postgres::Error> {
-        let (probe, kill_by_port, kill_by_start, lookup, pid) = futures_util::try_join!(
+        let sent = SystemTime::now();
+        let session = client.query_one(SESSION_SQL, &[]).await?;
+        let received = SystemTime::now();
+        let server_now: SystemTime = session.try_get(2)?;
+        let superuser: String = session.try_get(1)?;
+        let (probe, kill, lookup) = futures_util::try_join!(
             client.prepare(probe::PROBE_SQL),
-            client.prepare(enforcer::KILL_BY_PORT_SQL),
-            client.prepare(enforcer::KILL_BY_START_SQL),
+            client.prepare(enforcer::KILL_SQL),
             client.prepare(enforcer::LOOKUP_SQL),
-            client.query_one("SELECT pg_catalog.pg_backend_pid()", &[]),
         )?;
         Ok(GuardConnection {
-            backend_pid: pid.try_get(0)?,
+            backend_pid: session.try_get(0)?,
+            superuser: superuser == "on",
+            clock_offset: ClockOffset::measure(sent, received, server_now),
             client,
             probe,
-            kill_by_port,
-            kill_by_start,
+            kill,
             lookup,
         })
     }
@@ -77,6 +109,59 @@ impl GuardConnection {
     /// True once the connection has ended; the guard then opens a new one.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Whether the guard's role is a superuser (it needs no such thing).
+    pub fn is_superuser(&self) -> bool {
+        self.superuser
+    }
+
+    /// How far the server's clock was ahead of ours when this connection opened.
+    pub fn clock_offset(&self) -> ClockOffset {
+        self.clock_offset
+    }
+}
+
+/// TLS for the guard's connections, resolved by the proxy from the dsn's `sslmode` (or, when
+/// the dsn says nothing about TLS, `[tls] upstream_mode`) with the same rustls configuration
+/// code as its own upstream connections.
+#[derive(Clone)]
+pub struct GuardTls {
+    mode: UpstreamTlsMode,
+    /// Where the certificate check comes from, for error messages (`verify-full against
+    /// /etc/lockguard/ca.crt`).
+    description: String,
+    connector: MakeRustlsConnect,
+}
+
+impl GuardTls {
+    /// TLS in `mode` (anything but `disable`) with `config`, whose certificate verifier must
+    /// already implement the mode; `description` says so in error messages.
+    pub fn new(mode: UpstreamTlsMode, description: String, config: rustls::ClientConfig) -> Self {
+        GuardTls {
+            mode,
+            description,
+            connector: MakeRustlsConnect::new(config),
+        }
+    }
+
+    /// `prefer` falls back to plaintext when the server has no TLS; every other mode fails.
+    fn ssl_mode(&self) -> SslMode {
+        match self.mode {
+            UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer => SslMode::Prefer,
+            UpstreamTlsMode::Require | UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull => {
+                SslMode::Require
+            }
+        }
+    }
+}
+
+impl fmt::Debug for GuardTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardTls")
+            .field("mode", &self.mode)
+            .field("description", &self.description)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,11 +181,20 @@ pub struct DbHealth {
     pub last_error_at: Option<SystemTime>,
 }
 
-/// Builds the connection settings every per-database connection starts from.
-pub(crate) fn base_config(guard: &GuardConfig) -> Result<Config, GuardError> {
+/// The TLS settings `guard.dsn` carries (libpq's `sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`), for the proxy to build the guard's [`GuardTls`] from.
+pub fn dsn_tls(guard: &GuardConfig) -> Result<DsnTls, GuardError> {
     let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
+    Ok(dsn::split_tls(dsn).map_err(GuardError::InvalidDsn)?.1)
+}
+
+/// Builds the connection settings every per-database connection starts from, and what the
+/// dsn says about TLS.
+pub(crate) fn base_config(guard: &GuardConfig) -> Result<(Config, DsnTls), GuardError> {
+    let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
+    let (dsn, tls) = dsn::split_tls(dsn).map_err(GuardError::InvalidDsn)?;
     let mut config =
-        Config::from_str(dsn).map_err(|e| GuardError::InvalidDsn(pg_error_text(&e)))?;
+        Config::from_str(&dsn).map_err(|e| GuardError::InvalidDsn(pg_error_text(&e)))?;
     if let Some(var) = &guard.password_env {
         let password =
             std::env::var(var).map_err(|_| GuardError::PasswordEnv { var: var.clone() })?;
@@ -112,25 +206,45 @@ pub(crate) fn base_config(guard: &GuardConfig) -> Result<Config, GuardError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    // A guard query the client side gave up on must not keep running server-side, queueing
-    // the kills behind it on the same connection.
     let options = match config.get_options() {
-        Some(options) => format!("{options} -c statement_timeout=5s"),
-        None => "-c statement_timeout=5s".to_owned(),
+        Some(options) if !options.trim().is_empty() => format!("{options} {GUARD_OPTIONS}"),
+        _ => GUARD_OPTIONS.to_owned(),
     };
     config.options(options);
     // A dead network path should fail the guard's queries in seconds, not hours.
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(Duration::from_secs(10));
     }
-    Ok(config)
+    Ok((config, tls))
+}
+
+/// Whether every host of `config` is a unix socket, where PostgreSQL speaks no TLS (libpq
+/// ignores `sslmode` there too).
+pub(crate) fn only_unix_sockets(config: &Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)))
+}
+
+/// Whether a failed query counts against the guard's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blame {
+    /// The guard's own statement failed: something is wrong with the guard (a permission, a
+    /// server problem), and health says so.
+    Guard,
+    /// The query carried a value a client chose (a user name for `auth_query`): its failure
+    /// is that client's problem, and only a lost connection or a timeout marks the guard
+    /// down, or any client could switch the guard's health off.
+    ClientInput,
 }
 
 /// All guard connections, keyed by database name.
 #[derive(Debug)]
 pub(crate) struct Connections {
     base: Config,
+    tls: Option<GuardTls>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// The superuser warning is given once, on the first connection that shows it.
+    superuser_warned: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -159,6 +273,8 @@ struct Status {
     last_error_at: Option<SystemTime>,
     failures: u32,
     last_used: Instant,
+    /// The server's clock offset as measured by the latest connection.
+    clock_offset: ClockOffset,
     /// Which connection the fields describe, so a late "connection ended" from an old
     /// connection does not mark its successor down.
     generation: u64,
@@ -221,16 +337,30 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
     std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
 }
 
+/// Runs a connection's task, reporting its end to `slot`.
+fn watch<C>(connection: C, slot: Arc<Slot>, generation: u64)
+where
+    C: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let error = connection.await.err().map(|e| pg_error_text(&e));
+        slot.connection_ended(generation, error);
+    });
+}
+
 fn backoff(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     BACKOFF_START.saturating_mul(1 << exp).min(BACKOFF_MAX)
 }
 
 impl Connections {
-    pub(crate) fn new(base: Config) -> Self {
+    /// Connections with `base`'s settings, over `tls` when given.
+    pub(crate) fn new(base: Config, tls: Option<GuardTls>) -> Self {
         Connections {
             base,
+            tls,
             slots: Mutex::new(HashMap::new()),
+            superuser_warned: AtomicBool::new(false),
         }
     }
 
@@ -255,6 +385,7 @@ impl Connections {
                     last_error_at: None,
                     failures: 0,
                     last_used: Instant::now(),
+                    clock_offset: ClockOffset::ZERO,
                     generation: 0,
                 }),
             })
@@ -306,7 +437,23 @@ impl Connections {
                 s.healthy = true;
                 s.backend_pid = Some(conn.backend_pid());
                 s.failures = 0;
-                tracing::info!(database, guard_pid = conn.backend_pid(), "guard connected");
+                s.clock_offset = conn.clock_offset();
+                drop(s);
+                tracing::info!(
+                    database,
+                    guard_pid = conn.backend_pid(),
+                    tls = self.tls.is_some(),
+                    clock_offset_ms = conn.clock_offset().as_micros() / 1000,
+                    "guard connected"
+                );
+                if conn.is_superuser() && !self.superuser_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        role = self.base.get_user().unwrap_or_default(),
+                        "the guard's role is a superuser: it needs only pg_signal_backend, \
+                         pg_read_all_stats and EXECUTE on the secret lookup function \
+                         (`lockguard setup-sql` prints the SQL for such a role)"
+                    );
+                }
                 Ok(conn)
             }
             Err(reason) => {
@@ -342,13 +489,24 @@ impl Connections {
             .copied()
             .unwrap_or(CONNECT_TIMEOUT);
         let attempt = async {
-            let (client, connection) =
-                config.connect(NoTls).await.map_err(|e| pg_error_text(&e))?;
-            let watcher = Arc::clone(slot);
-            tokio::spawn(async move {
-                let error = connection.await.err().map(|e| pg_error_text(&e));
-                watcher.connection_ended(generation, error);
-            });
+            let client = match &self.tls {
+                Some(tls) => {
+                    config.ssl_mode(tls.ssl_mode());
+                    let (client, connection) = config
+                        .connect(tls.connector.clone())
+                        .await
+                        .map_err(|e| format!("{} (TLS: {})", pg_error_text(&e), tls.description))?;
+                    watch(connection, Arc::clone(slot), generation);
+                    client
+                }
+                None => {
+                    config.ssl_mode(SslMode::Disable);
+                    let (client, connection) =
+                        config.connect(NoTls).await.map_err(|e| pg_error_text(&e))?;
+                    watch(connection, Arc::clone(slot), generation);
+                    client
+                }
+            };
             GuardConnection::prepare(client)
                 .await
                 .map_err(|e| format!("preparing the guard statements: {}", pg_error_text(&e)))
@@ -368,6 +526,21 @@ impl Connections {
         &self,
         database: &str,
         deadline: Duration,
+        op: F,
+    ) -> Result<T, GuardError>
+    where
+        F: Fn(Arc<GuardConnection>) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.run_blaming(database, deadline, Blame::Guard, op).await
+    }
+
+    /// [`Connections::run`], with `blame` saying whether a failing query marks the guard down.
+    pub(crate) async fn run_blaming<T, F, Fut>(
+        &self,
+        database: &str,
+        deadline: Duration,
+        blame: Blame,
         op: F,
     ) -> Result<T, GuardError>
     where
@@ -412,8 +585,11 @@ impl Connections {
                 }
                 Err(e) => {
                     let message = pg_error_text(&e);
-                    slot.mark_error(message.clone());
-                    return Err(if connection_lost(&e) {
+                    let lost = connection_lost(&e);
+                    if lost || blame == Blame::Guard {
+                        slot.mark_error(message.clone());
+                    }
+                    return Err(if lost {
                         GuardError::Unavailable {
                             database: database.to_owned(),
                             reason: message,
@@ -429,19 +605,27 @@ impl Connections {
         }
     }
 
+    /// The server's clock offset in `database` as its latest connection measured it (zero
+    /// before the first one).
+    pub(crate) fn clock_offset(&self, database: &str) -> ClockOffset {
+        self.slot(database).status().clock_offset
+    }
+
     /// Records a failure that happened around a query (a timeout) for health reports.
     pub(crate) fn note_error(&self, database: &str, error: String) {
         self.slot(database).mark_error(error);
     }
 
-    /// Periodic upkeep: reconnects broken connections of databases that still have sessions
-    /// (so health recovers and the next sweep finds a working connection) and closes those of
-    /// databases nobody has used for a while.
+    /// Periodic upkeep: reconnects broken connections of databases that still have sessions,
+    /// and of the dsn's own database (the guard connects there at start, and readiness checks
+    /// and secret lookups use it), so health recovers and the next sweep finds a working
+    /// connection; closes those of databases nobody has used for a while.
     pub(crate) async fn maintain(&self, in_use: &HashSet<String>) {
         let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let home = self.home_database();
         let mut reconnect = Vec::new();
         for slot in slots {
-            if in_use.contains(&slot.database) {
+            if in_use.contains(&slot.database) || slot.database == home {
                 slot.touch();
                 if !slot.status().connected {
                     reconnect.push(slot.database.clone());
@@ -497,10 +681,122 @@ mod tests {
             dsn: Some("host=127.0.0.1 port=5999 user=lg dbname=postgres".into()),
             ..GuardConfig::default()
         };
-        let c = base_config(&guard).unwrap();
+        let (c, tls) = base_config(&guard).unwrap();
         assert_eq!(c.get_application_name(), Some(GUARD_APPLICATION_NAME));
         assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
         assert_eq!(c.get_ports(), &[5999]);
+        assert_eq!(c.get_options(), Some(GUARD_OPTIONS));
+        assert!(!tls.is_set());
+    }
+
+    #[test]
+    fn the_guard_search_path_comes_after_the_dsn_options_so_it_wins() {
+        let guard = GuardConfig {
+            dsn: Some(
+                "host=db user=lg sslmode=verify-full options='-c search_path=evil -c work_mem=1MB'"
+                    .into(),
+            ),
+            ..GuardConfig::default()
+        };
+        let (c, tls) = base_config(&guard).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some(
+                "-c search_path=evil -c work_mem=1MB -c search_path=pg_catalog,pg_temp \
+                 -c statement_timeout=5s"
+            )
+        );
+        assert_eq!(tls.mode, Some(UpstreamTlsMode::VerifyFull));
+        assert_eq!(dsn_tls(&guard).unwrap(), tls);
+        assert!(!only_unix_sockets(&c));
+        let unix = Config::from_str("host=/run/postgresql user=lg").unwrap();
+        assert!(only_unix_sockets(&unix));
+    }
+
+    /// Every name in the guard's own statements is qualified: a function call is
+    /// `pg_catalog.f(`, an operator is `OPERATOR(pg_catalog.op)`, a cast names
+    /// `pg_catalog.type`. Keywords of the SQL grammar (not looked up in any schema) may stand
+    /// alone.
+    #[test]
+    fn every_function_operator_and_type_in_guard_sql_is_qualified() {
+        const GRAMMAR: [&str; 12] = [
+            "COALESCE",
+            "ANY",
+            "MATERIALIZED",
+            "AS",
+            "LATERAL",
+            "AND",
+            "OR",
+            "NOT",
+            "WHERE",
+            "FROM",
+            "SELECT",
+            "ON",
+        ];
+        for sql in [
+            probe::PROBE_SQL,
+            enforcer::KILL_SQL,
+            enforcer::LOOKUP_SQL,
+            SESSION_SQL,
+        ] {
+            let code = strip_string_literals(sql);
+            let bytes = code.as_bytes();
+            for (i, &b) in bytes.iter().enumerate() {
+                // Operators: any operator character outside OPERATOR(...) and casts.
+                if b"=<>!~+-*/%^&|#@".contains(&b) {
+                    let before = &code[..i];
+                    let open = before.rfind("OPERATOR(pg_catalog.");
+                    let close = before.rfind(')');
+                    assert!(
+                        open.is_some_and(|o| close.is_none_or(|c| c < o)),
+                        "unqualified operator at byte {i}: {}",
+                        &code[i.saturating_sub(40)..(i + 10).min(code.len())]
+                    );
+                }
+                // Function calls: a word right before '(' must be qualified or grammar.
+                if b == b'(' {
+                    let word: String = code[..i]
+                        .trim_end()
+                        .chars()
+                        .rev()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    assert!(
+                        word.is_empty()
+                            || word.starts_with("pg_catalog.")
+                            || word == "OPERATOR"
+                            || GRAMMAR.contains(&word.as_str()),
+                        "unqualified call {word}( in {sql}"
+                    );
+                }
+                // Casts: `::` followed by a qualified type.
+                if code[i..].starts_with("::") {
+                    assert!(
+                        code[i + 2..].starts_with("pg_catalog."),
+                        "unqualified cast at byte {i}: {}",
+                        &code[i..(i + 20).min(code.len())]
+                    );
+                }
+            }
+        }
+    }
+
+    /// `sql` with the contents of '...' literals blanked out.
+    fn strip_string_literals(sql: &str) -> String {
+        let mut out = String::with_capacity(sql.len());
+        let mut inside = false;
+        for c in sql.chars() {
+            if c == '\'' {
+                inside = !inside;
+                out.push(c);
+            } else {
+                out.push(if inside { ' ' } else { c });
+            }
+        }
+        out
     }
 
     #[test]
@@ -513,7 +809,7 @@ mod tests {
             password_env: Some(var.into()),
             ..GuardConfig::default()
         };
-        let c = base_config(&guard).unwrap();
+        let (c, _) = base_config(&guard).unwrap();
         assert_eq!(c.get_password(), Some(&b"s3cret pass"[..]));
     }
 

@@ -4,96 +4,110 @@
 
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::error::SqlState;
+
 use crate::audit::Outcome;
+use crate::clock::ClockOffset;
 use crate::connections::GuardConnection;
 use crate::session::{SessionRecord, UpstreamIdentity};
 
-/// Kill a TCP-connected backend only if its client port is our upstream socket's local port.
-/// The optional state (and the time it began) makes the idle rules atomic too: a backend that
-/// started a statement, or ended its transaction and began another, since the probe no longer
-/// matches.
-pub(crate) const KILL_BY_PORT_SQL: &str = "\
+/// Kill a backend only if it is the one `Identity` describes: our upstream socket's local
+/// port as `client_port` (`-1` for a unix socket) and a `backend_start` inside the window
+/// around our session's connect. The optional state (and the time it began) makes the idle
+/// rules atomic too: a backend that started a statement, or ended its transaction and began
+/// another, since the probe no longer matches. The optional probed `backend_start` pins the
+/// very process the probe saw.
+///
+/// Every function, operator and type is schema-qualified: the statement runs inside a
+/// database whose owner may have created look-alikes (see `connections::GUARD_OPTIONS`).
+pub(crate) const KILL_SQL: &str = "\
 SELECT pg_catalog.pg_terminate_backend(a.pid)
 FROM pg_catalog.pg_stat_activity a
-WHERE a.pid = $1::int4 AND a.client_port = $2::int4
-  AND ($3::text IS NULL OR a.state = $3::text)
-  AND ($4::timestamptz IS NULL OR a.state_change = $4::timestamptz)
-  AND ($5::timestamptz IS NULL OR a.backend_start = $5::timestamptz)";
-
-/// Kill a unix-socket backend (`client_port = -1`) only if it started inside the window
-/// around our session's start.
-pub(crate) const KILL_BY_START_SQL: &str = "\
-SELECT pg_catalog.pg_terminate_backend(a.pid)
-FROM pg_catalog.pg_stat_activity a
-WHERE a.pid = $1::int4 AND a.client_port = -1
-  AND a.backend_start BETWEEN $2::timestamptz AND $3::timestamptz
-  AND ($4::text IS NULL OR a.state = $4::text)
-  AND ($5::timestamptz IS NULL OR a.state_change = $5::timestamptz)
-  AND ($6::timestamptz IS NULL OR a.backend_start = $6::timestamptz)";
+WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4
+  AND a.client_port OPERATOR(pg_catalog.=) $2::pg_catalog.int4
+  AND a.backend_start OPERATOR(pg_catalog.>=) $3::pg_catalog.timestamptz
+  AND a.backend_start OPERATOR(pg_catalog.<=) $4::pg_catalog.timestamptz
+  AND ($5::pg_catalog.text IS NULL OR a.state OPERATOR(pg_catalog.=) $5::pg_catalog.text)
+  AND ($6::pg_catalog.timestamptz IS NULL
+       OR a.state_change OPERATOR(pg_catalog.=) $6::pg_catalog.timestamptz)
+  AND ($7::pg_catalog.timestamptz IS NULL
+       OR a.backend_start OPERATOR(pg_catalog.=) $7::pg_catalog.timestamptz)";
 
 /// What a pid is now, to explain a kill that matched no row.
 pub(crate) const LOOKUP_SQL: &str = "\
 SELECT a.client_port, a.backend_start, a.state, a.state_change
 FROM pg_catalog.pg_stat_activity a
-WHERE a.pid = $1::int4";
+WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4";
 
-/// How far before the session record's `connected_at` a unix-socket backend may have
-/// started. The record is created right after the upstream connect returns, and the backend
-/// is forked once the postmaster accepts, so it normally starts within milliseconds of it. A
-/// generous lower bound costs no safety: a backend that reused our pid necessarily started
-/// *after* ours did, so only the upper bound can let an impostor in.
-pub const UNIX_START_BEFORE: Duration = Duration::from_secs(60);
-/// How far after `connected_at` a unix-socket backend may have started: the postmaster's
-/// accept latency under load. Kept short because it is the window in which a backend reusing
-/// our pid would pass the check (our backend would have to die and its pid be recycled within
-/// it); a slower start makes the kill fail safe as an identity mismatch.
-pub const UNIX_START_AFTER: Duration = Duration::from_secs(10);
+/// How far before the session record's `connected_at` its backend may have started. The
+/// record is created right after the upstream connect returns, and the backend is forked once
+/// the postmaster accepts, so it normally starts within milliseconds of it (a TLS handshake
+/// later). A generous lower bound costs no safety: a backend that reused our pid necessarily
+/// started *after* ours did, so only the upper bound can let an impostor in.
+pub const START_BEFORE: Duration = Duration::from_secs(60);
+/// How far after `connected_at` our backend may have started: the postmaster's accept latency
+/// under load. Kept short because it is the window in which a backend reusing our pid (and,
+/// over TCP, our port once our socket is closed) would pass the check; a slower start makes
+/// the kill fail safe as an identity mismatch.
+pub const START_AFTER: Duration = Duration::from_secs(10);
 
 /// How long to wait for a terminated backend to leave `pg_stat_activity`, so callers (and
 /// waiters) see the locks released when the kill returns.
 const EXIT_WAIT: Duration = Duration::from_secs(1);
 const EXIT_POLL: Duration = Duration::from_millis(20);
 
-/// What proves a backend pid is still our session's backend.
+/// What proves a backend pid is still our session's backend: its `client_port` and a
+/// `backend_start` window, on this machine's clock (the enforcer moves the window onto the
+/// server's clock with the connection's measured [`ClockOffset`]).
+///
+/// The port alone is proof only while our socket is open; a record can outlive its backend
+/// (the pump has not noticed yet), and a newer connection may get both the pid and the port
+/// back. That one started after our session connected, so the start window rules it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Identity {
-    /// TCP upstream: `pg_stat_activity.client_port` equals our local port. While our socket
-    /// is open no other connection can have that port on our side.
-    ClientPort(u16),
-    /// Unix-socket upstream: PostgreSQL reports no port (`-1`), so the backend's start time
-    /// must fall in this window around the session's start (see [`UNIX_START_BEFORE`]).
-    /// Both clocks are the same machine's, since a unix socket is local.
-    StartedBetween {
-        earliest: SystemTime,
-        latest: SystemTime,
-    },
+pub struct Identity {
+    /// `pg_stat_activity.client_port`: our upstream socket's local port over TCP; `-1` for a
+    /// unix socket, where PostgreSQL reports no port.
+    pub client_port: i32,
+    /// Earliest and latest `backend_start` that can be ours.
+    pub earliest: SystemTime,
+    pub latest: SystemTime,
 }
 
 impl Identity {
     /// The identity of `session`'s backend.
     pub fn of(session: &SessionRecord) -> Identity {
-        match session.upstream {
-            UpstreamIdentity::Tcp(addr) => Identity::ClientPort(addr.port()),
-            UpstreamIdentity::Unix => Identity::StartedBetween {
-                earliest: session
-                    .connected_at
-                    .checked_sub(UNIX_START_BEFORE)
-                    .unwrap_or(SystemTime::UNIX_EPOCH),
-                latest: session.connected_at + UNIX_START_AFTER,
-            },
+        let client_port = match session.upstream {
+            UpstreamIdentity::Tcp(addr) => i32::from(addr.port()),
+            UpstreamIdentity::Unix => -1,
+        };
+        Identity::connected(client_port, session.connected_at)
+    }
+
+    /// A backend with this `client_port` whose session connected at `connected_at`.
+    pub fn connected(client_port: i32, connected_at: SystemTime) -> Identity {
+        Identity {
+            client_port,
+            earliest: connected_at
+                .checked_sub(START_BEFORE)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            latest: connected_at + START_AFTER,
+        }
+    }
+
+    /// The same identity with its window on the server's clock.
+    pub fn on_server_clock(&self, offset: ClockOffset) -> Identity {
+        Identity {
+            earliest: offset.to_server(self.earliest),
+            latest: offset.to_server(self.latest),
+            ..*self
         }
     }
 
     /// Whether a backend with this `client_port` and `backend_start` is ours. Unknown values
     /// (a guard role without `pg_read_all_stats` sees NULLs) never match.
     pub fn matches(&self, client_port: Option<i32>, backend_start: Option<SystemTime>) -> bool {
-        match *self {
-            Identity::ClientPort(port) => client_port == Some(i32::from(port)),
-            Identity::StartedBetween { earliest, latest } => {
-                client_port == Some(-1)
-                    && backend_start.is_some_and(|start| earliest <= start && start <= latest)
-            }
-        }
+        client_port == Some(self.client_port)
+            && backend_start.is_some_and(|start| self.earliest <= start && start <= self.latest)
     }
 }
 
@@ -125,6 +139,9 @@ pub enum KillOutcome {
     /// The backend is ours but no longer in the required state (it started working): not
     /// signalled. `state` is what it is now.
     NoLongerIdle { state: Option<String> },
+    /// PostgreSQL refused the signal (SQLSTATE 42501): `pg_signal_backend` does not cover a
+    /// superuser's backends (nor, without it, another role's). `reason` is the server's word.
+    NotPermitted { reason: String },
 }
 
 impl KillOutcome {
@@ -135,13 +152,15 @@ impl KillOutcome {
             KillOutcome::AlreadyGone => Outcome::AlreadyGone,
             KillOutcome::IdentityMismatch => Outcome::IdentityMismatch,
             KillOutcome::NoLongerIdle { .. } => Outcome::NoLongerIdle,
+            KillOutcome::NotPermitted { .. } => Outcome::NotPermitted,
         }
     }
 }
 
 /// Terminates `pid` if, at that very moment, it is the backend `identity` describes (and, if
 /// given, in the `required` state per `pg_stat_activity`). Identity and kill are one
-/// statement; a second read happens only when nothing was killed, to say why.
+/// statement; a second read happens only when nothing was killed, to say why. `identity` is
+/// on this machine's clock; the connection's measured offset moves it onto the server's.
 ///
 /// `probed_start` is the `backend_start` the guard's probe saw for this pid, when there was a
 /// probe: the kill then hits only that very backend process. Between the probe and the kill
@@ -150,7 +169,8 @@ impl KillOutcome {
 /// values come from the server's clock, so no clock skew is involved.
 ///
 /// After a successful signal, waits up to a second for the backend to exit so its locks are
-/// gone when this returns.
+/// gone when this returns. A refused signal (a superuser's backend) is
+/// [`KillOutcome::NotPermitted`], not an error.
 pub async fn terminate_verified(
     conn: &GuardConnection,
     pid: i32,
@@ -159,45 +179,51 @@ pub async fn terminate_verified(
     required: Option<RequiredState<'_>>,
 ) -> Result<KillOutcome, tokio_postgres::Error> {
     let client = conn.client();
+    let identity = identity.on_server_clock(conn.clock_offset());
     let required_state = required.map(|r| r.state);
     let required_since = required.and_then(|r| r.since);
-    let rows = match *identity {
-        Identity::ClientPort(port) => {
-            client
-                .query(
-                    &conn.kill_by_port,
-                    &[
-                        &pid,
-                        &i32::from(port),
-                        &required_state,
-                        &required_since,
-                        &probed_start,
-                    ],
-                )
-                .await?
+    let killed = client
+        .query(
+            &conn.kill,
+            &[
+                &pid,
+                &identity.client_port,
+                &identity.earliest,
+                &identity.latest,
+                &required_state,
+                &required_since,
+                &probed_start,
+            ],
+        )
+        .await;
+    let rows = match killed {
+        Ok(rows) => rows,
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            // PostgreSQL 15 says "must be a superuser to terminate superuser process"; newer
+            // versions put the superuser part in the detail.
+            let (message, detail) = e.as_db_error().map_or(("permission denied", None), |db| {
+                (db.message(), db.detail())
+            });
+            let superuser = format!("{message} {}", detail.unwrap_or_default())
+                .to_ascii_lowercase()
+                .contains("superuser");
+            let why = if superuser {
+                "the guard role's pg_signal_backend cannot signal a superuser's backend"
+            } else {
+                "the guard role needs pg_signal_backend (see lockguard setup-sql)"
+            };
+            return Ok(KillOutcome::NotPermitted {
+                reason: format!("{message}: {why}"),
+            });
         }
-        Identity::StartedBetween { earliest, latest } => {
-            client
-                .query(
-                    &conn.kill_by_start,
-                    &[
-                        &pid,
-                        &earliest,
-                        &latest,
-                        &required_state,
-                        &required_since,
-                        &probed_start,
-                    ],
-                )
-                .await?
-        }
+        Err(e) => return Err(e),
     };
     let signalled = match rows.first() {
         Some(row) => row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
         None => false,
     };
     if signalled {
-        wait_for_exit(conn, pid, identity).await;
+        wait_for_exit(conn, pid, &identity).await;
         return Ok(KillOutcome::Terminated);
     }
     // Nothing signalled (no row matched, or pg_terminate_backend said the process was gone):
@@ -263,14 +289,20 @@ mod tests {
     }
 
     #[test]
-    fn tcp_identity_is_our_local_port() {
+    fn tcp_identity_is_our_local_port_and_a_start_window() {
         let s = session(UpstreamIdentity::Tcp("127.0.0.1:40123".parse().unwrap()));
         let id = Identity::of(&s);
-        assert_eq!(id, Identity::ClientPort(40123));
-        assert!(id.matches(Some(40123), None));
-        assert!(!id.matches(Some(40124), None));
-        assert!(!id.matches(Some(-1), Some(SystemTime::now())));
+        let at = s.connected_at;
+        assert_eq!(id.client_port, 40123);
+        assert!(id.matches(Some(40123), Some(at)));
+        assert!(!id.matches(Some(40124), Some(at)));
+        assert!(!id.matches(Some(-1), Some(at)));
+        // Without pg_read_all_stats the guard sees NULLs: never ours.
+        assert!(!id.matches(Some(40123), None));
         assert!(!id.matches(None, None));
+        // Our port, but a backend that started well after we connected: a newer connection
+        // that got our pid and port back after our backend died.
+        assert!(!id.matches(Some(40123), Some(at + START_AFTER + Duration::from_secs(1))));
     }
 
     #[test]
@@ -282,17 +314,26 @@ mod tests {
         assert!(id.matches(Some(-1), Some(at - Duration::from_millis(500))));
         assert!(id.matches(Some(-1), Some(at + Duration::from_secs(2))));
         // Started long after our session: a backend that reused the pid.
-        assert!(!id.matches(
-            Some(-1),
-            Some(at + UNIX_START_AFTER + Duration::from_secs(1))
-        ));
-        assert!(!id.matches(
-            Some(-1),
-            Some(at - UNIX_START_BEFORE - Duration::from_secs(1))
-        ));
+        assert!(!id.matches(Some(-1), Some(at + START_AFTER + Duration::from_secs(1))));
+        assert!(!id.matches(Some(-1), Some(at - START_BEFORE - Duration::from_secs(1))));
         // A TCP client, or unknown values, never match a unix identity.
         assert!(!id.matches(Some(5432), Some(at)));
         assert!(!id.matches(Some(-1), None));
+    }
+
+    #[test]
+    fn the_window_moves_onto_the_server_clock() {
+        let s = session(UpstreamIdentity::Tcp("127.0.0.1:40123".parse().unwrap()));
+        let at = s.connected_at;
+        // The server's clock runs a minute ahead: our backend started at `at` by our clock,
+        // which the server calls `at + 60s`.
+        let sent = SystemTime::now();
+        let ahead = ClockOffset::measure(sent, sent, sent + Duration::from_secs(60));
+        let local = Identity::of(&s);
+        let server = local.on_server_clock(ahead);
+        let seen_by_server = Some(at + Duration::from_secs(60));
+        assert!(!local.matches(Some(40123), seen_by_server));
+        assert!(server.matches(Some(40123), seen_by_server));
     }
 
     #[test]
@@ -303,5 +344,9 @@ mod tests {
             "identity mismatch"
         );
         assert_eq!(KillOutcome::AlreadyGone.outcome().as_str(), "already gone");
+        let refused = KillOutcome::NotPermitted {
+            reason: "must be a superuser".into(),
+        };
+        assert_eq!(refused.outcome().as_str(), "not permitted");
     }
 }

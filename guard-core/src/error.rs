@@ -14,6 +14,12 @@ pub enum GuardError {
     /// `guard.dsn` is not a valid libpq connection string.
     #[error("invalid guard.dsn: {0}")]
     InvalidDsn(String),
+    /// The dsn's `sslmode` needs TLS but the guard was built without a TLS configuration.
+    #[error(
+        "guard.dsn asks for TLS (sslmode require, verify-ca or verify-full) but the guard has no \
+         TLS configuration"
+    )]
+    TlsUnavailable,
     /// `guard.password_env` names a variable that is not set (or is not UTF-8).
     #[error("environment variable {var} (guard.password_env) is not set or not valid UTF-8")]
     PasswordEnv { var: String },

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use futures_util::future::join_all;
-use lockguard_config::{GuardConfig, TablePattern};
+use lockguard_config::{GuardConfig, TablePattern, UpstreamTlsMode};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{locks_text, rfc3339_utc, AuditEvent, AuditLog, LockEvidence, Outcome};
-use crate::connections::{self, Connections, DbHealth};
+use crate::connections::{self, Blame, Connections, DbHealth, GuardTls};
 use crate::enforcer::{self, Identity, KillOutcome, RequiredState};
 use crate::error::GuardError;
 use crate::policy::{self, LeaveReason, Rules, Trigger, Verdict};
@@ -200,11 +200,34 @@ struct Candidate {
 }
 
 impl Guard {
-    /// Builds the guard; does not connect yet (connections are opened per database on first
-    /// need). Fails on a missing or invalid dsn, a missing password variable, or an audit log
-    /// that cannot be opened.
+    /// Builds the guard with plaintext connections; does not connect yet (connections are
+    /// opened per database on first need). Fails on a missing or invalid dsn, a dsn that asks
+    /// for TLS, a missing password variable, or an audit log that cannot be opened.
     pub fn new(config: &GuardConfig, registry: Arc<Registry>) -> Result<Arc<Guard>, GuardError> {
-        let base = connections::base_config(config)?;
+        Self::with_tls(config, None, registry)
+    }
+
+    /// [`Guard::new`] with the guard's connections over `tls` (which the proxy builds from the
+    /// dsn's `sslmode` or `[tls]`). Without `tls`, a dsn whose `sslmode` needs TLS is an
+    /// error rather than a silent plaintext connection. Unix-socket hosts never use TLS.
+    pub fn with_tls(
+        config: &GuardConfig,
+        tls: Option<GuardTls>,
+        registry: Arc<Registry>,
+    ) -> Result<Arc<Guard>, GuardError> {
+        let (base, dsn_tls) = connections::base_config(config)?;
+        let tls = if connections::only_unix_sockets(&base) {
+            None
+        } else {
+            if tls.is_none()
+                && dsn_tls.mode.is_some_and(|m| {
+                    !matches!(m, UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer)
+                })
+            {
+                return Err(GuardError::TlsUnavailable);
+            }
+            tls
+        };
         let audit = match &config.audit_log {
             Some(path) => AuditLog::with_file(path)?,
             None => AuditLog::in_memory(),
@@ -213,7 +236,7 @@ impl Guard {
             registry,
             settings: ArcSwap::from_pointee(Settings::from_config(config)),
             inflight_grace: config.inflight_grace,
-            connections: Connections::new(base),
+            connections: Connections::new(base, tls),
             audit,
             probes: ProbeTimer::default(),
             settled: Mutex::new(HashMap::new()),
@@ -587,15 +610,23 @@ impl Guard {
     /// cluster-wide, and a database name chosen by an unauthenticated client must not open
     /// guard connections). `None` when the query finds no row or a NULL (no password). Used by
     /// the proxy to authenticate a SCRAM client itself where a relayed exchange cannot succeed.
+    ///
+    /// `user` comes from an unauthenticated client: a query that fails for it is an error for
+    /// that login only and leaves the guard's health alone.
     pub async fn password_secret(&self, user: &str) -> Result<Option<String>, GuardError> {
         let settings = self.settings();
         let query = settings.auth_query.as_str();
         let database = self.connections.home_database();
         self.connections
-            .run(&database, QUERY_DEADLINE, |conn| async move {
-                let row = conn.client().query_opt(query, &[&user]).await?;
-                Ok(row.and_then(|row| row.try_get::<_, Option<String>>(0).ok().flatten()))
-            })
+            .run_blaming(
+                &database,
+                QUERY_DEADLINE,
+                Blame::ClientInput,
+                |conn| async move {
+                    let row = conn.client().query_opt(query, &[&user]).await?;
+                    Ok(row.and_then(|row| row.try_get::<_, Option<String>>(0).ok().flatten()))
+                },
+            )
             .await
     }
 
@@ -625,14 +656,17 @@ impl Guard {
         trigger: Trigger,
         facts: Option<&BackendFacts>,
     ) -> Decision {
+        // On the server's clock, which `backend_start` is read from.
         let identity = Identity::of(session);
+        let server_identity =
+            identity.on_server_clock(self.connections.clock_offset(&session.client.database));
         let state = session.state();
         let policy_facts = policy::Facts {
             state,
             state_age: session.state_age(),
             backend_present: facts.is_some(),
             identity_matches: facts
-                .is_some_and(|f| identity.matches(f.client_port, f.backend_start)),
+                .is_some_and(|f| server_identity.matches(f.client_port, f.backend_start)),
             server_state: facts.and_then(|f| f.state.as_deref()),
             protected_locks: facts.map_or(0, |f| f.locks.len()),
             waiters: facts.map_or(0, |f| f.waiters.len()),
@@ -682,6 +716,16 @@ impl Guard {
                 )
                 .await;
                 let (outcome, error) = match killed {
+                    Ok(Ok(KillOutcome::NotPermitted { reason })) => {
+                        tracing::warn!(
+                            session_id = session.id,
+                            backend_pid = pid,
+                            user = %session.client.user,
+                            %reason,
+                            "the guard may not terminate this backend; it keeps running"
+                        );
+                        (Outcome::NotPermitted, Some(reason))
+                    }
                     Ok(Ok(k)) => (k.outcome(), None),
                     Ok(Err(e)) => (Outcome::Error, Some(e.to_string())),
                     Err(_) => (
@@ -876,9 +920,14 @@ fn summary(p: SummaryParts<'_>) -> String {
     };
     match (p.outcome, p.error) {
         (Outcome::Error, Some(e)) => text.push_str(&format!(" (error: {e})")),
-        (Outcome::AlreadyGone | Outcome::IdentityMismatch | Outcome::NoLongerIdle, _) => {
-            text.push_str(&format!(" ({})", p.outcome))
-        }
+        (Outcome::NotPermitted, Some(e)) => text.push_str(&format!(" (not permitted: {e})")),
+        (
+            Outcome::AlreadyGone
+            | Outcome::IdentityMismatch
+            | Outcome::NoLongerIdle
+            | Outcome::NotPermitted,
+            _,
+        ) => text.push_str(&format!(" ({})", p.outcome)),
         _ => {}
     }
     text

@@ -11,10 +11,14 @@
 //!   same statement;
 //! - [`audit`]: the evidence of every kill, to tracing, a ring and a JSON-lines file;
 //! - [`guard`]: ties them together for the proxy (client loss, sweep, operator kill).
+//!
+//! [`setup`] renders the SQL that gives the guard a role with just the privileges it needs;
+//! [`dsn`] reads the dsn's TLS keys, which tokio-postgres does not know.
 
 pub mod audit;
 pub mod clock;
 pub mod connections;
+pub mod dsn;
 pub mod enforcer;
 pub mod error;
 pub mod guard;
@@ -22,9 +26,11 @@ pub mod policy;
 pub mod probe;
 pub mod registry;
 pub mod session;
+pub mod setup;
 
 pub use audit::{AuditEvent, AuditLog, LockEvidence, Outcome};
-pub use connections::{DbHealth, GuardConnection};
+pub use clock::ClockOffset;
+pub use connections::{DbHealth, GuardConnection, GuardTls};
 pub use enforcer::{Identity, KillOutcome, RequiredState};
 pub use error::GuardError;
 pub use guard::{Decision, Guard, GuardHealth, HealthStatus, SweepReport, KILL_SQLSTATE};

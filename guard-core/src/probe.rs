@@ -18,13 +18,22 @@ use crate::connections::GuardConnection;
 /// `pg_blocking_pids` — which takes the lock manager's partition locks — runs only for pids
 /// that are actually waiting for a lock. The lock's database must be the one we are connected
 /// to: relation OIDs mean nothing elsewhere.
+///
+/// The probe runs inside the clients' databases, whose owners can define an `array_agg(text)`
+/// or an `=` of their own: every function, operator and type here is schema-qualified (on top
+/// of the `search_path` every guard connection forces, see `connections::GUARD_OPTIONS`).
+/// Sorting and `DISTINCT` take the types' default operator classes, which no search path
+/// changes.
 pub(crate) const PROBE_SQL: &str = "\
 WITH held AS MATERIALIZED (
     SELECT l.pid, l.relation, l.mode, l.granted
     FROM pg_catalog.pg_locks l
-    WHERE (l.granted AND l.locktype = 'relation' AND l.pid = ANY ($1::int4[])
-           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                             WHERE d.datname = pg_catalog.current_database()))
+    WHERE (l.granted
+           AND l.locktype OPERATOR(pg_catalog.=) 'relation'
+           AND l.pid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int4[])
+           AND l.database OPERATOR(pg_catalog.=) (
+               SELECT d.oid FROM pg_catalog.pg_database d
+               WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()))
        OR (NOT l.granted AND l.pid IS NOT NULL)
 ),
 waiting AS MATERIALIZED (
@@ -35,27 +44,31 @@ SELECT a.pid,
        a.state,
        a.backend_start,
        a.client_port,
-       COALESCE(lk.schemas, '{}'::text[]),
-       COALESCE(lk.tables, '{}'::text[]),
-       COALESCE(lk.modes, '{}'::text[]),
-       COALESCE(wt.waiters, '{}'::int4[]),
+       COALESCE(lk.schemas, '{}'::pg_catalog.text[]),
+       COALESCE(lk.tables, '{}'::pg_catalog.text[]),
+       COALESCE(lk.modes, '{}'::pg_catalog.text[]),
+       COALESCE(wt.waiters, '{}'::pg_catalog.int4[]),
        a.state_change
 FROM pg_catalog.pg_stat_activity a
 LEFT JOIN LATERAL (
-    SELECT array_agg(n.nspname::text ORDER BY n.nspname, c.relname, h.mode) AS schemas,
-           array_agg(c.relname::text ORDER BY n.nspname, c.relname, h.mode) AS tables,
-           array_agg(h.mode ORDER BY n.nspname, c.relname, h.mode) AS modes
+    SELECT pg_catalog.array_agg(n.nspname::pg_catalog.text ORDER BY n.nspname, c.relname, h.mode)
+               AS schemas,
+           pg_catalog.array_agg(c.relname::pg_catalog.text ORDER BY n.nspname, c.relname, h.mode)
+               AS tables,
+           pg_catalog.array_agg(h.mode ORDER BY n.nspname, c.relname, h.mode) AS modes
     FROM held h
-    JOIN pg_catalog.pg_class c ON c.oid = h.relation
-    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE h.granted AND h.pid = a.pid AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) h.relation
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    WHERE h.granted
+      AND h.pid OPERATOR(pg_catalog.=) a.pid
+      AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p,v,m,f}'::pg_catalog.\"char\"[])
 ) lk ON true
 LEFT JOIN LATERAL (
-    SELECT array_agg(w.pid ORDER BY w.pid) AS waiters
+    SELECT pg_catalog.array_agg(w.pid ORDER BY w.pid) AS waiters
     FROM waiting w
-    WHERE a.pid = ANY (w.blockers)
+    WHERE a.pid OPERATOR(pg_catalog.=) ANY (w.blockers)
 ) wt ON true
-WHERE a.pid = ANY ($1::int4[])";
+WHERE a.pid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int4[])";
 
 /// A granted lock on a table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

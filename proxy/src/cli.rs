@@ -46,6 +46,17 @@ pub enum Command {
         #[arg(long)]
         no_color: bool,
     },
+    /// Print the SQL that sets up the guard's role without superuser (pg_signal_backend,
+    /// pg_read_all_stats, and a SECURITY DEFINER lookup of SCRAM secrets); run it as a
+    /// superuser in the database guard.dsn names.
+    SetupSql {
+        /// The guard's login role (created if missing).
+        #[arg(long, value_name = "NAME", default_value = guard_core::setup::DEFAULT_ROLE)]
+        role: String,
+        /// Schema of the lookup function (created if missing; must belong to a superuser).
+        #[arg(long, value_name = "NAME", default_value = guard_core::setup::DEFAULT_SCHEMA)]
+        schema: String,
+    },
     /// The demo's crashing app process (started by `demo`).
     #[command(hide = true)]
     DemoApp {

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use guard_core::{Guard, Registry};
-use lockguard_config::{GuardConfig, ProxyConfig};
+use lockguard_config::{GuardConfig, ProxyConfig, TlsConfig};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -62,10 +62,20 @@ pub(crate) struct Shared {
 /// The guard as the proxy holds it.
 pub type GuardHandle = Arc<Guard>;
 
-fn new_guard(config: &GuardConfig, registry: Arc<Registry>) -> anyhow::Result<GuardHandle> {
-    Guard::new(config, registry).context("could not set up the guard")
+/// The guard, with its connections over TLS as the dsn's `sslmode` or `[tls]` says.
+fn new_guard(
+    config: &GuardConfig,
+    tls: &TlsConfig,
+    registry: Arc<Registry>,
+) -> anyhow::Result<GuardHandle> {
+    let guard_tls = tls::guard_tls(config, tls)?;
+    Guard::with_tls(config, guard_tls, registry).context("could not set up the guard")
 }
 
 async fn run_guard(guard: GuardHandle, stop: CancellationToken) {
+    // Connect once right away, so a wrong role, password or certificate (and a superuser
+    // guard role) shows in the log at start rather than at the first kill. A failure is
+    // logged by the connection code and retried with backoff; traffic does not wait for it.
+    let _ = guard.check_connection().await;
     guard.run_sweeper(stop).await;
 }

@@ -63,7 +63,11 @@ impl Proxy {
             .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
         let registry = Arc::new(Registry::new());
         let guard = if config.guard.enabled() {
-            Some(crate::new_guard(&config.guard, Arc::clone(&registry))?)
+            Some(crate::new_guard(
+                &config.guard,
+                &config.tls,
+                Arc::clone(&registry),
+            )?)
         } else {
             None
         };

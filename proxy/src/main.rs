@@ -38,6 +38,18 @@ fn main() -> ExitCode {
             };
             run_demo_task(lockguard::demo::run(options))
         }
+        Some(Command::SetupSql { role, schema }) => {
+            match guard_core::setup::setup_sql(role, schema) {
+                Ok(sql) => {
+                    print!("{sql}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lockguard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::DemoApp { addr, user_id }) => {
             run_demo_task(lockguard::demo::app_process(*addr, *user_id))
         }

@@ -1,5 +1,6 @@
 //! TLS on both sides: terminating clients' TLS with lockguard's certificate, and speaking TLS to
-//! PostgreSQL as `[tls] upstream_mode` says (named after libpq's `sslmode`).
+//! PostgreSQL as `[tls] upstream_mode` says (named after libpq's `sslmode`) — for client
+//! sessions and, unless its dsn says otherwise, for the guard's own connection.
 //!
 //! Both configurations sit behind a lock that is read once per connection (never per message),
 //! so RELOAD can swap certificates without touching live sessions.
@@ -8,7 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use lockguard_config::{ClientTlsMode, TlsConfig, UpstreamTlsMode};
+use guard_core::GuardTls;
+use lockguard_config::{ClientTlsMode, GuardConfig, TlsConfig, UpstreamTlsMode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -118,6 +120,38 @@ fn upstream_tls(config: &TlsConfig) -> anyhow::Result<Option<UpstreamTls>> {
     if mode == UpstreamTlsMode::Disable {
         return Ok(None);
     }
+    let client = client_config(&ServerTlsSettings {
+        mode,
+        ca: config.upstream_ca.as_deref(),
+        cert: config.upstream_cert.as_deref(),
+        key: config.upstream_key.as_deref(),
+        ca_key: "upstream_ca",
+    })?;
+    Ok(Some(UpstreamTls {
+        mode,
+        connector: TlsConnector::from(Arc::new(client)),
+    }))
+}
+
+/// How lockguard speaks TLS to a PostgreSQL server: the proxy's upstream connections and the
+/// guard's own connection both build their rustls configuration from this, with
+/// [`client_config`].
+pub struct ServerTlsSettings<'a> {
+    pub mode: UpstreamTlsMode,
+    /// CA certificate(s) the server's certificate must chain to (`verify-ca`, `verify-full`).
+    pub ca: Option<&'a Path>,
+    /// Client certificate and key to present, when both are set.
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+    /// The setting that names `ca`, for the error when it is missing.
+    pub ca_key: &'a str,
+}
+
+/// The rustls client configuration for `settings`: libpq's `sslmode` semantics (`prefer` and
+/// `require` encrypt without checking the server, `verify-ca` checks the chain, `verify-full`
+/// the chain and the host name). `settings.mode` must not be `disable`.
+pub fn client_config(settings: &ServerTlsSettings<'_>) -> anyhow::Result<ClientConfig> {
+    let mode = settings.mode;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
@@ -129,10 +163,12 @@ fn upstream_tls(config: &TlsConfig) -> anyhow::Result<Option<UpstreamTls>> {
                 .with_custom_certificate_verifier(Arc::new(AnyServerCertificate(provider())))
         }
         UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull => {
-            let ca_path = config
-                .upstream_ca
-                .as_deref()
-                .context("upstream_ca is required for verify-ca and verify-full")?;
+            let ca_path = settings.ca.with_context(|| {
+                format!(
+                    "{} is required for verify-ca and verify-full",
+                    settings.ca_key
+                )
+            })?;
             let mut roots = RootCertStore::empty();
             for cert in load_certs(ca_path)? {
                 roots
@@ -151,16 +187,79 @@ fn upstream_tls(config: &TlsConfig) -> anyhow::Result<Option<UpstreamTls>> {
             }
         }
     };
-    let client = match (&config.upstream_cert, &config.upstream_key) {
+    Ok(match (settings.cert, settings.key) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
             .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?,
         _ => builder.with_no_client_auth(),
+    })
+}
+
+/// libpq's spelling of a mode.
+fn mode_name(mode: UpstreamTlsMode) -> &'static str {
+    match mode {
+        UpstreamTlsMode::Disable => "disable",
+        UpstreamTlsMode::Prefer => "prefer",
+        UpstreamTlsMode::Require => "require",
+        UpstreamTlsMode::VerifyCa => "verify-ca",
+        UpstreamTlsMode::VerifyFull => "verify-full",
+    }
+}
+
+/// TLS for the guard's own connections, which carry the kills and, for SCRAM over TLS, every
+/// user's stored secret. A dsn with any TLS key (`sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`) decides alone, as it would for libpq (no `sslmode` there means `prefer`, and
+/// `require` with an `sslrootcert` checks the chain, like `verify-ca`); a dsn without any
+/// follows `[tls]` exactly as the proxy's own upstream connections do. `None`: plaintext.
+pub fn guard_tls(guard: &GuardConfig, tls: &TlsConfig) -> anyhow::Result<Option<GuardTls>> {
+    let dsn = guard_core::connections::dsn_tls(guard).context("guard.dsn")?;
+    let (mode, ca, cert, key, source, ca_key) = if dsn.is_set() {
+        anyhow::ensure!(
+            dsn.cert.is_some() == dsn.key.is_some(),
+            "guard.dsn: sslcert and sslkey go together"
+        );
+        let mode = match (dsn.mode, &dsn.root_cert) {
+            (None, _) => UpstreamTlsMode::Prefer,
+            (Some(UpstreamTlsMode::Require), Some(_)) => UpstreamTlsMode::VerifyCa,
+            (Some(mode), _) => mode,
+        };
+        (
+            mode,
+            dsn.root_cert,
+            dsn.cert,
+            dsn.key,
+            "guard.dsn",
+            "sslrootcert in guard.dsn",
+        )
+    } else {
+        (
+            tls.upstream_mode,
+            tls.upstream_ca.clone(),
+            tls.upstream_cert.clone(),
+            tls.upstream_key.clone(),
+            "[tls] upstream_mode",
+            "[tls] upstream_ca",
+        )
     };
-    Ok(Some(UpstreamTls {
+    if mode == UpstreamTlsMode::Disable {
+        return Ok(None);
+    }
+    let config = client_config(&ServerTlsSettings {
         mode,
-        connector: TlsConnector::from(Arc::new(client)),
-    }))
+        ca: ca.as_deref(),
+        cert: cert.as_deref(),
+        key: key.as_deref(),
+        ca_key,
+    })
+    .context("the guard's TLS settings")?;
+    let checked = match (mode, &ca) {
+        (UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull, Some(ca)) => {
+            format!("the server's certificate checked against {}", ca.display())
+        }
+        _ => "the server's certificate not checked".to_owned(),
+    };
+    let description = format!("sslmode {} from {source}, {checked}", mode_name(mode));
+    Ok(Some(GuardTls::new(mode, description, config)))
 }
 
 /// `prefer` / `require`: any certificate is accepted (signatures are still checked, so the

@@ -35,6 +35,10 @@ pub const SCRAM_USER: &str = "scram_user";
 pub const SCRAM_PASSWORD: &str = "scram_pass";
 /// An ordinary login role without a password (`trust`), for tests that need a non-superuser.
 pub const APP_USER: &str = "app_user";
+/// The guard's role, created by exactly the SQL `lockguard setup-sql` prints (no superuser:
+/// `pg_signal_backend`, `pg_read_all_stats`, EXECUTE on the secret lookup function in the
+/// `postgres` database), and trusted over TCP like the other roles.
+pub const GUARD_USER: &str = guard_core::setup::DEFAULT_ROLE;
 /// `application_name` of every connection made through [`TestCluster::pg_config`], so the
 /// harness's own sessions can be told apart in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "lockguard-tests";
@@ -52,7 +56,7 @@ pub const ENV_PG_BIN: &str = sandbox::ENV_PG_BIN;
 
 /// Replaces `pg_hba.conf` wholly: the two password roles must authenticate with their own
 /// method over TCP (that is what the proxy tests are about), everything else is trusted.
-const PG_HBA: &str = "\
+pub const PG_HBA: &str = "\
 # Written by the lockguard test harness.
 local all all trust
 host all md5_user 127.0.0.1/32 md5
@@ -65,13 +69,20 @@ host all all ::1/128 trust
 
 /// Creates the test roles once, right after `initdb`. `password_encryption` is switched to md5
 /// for the first role only, so its password is stored (and thus challenged) as MD5.
-const SETUP_SQL: &str = "\
+const ROLES_SQL: &str = "\
 SET password_encryption = 'md5';
 CREATE ROLE md5_user LOGIN PASSWORD 'md5_pass';
 SET password_encryption = 'scram-sha-256';
 CREATE ROLE scram_user LOGIN PASSWORD 'scram_pass';
 CREATE ROLE app_user LOGIN;
 ";
+
+/// [`ROLES_SQL`] and the guard's setup script, as an operator would run it.
+fn setup_sql() -> String {
+    let guard = guard_core::setup::setup_sql(GUARD_USER, guard_core::setup::DEFAULT_SCHEMA)
+        .expect("the default guard role and schema names are valid");
+    format!("{ROLES_SQL}{guard}")
+}
 
 /// A PostgreSQL server for the tests: either a throwaway cluster this process started, or an
 /// external one named by env vars.
@@ -132,17 +143,24 @@ impl TestCluster {
     ///
     /// Panics if no PostgreSQL server binaries can be found (with install instructions).
     pub fn start(settings: &[(&str, &str)]) -> io::Result<TestCluster> {
+        Self::start_with_hba(settings, PG_HBA)
+    }
+
+    /// [`TestCluster::start`] with `pg_hba` as the whole `pg_hba.conf` (see [`PG_HBA`] for the
+    /// default), e.g. to let a role in over TLS only.
+    pub fn start_with_hba(settings: &[(&str, &str)], pg_hba: &str) -> io::Result<TestCluster> {
         if let Err(missing) = sandbox::server_binaries() {
             panic!(
                 "{missing} The lockguard tests start a throwaway cluster; to use an existing \
                  server instead set LOCKGUARD_TEST_PGHOST (and _PGPORT, _PGUSER, _PGPASSWORD)."
             );
         }
+        let setup_sql = setup_sql();
         let owned = Sandbox::start(SandboxOptions {
             temp_prefix: "lockguard-test-",
-            pg_hba: PG_HBA,
+            pg_hba,
             settings,
-            setup_sql: SETUP_SQL,
+            setup_sql: &setup_sql,
         })?;
         tracing::info!(
             port = owned.port(),

@@ -11,10 +11,11 @@ use guard_core::{ClientInfo, Registration, Registry, SessionRecord, UpstreamIden
 use lockguard_config::GuardConfig;
 use tokio_postgres::{Client, NoTls};
 
-use crate::cluster::{TestCluster, ENV_PGPASSWORD};
+use crate::cluster::{TestCluster, APP_USER, ENV_PGPASSWORD, GUARD_USER};
 
 /// Tables every guard test database has: `app.user_sessions` (the incident's login table,
-/// protected in the tests) and `app.scratch` and `public.notes` (left unprotected).
+/// protected in the tests) and `app.scratch` and `public.notes` (left unprotected), usable by
+/// every role: the application sessions are not superusers (the guard may not signal those).
 const SCHEMA_SQL: &str = "\
 CREATE SCHEMA app;
 CREATE TABLE app.user_sessions (id int PRIMARY KEY, token text NOT NULL);
@@ -23,7 +24,29 @@ CREATE TABLE app.scratch (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
 INSERT INTO app.scratch SELECT g FROM generate_series(1, 10) g;
 CREATE TABLE public.notes (id int PRIMARY KEY, body text);
 INSERT INTO public.notes VALUES (1, 'hello');
+GRANT USAGE ON SCHEMA app TO PUBLIC;
+GRANT ALL ON ALL TABLES IN SCHEMA app, public TO PUBLIC;
 ";
+
+/// The role application sessions log in as: [`APP_USER`], an ordinary role, on an owned
+/// cluster; the superuser on an external one (where the guard is the superuser too).
+pub fn app_role(cluster: &TestCluster) -> &str {
+    if cluster.is_owned() {
+        APP_USER
+    } else {
+        cluster.superuser()
+    }
+}
+
+/// The guard's role: [`GUARD_USER`], set up by `lockguard setup-sql`'s script without
+/// superuser, on an owned cluster; the superuser on an external one.
+pub fn guard_role(cluster: &TestCluster) -> &str {
+    if cluster.is_owned() {
+        GUARD_USER
+    } else {
+        cluster.superuser()
+    }
+}
 
 /// A fresh database with the tables of [`SCHEMA_SQL`], so each test has its own locks.
 pub async fn guard_test_database(cluster: &TestCluster, prefix: &str) -> String {
@@ -38,17 +61,23 @@ pub async fn guard_test_database(cluster: &TestCluster, prefix: &str) -> String 
 
 /// A superuser connection to `db` over TCP (task spawned on the current runtime).
 pub async fn connect(cluster: &TestCluster, db: &str) -> Client {
+    connect_as(cluster, cluster.superuser(), db).await
+}
+
+/// A connection as `user` (a trusted role) to `db` over TCP.
+pub async fn connect_as(cluster: &TestCluster, user: &str, db: &str) -> Client {
     let (client, connection) = cluster
-        .pg_config(cluster.superuser(), None, db)
+        .pg_config(user, None, db)
         .connect(NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connecting to {db}: {e:?}"));
+        .unwrap_or_else(|e| panic!("connecting to {db} as {user}: {e:?}"));
     tokio::spawn(connection);
     client
 }
 
-/// A direct application session that a test drives, plus what the guard needs to recognise
-/// it: the local address of its socket (PostgreSQL's `client_port`) and its backend pid.
+/// A direct application session that a test drives (as [`app_role`]), plus what the guard
+/// needs to recognise it: the local address of its socket (PostgreSQL's `client_port`) and
+/// its backend pid.
 pub struct DirectSession {
     pub client: Client,
     /// Our end of the TCP connection; `None` for a unix socket.
@@ -66,7 +95,7 @@ impl DirectSession {
             .unwrap_or_else(|e| panic!("TCP connect to {}: {e}", cluster.port()));
         let local_addr = stream.local_addr().expect("local address of a TCP socket");
         let (client, connection) = cluster
-            .pg_config(cluster.superuser(), None, db)
+            .pg_config(app_role(cluster), None, db)
             .connect_raw(stream, NoTls)
             .await
             .unwrap_or_else(|e| panic!("startup on {db}: {e:?}"));
@@ -84,7 +113,7 @@ impl DirectSession {
             .await
             .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
         let (client, connection) = cluster
-            .pg_config(cluster.superuser(), None, db)
+            .pg_config(app_role(cluster), None, db)
             .connect_raw(stream, NoTls)
             .await
             .unwrap_or_else(|e| panic!("startup on {db} over a unix socket: {e:?}"));
@@ -156,19 +185,25 @@ impl DirectSession {
     }
 }
 
-/// A guard config for the test cluster, protecting `protected`, with short timeouts so
-/// tests run quickly. The superuser password of an external server comes through
-/// `password_env`, as an operator would pass it.
+/// A guard config for the test cluster, logging in as [`guard_role`] (no superuser),
+/// protecting `protected`, with short timeouts so tests run quickly. The superuser password
+/// of an external server comes through `password_env`, as an operator would pass it.
 pub fn guard_config(cluster: &TestCluster, protected: &[&str]) -> GuardConfig {
+    guard_config_as(cluster, guard_role(cluster), protected)
+}
+
+/// [`guard_config`] with the guard logging in as `role` (the superuser, for the tests that
+/// show what a superuser guard would have done).
+pub fn guard_config_as(cluster: &TestCluster, role: &str, protected: &[&str]) -> GuardConfig {
     let password_env = std::env::var(ENV_PGPASSWORD)
         .ok()
+        .filter(|_| role == cluster.superuser())
         .map(|_| ENV_PGPASSWORD.to_owned());
     GuardConfig {
         dsn: Some(format!(
-            "host={} port={} user={} dbname=postgres",
+            "host={} port={} user={role} dbname=postgres",
             cluster.host(),
             cluster.port(),
-            cluster.superuser()
         )),
         password_env,
         protected_tables: protected.iter().map(|p| (*p).to_owned()).collect(),

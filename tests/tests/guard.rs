@@ -42,8 +42,9 @@ async fn scene(prefix: &str, configure: impl FnOnce(&mut GuardConfig)) -> Scene 
     Scene { db, proxy, admin }
 }
 
-/// An application session through the proxy on a raw socket, so the test can make it vanish
-/// without a Terminate, like a crashed process.
+/// An application session through the proxy on a raw socket (an ordinary role: the guard may
+/// not signal a superuser's backend), so the test can make it vanish without a Terminate,
+/// like a crashed process.
 struct App {
     stream: TcpStream,
     pid: i32,
@@ -52,7 +53,8 @@ struct App {
 impl App {
     async fn connect(scene: &Scene) -> App {
         let mut stream = TcpStream::connect(scene.proxy.addr).await.expect("connect");
-        let login = raw::login(&mut stream, TestCluster::shared().superuser(), &scene.db).await;
+        let user = guard_support::app_role(TestCluster::shared());
+        let login = raw::login(&mut stream, user, &scene.db).await;
         let key = login
             .iter()
             .find(|m| m.tag == b'K')
@@ -531,7 +533,11 @@ async fn traffic_survives_a_killed_guard_connection_and_the_guard_recovers() {
     // Proxied traffic is unaffected.
     let client = scene
         .proxy
-        .connect(TestCluster::shared().superuser(), None, &scene.db)
+        .connect(
+            guard_support::app_role(TestCluster::shared()),
+            None,
+            &scene.db,
+        )
         .await
         .expect("connect through the proxy");
     for i in 0..20i32 {

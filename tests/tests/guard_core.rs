@@ -4,9 +4,9 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use guard_core::enforcer::{self, RequiredState, UNIX_START_AFTER};
+use guard_core::enforcer::{self, RequiredState, START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
     Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, KillOutcome, LeaveReason,
@@ -15,8 +15,8 @@ use guard_core::{
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{
-    backend_alive, connect, guard_config, guard_test_database, wait_for, wait_until_waiting,
-    DirectSession,
+    backend_alive, connect, guard_config, guard_role, guard_test_database, wait_for,
+    wait_until_waiting, DirectSession,
 };
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
@@ -64,10 +64,11 @@ async fn assert_proceeds(b: JoinHandle<Result<u64, String>>, within: Duration) {
     }
 }
 
-/// A connection of the test's own, with the guard's statements, to hand to the enforcer.
+/// A connection of the test's own as the guard's role, with the guard's statements, to hand
+/// to the enforcer.
 async fn enforcer_connection(cluster: &TestCluster, db: &str) -> GuardConnection {
     let (client, connection) = cluster
-        .pg_config(cluster.superuser(), None, db)
+        .pg_config(guard_role(cluster), None, db)
         .connect(NoTls)
         .await
         .expect("connecting the enforcer");
@@ -154,7 +155,8 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let a = DirectSession::tcp(cluster, &db).await;
     a.client.batch_execute(LOCK_ROW).await.unwrap();
     let port = a.local_addr.expect("tcp").port();
-    let stale = Identity::ClientPort(if port == u16::MAX { port - 1 } else { port + 1 });
+    let other_port = if port == u16::MAX { port - 1 } else { port + 1 };
+    let stale = Identity::connected(i32::from(other_port), SystemTime::now());
 
     let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
         .await
@@ -180,7 +182,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
 
     // The right port, but the idle rule's state check fails: the backend is idle in a
     // transaction, not in a failed one.
-    let right = Identity::ClientPort(port);
+    let right = Identity::connected(i32::from(port), SystemTime::now());
     let outcome = enforcer::terminate_verified(
         &conn,
         a.pid,
@@ -262,6 +264,120 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     );
 }
 
+/// A record can outlive its backend (the pump has not noticed yet); once our socket is
+/// closed a newer connection may get both its pid and its port. Over TCP the port is then not
+/// proof enough: the newer backend started after our session connected, so it is not ours.
+#[tokio::test]
+async fn a_tcp_record_that_outlived_its_backend_never_matches_a_newer_backend() {
+    let cluster = TestCluster::shared();
+    let db = guard_test_database(cluster, "guard_outlived").await;
+    let admin = connect(cluster, &db).await;
+    let (guard, registry) = build_guard(&guard_config(cluster, PROTECTED));
+
+    // The newer backend, with the pid and port the stale record names.
+    let newer = DirectSession::tcp(cluster, &db).await;
+    newer.client.batch_execute(LOCK_ROW).await.unwrap();
+    let registration = newer.register(&registry, &db);
+    let mut stale = guard_core::SessionRecord::new(
+        registration.record().id + 1_000_000,
+        registration.record().client.clone(),
+        newer.upstream(),
+    );
+    // Our session connected long before that backend started.
+    stale.connected_at = SystemTime::now() - Duration::from_secs(3600);
+    let identity = Identity::of(&stale);
+
+    assert_eq!(
+        guard
+            .terminate_verified(&db, newer.pid, &identity, None, None)
+            .await
+            .unwrap(),
+        KillOutcome::IdentityMismatch
+    );
+    assert!(backend_alive(&admin, newer.pid).await);
+    newer
+        .client
+        .batch_execute("SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE")
+        .await
+        .expect("the newer session survived the stale record's kill");
+
+    // Its own record (connected just now) is its identity.
+    let own = Identity::of(registration.record());
+    assert_eq!(
+        guard
+            .terminate_verified(&db, newer.pid, &own, None, None)
+            .await
+            .unwrap(),
+        KillOutcome::Terminated
+    );
+    assert!(!backend_alive(&admin, newer.pid).await);
+}
+
+/// The audit log holds client addresses and statements: a new file is owner-only, one
+/// readable by others is tightened, and a symlink planted at the path is refused, its target
+/// untouched.
+#[tokio::test]
+async fn the_audit_log_is_owner_only_and_a_planted_symlink_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = TestCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    let fresh = dir.path().join("audit.jsonl");
+    let config = GuardConfig {
+        audit_log: Some(fresh.clone()),
+        ..guard_config(cluster, PROTECTED)
+    };
+    build_guard(&config);
+    assert_eq!(mode(&fresh), 0o600);
+
+    let loose = dir.path().join("loose.jsonl");
+    std::fs::write(&loose, "{}\n").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    build_guard(&GuardConfig {
+        audit_log: Some(loose.clone()),
+        ..config.clone()
+    });
+    assert_eq!(mode(&loose), 0o600);
+    assert_eq!(std::fs::read_to_string(&loose).unwrap(), "{}\n");
+
+    let target = dir.path().join("victim");
+    std::fs::write(&target, "precious\n").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let planted = dir.path().join("planted.jsonl");
+    std::os::unix::fs::symlink(&target, &planted).unwrap();
+    let err = Guard::new(
+        &GuardConfig {
+            audit_log: Some(planted.clone()),
+            ..config.clone()
+        },
+        Arc::new(Registry::new()),
+    )
+    .expect_err("a symlink at the audit path");
+    let message = err.to_string();
+    assert!(
+        message.contains(&planted.display().to_string()) && message.contains("symbolic link"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    assert_eq!(mode(&target), 0o644);
+
+    // A dangling one would have created its target: refused as well, nothing created.
+    let nowhere = dir.path().join("would-be-created");
+    let dangling = dir.path().join("dangling.jsonl");
+    std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+    assert!(Guard::new(
+        &GuardConfig {
+            audit_log: Some(dangling),
+            ..config
+        },
+        Arc::new(Registry::new()),
+    )
+    .is_err());
+    assert!(!nowhere.exists());
+}
+
 #[tokio::test]
 async fn unix_socket_backend_is_identified_by_its_start_time() {
     let cluster = TestCluster::shared();
@@ -277,9 +393,10 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
     let record = registration.record();
 
     // A window that ended before this backend started: a reused pid, not ours.
-    let long_ago = record.connected_at - 4 * UNIX_START_AFTER;
-    let stale = Identity::StartedBetween {
-        earliest: long_ago - UNIX_START_AFTER,
+    let long_ago = record.connected_at - 4 * START_AFTER;
+    let stale = Identity {
+        client_port: -1,
+        earliest: long_ago - START_AFTER,
         latest: long_ago,
     };
     assert_eq!(
@@ -292,9 +409,15 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
 
     // A TCP identity never matches a unix-socket backend (client_port is -1).
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &Identity::ClientPort(5432), None, None)
-            .await
-            .unwrap(),
+        enforcer::terminate_verified(
+            &conn,
+            a.pid,
+            &Identity::connected(5432, SystemTime::now()),
+            None,
+            None
+        )
+        .await
+        .unwrap(),
         KillOutcome::IdentityMismatch
     );
 

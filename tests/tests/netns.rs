@@ -207,7 +207,7 @@ async fn a_client_whose_link_goes_down_is_detected_by_keepalive_and_its_backend_
         .expect("connect to the proxy from the client namespace");
     std_stream.set_nonblocking(true).expect("non-blocking");
     let mut app = TcpStream::from_std(std_stream).expect("tokio stream");
-    let login = raw::login(&mut app, cluster.superuser(), &db).await;
+    let login = raw::login(&mut app, guard_support::app_role(cluster), &db).await;
     let key = login
         .iter()
         .find(|m| m.tag == b'K')

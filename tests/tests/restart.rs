@@ -216,7 +216,7 @@ async fn a_server_restart_under_traffic_gives_errors_not_hangs_and_everything_re
     // ... and kills again: an operator kill of a session holding a protected lock that a
     // login waits for.
     let app = proxy
-        .connect(cluster.superuser(), None, &db)
+        .connect(guard_support::app_role(&cluster), None, &db)
         .await
         .expect("connect the application");
     let app_pid: i32 = app
@@ -276,7 +276,7 @@ async fn a_hanging_guard_database_never_holds_up_traffic() {
     config.guard = guard_support::guard_config(cluster, &[PROTECTED]);
     config.guard.dsn = Some(format!(
         "host=127.0.0.1 port={silent_port} user={} dbname=postgres",
-        cluster.superuser()
+        guard_support::guard_role(cluster)
     ));
     let proxy = TestProxy::start_with(config).await;
 

@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use guard_core::{Guard, Registry};
 use lockguard::Proxy;
-use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
+use lockguard_config::{ClientTlsMode, Config, GuardConfig, TlsConfig, Upstream, UpstreamTlsMode};
 use lockguard_tests::certs::{hand_to_postgres, CertFiles, TestCa};
-use lockguard_tests::cluster::{TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER};
-use lockguard_tests::guard_support::guard_config;
-use lockguard_tests::proxy::{config_for, init_test_logging};
+use lockguard_tests::cluster::{
+    TestCluster, GUARD_USER, MD5_PASSWORD, MD5_USER, PG_HBA, SCRAM_PASSWORD, SCRAM_USER,
+};
+use lockguard_tests::guard_support::{guard_config, guard_role};
+use lockguard_tests::proxy::{config_for, http_get, init_test_logging, TestProxy};
 use lockguard_tests::{psql, raw};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -91,10 +94,22 @@ async fn connect_tls_binding(
     db: &str,
     binding: ChannelBinding,
 ) -> Result<Client, tokio_postgres::Error> {
+    connect_tls_to(proxy.addr, ca, user, password, db, binding).await
+}
+
+/// `connect_tls_binding` to the proxy listening at `addr`.
+async fn connect_tls_to(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+    binding: ChannelBinding,
+) -> Result<Client, tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
-        .port(proxy.addr.port())
+        .port(addr.port())
         .user(user)
         .dbname(db)
         .ssl_mode(SslMode::Require)
@@ -219,18 +234,263 @@ async fn tls_clients_work_and_required_tls_refuses_plaintext() {
 
 /// A PostgreSQL with ssl=on whose certificate names only `localhost`.
 fn tls_cluster(pki: &Pki) -> (TestCluster, tempfile::TempDir) {
+    tls_cluster_with_hba(pki, PG_HBA)
+}
+
+/// [`tls_cluster`] with its own `pg_hba.conf`, trusting client certificates `pki.ca` signed.
+fn tls_cluster_with_hba(pki: &Pki, hba: &str) -> (TestCluster, tempfile::TempDir) {
     let server_dir = tempfile::tempdir().expect("temp dir");
     let server = pki.ca.issue(server_dir.path(), "server", &["localhost"]);
+    let ca = pki.ca.write_ca(server_dir.path(), "client-ca.crt");
     hand_to_postgres(server_dir.path());
     let cert = server.cert.to_string_lossy().into_owned();
     let key = server.key.to_string_lossy().into_owned();
-    let cluster = TestCluster::start(&[
-        ("ssl", "on"),
-        ("ssl_cert_file", &cert),
-        ("ssl_key_file", &key),
-    ])
+    let ca = ca.to_string_lossy().into_owned();
+    let cluster = TestCluster::start_with_hba(
+        &[
+            ("ssl", "on"),
+            ("ssl_cert_file", &cert),
+            ("ssl_key_file", &key),
+            ("ssl_ca_file", &ca),
+        ],
+        hba,
+    )
     .expect("start a cluster with ssl=on");
     (cluster, server_dir)
+}
+
+/// The guard role may log in only over TLS and only with a client certificate naming it
+/// (`cert`: TLS with a verified certificate is the whole login); everyone else as usual.
+fn guard_hostssl_only_hba() -> String {
+    format!(
+        "local all all trust\n\
+         hostssl all {GUARD_USER} 127.0.0.1/32 cert\n\
+         host all {GUARD_USER} 127.0.0.1/32 reject\n\
+         host all {GUARD_USER} ::1/128 reject\n\
+         {PG_HBA}"
+    )
+}
+
+/// A guard built the way the proxy builds it: TLS from the dsn's `sslmode`, else from `tls`.
+fn guard_with(guard: &GuardConfig, tls: &TlsConfig) -> Arc<Guard> {
+    let guard_tls = lockguard::tls::guard_tls(guard, tls).expect("the guard's TLS settings");
+    Guard::with_tls(guard, guard_tls, Arc::new(Registry::new())).expect("the guard")
+}
+
+/// Connects the guard to its own database; the server's view of that connection: whether it
+/// is TLS, or the guard's error.
+async fn guard_connection_ssl(guard: &Guard, admin: &Client) -> Result<bool, String> {
+    guard.check_connection().await.map_err(|e| e.to_string())?;
+    let pid = guard
+        .health()
+        .databases
+        .iter()
+        .find_map(|d| d.backend_pid)
+        .expect("the guard's backend pid");
+    Ok(admin
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = $1", &[&pid])
+        .await
+        .expect("pg_stat_ssl")
+        .get(0))
+}
+
+/// The guard's connection carries the kills and every SCRAM user's stored secret: it follows
+/// `[tls]` (mode, CA, client certificate) like the proxy's own upstream connections, so a guard
+/// role PostgreSQL admits only over TLS with a certificate works, and SCRAM logins that need
+/// the secret work through it.
+#[tokio::test]
+async fn the_guards_connection_follows_upstream_tls_and_a_hostssl_only_guard_role_works() {
+    let pki = pki();
+    let (cluster, _server_dir) = tls_cluster_with_hba(&pki, &guard_hostssl_only_hba());
+    let guard_cert = pki.ca.issue(pki.dir.path(), GUARD_USER, &[]);
+    let admin = cluster.connect_admin().await;
+    let mut config = with_client_tls(config_for(&cluster), &pki, ClientTlsMode::Allow);
+    config.proxy.upstream = Upstream::Tcp {
+        host: "localhost".to_owned(),
+        port: cluster.port(),
+    };
+    config.tls.upstream_mode = UpstreamTlsMode::VerifyFull;
+    config.tls.upstream_ca = Some(pki.ca_file.clone());
+    config.tls.upstream_cert = Some(guard_cert.cert.clone());
+    config.tls.upstream_key = Some(guard_cert.key.clone());
+    config.guard = guard_config(&cluster, &[]);
+    config.guard.dsn = Some(format!(
+        "host=localhost port={} user={GUARD_USER} dbname=postgres",
+        cluster.port()
+    ));
+
+    let guard = guard_with(&config.guard, &config.tls);
+    assert_eq!(guard_connection_ssl(&guard, &admin).await, Ok(true));
+    let version: Option<String> = admin
+        .query_one(
+            "SELECT s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = $1",
+            &[&GUARD_USER],
+        )
+        .await
+        .expect("the guard's TLS version")
+        .get(0);
+    assert!(version.is_some_and(|v| v.starts_with("TLS")));
+
+    // Through a running lockguard: ready, and a SCRAM login that needs the stored secret.
+    let proxy = TestProxy::start_with(config.clone()).await;
+    let (status, body) = http_get(proxy.http.expect("HTTP endpoint"), "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let client = connect_tls_to(
+        proxy.addr,
+        &pki.ca_file,
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        "postgres",
+        ChannelBinding::Prefer,
+    )
+    .await
+    .expect("SCRAM over TLS, with the secret read over the guard's TLS connection");
+    assert_eq!(ask(&client, "SELECT current_user::text").await, SCRAM_USER);
+
+    // The same guard in plaintext is what pg_hba.conf refuses.
+    let mut plaintext = config.tls.clone();
+    plaintext.upstream_mode = UpstreamTlsMode::Disable;
+    let refused = guard_connection_ssl(&guard_with(&config.guard, &plaintext), &admin).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("pg_hba.conf rejects") && e.contains("no encryption")),
+        "{refused:?}"
+    );
+}
+
+/// A dsn that says anything about TLS decides the guard's TLS alone, as it would for libpq:
+/// `sslmode` (with `verify-ca` / `verify-full`, which tokio-postgres itself does not know),
+/// `sslrootcert`, `sslcert`, `sslkey`.
+#[tokio::test]
+async fn the_dsn_sslmode_decides_the_guards_tls_over_the_tls_section() {
+    let pki = pki();
+    let (cluster, _server_dir) = tls_cluster_with_hba(&pki, &guard_hostssl_only_hba());
+    let guard_cert = pki.ca.issue(pki.dir.path(), GUARD_USER, &[]);
+    let other_ca = TestCa::new("somebody else's CA").write_ca(pki.dir.path(), "other-ca.crt");
+    let admin = cluster.connect_admin().await;
+    let client_cert = format!(
+        "sslcert={} sslkey={}",
+        guard_cert.cert.display(),
+        guard_cert.key.display()
+    );
+    let dsn = |host: &str, tls: &str| GuardConfig {
+        dsn: Some(format!(
+            "host={host} port={} user={GUARD_USER} dbname=postgres {tls}",
+            cluster.port()
+        )),
+        ..guard_config(&cluster, &[])
+    };
+    let plaintext_section = TlsConfig::default();
+    let mut verifying_section = TlsConfig {
+        upstream_mode: UpstreamTlsMode::VerifyFull,
+        upstream_ca: Some(pki.ca_file.clone()),
+        ..TlsConfig::default()
+    };
+    verifying_section.upstream_cert = Some(guard_cert.cert.clone());
+    verifying_section.upstream_key = Some(guard_cert.key.clone());
+
+    let cases = [
+        // require: encrypted though [tls] says plaintext.
+        (
+            dsn("127.0.0.1", &format!("sslmode=require {client_cert}")),
+            &plaintext_section,
+            Ok(true),
+        ),
+        // verify-full against the right CA and name.
+        (
+            dsn(
+                "localhost",
+                &format!(
+                    "sslmode=verify-full sslrootcert={} {client_cert}",
+                    pki.ca_file.display()
+                ),
+            ),
+            &plaintext_section,
+            Ok(true),
+        ),
+        // disable: plaintext though [tls] verifies — and so refused by pg_hba.conf.
+        (
+            dsn("localhost", "sslmode=disable"),
+            &verifying_section,
+            Err("pg_hba.conf rejects"),
+        ),
+        // verify-full against a name the certificate does not carry.
+        (
+            dsn(
+                "127.0.0.1",
+                &format!(
+                    "sslmode=verify-full sslrootcert={} {client_cert}",
+                    pki.ca_file.display()
+                ),
+            ),
+            &plaintext_section,
+            Err("certificate"),
+        ),
+        // require with a root certificate checks the chain (libpq's verify-ca): wrong CA.
+        (
+            dsn(
+                "localhost",
+                &format!(
+                    "sslmode=require sslrootcert={} {client_cert}",
+                    other_ca.display()
+                ),
+            ),
+            &plaintext_section,
+            Err("UnknownIssuer"),
+        ),
+    ];
+    for (guard, section, expected) in cases {
+        let seen = guard_connection_ssl(&guard_with(&guard, section), &admin).await;
+        match expected {
+            Ok(ssl) => assert_eq!(seen, Ok(ssl), "{:?}", guard.dsn),
+            Err(needle) => assert!(
+                seen.as_ref().is_err_and(|e| e.contains(needle)),
+                "{:?}: {seen:?}",
+                guard.dsn
+            ),
+        }
+    }
+
+    // A dsn asking for TLS without the proxy's TLS configuration is refused, not downgraded.
+    let err = Guard::new(
+        &dsn("localhost", "sslmode=require"),
+        Arc::new(Registry::new()),
+    )
+    .expect_err("sslmode=require without TLS");
+    assert!(err.to_string().contains("TLS"), "{err}");
+}
+
+/// A guard that cannot verify the server's certificate does not connect, says why in plain
+/// words, and `/readyz` names the reason.
+#[tokio::test]
+async fn verify_full_against_a_wrong_ca_fails_clearly_and_readyz_says_why() {
+    let pki = pki();
+    let (cluster, _server_dir) = tls_cluster(&pki);
+    let other_ca = TestCa::new("somebody else's CA").write_ca(pki.dir.path(), "other-ca.crt");
+    let mut config = config_for(&cluster);
+    config.tls.upstream_mode = UpstreamTlsMode::VerifyFull;
+    config.tls.upstream_ca = Some(other_ca.clone());
+    config.guard = guard_config(&cluster, &[]);
+    config.guard.dsn = Some(format!(
+        "host=localhost port={} user={} dbname=postgres",
+        cluster.port(),
+        guard_role(&cluster)
+    ));
+    let proxy = TestProxy::start_with(config).await;
+    let (status, body) = http_get(proxy.http.expect("HTTP endpoint"), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let reason = ready["reason"].as_str().expect("a reason");
+    assert!(
+        reason.starts_with("guard connection")
+            && reason.contains("invalid peer certificate")
+            && reason.contains("UnknownIssuer")
+            && reason.contains("verify-full")
+            && reason.contains(&other_ca.display().to_string()),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -251,8 +511,14 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
         config.tls.upstream_mode = mode;
         config.tls.upstream_ca = Some(pki.ca_file.clone());
         // SCRAM clients that announce channel binding need lockguard to check their proof
-        // with the stored secret, which the guard reads.
+        // with the stored secret, which the guard reads: as the non-superuser role the setup
+        // SQL creates, over TLS checked like the proxy's own (so to the same host name).
         config.guard = guard_config(&cluster, &[]);
+        config.guard.dsn = Some(format!(
+            "host={host} port={} user={} dbname=postgres",
+            cluster.port(),
+            guard_role(&cluster)
+        ));
         config
     };
 
@@ -355,7 +621,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     // authentication), and a failing auth_query tells the client nothing about why.
     let mut no_secret = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
     no_secret.guard.auth_query =
-        "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND false".to_owned();
+        "SELECT lockguard.scram_verifier($1::pg_catalog.text) WHERE false".to_owned();
     let proxy = start(no_secret).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
