@@ -47,7 +47,7 @@ pub const ENV_PGPORT: &str = "LOCKGUARD_TEST_PGPORT";
 pub const ENV_PGUSER: &str = "LOCKGUARD_TEST_PGUSER";
 /// Password of the external server's superuser (optional).
 pub const ENV_PGPASSWORD: &str = "LOCKGUARD_TEST_PGPASSWORD";
-/// Directory holding `postgres`, `initdb` and `pg_isready`, overriding discovery.
+/// Directory holding `postgres` and `initdb`, overriding discovery.
 pub const ENV_PG_BIN: &str = sandbox::ENV_PG_BIN;
 
 /// Replaces `pg_hba.conf` wholly: the two password roles must authenticate with their own
