@@ -504,3 +504,28 @@ fn admin_rules_name_the_offending_key() {
     // Loopback trust is fine, and so is an IPv6 loopback.
     Config::from_toml_str("[admin]\nlisten = \"[::1]:6433\"\ntrust_loopback = true\n").unwrap();
 }
+
+#[test]
+fn direct_upstream_negotiation_needs_a_mode_that_insists_on_tls() {
+    assert_eq!(
+        Config::default().tls.upstream_negotiation,
+        UpstreamNegotiation::Postgres
+    );
+    let c = Config::from_toml_str(
+        "[tls]\nupstream_mode = \"require\"\nupstream_negotiation = \"direct\"\n",
+    )
+    .expect("direct with require");
+    assert_eq!(c.tls.upstream_negotiation, UpstreamNegotiation::Direct);
+    assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
+    for text in [
+        "[tls]\nupstream_negotiation = \"direct\"\n",
+        "[tls]\nupstream_mode = \"prefer\"\nupstream_negotiation = \"direct\"\n",
+        "[tls]\nupstream_mode = \"require\"\nupstream_negotiation = \"alpn\"\n",
+    ] {
+        assert_eq!(
+            parse_err(text).key(),
+            Some("tls.upstream_negotiation"),
+            "{text}"
+        );
+    }
+}

@@ -565,9 +565,7 @@ fn answers_startup(port: u16) -> bool {
 }
 
 fn has_server_binaries(dir: &Path) -> bool {
-    ["postgres", "initdb"]
-        .iter()
-        .all(|b| dir.join(b).is_file())
+    ["postgres", "initdb"].iter().all(|b| dir.join(b).is_file())
 }
 
 /// The directory of an installed PostgreSQL `major`: Debian's `/usr/lib/postgresql/<major>/bin`,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use lockguard_config::{ClientTlsMode, TlsConfig, UpstreamTlsMode};
+use lockguard_config::{ClientTlsMode, TlsConfig, UpstreamNegotiation, UpstreamTlsMode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -16,6 +16,12 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The ALPN protocol name of the PostgreSQL protocol over TLS (PostgreSQL 17+). lockguard
+/// offers it to clients, so libpq 17+ (which always sends it) negotiates it in both ways of
+/// starting TLS, and requires it of a direct TLS connection; it sends it to a server it
+/// negotiates TLS with directly.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// lockguard's TLS state, shared by all connections.
 pub struct Tls {
@@ -28,6 +34,8 @@ pub struct Tls {
 #[derive(Clone)]
 pub struct UpstreamTls {
     pub mode: UpstreamTlsMode,
+    /// SSLRequest first, or the handshake at once (`[tls] upstream_negotiation`).
+    pub negotiation: UpstreamNegotiation,
     pub connector: TlsConnector,
 }
 
@@ -104,12 +112,15 @@ fn client_acceptor(config: &TlsConfig) -> anyhow::Result<Option<TlsAcceptor>> {
     let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) else {
         return Ok(None);
     };
-    let server = ServerConfig::builder_with_provider(provider())
+    let mut server = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    // A client offering ALPN without `postgresql` is refused in the handshake (alert
+    // no_application_protocol), as PostgreSQL does; a client offering none is accepted.
+    server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
@@ -151,14 +162,19 @@ fn upstream_tls(config: &TlsConfig) -> anyhow::Result<Option<UpstreamTls>> {
             }
         }
     };
-    let client = match (&config.upstream_cert, &config.upstream_key) {
+    let mut client = match (&config.upstream_cert, &config.upstream_key) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
             .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?,
         _ => builder.with_no_client_auth(),
     };
+    if config.upstream_negotiation == UpstreamNegotiation::Direct {
+        // PostgreSQL refuses a direct handshake without it.
+        client.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    }
     Ok(Some(UpstreamTls {
         mode,
+        negotiation: config.upstream_negotiation,
         connector: TlsConnector::from(Arc::new(client)),
     }))
 }

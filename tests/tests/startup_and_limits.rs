@@ -242,15 +242,14 @@ async fn hostile_input_is_refused_while_a_normal_client_keeps_working() {
     let hostile = async {
         let connect = || TcpStream::connect(proxy.addr);
 
-        // Random garbage (an HTTP request): its first bytes read as an absurd length.
+        // Random garbage (an HTTP request): its first bytes read as an absurd length, so the
+        // connection is closed without an answer, as PostgreSQL does.
         let mut s = connect().await.expect("connect");
         s.write_all(b"GET / HTTP/1.1\r\nHost: lockguard\r\n\r\n")
             .await
             .expect("write");
         let reply = raw::read_until_close(&mut s, Duration::from_secs(3)).await;
-        assert_eq!(reply.len(), 1, "garbage: {reply:?}");
-        assert_eq!(reply[0].tag, b'E');
-        assert_eq!(reply[0].error_fields().0, "08P01");
+        assert!(reply.is_empty(), "garbage: {reply:?}");
 
         // Truly random bytes: an error or a close at the startup deadline, never a hang.
         let mut s = connect().await.expect("connect");
@@ -267,14 +266,7 @@ async fn hostile_input_is_refused_while_a_normal_client_keeps_working() {
             .await
             .expect("write");
         let reply = raw::read_until_close(&mut s, Duration::from_secs(3)).await;
-        assert_eq!(
-            reply.first().map(|m| m.error_fields().0),
-            Some("08P01".to_owned())
-        );
-        assert!(reply[0]
-            .error_fields()
-            .1
-            .contains("invalid startup packet length"));
+        assert!(reply.is_empty(), "length 0xFFFFFFFF: {reply:?}");
 
         // A 1 MB startup packet: refused from its length, before the body is read.
         let mut s = connect().await.expect("connect");
@@ -287,10 +279,9 @@ async fn hostile_input_is_refused_while_a_normal_client_keeps_working() {
         let send = async {
             let _ = writer.write_all(&big).await;
         };
-        let read = raw::read_message(&mut reader, Duration::from_secs(3));
+        let read = raw::read_until_close(&mut reader, Duration::from_secs(3));
         let (_, reply) = tokio::join!(send, read);
-        let reply = reply.expect("an ErrorResponse for the 1 MB packet");
-        assert_eq!(reply.error_fields().0, "08P01");
+        assert!(reply.is_empty(), "1 MB packet: {reply:?}");
 
         // A client that connects and says nothing: closed at the startup deadline.
         let mut s = connect().await.expect("connect");
