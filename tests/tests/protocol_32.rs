@@ -203,7 +203,12 @@ async fn a_3_2_session_gets_the_servers_32_byte_key_and_its_44_byte_cancel_stops
         .iter()
         .find(|m| m.tag == b'E')
         .unwrap_or_else(|| panic!("no error: {seen:?}"));
-    assert_eq!(error.error_fields().0, "57014", "{:?}", error.error_fields());
+    assert_eq!(
+        error.error_fields().0,
+        "57014",
+        "{:?}",
+        error.error_fields()
+    );
     let after = exec(&mut session, "SELECT 1").await;
     assert!(after.iter().all(|m| m.tag != b'E'), "{after:?}");
 }
@@ -277,7 +282,10 @@ async fn a_3_2_session_idle_in_transaction_on_a_protected_table_is_terminated() 
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
     let login = login(&mut app, PROTOCOL_3_2, &cluster, &db, &[]).await;
     assert_eq!(login.key.len(), 32);
-    for sql in ["BEGIN", "SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE"] {
+    for sql in [
+        "BEGIN",
+        "SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE",
+    ] {
         let reply = exec(&mut app, sql).await;
         assert!(reply.iter().all(|m| m.tag != b'E'), "{sql}: {reply:?}");
     }
