@@ -24,7 +24,8 @@ pub use secret::{is_secret_key, SECRET_KEYS};
 use sections::is_empty_secret;
 pub use sections::{
     AdminAuthMethod, AdminConfig, AdminRole, AdminUser, ClientLossAction, ClientTlsMode,
-    GuardConfig, LogConfig, LogFormat, ProxyConfig, TlsConfig, UpstreamTlsMode, DEFAULT_AUTH_QUERY,
+    GuardConfig, LogConfig, LogFormat, ProxyConfig, TlsConfig, UpstreamNegotiation,
+    UpstreamTlsMode, DEFAULT_AUTH_QUERY,
 };
 pub use table_pattern::{NamePattern, TablePattern, TablePatternError};
 pub use upstream::{Upstream, UpstreamParseError, DEFAULT_PG_PORT};
@@ -236,6 +237,20 @@ impl Config {
             return Some((
                 key("tls", "upstream_ca"),
                 "must be set when upstream_mode is verify-ca or verify-full".to_owned(),
+            ));
+        }
+        if t.upstream_negotiation == UpstreamNegotiation::Direct
+            && matches!(
+                t.upstream_mode,
+                UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer
+            )
+        {
+            // Like libpq: a direct handshake has no plaintext fallback to prefer, and a
+            // server without TLS would only see garbage.
+            return Some((
+                key("tls", "upstream_negotiation"),
+                "\"direct\" needs upstream_mode \"require\", \"verify-ca\" or \"verify-full\""
+                    .to_owned(),
             ));
         }
         if t.upstream_cert.is_some() != t.upstream_key.is_some() {

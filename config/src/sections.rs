@@ -244,6 +244,18 @@ pub enum UpstreamTlsMode {
     VerifyFull,
 }
 
+/// How lockguard starts TLS with PostgreSQL, named like libpq's `sslnegotiation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamNegotiation {
+    /// An SSLRequest first, then the handshake if the server answers 'S' (every version).
+    #[default]
+    Postgres,
+    /// The TLS handshake straight away, with ALPN `postgresql` (PostgreSQL 17 and later):
+    /// one round trip less per connection. Needs `upstream_mode` `require` or stronger.
+    Direct,
+}
+
 /// `[tls]`: encryption on the client side and towards PostgreSQL.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -259,6 +271,8 @@ pub struct TlsConfig {
     pub client_mode: ClientTlsMode,
     /// `disable` (default), `prefer`, `require`, `verify-ca`, `verify-full`.
     pub upstream_mode: UpstreamTlsMode,
+    /// `postgres` (default: SSLRequest first) or `direct` (TLS at once; servers >= 17).
+    pub upstream_negotiation: UpstreamNegotiation,
     /// PEM CA certificate(s) the upstream's certificate must chain to (verify-ca/verify-full).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_path")]
     pub upstream_ca: Option<PathBuf>,

@@ -713,3 +713,28 @@ fn startup_slots_and_console_tls_settings_are_checked() {
         assert_eq!(e.line().is_some(), !missing, "{text}\n{e}");
     }
 }
+
+#[test]
+fn direct_upstream_negotiation_needs_a_mode_that_insists_on_tls() {
+    assert_eq!(
+        Config::default().tls.upstream_negotiation,
+        UpstreamNegotiation::Postgres
+    );
+    let c = Config::from_toml_str(
+        "[tls]\nupstream_mode = \"require\"\nupstream_negotiation = \"direct\"\n",
+    )
+    .expect("direct with require");
+    assert_eq!(c.tls.upstream_negotiation, UpstreamNegotiation::Direct);
+    assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
+    for text in [
+        "[tls]\nupstream_negotiation = \"direct\"\n",
+        "[tls]\nupstream_mode = \"prefer\"\nupstream_negotiation = \"direct\"\n",
+        "[tls]\nupstream_mode = \"require\"\nupstream_negotiation = \"alpn\"\n",
+    ] {
+        assert_eq!(
+            parse_err(text).key(),
+            Some("tls.upstream_negotiation"),
+            "{text}"
+        );
+    }
+}

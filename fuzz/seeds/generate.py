@@ -64,6 +64,11 @@ def startup_seeds():
         "tls_offered_gss_then_ssl": b"\x82" + GSS + SSL,
         "tls_offered_plain": b"\x81" + NORMAL,
         "gss_with_trailing_bytes": b"\x07" + packet(u32(80877104) + b"\0\0") + NORMAL,
+        # 0x40: the client waits for each answer before sending its next packet.
+        "patient_ssl_gss_ssl_then_startup": b"\x40" + SSL + GSS + SSL + NORMAL,
+        "patient_ssl_twice": b"\x43" + SSL + SSL + NORMAL,
+        "patient_tls_offered_gss_then_ssl": b"\xc0" + GSS + SSL + NORMAL,
+        "patient_ssl_with_trailing_bytes": b"\x40" + packet(u32(80877103) + b"xx") + NORMAL,
     }
 
 

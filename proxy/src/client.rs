@@ -11,16 +11,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, AuthEnd};
 use crate::protocol::sqlstate;
 use crate::scram::ScramSecret;
 use crate::session::{self, farewell, SessionContext};
-use crate::startup::{self, FirstPacket, StartupError, StartupMessage};
+use crate::startup::{self, FirstPacket, Negotiation, StartupError, StartupMessage};
 use crate::stats::ProxyStats;
 use crate::stream::ClientStream;
-use crate::upstream;
+use crate::{tls, upstream};
 use crate::{GuardHandle, Shared};
 
 /// Serves one client connection. `startup` is its share of `max_startup_clients`, held until
@@ -105,15 +106,31 @@ pub(crate) async fn refuse_startup(tcp: TcpStream, max_startup_clients: usize) {
     crate::admin::accept::turn_away(tcp, &answer).await;
 }
 
-/// Reads the client's first packets, doing the TLS handshake if it asks for one and lockguard
-/// has a certificate. `None` when the connection ended (already logged and answered).
+/// Reads the client's first packets, doing the TLS handshake if it asks for one (with an
+/// SSLRequest, or directly with a ClientHello) and lockguard has a certificate. `None` when
+/// the connection ended (already logged and answered).
 async fn negotiate(
     mut tcp: TcpStream,
     addr: SocketAddr,
     shared: &Shared,
 ) -> Option<(ClientStream, FirstPacket)> {
     let acceptor = shared.tls.client_acceptor();
-    let first = read_first(&mut tcp, acceptor.is_some(), addr, shared).await?;
+    match startup::opens_with_tls_handshake(&tcp).await {
+        Ok(Some(true)) => return direct_tls(tcp, acceptor, addr, shared).await,
+        Ok(Some(false)) => {}
+        Ok(None) => return None,
+        Err(e) => {
+            debug!(client = %addr, error = %e, "client left during startup");
+            return None;
+        }
+    }
+    let first = read_first(
+        &mut tcp,
+        Negotiation::plaintext(acceptor.is_some()),
+        addr,
+        shared,
+    )
+    .await?;
     let (FirstPacket::TlsRequested, Some(acceptor)) = (&first, acceptor) else {
         return Some((ClientStream::Plain(tcp), first));
     };
@@ -129,26 +146,85 @@ async fn negotiate(
             return None;
         }
     };
-    // Inside TLS, a second SSLRequest is a protocol violation: read without offering TLS.
-    let first = read_first(&mut tls, false, addr, shared).await?;
+    let first = read_first(&mut tls, Negotiation::after_ssl_request(), addr, shared).await?;
+    Some((tls, first))
+}
+
+/// Direct TLS negotiation (PostgreSQL 17+, libpq's `sslnegotiation=direct`): the client opened
+/// with a ClientHello. As PostgreSQL does, it is refused without an answer unless lockguard has
+/// a certificate and the client negotiated ALPN `postgresql`; then the startup proceeds inside
+/// TLS as after an SSLRequest.
+async fn direct_tls(
+    tcp: TcpStream,
+    acceptor: Option<TlsAcceptor>,
+    addr: SocketAddr,
+    shared: &Shared,
+) -> Option<(ClientStream, FirstPacket)> {
+    let Some(acceptor) = acceptor else {
+        shared.stats.startup_rejected();
+        warn!(
+            client = %addr,
+            "refusing a direct TLS connection (the client sent a TLS ClientHello without an \
+             SSLRequest): lockguard has no certificate for clients ([tls] client_cert and \
+             client_key)"
+        );
+        return None;
+    };
+    let tls = match acceptor.accept(tcp).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            shared.stats.startup_rejected();
+            warn!(client = %addr, error = %e, "client TLS handshake failed (direct TLS)");
+            return None;
+        }
+    };
+    if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_POSTGRESQL) {
+        shared.stats.startup_rejected();
+        warn!(
+            client = %addr,
+            "refusing a direct TLS connection without ALPN protocol \"postgresql\" (as \
+             PostgreSQL does, so that TLS meant for another service is not taken for ours)"
+        );
+        return None;
+    }
+    let mut tls = ClientStream::Tls(Box::new(tls));
+    let first = read_first(&mut tls, Negotiation::after_direct_tls(), addr, shared).await?;
     Some((tls, first))
 }
 
 async fn read_first<S>(
     stream: &mut S,
-    offer_tls: bool,
+    negotiation: Negotiation,
     addr: SocketAddr,
     shared: &Shared,
 ) -> Option<FirstPacket>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match startup::read_first_packet(stream, offer_tls).await {
+    match startup::read_first_packet(stream, negotiation).await {
         Ok(first) => Some(first),
         Err(StartupError::Rejected { sqlstate, message }) => {
             shared.stats.startup_rejected();
             warn!(client = %addr, "{message}");
             farewell(stream, sqlstate, &message).await;
+            None
+        }
+        Err(StartupError::RejectedOldProtocol(message)) => {
+            shared.stats.startup_rejected();
+            warn!(client = %addr, "{message}");
+            let answer = startup::old_protocol_error(&message);
+            let send = async {
+                stream.write_all(&answer).await?;
+                stream.shutdown().await
+            };
+            if let Err(e) = send.await {
+                debug!(client = %addr, error = %e, "could not deliver the closing error");
+            }
+            None
+        }
+        Err(StartupError::Dropped(reason)) => {
+            shared.stats.startup_rejected();
+            info!(client = %addr, "{reason}");
             None
         }
         Err(StartupError::Io(e)) => {

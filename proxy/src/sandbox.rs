@@ -28,6 +28,16 @@
 //!
 //! The server binaries refuse to run as root; when this process is root they run as the
 //! `postgres` account.
+//!
+//! # Which PostgreSQL
+//!
+//! `PG_BIN` names the directory of `postgres` and `initdb` outright. Otherwise
+//! `LOCKGUARD_TEST_PG_MAJOR=<major>` picks an installed major version: Debian's
+//! `/usr/lib/postgresql/<major>/bin`, else `<LOCKGUARD_PG_ROOT or /opt/lockguard-pg>/<major>/bin`,
+//! where `.ci/install-postgres` puts the builds pinned in `.ci/postgres-versions`. Without
+//! either, `pg_config --bindir` or the newest Debian server is used. Nothing here needs
+//! `pg_isready` (the npm builds lack it): readiness is the postmaster's own `ready` status
+//! plus an answered startup packet.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -42,8 +52,14 @@ use tokio_postgres::NoTls;
 
 /// Superuser of a sandbox (`initdb -U postgres`).
 pub const SUPERUSER: &str = "postgres";
-/// Directory holding `postgres`, `initdb` and `pg_isready`, overriding discovery.
+/// Directory holding `postgres` and `initdb`, overriding discovery.
 pub const ENV_PG_BIN: &str = "PG_BIN";
+/// Major version to run (e.g. `17`), found among the installed servers (see the module docs).
+pub const ENV_PG_MAJOR: &str = "LOCKGUARD_TEST_PG_MAJOR";
+/// Where `.ci/install-postgres` puts the builds of other majors (`<root>/<major>/bin`).
+pub const ENV_PG_ROOT: &str = "LOCKGUARD_PG_ROOT";
+/// Default of [`ENV_PG_ROOT`].
+pub const DEFAULT_PG_ROOT: &str = "/opt/lockguard-pg";
 
 /// How long a fast shutdown may take before the postmaster is SIGKILLed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -126,6 +142,13 @@ impl Sandbox {
     /// `std::thread::sleep`, never `block_on`) while the server starts, so it may be called
     /// from inside a tokio runtime.
     pub fn start(options: SandboxOptions<'_>) -> io::Result<Sandbox> {
+        let bin = server_binaries().map_err(io::Error::other)?;
+        Sandbox::start_with(&bin, options)
+    }
+
+    /// Like [`Sandbox::start`], with the server binaries in `bin` (e.g. from
+    /// [`installed_major`]) rather than the ones discovery picks.
+    pub fn start_with(bin: &Path, options: SandboxOptions<'_>) -> io::Result<Sandbox> {
         for (name, _) in options.settings {
             if name.is_empty()
                 || !name
@@ -138,7 +161,7 @@ impl Sandbox {
                 ));
             }
         }
-        let bin = server_binaries().map_err(io::Error::other)?;
+        let bin = bin.to_path_buf();
         let run_as = lookup_run_as()?;
         let root = make_temp_dir(options.temp_prefix, run_as.as_ref())?;
         // From here on, dropping `sandbox` (on any error below) stops what was started and
@@ -216,6 +239,16 @@ impl Sandbox {
     /// Directory of the server binaries in use (`pgbench`, `psql` may sit beside them).
     pub fn bin_dir(&self) -> &Path {
         &self.bin
+    }
+
+    /// The server's major version, from the `PG_VERSION` file initdb wrote (e.g. 17).
+    pub fn major_version(&self) -> io::Result<u32> {
+        let path = self.data.join("PG_VERSION");
+        let text =
+            fs::read_to_string(&path).map_err(|e| ctx(e, format!("reading {}", path.display())))?;
+        text.trim().parse().map_err(|e| {
+            io::Error::other(format!("{} holds {:?}: {e}", path.display(), text.trim()))
+        })
     }
 
     /// Connection settings for `user` on `dbname` over TCP.
@@ -455,7 +488,6 @@ impl Sandbox {
 
     fn wait_ready(&self, postmaster: &mut Child, port: u16, log_start: u64) -> io::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let port_arg = port.to_string();
         loop {
             if let Some(status) = postmaster.try_wait()? {
                 let tail = log_tail(&self.log, log_start);
@@ -471,30 +503,10 @@ impl Sandbox {
                     ),
                 ));
             }
-            // Ask pg_isready only once the postmaster says it is ready (PostgreSQL >= 10 writes
-            // that into postmaster.pid, as `pg_ctl -w` relies on): pg_isready itself would hang
-            // for its 2 s minimum timeout on a port some other program took and never answers.
-            let ready = self.pid_file_says_ready()
-                && Command::new(self.bin.join("pg_isready"))
-                    .args([
-                        "-q",
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                        &port_arg,
-                        "-U",
-                        SUPERUSER,
-                        "-d",
-                        "postgres",
-                        "-t",
-                        "1",
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .map_err(|e| ctx(e, format!("running {}/pg_isready", self.bin.display())))?
-                    .success();
+            // Try a connection only once the postmaster says it is ready (PostgreSQL >= 10
+            // writes that into postmaster.pid, as `pg_ctl -w` relies on), so a port some other
+            // program took is never mistaken for ours.
+            let ready = self.pid_file_says_ready() && answers_startup(port);
             if ready {
                 return Ok(());
             }
@@ -518,15 +530,61 @@ impl Drop for Sandbox {
     }
 }
 
-fn has_server_binaries(dir: &Path) -> bool {
-    ["postgres", "initdb", "pg_isready"]
-        .iter()
-        .all(|b| dir.join(b).is_file())
+/// Whether the server at `127.0.0.1:port` processes a startup packet: any authentication
+/// request (`R`) means it does; an error (e.g. 57P03 "the database system is starting up"), a
+/// refused connection or silence within a second means not yet.
+fn answers_startup(port: u16) -> bool {
+    let probe = || -> io::Result<bool> {
+        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+        let mut body = 196_608u32.to_be_bytes().to_vec(); // protocol 3.0
+        for (name, value) in [("user", SUPERUSER), ("database", "postgres")] {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = u32::try_from(body.len() + 4)
+            .map_err(io::Error::other)?
+            .to_be_bytes()
+            .to_vec();
+        packet.extend_from_slice(&body);
+        stream.write_all(&packet)?;
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stream, &mut first)?;
+        if first[0] == b'R' {
+            // Terminate, so the backend does not log a client that vanished.
+            let _ = stream.write_all(&[b'X', 0, 0, 0, 4]);
+        }
+        Ok(first[0] == b'R')
+    };
+    probe().unwrap_or(false)
 }
 
-/// The directory with `postgres`, `initdb` and `pg_isready`: `PG_BIN`, else
-/// `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`. The error says how to
-/// install them.
+fn has_server_binaries(dir: &Path) -> bool {
+    ["postgres", "initdb"].iter().all(|b| dir.join(b).is_file())
+}
+
+/// The directory of an installed PostgreSQL `major`: Debian's `/usr/lib/postgresql/<major>/bin`,
+/// else `<LOCKGUARD_PG_ROOT or /opt/lockguard-pg>/<major>/bin` (`.ci/install-postgres`).
+pub fn installed_major(major: u32) -> Option<PathBuf> {
+    let root = std::env::var_os(ENV_PG_ROOT)
+        .filter(|root| !root.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_PG_ROOT), PathBuf::from);
+    [
+        PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        root.join(major.to_string()).join("bin"),
+    ]
+    .into_iter()
+    .find(|dir| has_server_binaries(dir))
+}
+
+/// The directory with `postgres` and `initdb`: `PG_BIN`, else the major named by
+/// `LOCKGUARD_TEST_PG_MAJOR`, else `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`. The error says how to install them.
 pub fn server_binaries() -> Result<PathBuf, String> {
     static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FOUND.get_or_init(find_server_binaries).clone()
@@ -539,10 +597,23 @@ fn find_server_binaries() -> Result<PathBuf, String> {
             Ok(dir)
         } else {
             Err(format!(
-                "{ENV_PG_BIN}={} does not contain postgres, initdb and pg_isready",
+                "{ENV_PG_BIN}={} does not contain postgres and initdb",
                 dir.display()
             ))
         };
+    }
+    if let Some(major) = std::env::var(ENV_PG_MAJOR).ok().filter(|m| !m.is_empty()) {
+        let parsed: u32 = major.parse().map_err(|e| {
+            format!("{ENV_PG_MAJOR}={major:?} is not a major version number such as 17: {e}")
+        })?;
+        return installed_major(parsed).ok_or_else(|| {
+            format!(
+                "{ENV_PG_MAJOR}={parsed}, but PostgreSQL {parsed} is not installed in \
+                 /usr/lib/postgresql/{parsed}/bin nor in {}/{parsed}/bin; install it with \
+                 `.ci/install-postgres {parsed}` (needs npm) or set PG_BIN to its directory.",
+                std::env::var(ENV_PG_ROOT).unwrap_or_else(|_| DEFAULT_PG_ROOT.to_owned())
+            )
+        });
     }
     if let Ok(output) = Command::new("pg_config")
         .arg("--bindir")
@@ -573,7 +644,7 @@ fn find_server_binaries() -> Result<PathBuf, String> {
         })
         .max();
     newest.map(|(_, bin)| bin).ok_or_else(|| {
-        "no PostgreSQL server binaries found (postgres, initdb, pg_isready). Install them \
+        "no PostgreSQL server binaries found (postgres, initdb). Install them \
          (Debian/Ubuntu: `sudo apt-get install -y postgresql`; Fedora: `sudo dnf install \
          postgresql-server`; macOS: `brew install postgresql`) or set PG_BIN to their directory."
             .to_owned()

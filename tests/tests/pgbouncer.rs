@@ -20,7 +20,7 @@ use guard_core::{AuditEvent, Outcome, Registry, TxnState};
 use lockguard::{GuardHandle, Proxy};
 use lockguard_config::{Config, Upstream};
 use lockguard_tests::cluster::TestCluster;
-use lockguard_tests::guard_support::{self, wait_for, BlockedLogin};
+use lockguard_tests::guard_support::{self, app_role, wait_for, BlockedLogin};
 use lockguard_tests::pgbouncer::{self, PgBouncer, PgBouncerOptions, PoolMode};
 use lockguard_tests::proxy::config_for;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -218,14 +218,18 @@ async fn start_pgbouncer(
     server: SocketAddr,
     pool_mode: PoolMode,
 ) -> PgBouncer {
-    let superuser = TestCluster::shared().superuser().to_owned();
+    let cluster = TestCluster::shared();
+    // The superuser first: PgBouncer's admin. Apps log in as an ordinary role, since the
+    // guard's role may not signal a superuser's backend.
+    let superuser = cluster.superuser().to_owned();
+    let app = app_role(cluster).to_owned();
     tokio::task::spawn_blocking(move || {
         PgBouncer::start(
             &binary,
             &PgBouncerOptions {
                 server,
                 pool_mode,
-                users: &[superuser.as_str()],
+                users: &[superuser.as_str(), app.as_str()],
             },
         )
     })
@@ -239,7 +243,7 @@ fn app_config(addr: SocketAddr, db: &str) -> tokio_postgres::Config {
     config
         .host(addr.ip().to_string())
         .port(addr.port())
-        .user(TestCluster::shared().superuser())
+        .user(app_role(TestCluster::shared()))
         .dbname(db)
         .application_name("pgbouncer-test-app")
         .connect_timeout(Duration::from_secs(10));
@@ -348,7 +352,7 @@ async fn killed_app_mid_statement(test: &str, mode: PoolMode) {
     let mut app = Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
         .args(["-p", &chain.bouncer.port().to_string()])
-        .args(["-U", cluster.superuser(), "-d", &chain.db, "-c", &sql])
+        .args(["-U", app_role(cluster), "-d", &chain.db, "-c", &sql])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use guard_core::{Outcome, TxnState, UpstreamIdentity};
 use lockguard_tests::cluster::{TestCluster, APPLICATION_NAME};
-use lockguard_tests::guard_support::{self, BlockedLogin};
+use lockguard_tests::guard_support::{self, app_role, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw;
 use tokio::io::AsyncWriteExt;
@@ -230,7 +230,7 @@ async fn stray_copy_end_keeps_the_statement_in_flight(prefix: &str, stray: &[Vec
     let (proxy, db, admin) = guarded(prefix).await;
     let cluster = TestCluster::shared();
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
-    let login = raw::login(&mut app, cluster.superuser(), &db).await;
+    let login = raw::login(&mut app, app_role(cluster), &db).await;
     let key = login
         .iter()
         .find(|m| m.tag == b'K')
@@ -325,7 +325,7 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
     let db = cluster.create_database("copy_ends").await;
     let proxy = TestProxy::start(cluster).await;
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
-    let login = raw::login(&mut app, cluster.superuser(), &db).await;
+    let login = raw::login(&mut app, app_role(cluster), &db).await;
     let key = login
         .iter()
         .find(|m| m.tag == b'K')
@@ -379,7 +379,7 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
 /// A raw session through `proxy` logged in to `db`, with its backend pid.
 async fn raw_session(proxy: &TestProxy, db: &str) -> (TcpStream, i32) {
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
-    let login = raw::login(&mut app, TestCluster::shared().superuser(), db).await;
+    let login = raw::login(&mut app, app_role(TestCluster::shared()), db).await;
     let key = login
         .iter()
         .find(|m| m.tag == b'K')
