@@ -601,7 +601,11 @@ fn help_names_every_variable_and_hides_the_dsn_value() {
             .env("LOCKGUARD_LISTEN", "127.0.0.1:7101")
             .output()
             .expect("run lockguard");
-        let help = String::from_utf8_lossy(&out.stdout);
+        // clap wraps long lines at its own width: compare with the words rejoined.
+        let help = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(out.status.success(), "{args:?}: {help}");
         for setting in ENV_SETTINGS {
             assert!(
@@ -801,10 +805,40 @@ fn the_manual_page_documents_flags_variables_and_subcommands() {
             "lockguard-completions.1",
             "lockguard-demo.1",
             "lockguard-man.1",
+            "lockguard-setup-sql.1",
             "lockguard.1"
         ]
     );
     let check_config =
         std::fs::read_to_string(dir.path().join("lockguard-check-config.1")).expect("read page");
     assert!(check_config.contains("LOCKGUARD_PROTECT"), "{check_config}");
+}
+
+/// `lockguard setup-sql` prints the shipped script for the role and schema asked for, with the
+/// names quoted as identifiers (a hostile name stays one identifier).
+#[test]
+fn setup_sql_prints_the_guard_role_script_with_quoted_names() {
+    let out = lockguard_clean_env()
+        .arg("setup-sql")
+        .output()
+        .expect("run lockguard");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sql = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "pg_signal_backend",
+        "pg_read_all_stats",
+        "SECURITY DEFINER",
+        "scram_verifier",
+        "REVOKE",
+    ] {
+        assert!(sql.contains(expected), "{expected} missing:\n{sql}");
+    }
+    let out = lockguard_clean_env()
+        .args(["setup-sql", "--role", "guard\"; DROP TABLE x; --", "--schema", "lg"])
+        .output()
+        .expect("run lockguard");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sql = String::from_utf8_lossy(&out.stdout);
+    assert!(sql.contains("\"guard\"\"; DROP TABLE x; --\""), "{sql}");
+    assert!(!sql.contains("\"guard\"; DROP"), "{sql}");
 }

@@ -183,7 +183,7 @@ impl Drop for Running {
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect to the HTTP endpoint");
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: lockguard\r\n\r\n").expect("send the request");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
@@ -622,12 +622,20 @@ fn the_kubernetes_manifests_agree_with_each_other_and_the_config() {
     };
     for (name, addr) in [
         ("postgres", config.proxy.listen),
-        ("console", config.admin.listen),
         ("http", config.admin.http_listen),
     ] {
         assert_eq!(port(name), u64::from(addr.port()), "port {name}");
         assert!(addr.ip().is_unspecified(), "{name} listens on {addr}");
     }
+    // The console stays on the pod's loopback (kubectl port-forward reaches it), so it is no
+    // container port: a console on the pod network would need admin.require_tls.
+    assert!(
+        config.admin.listen.ip().is_loopback(),
+        "console listens on {}",
+        config.admin.listen
+    );
+    let ports = at(container, "/ports").as_array().expect("ports");
+    assert!(!ports.iter().any(|p| p["name"] == "console"), "{ports:?}");
     assert_eq!(text(container, "/livenessProbe/httpGet/path"), "/healthz");
     assert_eq!(text(container, "/livenessProbe/httpGet/port"), "http");
     assert_eq!(text(container, "/readinessProbe/httpGet/path"), "/readyz");
