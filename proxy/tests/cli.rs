@@ -822,7 +822,11 @@ fn setup_sql_prints_the_guard_role_script_with_quoted_names() {
         .arg("setup-sql")
         .output()
         .expect("run lockguard");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sql = String::from_utf8_lossy(&out.stdout);
     for expected in [
         "pg_signal_backend",
@@ -834,10 +838,20 @@ fn setup_sql_prints_the_guard_role_script_with_quoted_names() {
         assert!(sql.contains(expected), "{expected} missing:\n{sql}");
     }
     let out = lockguard_clean_env()
-        .args(["setup-sql", "--role", "guard\"; DROP TABLE x; --", "--schema", "lg"])
+        .args([
+            "setup-sql",
+            "--role",
+            "guard\"; DROP TABLE x; --",
+            "--schema",
+            "lg",
+        ])
         .output()
         .expect("run lockguard");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sql = String::from_utf8_lossy(&out.stdout);
     assert!(sql.contains("\"guard\"\"; DROP TABLE x; --\""), "{sql}");
     assert!(!sql.contains("\"guard\"; DROP"), "{sql}");

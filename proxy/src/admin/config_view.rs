@@ -32,6 +32,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "tls.client_key",
     "tls.client_mode",
     "tls.upstream_mode",
+    "tls.upstream_negotiation",
     "tls.upstream_ca",
     "tls.upstream_cert",
     "tls.upstream_key",
