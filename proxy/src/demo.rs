@@ -38,7 +38,16 @@ CREATE TABLE app.user_sessions (
 );
 INSERT INTO app.user_sessions (user_id, token)
     SELECT id, md5(id::text) FROM generate_series(1, 100) AS id;
+CREATE ROLE app LOGIN;
+GRANT USAGE ON SCHEMA app TO app;
+GRANT SELECT, UPDATE ON app.user_sessions TO app;
 ";
+
+/// The role the demo's application and login sessions use: an ordinary one, as in production
+/// (the guard's role may not signal a superuser's backend).
+const APP_ROLE: &str = "app";
+/// The guard's role, created by the same script `lockguard setup-sql` prints: no superuser.
+const GUARD_ROLE: &str = "lockguard";
 
 const APP: &str = "app-server";
 const LOGIN: &str = "login-service";
@@ -89,12 +98,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 async fn play(options: &DemoOptions, story: &Story) -> anyhow::Result<()> {
     story.title("lockguard demo: an orphaned lock on app.user_sessions, and its cure");
     story.note("starting a throwaway PostgreSQL from the installed server binaries ...");
-    let sandbox = tokio::task::spawn_blocking(|| {
+    let guard_setup = guard_core::setup::setup_sql(GUARD_ROLE, GUARD_ROLE)
+        .map_err(|e| anyhow!("the guard role's setup SQL: {e}"))?;
+    let setup_sql = format!("{SETUP_SQL}\n{guard_setup}");
+    let sandbox = tokio::task::spawn_blocking(move || {
         Sandbox::start(SandboxOptions {
             temp_prefix: "lockguard-demo-",
             pg_hba: TRUST_ALL_HBA,
             settings: &[],
-            setup_sql: SETUP_SQL,
+            setup_sql: &setup_sql,
         })
     })
     .await
@@ -156,7 +168,7 @@ fn demo_config(sandbox: &Sandbox, idle_timeout: Duration) -> Config {
     };
     config.proxy.shutdown_timeout = Duration::from_secs(1);
     config.guard.dsn = Some(format!(
-        "host={} port={} user={SUPERUSER} dbname=postgres",
+        "host={} port={} user={GUARD_ROLE} dbname=postgres",
         sandbox.host(),
         sandbox.port()
     ));
@@ -412,7 +424,10 @@ async fn connect(
     let (client, connection) = tokio_postgres::Config::new()
         .host(addr.ip().to_string())
         .port(addr.port())
-        .user(SUPERUSER)
+        .user(match application_name {
+            APP | LOGIN => APP_ROLE,
+            _ => SUPERUSER,
+        })
         .dbname("postgres")
         .application_name(application_name)
         .connect_timeout(Duration::from_secs(10))

@@ -71,11 +71,12 @@ fn user(name: &str, password: &str, role: AdminRole) -> AdminUser {
     }
 }
 
+/// The guard logs in as the role `lockguard setup-sql` creates (no superuser), as deployed.
 fn guard_dsn(cluster: &TestCluster, port: u16) -> String {
     format!(
         "host={} port={port} user={} dbname=postgres",
         cluster.host(),
-        cluster.superuser()
+        guard_support::guard_role(cluster)
     )
 }
 
@@ -162,7 +163,13 @@ struct App {
 impl App {
     async fn connect(running: &Running, db: &str) -> App {
         let mut stream = TcpStream::connect(running.addr).await.expect("connect");
-        let login = raw::login(&mut stream, TestCluster::shared().superuser(), db).await;
+        // An ordinary role: the guard's role may not signal a superuser's backend.
+        let login = raw::login(
+            &mut stream,
+            guard_support::app_role(TestCluster::shared()),
+            db,
+        )
+        .await;
         let key = login
             .iter()
             .find(|m| m.tag == b'K')
@@ -1221,7 +1228,7 @@ async fn readyz_turns_ready_when_the_guard_port_comes_up() {
     let mut config = admin_config(&[]);
     config.guard.dsn = Some(format!(
         "host=127.0.0.1 port={guard_port} user={} dbname=postgres",
-        cluster.superuser()
+        guard_support::guard_role(cluster)
     ));
     let running = start(config, None).await;
     let (status, _, body) = http(running.http, "GET", "/readyz", None).await;
