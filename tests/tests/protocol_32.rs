@@ -83,7 +83,11 @@ async fn login(
     database: &str,
     params: &[(&str, &str)],
 ) -> Login {
-    let mut all = vec![("user", cluster.superuser()), ("database", database)];
+    // An ordinary role: the guard's role may not signal a superuser's backend.
+    let mut all = vec![
+        ("user", guard_support::app_role(cluster)),
+        ("database", database),
+    ];
     all.extend_from_slice(params);
     stream
         .write_all(&raw::startup_packet(version, &all))
