@@ -15,13 +15,13 @@ use futures_util::future::join_all;
 use lockguard_config::{GuardConfig, UpstreamTlsMode};
 use serde::Serialize;
 use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::clock::ClockOffset;
 use crate::dsn::{self, DsnTls};
 use crate::error::{pg_error_text, GuardError};
-use crate::{enforcer, probe};
 
 /// `application_name` of guard connections unless the dsn sets one, so operators (and the
 /// tests) can tell them apart in `pg_stat_activity`.
@@ -57,43 +57,74 @@ SELECT pg_catalog.pg_backend_pid(),
        pg_catalog.current_setting('is_superuser'),
        pg_catalog.clock_timestamp()";
 
-/// An open guard connection with its statements prepared, so a probe or a kill is a single
-/// round trip.
+/// An open guard connection with the statements of its users prepared, so a probe or a kill
+/// is a single round trip. The SQL belongs to the modules that use it (`probe`, `enforcer`);
+/// this one only prepares and runs it.
 #[derive(Debug)]
 pub struct GuardConnection {
     client: Client,
     backend_pid: i32,
     superuser: bool,
     clock_offset: ClockOffset,
-    pub(crate) probe: Statement,
-    pub(crate) kill: Statement,
-    pub(crate) lookup: Statement,
+    /// Prepared at connect, looked up by their text.
+    prepared: Vec<(&'static str, Statement)>,
 }
 
 impl GuardConnection {
-    /// Reads the session's facts and prepares the guard's statements on an open connection
-    /// whose task is already running. Public so tests can hand the enforcer a connection of
-    /// their own.
-    pub async fn prepare(client: Client) -> Result<Self, tokio_postgres::Error> {
+    /// Reads the session's facts and prepares `statements` on an open connection whose task
+    /// is already running. Public so tests can hand the enforcer a connection of their own
+    /// (with [`crate::guard::STATEMENTS`]).
+    pub async fn prepare(
+        client: Client,
+        statements: &[&'static str],
+    ) -> Result<Self, tokio_postgres::Error> {
         let sent = SystemTime::now();
         let session = client.query_one(SESSION_SQL, &[]).await?;
         let received = SystemTime::now();
         let server_now: SystemTime = session.try_get(2)?;
         let superuser: String = session.try_get(1)?;
-        let (probe, kill, lookup) = futures_util::try_join!(
-            client.prepare(probe::PROBE_SQL),
-            client.prepare(enforcer::KILL_SQL),
-            client.prepare(enforcer::LOOKUP_SQL),
-        )?;
+        let prepared =
+            futures_util::future::try_join_all(statements.iter().map(|sql| client.prepare(sql)))
+                .await?;
         Ok(GuardConnection {
             backend_pid: session.try_get(0)?,
             superuser: superuser == "on",
             clock_offset: ClockOffset::measure(sent, received, server_now),
             client,
-            probe,
-            kill,
-            lookup,
+            prepared: statements.iter().copied().zip(prepared).collect(),
         })
+    }
+
+    /// Runs `sql` with `params`, as the statement prepared at connect when it was one of them
+    /// (one round trip), else as a one-off.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        match self.prepared(sql) {
+            Some(statement) => self.client.query(statement, params).await,
+            None => self.client.query(sql, params).await,
+        }
+    }
+
+    /// [`GuardConnection::query`] for at most one row.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        match self.prepared(sql) {
+            Some(statement) => self.client.query_opt(statement, params).await,
+            None => self.client.query_opt(sql, params).await,
+        }
+    }
+
+    fn prepared(&self, sql: &str) -> Option<&Statement> {
+        self.prepared
+            .iter()
+            .find(|(text, _)| *text == sql)
+            .map(|(_, statement)| statement)
     }
 
     /// The underlying client, for ad-hoc queries on the guard's connection.
@@ -242,6 +273,8 @@ pub(crate) enum Blame {
 pub(crate) struct Connections {
     base: Config,
     tls: Option<GuardTls>,
+    /// Prepared on every connection as it opens.
+    statements: &'static [&'static str],
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// The superuser warning is given once, on the first connection that shows it.
     superuser_warned: AtomicBool,
@@ -354,11 +387,17 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl Connections {
-    /// Connections with `base`'s settings, over `tls` when given.
-    pub(crate) fn new(base: Config, tls: Option<GuardTls>) -> Self {
+    /// Connections with `base`'s settings, over `tls` when given, each with `statements`
+    /// prepared.
+    pub(crate) fn new(
+        base: Config,
+        tls: Option<GuardTls>,
+        statements: &'static [&'static str],
+    ) -> Self {
         Connections {
             base,
             tls,
+            statements,
             slots: Mutex::new(HashMap::new()),
             superuser_warned: AtomicBool::new(false),
         }
@@ -507,7 +546,7 @@ impl Connections {
                     client
                 }
             };
-            GuardConnection::prepare(client)
+            GuardConnection::prepare(client, self.statements)
                 .await
                 .map_err(|e| format!("preparing the guard statements: {}", pg_error_text(&e)))
         };
@@ -713,90 +752,9 @@ mod tests {
         assert!(only_unix_sockets(&unix));
     }
 
-    /// Every name in the guard's own statements is qualified: a function call is
-    /// `pg_catalog.f(`, an operator is `OPERATOR(pg_catalog.op)`, a cast names
-    /// `pg_catalog.type`. Keywords of the SQL grammar (not looked up in any schema) may stand
-    /// alone.
     #[test]
-    fn every_function_operator_and_type_in_guard_sql_is_qualified() {
-        const GRAMMAR: [&str; 12] = [
-            "COALESCE",
-            "ANY",
-            "MATERIALIZED",
-            "AS",
-            "LATERAL",
-            "AND",
-            "OR",
-            "NOT",
-            "WHERE",
-            "FROM",
-            "SELECT",
-            "ON",
-        ];
-        for sql in [
-            probe::PROBE_SQL,
-            enforcer::KILL_SQL,
-            enforcer::LOOKUP_SQL,
-            SESSION_SQL,
-        ] {
-            let code = strip_string_literals(sql);
-            let bytes = code.as_bytes();
-            for (i, &b) in bytes.iter().enumerate() {
-                // Operators: any operator character outside OPERATOR(...) and casts.
-                if b"=<>!~+-*/%^&|#@".contains(&b) {
-                    let before = &code[..i];
-                    let open = before.rfind("OPERATOR(pg_catalog.");
-                    let close = before.rfind(')');
-                    assert!(
-                        open.is_some_and(|o| close.is_none_or(|c| c < o)),
-                        "unqualified operator at byte {i}: {}",
-                        &code[i.saturating_sub(40)..(i + 10).min(code.len())]
-                    );
-                }
-                // Function calls: a word right before '(' must be qualified or grammar.
-                if b == b'(' {
-                    let word: String = code[..i]
-                        .trim_end()
-                        .chars()
-                        .rev()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    assert!(
-                        word.is_empty()
-                            || word.starts_with("pg_catalog.")
-                            || word == "OPERATOR"
-                            || GRAMMAR.contains(&word.as_str()),
-                        "unqualified call {word}( in {sql}"
-                    );
-                }
-                // Casts: `::` followed by a qualified type.
-                if code[i..].starts_with("::") {
-                    assert!(
-                        code[i + 2..].starts_with("pg_catalog."),
-                        "unqualified cast at byte {i}: {}",
-                        &code[i..(i + 20).min(code.len())]
-                    );
-                }
-            }
-        }
-    }
-
-    /// `sql` with the contents of '...' literals blanked out.
-    fn strip_string_literals(sql: &str) -> String {
-        let mut out = String::with_capacity(sql.len());
-        let mut inside = false;
-        for c in sql.chars() {
-            if c == '\'' {
-                inside = !inside;
-                out.push(c);
-            } else {
-                out.push(if inside { ' ' } else { c });
-            }
-        }
-        out
+    fn the_session_sql_is_schema_qualified() {
+        crate::sql_check::assert_schema_qualified(SESSION_SQL);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use guard_core::enforcer::{self, RequiredState, START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
-    Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, KillOutcome, LeaveReason,
-    Outcome, Registry,
+    Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, LeaveReason, Outcome,
+    Registry, Termination,
 };
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
@@ -73,7 +73,7 @@ async fn enforcer_connection(cluster: &TestCluster, db: &str) -> GuardConnection
         .await
         .expect("connecting the enforcer");
     tokio::spawn(connection);
-    GuardConnection::prepare(client)
+    GuardConnection::prepare(client, guard_core::guard::STATEMENTS)
         .await
         .expect("preparing the guard statements")
 }
@@ -161,8 +161,8 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
         .await
         .unwrap();
-    assert_eq!(outcome, KillOutcome::IdentityMismatch);
-    assert_eq!(outcome.outcome().to_string(), "identity mismatch");
+    assert_eq!(outcome.outcome, Outcome::IdentityMismatch);
+    assert_eq!(outcome.outcome.to_string(), "identity_mismatch");
     // Not signalled: the backend is there, its transaction still open and holding the row.
     assert!(backend_alive(&admin, a.pid).await);
     a.client
@@ -176,8 +176,9 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         guard
             .terminate_verified(&db, a.pid, &stale, None, None)
             .await
-            .unwrap(),
-        KillOutcome::IdentityMismatch
+            .unwrap()
+            .outcome,
+        Outcome::IdentityMismatch
     );
 
     // The right port, but the idle rule's state check fails: the backend is idle in a
@@ -194,8 +195,9 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     .unwrap();
     assert_eq!(
         outcome,
-        KillOutcome::NoLongerIdle {
-            state: Some("idle in transaction".into())
+        Termination {
+            outcome: Outcome::NoLongerIdle,
+            detail: Some("idle in transaction".into())
         }
     );
     assert!(backend_alive(&admin, a.pid).await);
@@ -217,8 +219,9 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         .unwrap();
     assert_eq!(
         outcome,
-        KillOutcome::NoLongerIdle {
-            state: Some("idle in transaction".into())
+        Termination {
+            outcome: Outcome::NoLongerIdle,
+            detail: Some("idle in transaction".into())
         }
     );
     assert!(backend_alive(&admin, a.pid).await);
@@ -237,14 +240,14 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let outcome = enforcer::terminate_verified(&conn, a.pid, &right, later, Some(since_now))
         .await
         .unwrap();
-    assert_eq!(outcome, KillOutcome::IdentityMismatch);
+    assert_eq!(outcome.outcome, Outcome::IdentityMismatch);
     assert!(backend_alive(&admin, a.pid).await);
 
     let outcome =
         enforcer::terminate_verified(&conn, a.pid, &right, Some(probed_start), Some(since_now))
             .await
             .unwrap();
-    assert_eq!(outcome, KillOutcome::Terminated);
+    assert_eq!(outcome.outcome, Outcome::Terminated);
     // terminate_verified waits for the backend to exit.
     assert!(!backend_alive(&admin, a.pid).await);
     assert!(a.client.batch_execute("SELECT 1").await.is_err());
@@ -253,14 +256,16 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     assert_eq!(
         enforcer::terminate_verified(&conn, a.pid, &right, None, None)
             .await
-            .unwrap(),
-        KillOutcome::AlreadyGone
+            .unwrap()
+            .outcome,
+        Outcome::AlreadyGone
     );
     assert_eq!(
         enforcer::terminate_verified(&conn, 0x3fff_fff0, &right, None, None)
             .await
-            .unwrap(),
-        KillOutcome::AlreadyGone
+            .unwrap()
+            .outcome,
+        Outcome::AlreadyGone
     );
 }
 
@@ -291,8 +296,9 @@ async fn a_tcp_record_that_outlived_its_backend_never_matches_a_newer_backend() 
         guard
             .terminate_verified(&db, newer.pid, &identity, None, None)
             .await
-            .unwrap(),
-        KillOutcome::IdentityMismatch
+            .unwrap()
+            .outcome,
+        Outcome::IdentityMismatch
     );
     assert!(backend_alive(&admin, newer.pid).await);
     newer
@@ -307,8 +313,9 @@ async fn a_tcp_record_that_outlived_its_backend_never_matches_a_newer_backend() 
         guard
             .terminate_verified(&db, newer.pid, &own, None, None)
             .await
-            .unwrap(),
-        KillOutcome::Terminated
+            .unwrap()
+            .outcome,
+        Outcome::Terminated
     );
     assert!(!backend_alive(&admin, newer.pid).await);
 }
@@ -402,8 +409,9 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
     assert_eq!(
         enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
             .await
-            .unwrap(),
-        KillOutcome::IdentityMismatch
+            .unwrap()
+            .outcome,
+        Outcome::IdentityMismatch
     );
     assert!(backend_alive(&admin, a.pid).await);
 
@@ -417,16 +425,18 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
             None
         )
         .await
-        .unwrap(),
-        KillOutcome::IdentityMismatch
+        .unwrap()
+        .outcome,
+        Outcome::IdentityMismatch
     );
 
     let ours = Identity::of(record);
     assert_eq!(
         enforcer::terminate_verified(&conn, a.pid, &ours, None, None)
             .await
-            .unwrap(),
-        KillOutcome::Terminated
+            .unwrap()
+            .outcome,
+        Outcome::Terminated
     );
     assert!(!backend_alive(&admin, a.pid).await);
 }
