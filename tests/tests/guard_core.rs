@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use guard_core::enforcer::{self, RequiredState, START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
-    Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, LeaveReason, Outcome,
-    Registry, Termination,
+    Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, LeaveReason, ManualClock,
+    Outcome, Registry, Termination,
 };
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
@@ -38,6 +38,32 @@ fn build_guard(config: &GuardConfig) -> (Arc<Guard>, Arc<Registry>) {
     let registry = Arc::new(Registry::new());
     let guard = Guard::new(config, Arc::clone(&registry)).expect("building the guard");
     (guard, registry)
+}
+
+/// A guard whose clock the test moves past a timeout instead of sleeping through it.
+fn build_guard_with_clock(config: &GuardConfig) -> (Arc<Guard>, Arc<Registry>, ManualClock) {
+    let registry = Arc::new(Registry::new());
+    let clock = ManualClock::new();
+    let guard = Guard::with_clock(config, None, Arc::clone(&registry), clock.clock())
+        .expect("building the guard");
+    (guard, registry, clock)
+}
+
+/// [`guard_config`] with idle timeouts of an hour: no test sleeps through them, so a session
+/// crosses one only when the test moves the guard's clock.
+fn clocked_config(cluster: &TestCluster) -> GuardConfig {
+    GuardConfig {
+        idle_in_transaction_timeout: HOUR,
+        failed_transaction_timeout: HOUR,
+        ..guard_config(cluster, PROTECTED)
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Just past `timeout`, for moving a [`ManualClock`] over it.
+fn past(timeout: Duration) -> Duration {
+    timeout + Duration::from_millis(1)
 }
 
 /// Session B: `UPDATE` of the row A locked, running in the background until A lets go.
@@ -511,7 +537,8 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
     let cluster = TestCluster::shared();
     let db = guard_test_database(cluster, "guard_unprot").await;
     let admin = connect(cluster, &db).await;
-    let (guard, registry) = build_guard(&guard_config(cluster, PROTECTED));
+    let config = clocked_config(cluster);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     // A row lock on an unprotected table, with someone waiting for it.
     let a = DirectSession::tcp(cluster, &db).await;
@@ -530,7 +557,7 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
 
     // Idle past the timeout it is left alone too, and, since an idle session cannot take new
     // locks, probed only once while it stays in that state.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    clock.advance(past(config.idle_in_transaction_timeout));
     let report = guard.sweep_once().await;
     assert_eq!(report.left, vec![(record.id, LeaveReason::NoProtectedLock)]);
     assert_eq!(guard.sweep_once().await.candidates, 0);
@@ -551,9 +578,9 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
     let admin = connect(cluster, &db).await;
     let config = GuardConfig {
         dry_run: true,
-        ..guard_config(cluster, PROTECTED)
+        ..clocked_config(cluster)
     };
-    let (guard, registry) = build_guard(&config);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
@@ -577,7 +604,8 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
     assert!(backend_alive(&admin, a.pid).await);
 
     // The sweep, past the idle timeout, records its would-be kill once, not every tick.
-    tokio::time::sleep(config.idle_in_transaction_timeout + Duration::from_millis(50)).await;
+    assert_eq!(guard.sweep_once().await.candidates, 0, "not idle long enough yet");
+    clock.advance(past(config.idle_in_transaction_timeout));
     let first = guard.sweep_once().await;
     assert_eq!(first.events.len(), 1, "{first:?}");
     assert_eq!(first.events[0].outcome, Outcome::DryRun);
@@ -598,8 +626,8 @@ async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
     let cluster = TestCluster::shared();
     let db = guard_test_database(cluster, "guard_sweep").await;
     let admin = connect(cluster, &db).await;
-    let config = guard_config(cluster, PROTECTED);
-    let (guard, registry) = build_guard(&config);
+    let config = clocked_config(cluster);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
@@ -610,6 +638,12 @@ async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
 
     let shutdown = CancellationToken::new();
     let sweeper = tokio::spawn(Arc::clone(&guard).run_sweeper(shutdown.clone()));
+    let mut sweeps = guard.sweep_reports();
+    // A sweep before the timeout passes the session over.
+    let early = sweeps.recv().await.expect("a sweep report");
+    assert_eq!(early.candidates, 0, "{early:?}");
+    assert!(!record.kill_pending());
+    clock.advance(past(config.idle_in_transaction_timeout));
 
     let notice = tokio::time::timeout(Duration::from_secs(5), record.killed())
         .await
@@ -654,15 +688,15 @@ async fn require_waiters_spares_an_idle_holder_until_someone_waits() {
     let admin = connect(cluster, &db).await;
     let config = GuardConfig {
         require_waiters: true,
-        ..guard_config(cluster, PROTECTED)
+        ..clocked_config(cluster)
     };
-    let (guard, registry) = build_guard(&config);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
     a.run(record, LOCK_ROW, b'T').await.unwrap();
-    tokio::time::sleep(config.idle_in_transaction_timeout + Duration::from_millis(50)).await;
+    clock.advance(past(config.idle_in_transaction_timeout));
 
     for _ in 0..3 {
         let report = guard.sweep_once().await;
@@ -695,9 +729,9 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
     let admin = connect(cluster, &db).await;
     let config = GuardConfig {
         idle_in_transaction_timeout: Duration::ZERO,
-        ..guard_config(cluster, PROTECTED)
+        ..clocked_config(cluster)
     };
-    let (guard, registry) = build_guard(&config);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
@@ -712,7 +746,8 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
-    tokio::time::sleep(config.failed_transaction_timeout + Duration::from_millis(50)).await;
+    assert_eq!(guard.sweep_once().await.candidates, 0, "not idle long enough yet");
+    clock.advance(past(config.failed_transaction_timeout));
     let report = guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     let event = &report.events[0];
@@ -733,8 +768,8 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     let cluster = TestCluster::shared();
     let db = guard_test_database(cluster, "guard_busy").await;
     let admin = connect(cluster, &db).await;
-    let config = guard_config(cluster, PROTECTED);
-    let (guard, registry) = build_guard(&config);
+    let config = clocked_config(cluster);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     // A: the proxy's record says idle in transaction, but the server is already running a
     // statement (the client sent it just as the sweep looked): not idle, not killed.
@@ -758,7 +793,7 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     c_record.sync_sent();
     c_record.ready_for_query(b'T');
 
-    tokio::time::sleep(config.idle_in_transaction_timeout + Duration::from_millis(50)).await;
+    clock.advance(past(config.idle_in_transaction_timeout));
     let a_pid = a.pid;
     let busy = tokio::spawn(async move {
         a.client
