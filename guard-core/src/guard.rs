@@ -12,19 +12,18 @@ use lockguard_config::{GuardConfig, TablePattern, UpstreamTlsMode};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::audit::{rfc3339_utc, AuditEvent, AuditLog, Outcome};
-use crate::claim::KillClaim;
+use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
-use crate::connections::{self, Blame, Connections, DbHealth, GuardTls};
+use crate::connections::{Blame, Connections, DbHealth, GuardTls};
+use crate::dsn;
 use crate::enforcer::{self, Identity, RequiredState, Termination};
 use crate::error::GuardError;
 use crate::latency::ProbeTimer;
 pub use crate::latency::{ProbeLatency, PROBE_BUCKETS};
-use crate::policy::{self, LeaveReason, Rules, Trigger, Verdict};
+use crate::policy::{LeaveReason, Rules, Trigger};
 use crate::probe::{self, BackendFacts};
 use crate::registry::Registry;
-use crate::session::{KillNotice, SessionId, SessionRecord, TxnState};
-use crate::summary::{summary, SummaryParts};
+use crate::session::{SessionId, SessionRecord, TxnState};
 
 /// SQLSTATE sent to a live client whose backend the guard terminated (`admin_shutdown`, the
 /// code PostgreSQL itself uses for `pg_terminate_backend`).
@@ -39,8 +38,6 @@ pub const OPERATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// of them fit in [`CLIENT_LOSS_DEADLINE`], so a slow kill still ends up in the audit (as an
 /// error) instead of being cut off by the caller's deadline.
 const QUERY_DEADLINE: Duration = Duration::from_secs(2);
-/// Upper bound of one verified kill, reconnect and retry included.
-const KILL_DEADLINE: Duration = Duration::from_secs(5);
 /// Floor for the sweep period, so a zero interval set in code cannot spin.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
 /// Sweep reports kept for a subscriber that has not read them yet.
@@ -165,8 +162,8 @@ impl Guard {
         registry: Arc<Registry>,
         clock: Clock,
     ) -> Result<Arc<Guard>, GuardError> {
-        let (base, dsn_tls) = connections::base_config(config)?;
-        let tls = if connections::only_unix_sockets(&base) {
+        let (base, dsn_tls) = dsn::base_config(config)?;
+        let tls = if dsn::only_unix_sockets(&base) {
             None
         } else {
             if tls.is_none()
@@ -485,163 +482,6 @@ impl Guard {
             .await
     }
 
-    /// Judges one probed session and carries the verdict out.
-    pub(crate) async fn act(
-        &self,
-        session: &SessionRecord,
-        pid: i32,
-        trigger: Trigger,
-        facts: Option<&BackendFacts>,
-    ) -> Decision {
-        // On the server's clock, which `backend_start` is read from.
-        let server_identity = Identity::of(session)
-            .on_server_clock(self.connections.clock_offset(&session.client.database));
-        let state = session.state();
-        let policy_facts = policy::Facts {
-            state,
-            state_age: self.clock.age(session.state_age()),
-            backend_present: facts.is_some(),
-            identity_matches: facts
-                .is_some_and(|f| server_identity.matches(f.client_port, f.backend_start)),
-            server_state: facts.and_then(|f| f.state.as_deref()),
-            protected_locks: facts.map_or(0, |f| f.locks.len()),
-            waiters: facts.map_or(0, |f| f.waiters.len()),
-        };
-        if facts.is_some_and(|f| f.state.is_none()) {
-            tracing::warn!(
-                backend_pid = pid,
-                "pg_stat_activity hides this backend's state from the guard role; grant it \
-                 pg_read_all_stats (and pg_signal_backend)"
-            );
-        }
-        let rules = self.settings.load().rules.clone();
-        let event = match policy::decide(&trigger, &policy_facts, &rules) {
-            Verdict::Leave(reason) => return Decision::Left(reason),
-            Verdict::DryRun => self.event(session, pid, &trigger, facts, Outcome::DryRun, None),
-            Verdict::LogOnly => self.event(session, pid, &trigger, facts, Outcome::Logged, None),
-            Verdict::Terminate => {
-                let Some(claim) = KillClaim::acquire(session).await else {
-                    return Decision::Left(LeaveReason::KillInProgress);
-                };
-                // The idle rules judged a state that may have ended since the probe.
-                if trigger.required_server_state().is_some() && session.state() != state {
-                    return Decision::Left(LeaveReason::StateChanged(session.state()));
-                }
-                let (outcome, error) = self.kill(session, pid, &trigger, facts).await;
-                let event = self.event(session, pid, &trigger, facts, outcome, error);
-                if outcome == Outcome::Terminated {
-                    claim.finish(KillNotice {
-                        sqlstate: KILL_SQLSTATE,
-                        message: event.summary.clone(),
-                    });
-                }
-                // Otherwise dropping the claim withdraws the kill: the session carries on.
-                event
-            }
-        };
-        self.audit.record(event.clone());
-        Decision::Acted(Box::new(event))
-    }
-
-    /// The verified kill of a claimed session's backend, bounded by [`KILL_DEADLINE`] (while
-    /// the claim is held the session's output is held back). Returns how it ended and, for an
-    /// error or a refusal, why.
-    async fn kill(
-        &self,
-        session: &SessionRecord,
-        pid: i32,
-        trigger: &Trigger,
-        facts: Option<&BackendFacts>,
-    ) -> (Outcome, Option<String>) {
-        let required = trigger.required_server_state().map(|state| RequiredState {
-            state,
-            since: facts.and_then(|f| f.state_change),
-        });
-        let killed = tokio::time::timeout(
-            KILL_DEADLINE,
-            self.terminate_verified(
-                &session.client.database,
-                pid,
-                &Identity::of(session),
-                facts.and_then(|f| f.backend_start),
-                required,
-            ),
-        )
-        .await;
-        match killed {
-            Ok(Ok(Termination {
-                outcome: Outcome::NotPermitted,
-                detail,
-            })) => {
-                let reason = detail.unwrap_or_default();
-                tracing::warn!(
-                    session_id = session.id,
-                    backend_pid = pid,
-                    user = %session.client.user,
-                    %reason,
-                    "the guard may not terminate this backend; it keeps running"
-                );
-                (Outcome::NotPermitted, Some(reason))
-            }
-            Ok(Ok(report)) => (report.outcome, None),
-            Ok(Err(e)) => (Outcome::Error, Some(e.to_string())),
-            Err(_) => (
-                Outcome::Error,
-                Some(format!("the kill did not finish within {KILL_DEADLINE:?}")),
-            ),
-        }
-    }
-
-    /// The audit event of a decision about `session`, with the evidence the probe found.
-    fn event(
-        &self,
-        session: &SessionRecord,
-        pid: i32,
-        trigger: &Trigger,
-        facts: Option<&BackendFacts>,
-        outcome: Outcome,
-        error: Option<String>,
-    ) -> AuditEvent {
-        let locks: Vec<_> = facts
-            .map(|f| f.locks.iter().map(|l| l.evidence()).collect())
-            .unwrap_or_default();
-        let waiter_pids = facts.map(|f| f.waiters.clone()).unwrap_or_default();
-        let state = session.state();
-        let state_age = self.clock.age(session.state_age());
-        let summary = summary(SummaryParts {
-            outcome,
-            pid,
-            trigger,
-            state,
-            state_age,
-            locks: &locks,
-            waiters: waiter_pids.len(),
-            error: error.as_deref(),
-        });
-        AuditEvent {
-            time: rfc3339_utc(SystemTime::now()),
-            trigger: trigger.name().to_owned(),
-            cause: trigger.detail().map(str::to_owned),
-            session_id: session.id,
-            client_addr: session.client.addr.to_string(),
-            user: session.client.user.clone(),
-            database: session.client.database.clone(),
-            application_name: session.client.application_name.clone(),
-            backend_pid: pid,
-            locks,
-            waiters: waiter_pids.len(),
-            waiter_pids,
-            state: state.as_str().to_owned(),
-            idle_ms: millis(state_age),
-            xact_ms: session.xact_age().map(|age| millis(self.clock.age(age))),
-            last_statement: session.last_statement(),
-            outcome,
-            error,
-            dry_run: outcome == Outcome::DryRun,
-            summary,
-        }
-    }
-
     /// The sweep's record of sessions already dealt with in their current state.
     pub(crate) fn settled(&self) -> MutexGuard<'_, HashMap<SessionId, Instant>> {
         match self.settled.lock() {
@@ -649,10 +489,6 @@ impl Guard {
             Err(poisoned) => poisoned.into_inner(),
         }
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

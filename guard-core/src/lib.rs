@@ -3,7 +3,8 @@
 //! orphaned backends.
 //!
 //! The guard's parts, in the order a decision flows through them:
-//! - [`connections`]: one guard connection per database, lazy, reconnected with backoff;
+//! - [`connections`]: one guard connection ([`GuardConnection`]) per database, lazy,
+//!   reconnected with backoff;
 //! - [`probe`]: granted locks on protected tables, waiters and `pg_stat_activity` facts of a
 //!   set of backends, in one round trip;
 //! - [`policy`]: the rules, as a pure function from facts to a verdict;
@@ -11,8 +12,9 @@
 //!   same statement;
 //! - [`audit`]: the evidence of every kill, to tracing, a ring and a JSON-lines file, each
 //!   event with one human sentence (`summary`);
-//! - [`guard`]: ties them together for the proxy (client loss, operator kill), with the
-//!   periodic sweep for the idle rules (`sweep`), the kill claim that holds a session's output
+//! - [`guard`]: ties them together for the proxy (client loss, operator kill), judging each
+//!   probed session in one place (`judge`), with the periodic sweep for the idle rules
+//!   (`sweep`), the kill claim that holds a session's output
 //!   back while its backend is killed (`claim`) and the probe latency histogram ([`latency`]).
 //!
 //! [`clock`] is the process clock session records are stamped with, and the guard's
@@ -27,11 +29,13 @@
 pub mod audit;
 mod claim;
 pub mod clock;
+mod connection;
 pub mod connections;
 pub mod dsn;
 pub mod enforcer;
 pub mod error;
 pub mod guard;
+mod judge;
 pub mod latency;
 pub mod policy;
 pub mod probe;

@@ -136,10 +136,14 @@ fn events_for(scene: &Scene, pid: i32) -> Vec<AuditEvent> {
 
 async fn wait_for_event(scene: &Scene, pid: i32, timeout: Duration) -> AuditEvent {
     let mut event = None;
-    wait_for(timeout, &format!("an audit event for backend {pid}"), || {
-        event = events_for(scene, pid).into_iter().next();
-        std::future::ready(event.is_some())
-    })
+    wait_for(
+        timeout,
+        &format!("an audit event for backend {pid}"),
+        || {
+            event = events_for(scene, pid).into_iter().next();
+            std::future::ready(event.is_some())
+        },
+    )
     .await;
     event.expect("found by wait_for")
 }

@@ -604,7 +604,11 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
     assert!(backend_alive(&admin, a.pid).await);
 
     // The sweep, past the idle timeout, records its would-be kill once, not every tick.
-    assert_eq!(guard.sweep_once().await.candidates, 0, "not idle long enough yet");
+    assert_eq!(
+        guard.sweep_once().await.candidates,
+        0,
+        "not idle long enough yet"
+    );
     clock.advance(past(config.idle_in_transaction_timeout));
     let first = guard.sweep_once().await;
     assert_eq!(first.events.len(), 1, "{first:?}");
@@ -746,7 +750,11 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
-    assert_eq!(guard.sweep_once().await.candidates, 0, "not idle long enough yet");
+    assert_eq!(
+        guard.sweep_once().await.candidates,
+        0,
+        "not idle long enough yet"
+    );
     clock.advance(past(config.failed_transaction_timeout));
     let report = guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
