@@ -178,6 +178,28 @@ async fn a_thousand_slow_startups_are_cut_at_the_deadline_while_a_normal_client_
     proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
 }
 
+/// Another client connects through `proxy` and runs 50 small queries, each answered
+/// correctly within 10 s.
+async fn another_client_runs_50_queries(proxy: &TestProxy, user: &str) {
+    let client = proxy
+        .connect(user, None, "postgres")
+        .await
+        .expect("another client connects");
+    for i in 0..50i32 {
+        let row = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.query_one(
+                "SELECT count(*)::int4 + $1 FROM generate_series(1, 1000)",
+                &[&i],
+            ),
+        )
+        .await
+        .expect("a query of another client hung")
+        .expect("a query of another client");
+        assert_eq!(row.get::<_, i32>(0), 1000 + i);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_huge_result_is_held_back_not_buffered() {
     // 2,000,000 rows of ~1 KB: about 2 GB if the proxy buffered what the client does not read.
@@ -226,25 +248,7 @@ async fn a_client_that_stops_reading_a_huge_result_is_held_back_not_buffered() {
     // all the while another client works through the proxy (its 50 queries are the window,
     // not a fixed wait), and the backend is still blocked writing at the end of it.
     let forwarded = record.bytes_from_server();
-    {
-        let client = proxy
-            .connect(cluster.superuser(), None, "postgres")
-            .await
-            .expect("another client connects");
-        for i in 0..50i32 {
-            let row = tokio::time::timeout(
-                Duration::from_secs(10),
-                client.query_one(
-                    "SELECT count(*)::int4 + $1 FROM generate_series(1, 1000)",
-                    &[&i],
-                ),
-            )
-            .await
-            .expect("a query of another client hung")
-            .expect("a query of another client");
-            assert_eq!(row.get::<_, i32>(0), 1000 + i);
-        }
-    }
+    another_client_runs_50_queries(&proxy, cluster.superuser()).await;
     let still_blocked = admin
         .query_opt(
             "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'ClientWrite'",

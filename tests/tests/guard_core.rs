@@ -171,6 +171,8 @@ async fn probe_finds_a_row_lock_on_a_protected_table_and_the_session_waiting_beh
     assert_proceeds(b, Duration::from_secs(5)).await;
 }
 
+// Long because it walks one backend through every refusal before the kill that succeeds: each
+// step needs the same backend, still holding its lock, that the previous step left alive.
 #[tokio::test]
 async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_terminates() {
     let cluster = TestCluster::shared();
