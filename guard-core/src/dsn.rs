@@ -5,7 +5,7 @@
 //!
 //! Errors never quote a value: the dsn may hold a password.
 //!
-//! [`base_config`] turns the rest into the settings every guard connection starts from.
+//! `base_config` turns the rest into the settings every guard connection starts from.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -208,7 +208,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
 }
 
 /// The TLS settings `guard.dsn` carries (libpq's `sslmode`, `sslrootcert`, `sslcert`,
-/// `sslkey`), for the proxy to build the guard's [`GuardTls`] from.
+/// `sslkey`), for the proxy to build the guard's [`GuardTls`](crate::GuardTls) from.
 pub fn dsn_tls(guard: &GuardConfig) -> Result<DsnTls, GuardError> {
     let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
     Ok(split_tls(dsn).map_err(GuardError::InvalidDsn)?.1)

@@ -47,7 +47,9 @@ const SWEEP_REPORTS: usize = 64;
 /// its lookup, so each is one round trip. Their SQL lives with the modules that run it.
 pub const STATEMENTS: &[&str] = &[probe::PROBE_SQL, enforcer::KILL_SQL, enforcer::LOOKUP_SQL];
 
-/// What the guard did about one session.
+/// What the guard did about one session. The policy's [`Verdict`](crate::policy::Verdict)
+/// says what the rules ask for; this says what came of it, with the recorded event (whose
+/// [`Outcome`](crate::audit::Outcome) tells how an action ended) or why nothing could be judged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The backend was left alone.
