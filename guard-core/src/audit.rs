@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -49,7 +49,10 @@ pub fn locks_text(locks: &[LockEvidence]) -> String {
         .join(", ")
 }
 
-/// How a decision ended.
+/// How a decision ended. One spelling everywhere a machine reads it: [`Outcome::as_str`] is
+/// the snake_case identifier of the JSON events, the `outcome` columns of `SHOW EVENTS` and
+/// `KILL`, the `outcome` label of `lockguard_terminations_total` and the log field. Sentences
+/// for humans (an event's summary) say it in words of their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -75,22 +78,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The human spelling used in messages (`identity mismatch`); JSON uses snake_case.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Terminated => "terminated",
-            Outcome::AlreadyGone => "already gone",
-            Outcome::IdentityMismatch => "identity mismatch",
-            Outcome::NoLongerIdle => "no longer idle",
-            Outcome::NotPermitted => "not permitted",
-            Outcome::DryRun => "dry-run",
-            Outcome::Logged => "logged",
-            Outcome::Error => "error",
-        }
-    }
-}
-
-impl Outcome {
     /// Every outcome, in a stable order (for metrics that list zeros too).
     pub const ALL: [Outcome; 8] = [
         Outcome::Terminated,
@@ -103,8 +90,9 @@ impl Outcome {
         Outcome::Error,
     ];
 
-    /// The outcome as a snake_case identifier (as in the JSON events), for metric labels.
-    pub fn key(self) -> &'static str {
+    /// The outcome's one spelling, as serde writes it: `terminated`, `already_gone`,
+    /// `identity_mismatch`, `no_longer_idle`, `not_permitted`, `dry_run`, `logged`, `error`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Terminated => "terminated",
             Outcome::AlreadyGone => "already_gone",
@@ -364,42 +352,17 @@ fn trace_event(e: &AuditEvent) {
     );
 }
 
-/// `t` as RFC 3339 in UTC with milliseconds, e.g. `2026-11-03T09:15:02.417Z`. Written here
-/// because the audit needs nothing else from a date-time library.
+/// `t` as RFC 3339 in UTC with milliseconds, e.g. `2026-11-03T09:15:02.417Z`.
 pub fn rfc3339_utc(t: SystemTime) -> String {
-    // Times before 1970 do not occur here; clamp rather than fail.
-    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since_epoch.as_secs();
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let in_day = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        in_day / 3600,
-        in_day % 3600 / 60,
-        in_day % 60,
-        since_epoch.subsec_millis()
-    )
-}
-
-/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`,
-/// restricted to non-negative days).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    // humantime formats the years 1970 to 9999 and panics outside them; a clock that far off
+    // is clamped rather than allowed to take the guard down.
+    let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_millis(t.clamp(UNIX_EPOCH, last)).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn at(secs: u64, millis: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
@@ -421,6 +384,26 @@ mod tests {
             rfc3339_utc(at(4_107_542_400, 0)),
             "2100-03-01T00:00:00.000Z"
         );
+        // Out of the formatter's range: clamped, not a panic.
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339_utc(at(300_000_000_000, 0)),
+            "9999-12-31T23:59:59.000Z"
+        );
+    }
+
+    #[test]
+    fn an_outcome_is_spelled_the_same_in_json_text_and_as_str() {
+        for outcome in Outcome::ALL {
+            let json = serde_json::to_value(outcome).unwrap();
+            assert_eq!(json, outcome.as_str(), "{outcome:?}");
+            assert_eq!(outcome.to_string(), outcome.as_str());
+        }
+        assert_eq!(Outcome::IdentityMismatch.as_str(), "identity_mismatch");
+        assert_eq!(Outcome::DryRun.as_str(), "dry_run");
     }
 
     pub(crate) fn event(session_id: u64) -> AuditEvent {

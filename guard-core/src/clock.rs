@@ -1,8 +1,12 @@
-//! A process-wide monotonic clock in microseconds, so timestamps fit in an `AtomicU64`; and the
+//! A process-wide monotonic clock in microseconds, so timestamps fit in an `AtomicU64`; the
+//! guard's [`Clock`], which tests can move forward instead of sleeping past a timeout; and the
 //! offset between this machine's wall clock and the PostgreSQL server's.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -22,6 +26,78 @@ pub fn since_micros(then: u64) -> Duration {
 /// The `Instant` a value of [`now_micros`] stands for.
 pub fn instant_of_micros(micros: u64) -> Instant {
     epoch() + Duration::from_micros(micros.saturating_sub(1))
+}
+
+/// How the guard measures how long a session has been in its state: the process clock
+/// ([`now_micros`]), which session records are stamped with, possibly running ahead by an
+/// amount a [`ManualClock`] sets. Production guards use [`Clock::system`], which never runs
+/// ahead; tests move a manual clock past a timeout instead of sleeping through it, so the
+/// idle rules are tested exactly and fast.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    manual: Option<Arc<Manual>>,
+}
+
+#[derive(Debug, Default)]
+struct Manual {
+    ahead_micros: AtomicU64,
+    advanced: Notify,
+}
+
+impl Clock {
+    /// The process clock, as it is.
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// How far this clock runs ahead of the process clock.
+    pub fn ahead(&self) -> Duration {
+        self.manual.as_ref().map_or(Duration::ZERO, |m| {
+            Duration::from_micros(m.ahead_micros.load(Ordering::Acquire))
+        })
+    }
+
+    /// The age, on this clock, of something the process clock says is `measured` old.
+    pub fn age(&self, measured: Duration) -> Duration {
+        measured.saturating_add(self.ahead())
+    }
+
+    /// Resolves when a manual clock is moved forward; never for the system clock. The sweeper
+    /// waits on it beside its period, so a test's [`ManualClock::advance`] is followed by a
+    /// sweep at once rather than at the next tick.
+    pub async fn advanced(&self) {
+        match &self.manual {
+            Some(m) => m.advanced.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A clock a test moves forward by hand ([`ManualClock::clock`] is what it gives the guard).
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    manual: Arc<Manual>,
+}
+
+impl ManualClock {
+    /// A clock that starts level with the process clock.
+    pub fn new() -> ManualClock {
+        ManualClock::default()
+    }
+
+    /// The guard's view of this clock.
+    pub fn clock(&self) -> Clock {
+        Clock {
+            manual: Some(Arc::clone(&self.manual)),
+        }
+    }
+
+    /// Moves the clock `by` forward (sessions look that much older) and wakes the sweeper.
+    pub fn advance(&self, by: Duration) {
+        let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        self.manual.ahead_micros.fetch_add(micros, Ordering::AcqRel);
+        self.manual.advanced.notify_waiters();
+    }
 }
 
 /// How far the PostgreSQL server's wall clock is ahead of this machine's (negative: behind),
@@ -70,6 +146,33 @@ impl ClockOffset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manual_clock_ages_everything_by_what_it_was_advanced_and_the_system_clock_by_nothing() {
+        let measured = Duration::from_millis(40);
+        assert_eq!(Clock::system().age(measured), measured);
+        let manual = ManualClock::new();
+        let clock = manual.clock();
+        assert_eq!(clock.age(measured), measured);
+        manual.advance(Duration::from_secs(2));
+        manual.advance(Duration::from_millis(500));
+        assert_eq!(clock.ahead(), Duration::from_millis(2500));
+        assert_eq!(clock.age(measured), Duration::from_millis(2540));
+        assert_eq!(Clock::system().ahead(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn advancing_a_manual_clock_wakes_its_waiters() {
+        let manual = ManualClock::new();
+        let clock = manual.clock();
+        let waiting = tokio::spawn(async move { clock.advanced().await });
+        // The waiter registers before the advance: retry the advance until it is woken.
+        while !waiting.is_finished() {
+            manual.advance(Duration::from_millis(1));
+            tokio::task::yield_now().await;
+        }
+        waiting.await.unwrap();
+    }
 
     #[test]
     fn clock_offset_is_the_server_time_minus_the_round_trip_midpoint() {

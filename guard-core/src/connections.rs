@@ -1,169 +1,31 @@
 //! The guard's own PostgreSQL connections: one per database (relation OIDs in `pg_locks` only
 //! resolve inside their database), opened on first need, reconnected with backoff when they
 //! break. Nothing here is on the forwarding path: a broken guard connection only makes the
-//! guard report itself degraded.
+//! guard report itself degraded. One connection itself is a [`GuardConnection`].
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
-use lockguard_config::{GuardConfig, UpstreamTlsMode};
 use serde::Serialize;
-use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, Config, NoTls, Statement};
-use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Config, NoTls};
 
 use crate::clock::ClockOffset;
-use crate::dsn::{self, DsnTls};
+pub use crate::connection::{GuardConnection, GuardTls};
+use crate::dsn::CONNECT_TIMEOUT;
+pub use crate::dsn::{dsn_tls, GUARD_APPLICATION_NAME, GUARD_OPTIONS};
 use crate::error::{pg_error_text, GuardError};
-use crate::{enforcer, probe};
 
-/// `application_name` of guard connections unless the dsn sets one, so operators (and the
-/// tests) can tell them apart in `pg_stat_activity`.
-pub const GUARD_APPLICATION_NAME: &str = "lockguard-guard";
-
-/// Limit for opening a guard connection and preparing its statements, unless the dsn sets
-/// `connect_timeout`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait after a failed connect; doubles per failure up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A database with no live session for this long loses its guard connection, so a dropped or
 /// unused database does not keep one (it would also block a plain `DROP DATABASE`).
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
-
-/// Startup options of every guard connection, after whatever `options` the dsn has (a later
-/// `-c` wins, and startup options beat `ALTER DATABASE/ROLE ... SET`).
-///
-/// The guard's SQL runs inside the clients' databases, whose owners can create functions,
-/// aggregates and operators: with the database's own `search_path` an owner's
-/// `public.array_agg(text)` or `evil.=` would run with the guard role's rights. So the path is
-/// only `pg_catalog` (and `pg_temp`, last, where nobody else can create anything), and every
-/// name in the guard's statements is qualified besides.
-///
-/// A guard query the client side gave up on must not keep running server-side, queueing the
-/// kills behind it on the same connection: hence the statement timeout.
-pub const GUARD_OPTIONS: &str = "-c search_path=pg_catalog,pg_temp -c statement_timeout=5s";
-
-/// What the guard learns about its own session when it connects: its pid, whether its role is
-/// a superuser (it should not be), and the server's clock.
-const SESSION_SQL: &str = "\
-SELECT pg_catalog.pg_backend_pid(),
-       pg_catalog.current_setting('is_superuser'),
-       pg_catalog.clock_timestamp()";
-
-/// An open guard connection with its statements prepared, so a probe or a kill is a single
-/// round trip.
-#[derive(Debug)]
-pub struct GuardConnection {
-    client: Client,
-    backend_pid: i32,
-    superuser: bool,
-    clock_offset: ClockOffset,
-    pub(crate) probe: Statement,
-    pub(crate) kill: Statement,
-    pub(crate) lookup: Statement,
-}
-
-impl GuardConnection {
-    /// Reads the session's facts and prepares the guard's statements on an open connection
-    /// whose task is already running. Public so tests can hand the enforcer a connection of
-    /// their own.
-    pub async fn prepare(client: Client) -> Result<Self, tokio_postgres::Error> {
-        let sent = SystemTime::now();
-        let session = client.query_one(SESSION_SQL, &[]).await?;
-        let received = SystemTime::now();
-        let server_now: SystemTime = session.try_get(2)?;
-        let superuser: String = session.try_get(1)?;
-        let (probe, kill, lookup) = futures_util::try_join!(
-            client.prepare(probe::PROBE_SQL),
-            client.prepare(enforcer::KILL_SQL),
-            client.prepare(enforcer::LOOKUP_SQL),
-        )?;
-        Ok(GuardConnection {
-            backend_pid: session.try_get(0)?,
-            superuser: superuser == "on",
-            clock_offset: ClockOffset::measure(sent, received, server_now),
-            client,
-            probe,
-            kill,
-            lookup,
-        })
-    }
-
-    /// The underlying client, for ad-hoc queries on the guard's connection.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    /// The pid of the guard's own backend.
-    pub fn backend_pid(&self) -> i32 {
-        self.backend_pid
-    }
-
-    /// True once the connection has ended; the guard then opens a new one.
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
-    }
-
-    /// Whether the guard's role is a superuser (it needs no such thing).
-    pub fn is_superuser(&self) -> bool {
-        self.superuser
-    }
-
-    /// How far the server's clock was ahead of ours when this connection opened.
-    pub fn clock_offset(&self) -> ClockOffset {
-        self.clock_offset
-    }
-}
-
-/// TLS for the guard's connections, resolved by the proxy from the dsn's `sslmode` (or, when
-/// the dsn says nothing about TLS, `[tls] upstream_mode`) with the same rustls configuration
-/// code as its own upstream connections.
-#[derive(Clone)]
-pub struct GuardTls {
-    mode: UpstreamTlsMode,
-    /// Where the certificate check comes from, for error messages (`verify-full against
-    /// /etc/lockguard/ca.crt`).
-    description: String,
-    connector: MakeRustlsConnect,
-}
-
-impl GuardTls {
-    /// TLS in `mode` (anything but `disable`) with `config`, whose certificate verifier must
-    /// already implement the mode; `description` says so in error messages.
-    pub fn new(mode: UpstreamTlsMode, description: String, config: rustls::ClientConfig) -> Self {
-        GuardTls {
-            mode,
-            description,
-            connector: MakeRustlsConnect::new(config),
-        }
-    }
-
-    /// `prefer` falls back to plaintext when the server has no TLS; every other mode fails.
-    fn ssl_mode(&self) -> SslMode {
-        match self.mode {
-            UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer => SslMode::Prefer,
-            UpstreamTlsMode::Require | UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull => {
-                SslMode::Require
-            }
-        }
-    }
-}
-
-impl fmt::Debug for GuardTls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuardTls")
-            .field("mode", &self.mode)
-            .field("description", &self.description)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Connection state of one database, for health reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -179,50 +41,6 @@ pub struct DbHealth {
     pub consecutive_failures: u32,
     #[serde(skip)]
     pub last_error_at: Option<SystemTime>,
-}
-
-/// The TLS settings `guard.dsn` carries (libpq's `sslmode`, `sslrootcert`, `sslcert`,
-/// `sslkey`), for the proxy to build the guard's [`GuardTls`] from.
-pub fn dsn_tls(guard: &GuardConfig) -> Result<DsnTls, GuardError> {
-    let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
-    Ok(dsn::split_tls(dsn).map_err(GuardError::InvalidDsn)?.1)
-}
-
-/// Builds the connection settings every per-database connection starts from, and what the
-/// dsn says about TLS.
-pub(crate) fn base_config(guard: &GuardConfig) -> Result<(Config, DsnTls), GuardError> {
-    let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
-    let (dsn, tls) = dsn::split_tls(dsn).map_err(GuardError::InvalidDsn)?;
-    let mut config =
-        Config::from_str(&dsn).map_err(|e| GuardError::InvalidDsn(pg_error_text(&e)))?;
-    if let Some(var) = &guard.password_env {
-        let password =
-            std::env::var(var).map_err(|_| GuardError::PasswordEnv { var: var.clone() })?;
-        config.password(password);
-    }
-    if config.get_application_name().is_none() {
-        config.application_name(GUARD_APPLICATION_NAME);
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
-    }
-    let options = match config.get_options() {
-        Some(options) if !options.trim().is_empty() => format!("{options} {GUARD_OPTIONS}"),
-        _ => GUARD_OPTIONS.to_owned(),
-    };
-    config.options(options);
-    // A dead network path should fail the guard's queries in seconds, not hours.
-    if config.get_tcp_user_timeout().is_none() {
-        config.tcp_user_timeout(Duration::from_secs(10));
-    }
-    Ok((config, tls))
-}
-
-/// Whether every host of `config` is a unix socket, where PostgreSQL speaks no TLS (libpq
-/// ignores `sslmode` there too).
-pub(crate) fn only_unix_sockets(config: &Config) -> bool {
-    let hosts = config.get_hosts();
-    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)))
 }
 
 /// Whether a failed query counts against the guard's health.
@@ -242,6 +60,8 @@ pub(crate) enum Blame {
 pub(crate) struct Connections {
     base: Config,
     tls: Option<GuardTls>,
+    /// Prepared on every connection as it opens.
+    statements: &'static [&'static str],
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// The superuser warning is given once, on the first connection that shows it.
     superuser_warned: AtomicBool,
@@ -354,11 +174,17 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl Connections {
-    /// Connections with `base`'s settings, over `tls` when given.
-    pub(crate) fn new(base: Config, tls: Option<GuardTls>) -> Self {
+    /// Connections with `base`'s settings, over `tls` when given, each with `statements`
+    /// prepared.
+    pub(crate) fn new(
+        base: Config,
+        tls: Option<GuardTls>,
+        statements: &'static [&'static str],
+    ) -> Self {
         Connections {
             base,
             tls,
+            statements,
             slots: Mutex::new(HashMap::new()),
             superuser_warned: AtomicBool::new(false),
         }
@@ -507,7 +333,7 @@ impl Connections {
                     client
                 }
             };
-            GuardConnection::prepare(client)
+            GuardConnection::prepare(client, self.statements)
                 .await
                 .map_err(|e| format!("preparing the guard statements: {}", pg_error_text(&e)))
         };
@@ -673,163 +499,5 @@ mod tests {
         assert_eq!(backoff(3), BACKOFF_START * 4);
         assert_eq!(backoff(10), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
-    }
-
-    #[test]
-    fn base_config_fills_in_guard_defaults() {
-        let guard = GuardConfig {
-            dsn: Some("host=127.0.0.1 port=5999 user=lg dbname=postgres".into()),
-            ..GuardConfig::default()
-        };
-        let (c, tls) = base_config(&guard).unwrap();
-        assert_eq!(c.get_application_name(), Some(GUARD_APPLICATION_NAME));
-        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
-        assert_eq!(c.get_ports(), &[5999]);
-        assert_eq!(c.get_options(), Some(GUARD_OPTIONS));
-        assert!(!tls.is_set());
-    }
-
-    #[test]
-    fn the_guard_search_path_comes_after_the_dsn_options_so_it_wins() {
-        let guard = GuardConfig {
-            dsn: Some(
-                "host=db user=lg sslmode=verify-full options='-c search_path=evil -c work_mem=1MB'"
-                    .into(),
-            ),
-            ..GuardConfig::default()
-        };
-        let (c, tls) = base_config(&guard).unwrap();
-        assert_eq!(
-            c.get_options(),
-            Some(
-                "-c search_path=evil -c work_mem=1MB -c search_path=pg_catalog,pg_temp \
-                 -c statement_timeout=5s"
-            )
-        );
-        assert_eq!(tls.mode, Some(UpstreamTlsMode::VerifyFull));
-        assert_eq!(dsn_tls(&guard).unwrap(), tls);
-        assert!(!only_unix_sockets(&c));
-        let unix = Config::from_str("host=/run/postgresql user=lg").unwrap();
-        assert!(only_unix_sockets(&unix));
-    }
-
-    /// Every name in the guard's own statements is qualified: a function call is
-    /// `pg_catalog.f(`, an operator is `OPERATOR(pg_catalog.op)`, a cast names
-    /// `pg_catalog.type`. Keywords of the SQL grammar (not looked up in any schema) may stand
-    /// alone.
-    #[test]
-    fn every_function_operator_and_type_in_guard_sql_is_qualified() {
-        const GRAMMAR: [&str; 12] = [
-            "COALESCE",
-            "ANY",
-            "MATERIALIZED",
-            "AS",
-            "LATERAL",
-            "AND",
-            "OR",
-            "NOT",
-            "WHERE",
-            "FROM",
-            "SELECT",
-            "ON",
-        ];
-        for sql in [
-            probe::PROBE_SQL,
-            enforcer::KILL_SQL,
-            enforcer::LOOKUP_SQL,
-            SESSION_SQL,
-        ] {
-            let code = strip_string_literals(sql);
-            let bytes = code.as_bytes();
-            for (i, &b) in bytes.iter().enumerate() {
-                // Operators: any operator character outside OPERATOR(...) and casts.
-                if b"=<>!~+-*/%^&|#@".contains(&b) {
-                    let before = &code[..i];
-                    let open = before.rfind("OPERATOR(pg_catalog.");
-                    let close = before.rfind(')');
-                    assert!(
-                        open.is_some_and(|o| close.is_none_or(|c| c < o)),
-                        "unqualified operator at byte {i}: {}",
-                        &code[i.saturating_sub(40)..(i + 10).min(code.len())]
-                    );
-                }
-                // Function calls: a word right before '(' must be qualified or grammar.
-                if b == b'(' {
-                    let word: String = code[..i]
-                        .trim_end()
-                        .chars()
-                        .rev()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    assert!(
-                        word.is_empty()
-                            || word.starts_with("pg_catalog.")
-                            || word == "OPERATOR"
-                            || GRAMMAR.contains(&word.as_str()),
-                        "unqualified call {word}( in {sql}"
-                    );
-                }
-                // Casts: `::` followed by a qualified type.
-                if code[i..].starts_with("::") {
-                    assert!(
-                        code[i + 2..].starts_with("pg_catalog."),
-                        "unqualified cast at byte {i}: {}",
-                        &code[i..(i + 20).min(code.len())]
-                    );
-                }
-            }
-        }
-    }
-
-    /// `sql` with the contents of '...' literals blanked out.
-    fn strip_string_literals(sql: &str) -> String {
-        let mut out = String::with_capacity(sql.len());
-        let mut inside = false;
-        for c in sql.chars() {
-            if c == '\'' {
-                inside = !inside;
-                out.push(c);
-            } else {
-                out.push(if inside { ' ' } else { c });
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn base_config_takes_the_password_from_password_env() {
-        // A name no other test uses: tests run on threads of one process.
-        let var = "LOCKGUARD_TEST_GUARD_PASSWORD_BASE_CONFIG";
-        std::env::set_var(var, "s3cret pass");
-        let guard = GuardConfig {
-            dsn: Some("host=127.0.0.1 user=lg password=from-dsn".into()),
-            password_env: Some(var.into()),
-            ..GuardConfig::default()
-        };
-        let (c, _) = base_config(&guard).unwrap();
-        assert_eq!(c.get_password(), Some(&b"s3cret pass"[..]));
-    }
-
-    #[test]
-    fn base_config_reports_bad_input() {
-        let none = GuardConfig::default();
-        assert!(matches!(base_config(&none), Err(GuardError::NoDsn)));
-        let bad = GuardConfig {
-            dsn: Some("host=x port=notaport".into()),
-            ..GuardConfig::default()
-        };
-        assert!(matches!(base_config(&bad), Err(GuardError::InvalidDsn(_))));
-        let missing_env = GuardConfig {
-            dsn: Some("host=x".into()),
-            password_env: Some("LOCKGUARD_TEST_SURELY_UNSET_VARIABLE".into()),
-            ..GuardConfig::default()
-        };
-        assert!(matches!(
-            base_config(&missing_env),
-            Err(GuardError::PasswordEnv { .. })
-        ));
     }
 }

@@ -4,10 +4,38 @@
 //! tokio-postgres sees it, and the proxy turns them into a rustls configuration.
 //!
 //! Errors never quote a value: the dsn may hold a password.
+//!
+//! `base_config` turns the rest into the settings every guard connection starts from.
 
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
 
-use lockguard_config::UpstreamTlsMode;
+use lockguard_config::{GuardConfig, UpstreamTlsMode};
+use tokio_postgres::config::Host;
+use tokio_postgres::Config;
+
+use crate::error::{pg_error_text, GuardError};
+
+/// `application_name` of guard connections unless the dsn sets one, so operators (and the
+/// tests) can tell them apart in `pg_stat_activity`.
+pub const GUARD_APPLICATION_NAME: &str = "lockguard-guard";
+
+/// Limit for opening a guard connection and preparing its statements, unless the dsn sets
+/// `connect_timeout`.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Startup options of every guard connection, after whatever `options` the dsn has (a later
+/// `-c` wins, and startup options beat `ALTER DATABASE/ROLE ... SET`).
+///
+/// The guard's SQL runs inside the clients' databases, whose owners can create functions,
+/// aggregates and operators: with the database's own `search_path` an owner's
+/// `public.array_agg(text)` or `evil.=` would run with the guard role's rights. So the path is
+/// only `pg_catalog` (and `pg_temp`, last, where nobody else can create anything), and every
+/// name in the guard's statements is qualified besides.
+///
+/// A guard query the client side gave up on must not keep running server-side, queueing the
+/// kills behind it on the same connection: hence the statement timeout.
+pub const GUARD_OPTIONS: &str = "-c search_path=pg_catalog,pg_temp -c statement_timeout=5s";
 
 /// The keys lockguard handles itself.
 const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
@@ -179,6 +207,50 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "a dsn URL parameter is not UTF-8".to_owned())
 }
 
+/// The TLS settings `guard.dsn` carries (libpq's `sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`), for the proxy to build the guard's [`GuardTls`](crate::GuardTls) from.
+pub fn dsn_tls(guard: &GuardConfig) -> Result<DsnTls, GuardError> {
+    let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
+    Ok(split_tls(dsn).map_err(GuardError::InvalidDsn)?.1)
+}
+
+/// Builds the connection settings every per-database connection starts from, and what the
+/// dsn says about TLS.
+pub(crate) fn base_config(guard: &GuardConfig) -> Result<(Config, DsnTls), GuardError> {
+    let dsn = guard.dsn.as_deref().ok_or(GuardError::NoDsn)?;
+    let (dsn, tls) = split_tls(dsn).map_err(GuardError::InvalidDsn)?;
+    let mut config =
+        Config::from_str(&dsn).map_err(|e| GuardError::InvalidDsn(pg_error_text(&e)))?;
+    if let Some(var) = &guard.password_env {
+        let password =
+            std::env::var(var).map_err(|_| GuardError::PasswordEnv { var: var.clone() })?;
+        config.password(password);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(GUARD_APPLICATION_NAME);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let options = match config.get_options() {
+        Some(options) if !options.trim().is_empty() => format!("{options} {GUARD_OPTIONS}"),
+        _ => GUARD_OPTIONS.to_owned(),
+    };
+    config.options(options);
+    // A dead network path should fail the guard's queries in seconds, not hours.
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(10));
+    }
+    Ok((config, tls))
+}
+
+/// Whether every host of `config` is a unix socket, where PostgreSQL speaks no TLS (libpq
+/// ignores `sslmode` there too).
+pub(crate) fn only_unix_sockets(config: &Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +323,77 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn base_config_fills_in_guard_defaults() {
+        let guard = GuardConfig {
+            dsn: Some("host=127.0.0.1 port=5999 user=lg dbname=postgres".into()),
+            ..GuardConfig::default()
+        };
+        let (c, tls) = base_config(&guard).unwrap();
+        assert_eq!(c.get_application_name(), Some(GUARD_APPLICATION_NAME));
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_ports(), &[5999]);
+        assert_eq!(c.get_options(), Some(GUARD_OPTIONS));
+        assert!(!tls.is_set());
+    }
+
+    #[test]
+    fn the_guard_search_path_comes_after_the_dsn_options_so_it_wins() {
+        let guard = GuardConfig {
+            dsn: Some(
+                "host=db user=lg sslmode=verify-full options='-c search_path=evil -c work_mem=1MB'"
+                    .into(),
+            ),
+            ..GuardConfig::default()
+        };
+        let (c, tls) = base_config(&guard).unwrap();
+        assert_eq!(
+            c.get_options(),
+            Some(
+                "-c search_path=evil -c work_mem=1MB -c search_path=pg_catalog,pg_temp \
+                 -c statement_timeout=5s"
+            )
+        );
+        assert_eq!(tls.mode, Some(UpstreamTlsMode::VerifyFull));
+        assert_eq!(dsn_tls(&guard).unwrap(), tls);
+        assert!(!only_unix_sockets(&c));
+        let unix = Config::from_str("host=/run/postgresql user=lg").unwrap();
+        assert!(only_unix_sockets(&unix));
+    }
+
+    #[test]
+    fn base_config_takes_the_password_from_password_env() {
+        // A name no other test uses: tests run on threads of one process.
+        let var = "LOCKGUARD_TEST_GUARD_PASSWORD_BASE_CONFIG";
+        std::env::set_var(var, "s3cret pass");
+        let guard = GuardConfig {
+            dsn: Some("host=127.0.0.1 user=lg password=from-dsn".into()),
+            password_env: Some(var.into()),
+            ..GuardConfig::default()
+        };
+        let (c, _) = base_config(&guard).unwrap();
+        assert_eq!(c.get_password(), Some(&b"s3cret pass"[..]));
+    }
+
+    #[test]
+    fn base_config_reports_bad_input() {
+        let none = GuardConfig::default();
+        assert!(matches!(base_config(&none), Err(GuardError::NoDsn)));
+        let bad = GuardConfig {
+            dsn: Some("host=x port=notaport".into()),
+            ..GuardConfig::default()
+        };
+        assert!(matches!(base_config(&bad), Err(GuardError::InvalidDsn(_))));
+        let missing_env = GuardConfig {
+            dsn: Some("host=x".into()),
+            password_env: Some("LOCKGUARD_TEST_SURELY_UNSET_VARIABLE".into()),
+            ..GuardConfig::default()
+        };
+        assert!(matches!(
+            base_config(&missing_env),
+            Err(GuardError::PasswordEnv { .. })
+        ));
     }
 }

@@ -127,32 +127,27 @@ impl<'a> RequiredState<'a> {
     }
 }
 
-/// What a verified kill found.
+/// What a verified kill found: how it ended, in the audit's terms, and the server's word on
+/// why nothing was signalled when there is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KillOutcome {
-    /// The backend was ours and has been signalled.
-    Terminated,
-    /// No backend with this pid exists.
-    AlreadyGone,
-    /// A backend with this pid exists but is another connection's: not signalled.
-    IdentityMismatch,
-    /// The backend is ours but no longer in the required state (it started working): not
-    /// signalled. `state` is what it is now.
-    NoLongerIdle { state: Option<String> },
-    /// PostgreSQL refused the signal (SQLSTATE 42501): `pg_signal_backend` does not cover a
-    /// superuser's backends (nor, without it, another role's). `reason` is the server's word.
-    NotPermitted { reason: String },
+pub struct Termination {
+    /// [`Outcome::Terminated`] (ours, signalled), [`Outcome::AlreadyGone`] (no such pid),
+    /// [`Outcome::IdentityMismatch`] (another connection's: not signalled),
+    /// [`Outcome::NoLongerIdle`] (ours but no longer in the required state: not signalled) or
+    /// [`Outcome::NotPermitted`] (PostgreSQL refused the signal, SQLSTATE 42501:
+    /// `pg_signal_backend` does not cover a superuser's backends, nor, without it, another
+    /// role's).
+    pub outcome: Outcome,
+    /// For `NotPermitted`, the server's refusal and what the guard role lacks; for
+    /// `NoLongerIdle`, the backend's state now (`active`), when visible.
+    pub detail: Option<String>,
 }
 
-impl KillOutcome {
-    /// The audit outcome this kill result is recorded as.
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            KillOutcome::Terminated => Outcome::Terminated,
-            KillOutcome::AlreadyGone => Outcome::AlreadyGone,
-            KillOutcome::IdentityMismatch => Outcome::IdentityMismatch,
-            KillOutcome::NoLongerIdle { .. } => Outcome::NoLongerIdle,
-            KillOutcome::NotPermitted { .. } => Outcome::NotPermitted,
+impl Termination {
+    fn plain(outcome: Outcome) -> Termination {
+        Termination {
+            outcome,
+            detail: None,
         }
     }
 }
@@ -170,21 +165,20 @@ impl KillOutcome {
 ///
 /// After a successful signal, waits up to a second for the backend to exit so its locks are
 /// gone when this returns. A refused signal (a superuser's backend) is
-/// [`KillOutcome::NotPermitted`], not an error.
+/// [`Outcome::NotPermitted`], not an error.
 pub async fn terminate_verified(
     conn: &GuardConnection,
     pid: i32,
     identity: &Identity,
     probed_start: Option<SystemTime>,
     required: Option<RequiredState<'_>>,
-) -> Result<KillOutcome, tokio_postgres::Error> {
-    let client = conn.client();
+) -> Result<Termination, tokio_postgres::Error> {
     let identity = identity.on_server_clock(conn.clock_offset());
     let required_state = required.map(|r| r.state);
     let required_since = required.and_then(|r| r.since);
-    let killed = client
+    let killed = conn
         .query(
-            &conn.kill,
+            KILL_SQL,
             &[
                 &pid,
                 &identity.client_port,
@@ -212,8 +206,9 @@ pub async fn terminate_verified(
             } else {
                 "the guard role needs pg_signal_backend (see lockguard setup-sql)"
             };
-            return Ok(KillOutcome::NotPermitted {
-                reason: format!("{message}: {why}"),
+            return Ok(Termination {
+                outcome: Outcome::NotPermitted,
+                detail: Some(format!("{message}: {why}")),
             });
         }
         Err(e) => return Err(e),
@@ -224,12 +219,12 @@ pub async fn terminate_verified(
     };
     if signalled {
         wait_for_exit(conn, pid, &identity).await;
-        return Ok(KillOutcome::Terminated);
+        return Ok(Termination::plain(Outcome::Terminated));
     }
     // Nothing signalled (no row matched, or pg_terminate_backend said the process was gone):
     // find out which case it was.
-    let Some(row) = client.query_opt(&conn.lookup, &[&pid]).await? else {
-        return Ok(KillOutcome::AlreadyGone);
+    let Some(row) = conn.query_opt(LOOKUP_SQL, &[&pid]).await? else {
+        return Ok(Termination::plain(Outcome::AlreadyGone));
     };
     let client_port: Option<i32> = row.try_get(0)?;
     let backend_start: Option<SystemTime> = row.try_get(1)?;
@@ -238,22 +233,25 @@ pub async fn terminate_verified(
     if !identity.matches(client_port, backend_start)
         || probed_start.is_some() && backend_start != probed_start
     {
-        return Ok(KillOutcome::IdentityMismatch);
+        return Ok(Termination::plain(Outcome::IdentityMismatch));
     }
     if required_state.is_some() && state.as_deref() != required_state
         || required_since.is_some() && state_change != required_since
     {
-        return Ok(KillOutcome::NoLongerIdle { state });
+        return Ok(Termination {
+            outcome: Outcome::NoLongerIdle,
+            detail: state,
+        });
     }
     // Ours, in the right state, yet not signalled: pg_terminate_backend raced with its exit.
-    Ok(KillOutcome::AlreadyGone)
+    Ok(Termination::plain(Outcome::AlreadyGone))
 }
 
 /// Polls until our backend is no longer listed (or another connection has its pid).
 async fn wait_for_exit(conn: &GuardConnection, pid: i32, identity: &Identity) {
     let deadline = tokio::time::Instant::now() + EXIT_WAIT;
     while tokio::time::Instant::now() < deadline {
-        match conn.client().query_opt(&conn.lookup, &[&pid]).await {
+        match conn.query_opt(LOOKUP_SQL, &[&pid]).await {
             Ok(None) => return,
             Ok(Some(row)) => {
                 let port = row.try_get::<_, Option<i32>>(0).ok().flatten();
@@ -274,6 +272,7 @@ async fn wait_for_exit(conn: &GuardConnection, pid: i32, identity: &Identity) {
 mod tests {
     use super::*;
     use crate::session::ClientInfo;
+    use crate::sql_check::assert_schema_qualified;
 
     fn session(upstream: UpstreamIdentity) -> SessionRecord {
         SessionRecord::new(
@@ -337,16 +336,8 @@ mod tests {
     }
 
     #[test]
-    fn kill_outcomes_map_to_audit_outcomes() {
-        assert_eq!(KillOutcome::Terminated.outcome(), Outcome::Terminated);
-        assert_eq!(
-            KillOutcome::IdentityMismatch.outcome().to_string(),
-            "identity mismatch"
-        );
-        assert_eq!(KillOutcome::AlreadyGone.outcome().as_str(), "already gone");
-        let refused = KillOutcome::NotPermitted {
-            reason: "must be a superuser".into(),
-        };
-        assert_eq!(refused.outcome().as_str(), "not permitted");
+    fn the_kill_sql_is_schema_qualified() {
+        assert_schema_qualified(KILL_SQL);
+        assert_schema_qualified(LOOKUP_SQL);
     }
 }

@@ -3,25 +3,27 @@
 //! is lost and for operator kills — and runs its periodic sweep; the forwarding path never
 //! waits for it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use futures_util::future::join_all;
 use lockguard_config::{GuardConfig, TablePattern, UpstreamTlsMode};
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::broadcast;
 
-use crate::audit::{locks_text, rfc3339_utc, AuditEvent, AuditLog, LockEvidence, Outcome};
-use crate::connections::{self, Blame, Connections, DbHealth, GuardTls};
-use crate::enforcer::{self, Identity, KillOutcome, RequiredState};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::clock::Clock;
+use crate::connections::{Blame, Connections, DbHealth, GuardTls};
+use crate::dsn;
+use crate::enforcer::{self, Identity, RequiredState, Termination};
 use crate::error::GuardError;
-use crate::policy::{self, LeaveReason, Rules, Trigger, Verdict};
+use crate::latency::ProbeTimer;
+pub use crate::latency::{ProbeLatency, PROBE_BUCKETS};
+use crate::policy::{LeaveReason, Rules, Trigger};
 use crate::probe::{self, BackendFacts};
 use crate::registry::Registry;
-use crate::session::{KillNotice, SessionId, SessionRecord, TxnState};
+use crate::session::{SessionId, SessionRecord, TxnState};
 
 /// SQLSTATE sent to a live client whose backend the guard terminated (`admin_shutdown`, the
 /// code PostgreSQL itself uses for `pg_terminate_backend`).
@@ -36,12 +38,18 @@ pub const OPERATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// of them fit in [`CLIENT_LOSS_DEADLINE`], so a slow kill still ends up in the audit (as an
 /// error) instead of being cut off by the caller's deadline.
 const QUERY_DEADLINE: Duration = Duration::from_secs(2);
-/// Upper bound of one verified kill, reconnect and retry included.
-const KILL_DEADLINE: Duration = Duration::from_secs(5);
 /// Floor for the sweep period, so a zero interval set in code cannot spin.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+/// Sweep reports kept for a subscriber that has not read them yet.
+const SWEEP_REPORTS: usize = 64;
 
-/// What the guard did about one session.
+/// The statements every guard connection prepares when it opens: the probe and the kill with
+/// its lookup, so each is one round trip. Their SQL lives with the modules that run it.
+pub const STATEMENTS: &[&str] = &[probe::PROBE_SQL, enforcer::KILL_SQL, enforcer::LOOKUP_SQL];
+
+/// What the guard did about one session. The policy's [`Verdict`](crate::policy::Verdict)
+/// says what the rules ask for; this says what came of it, with the recorded event (whose
+/// [`Outcome`](crate::audit::Outcome) tells how an action ended) or why nothing could be judged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The backend was left alone.
@@ -71,7 +79,7 @@ pub struct GuardHealth {
     pub databases: Vec<DbHealth>,
 }
 
-/// What one sweep did.
+/// What one sweep did ([`Guard::sweep_once`], in the `sweep` module).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Sessions idle past a timeout that were probed.
@@ -109,94 +117,24 @@ impl Settings {
     }
 }
 
-/// Upper bounds (seconds) of the probe latency histogram's buckets.
-pub const PROBE_BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-/// Probe round trips, timed, for the metrics endpoint. Lock-free: one atomic add per bucket.
-#[derive(Debug, Default)]
-struct ProbeTimer {
-    /// Non-cumulative: `buckets[i]` counts probes in `(PROBE_BUCKETS[i-1], PROBE_BUCKETS[i]]`;
-    /// the last slot counts those above every bound.
-    buckets: [AtomicU64; PROBE_BUCKETS.len() + 1],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-    errors: AtomicU64,
-}
-
-/// A copy of the probe latency histogram.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ProbeLatency {
-    /// Cumulative counts, one per [`PROBE_BUCKETS`] bound (Prometheus `le` buckets).
-    pub cumulative: Vec<u64>,
-    /// All probes (the `+Inf` bucket).
-    pub count: u64,
-    /// Total time spent probing, in seconds.
-    pub sum_seconds: f64,
-    /// Probes that failed (included in the counts above).
-    pub errors: u64,
-}
-
-impl ProbeTimer {
-    fn record(&self, elapsed: Duration, ok: bool) {
-        let secs = elapsed.as_secs_f64();
-        let slot = PROBE_BUCKETS
-            .iter()
-            .position(|bound| secs <= *bound)
-            .unwrap_or(PROBE_BUCKETS.len());
-        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(micros(elapsed), Ordering::Relaxed);
-        if !ok {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn snapshot(&self) -> ProbeLatency {
-        let mut running = 0;
-        let cumulative = self.buckets[..PROBE_BUCKETS.len()]
-            .iter()
-            .map(|b| {
-                running += b.load(Ordering::Relaxed);
-                running
-            })
-            .collect();
-        ProbeLatency {
-            cumulative,
-            count: self.count.load(Ordering::Relaxed),
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            errors: self.errors.load(Ordering::Relaxed),
-        }
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// lockguard's guard. Build it once with [`Guard::new`], share the `Arc`.
 #[derive(Debug)]
 pub struct Guard {
-    registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
     /// Rules, protected tables, sweep period: replaced whole by [`Guard::reconfigure`].
     settings: ArcSwap<Settings>,
     inflight_grace: Duration,
-    connections: Connections,
+    pub(crate) connections: Connections,
     audit: AuditLog,
     probes: ProbeTimer,
+    /// What the idle rules measure a session's time in its state with.
+    pub(crate) clock: Clock,
     /// Sessions whose current state the sweep has already dealt with (value: the state's
     /// start), so a dry-run or a lock-free idle session is recorded or probed once, not on
     /// every tick.
     settled: Mutex<HashMap<SessionId, Instant>>,
-}
-
-/// A session picked by the sweep.
-struct Candidate {
-    session: Arc<SessionRecord>,
-    pid: i32,
-    trigger: Trigger,
+    /// Every sweep's report, for whoever subscribed ([`Guard::sweep_reports`]).
+    pub(crate) sweeps: broadcast::Sender<Arc<SweepReport>>,
 }
 
 impl Guard {
@@ -215,8 +153,19 @@ impl Guard {
         tls: Option<GuardTls>,
         registry: Arc<Registry>,
     ) -> Result<Arc<Guard>, GuardError> {
-        let (base, dsn_tls) = connections::base_config(config)?;
-        let tls = if connections::only_unix_sockets(&base) {
+        Self::with_clock(config, tls, registry, Clock::system())
+    }
+
+    /// [`Guard::with_tls`] measuring the sessions' idle time with `clock`: tests pass a
+    /// [`crate::clock::ManualClock`]'s and move it past a timeout instead of sleeping.
+    pub fn with_clock(
+        config: &GuardConfig,
+        tls: Option<GuardTls>,
+        registry: Arc<Registry>,
+        clock: Clock,
+    ) -> Result<Arc<Guard>, GuardError> {
+        let (base, dsn_tls) = dsn::base_config(config)?;
+        let tls = if dsn::only_unix_sockets(&base) {
             None
         } else {
             if tls.is_none()
@@ -236,10 +185,12 @@ impl Guard {
             registry,
             settings: ArcSwap::from_pointee(Settings::from_config(config)),
             inflight_grace: config.inflight_grace,
-            connections: Connections::new(base, tls),
+            connections: Connections::new(base, tls, STATEMENTS),
             audit,
             probes: ProbeTimer::default(),
+            clock,
             settled: Mutex::new(HashMap::new()),
+            sweeps: broadcast::channel(SWEEP_REPORTS).0,
         }))
     }
 
@@ -296,7 +247,7 @@ impl Guard {
     }
 
     /// How long the pump waits for ReadyForQuery after losing a client with a statement in
-    /// flight, before calling [`Guard::on_client_lost`] (rule 2).
+    /// flight, before calling [`Guard::on_client_lost`] (the in-flight rule).
     pub fn inflight_grace(&self) -> Duration {
         self.inflight_grace
     }
@@ -340,125 +291,10 @@ impl Guard {
         }
     }
 
-    /// Runs the periodic sweep (rules 3 and 4) until `shutdown` is cancelled.
-    pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
-        loop {
-            // Read each time: RELOAD may change the period.
-            let period = self.settings.load().sweep_interval;
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(period) => {}
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.sweep_once() => {}
-            }
-        }
-        tracing::debug!("guard sweeper stopped");
-    }
-
-    /// One pass of the sweep: every session idle in a (failed) transaction past its timeout
-    /// is probed — one round trip per database — judged and, if the rules say so, terminated.
-    pub async fn sweep_once(&self) -> SweepReport {
-        let sessions = self.registry.snapshot();
-        let in_use: HashSet<String> = sessions.iter().map(|s| s.client.database.clone()).collect();
-        self.connections.maintain(&in_use).await;
-
-        let settings = self.settings();
-        let mut groups: HashMap<String, Vec<Candidate>> = HashMap::new();
-        {
-            let mut settled = self.settled();
-            let live: HashMap<SessionId, Instant> =
-                sessions.iter().map(|s| (s.id, s.state_since())).collect();
-            settled.retain(|id, since| live.get(id) == Some(since));
-            // Without protected tables no idle session can qualify: do not even probe.
-            if settings.patterns.is_empty() {
-                return SweepReport::default();
-            }
-            for session in sessions {
-                if session.kill_pending() || settled.contains_key(&session.id) {
-                    continue;
-                }
-                let Some(pid) = session.backend_pid() else {
-                    continue;
-                };
-                let Some(trigger) = idle_trigger(&settings.rules, &session) else {
-                    continue;
-                };
-                groups
-                    .entry(session.client.database.clone())
-                    .or_default()
-                    .push(Candidate {
-                        session,
-                        pid,
-                        trigger,
-                    });
-            }
-        }
-        let candidates = groups.values().map(Vec::len).sum();
-        let per_db = join_all(
-            groups
-                .into_iter()
-                .map(|(database, list)| self.sweep_database(database, list)),
-        )
-        .await;
-        let mut report = SweepReport {
-            candidates,
-            ..SweepReport::default()
-        };
-        for db in per_db {
-            report.events.extend(db.events);
-            report.left.extend(db.left);
-            report.errors.extend(db.errors);
-        }
-        report
-    }
-
-    async fn sweep_database(&self, database: String, candidates: Vec<Candidate>) -> SweepReport {
-        let pids: Vec<i32> = candidates.iter().map(|c| c.pid).collect();
-        let facts = match self.probe(&database, &pids).await {
-            Ok(facts) => facts,
-            Err(e) => {
-                tracing::warn!(
-                    database = %database,
-                    sessions = candidates.len(),
-                    error = %e,
-                    "guard sweep could not probe; will retry"
-                );
-                return SweepReport {
-                    errors: vec![e.to_string()],
-                    ..SweepReport::default()
-                };
-            }
-        };
-        let mut report = SweepReport::default();
-        for c in candidates {
-            let since = c.session.state_since();
-            let decision = self
-                .act(&c.session, c.pid, c.trigger, facts.get(&c.pid))
-                .await;
-            let settle = match &decision {
-                Decision::Left(reason) => reason.stable_while_idle(),
-                // A failed kill is retried on the next tick; anything else is final for
-                // this state of the session.
-                Decision::Acted(event) => event.outcome != Outcome::Error,
-                Decision::Unavailable(_) => false,
-            };
-            if settle {
-                self.settled().insert(c.session.id, since);
-            }
-            match decision {
-                Decision::Acted(event) => report.events.push(*event),
-                Decision::Left(reason) => report.left.push((c.session.id, reason)),
-                Decision::Unavailable(error) => report.errors.push(error),
-            }
-        }
-        report
-    }
-
     /// Called by the session pump after the client vanished (and, with a statement in
-    /// flight, after waiting up to [`Guard::inflight_grace`] for ReadyForQuery): rules 1, 2
-    /// and 5. Returns within [`CLIENT_LOSS_DEADLINE`]; the pump closes the upstream socket
+    /// flight, after waiting up to [`Guard::inflight_grace`] for ReadyForQuery): the
+    /// client-loss and in-flight rules, which leave alone a session that holds no protected
+    /// lock. Returns within [`CLIENT_LOSS_DEADLINE`]; the pump closes the upstream socket
     /// afterwards whatever the decision.
     pub async fn on_client_lost(&self, session: &Arc<SessionRecord>, cause: &str) -> Decision {
         let Some(pid) = session.backend_pid() else {
@@ -640,7 +476,7 @@ impl Guard {
         identity: &Identity,
         probed_start: Option<SystemTime>,
         required: Option<RequiredState<'_>>,
-    ) -> Result<KillOutcome, GuardError> {
+    ) -> Result<Termination, GuardError> {
         self.connections
             .run(database, QUERY_DEADLINE, |conn| async move {
                 enforcer::terminate_verified(&conn, pid, identity, probed_start, required).await
@@ -648,156 +484,8 @@ impl Guard {
             .await
     }
 
-    /// Judges one probed session and carries the verdict out.
-    async fn act(
-        &self,
-        session: &SessionRecord,
-        pid: i32,
-        trigger: Trigger,
-        facts: Option<&BackendFacts>,
-    ) -> Decision {
-        // On the server's clock, which `backend_start` is read from.
-        let identity = Identity::of(session);
-        let server_identity =
-            identity.on_server_clock(self.connections.clock_offset(&session.client.database));
-        let state = session.state();
-        let policy_facts = policy::Facts {
-            state,
-            state_age: session.state_age(),
-            backend_present: facts.is_some(),
-            identity_matches: facts
-                .is_some_and(|f| server_identity.matches(f.client_port, f.backend_start)),
-            server_state: facts.and_then(|f| f.state.as_deref()),
-            protected_locks: facts.map_or(0, |f| f.locks.len()),
-            waiters: facts.map_or(0, |f| f.waiters.len()),
-        };
-        if facts.is_some_and(|f| f.state.is_none()) {
-            tracing::warn!(
-                backend_pid = pid,
-                "pg_stat_activity hides this backend's state from the guard role; grant it \
-                 pg_read_all_stats (and pg_signal_backend)"
-            );
-        }
-        let rules = self.settings.load().rules.clone();
-        let event = match policy::decide(&trigger, &policy_facts, &rules) {
-            Verdict::Leave(reason) => return Decision::Left(reason),
-            Verdict::DryRun => {
-                let event = self.event(session, pid, &trigger, facts, Outcome::DryRun, None);
-                self.audit.record(event.clone());
-                return Decision::Acted(Box::new(event));
-            }
-            Verdict::LogOnly => {
-                let event = self.event(session, pid, &trigger, facts, Outcome::Logged, None);
-                self.audit.record(event.clone());
-                return Decision::Acted(Box::new(event));
-            }
-            Verdict::Terminate => {
-                let Some(claim) = KillClaim::acquire(session).await else {
-                    return Decision::Left(LeaveReason::KillInProgress);
-                };
-                // The idle rules judged a state that may have ended since the probe.
-                if trigger.required_server_state().is_some() && session.state() != state {
-                    return Decision::Left(LeaveReason::StateChanged(session.state()));
-                }
-                let required = trigger.required_server_state().map(|state| RequiredState {
-                    state,
-                    since: facts.and_then(|f| f.state_change),
-                });
-                // Bounded: while the claim is held the session's output is held back.
-                let killed = tokio::time::timeout(
-                    KILL_DEADLINE,
-                    self.terminate_verified(
-                        &session.client.database,
-                        pid,
-                        &identity,
-                        facts.and_then(|f| f.backend_start),
-                        required,
-                    ),
-                )
-                .await;
-                let (outcome, error) = match killed {
-                    Ok(Ok(KillOutcome::NotPermitted { reason })) => {
-                        tracing::warn!(
-                            session_id = session.id,
-                            backend_pid = pid,
-                            user = %session.client.user,
-                            %reason,
-                            "the guard may not terminate this backend; it keeps running"
-                        );
-                        (Outcome::NotPermitted, Some(reason))
-                    }
-                    Ok(Ok(k)) => (k.outcome(), None),
-                    Ok(Err(e)) => (Outcome::Error, Some(e.to_string())),
-                    Err(_) => (
-                        Outcome::Error,
-                        Some(format!("the kill did not finish within {KILL_DEADLINE:?}")),
-                    ),
-                };
-                let event = self.event(session, pid, &trigger, facts, outcome, error);
-                if outcome == Outcome::Terminated {
-                    claim.finish(KillNotice {
-                        sqlstate: KILL_SQLSTATE,
-                        message: event.summary.clone(),
-                    });
-                }
-                // Otherwise dropping the claim withdraws the kill: the session carries on.
-                event
-            }
-        };
-        self.audit.record(event.clone());
-        Decision::Acted(Box::new(event))
-    }
-
-    fn event(
-        &self,
-        session: &SessionRecord,
-        pid: i32,
-        trigger: &Trigger,
-        facts: Option<&BackendFacts>,
-        outcome: Outcome,
-        error: Option<String>,
-    ) -> AuditEvent {
-        let locks: Vec<_> = facts
-            .map(|f| f.locks.iter().map(|l| l.evidence()).collect())
-            .unwrap_or_default();
-        let waiter_pids = facts.map(|f| f.waiters.clone()).unwrap_or_default();
-        let state = session.state();
-        let state_age = session.state_age();
-        let summary = summary(SummaryParts {
-            outcome,
-            pid,
-            trigger,
-            state,
-            state_age,
-            locks: &locks,
-            waiters: waiter_pids.len(),
-            error: error.as_deref(),
-        });
-        AuditEvent {
-            time: rfc3339_utc(SystemTime::now()),
-            trigger: trigger.name().to_owned(),
-            cause: trigger.detail().map(str::to_owned),
-            session_id: session.id,
-            client_addr: session.client.addr.to_string(),
-            user: session.client.user.clone(),
-            database: session.client.database.clone(),
-            application_name: session.client.application_name.clone(),
-            backend_pid: pid,
-            locks,
-            waiters: waiter_pids.len(),
-            waiter_pids,
-            state: state.as_str().to_owned(),
-            idle_ms: millis(state_age),
-            xact_ms: session.xact_age().map(millis),
-            last_statement: session.last_statement(),
-            outcome,
-            error,
-            dry_run: outcome == Outcome::DryRun,
-            summary,
-        }
-    }
-
-    fn settled(&self) -> MutexGuard<'_, HashMap<SessionId, Instant>> {
+    /// The sweep's record of sessions already dealt with in their current state.
+    pub(crate) fn settled(&self) -> MutexGuard<'_, HashMap<SessionId, Instant>> {
         match self.settled.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
@@ -805,195 +493,9 @@ impl Guard {
     }
 }
 
-/// Which idle rule, if any, the session has crossed by the proxy's clock.
-fn idle_trigger(rules: &Rules, session: &SessionRecord) -> Option<Trigger> {
-    let (trigger, timeout) = match session.state() {
-        TxnState::IdleInTransaction => (
-            Trigger::IdleInTransaction,
-            rules.idle_in_transaction_timeout,
-        ),
-        TxnState::IdleInFailedTransaction => {
-            (Trigger::FailedTransaction, rules.failed_transaction_timeout)
-        }
-        _ => return None,
-    };
-    (!timeout.is_zero() && session.state_age() > timeout).then_some(trigger)
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Holds a session's `begin_kill` for the duration of one kill; dropping it without
-/// [`KillClaim::finish`] withdraws the kill, so a cancelled or failed kill (timeout, identity
-/// mismatch, error) never leaves the pump holding back the server's bytes.
-struct KillClaim<'a> {
-    session: &'a SessionRecord,
-    finished: bool,
-}
-
-impl<'a> KillClaim<'a> {
-    /// Claims the session, waiting out a kill already under way: if that one ends the
-    /// session there is nothing left to do (`None`); if it was withdrawn, claim it now.
-    async fn acquire(session: &'a SessionRecord) -> Option<KillClaim<'a>> {
-        if !session.begin_kill() {
-            session.kill_resolved().await?;
-            if !session.begin_kill() {
-                return None;
-            }
-        }
-        Some(KillClaim {
-            session,
-            finished: false,
-        })
-    }
-
-    fn finish(mut self, notice: KillNotice) {
-        self.finished = true;
-        self.session.finish_kill(notice);
-    }
-}
-
-impl Drop for KillClaim<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.session.abort_kill();
-        }
-    }
-}
-
-struct SummaryParts<'a> {
-    outcome: Outcome,
-    pid: i32,
-    trigger: &'a Trigger,
-    state: TxnState,
-    state_age: Duration,
-    locks: &'a [LockEvidence],
-    waiters: usize,
-    error: Option<&'a str>,
-}
-
-/// One sentence for humans; for a terminated live client it is the FATAL message it gets:
-/// `lockguard: terminated backend 1234: idle in transaction for 2.1s holding RowShareLock on
-/// app.user_sessions; 1 session waiting`.
-fn summary(p: SummaryParts<'_>) -> String {
-    let verb = match p.outcome {
-        Outcome::Terminated => "terminated",
-        Outcome::DryRun => "would terminate (dry run)",
-        Outcome::Logged => "would terminate (on_client_loss = log)",
-        _ => "did not terminate",
-    };
-    let age = p.state_age.as_secs_f64();
-    let why = match p.trigger {
-        Trigger::IdleInTransaction => format!("idle in transaction for {age:.1}s"),
-        Trigger::FailedTransaction => format!("idle in failed transaction for {age:.1}s"),
-        Trigger::ClientLoss { cause } => match p.state {
-            TxnState::Active => {
-                format!("client lost ({cause}) with a statement running for {age:.1}s")
-            }
-            _ => format!("client lost ({cause}) after {age:.1}s {}", p.state),
-        },
-        Trigger::Operator { reason } => {
-            format!("{reason}, after {age:.1}s {}", p.state)
-        }
-    };
-    let locks = if p.locks.is_empty() {
-        "no protected lock".to_owned()
-    } else {
-        locks_text(p.locks)
-    };
-    let waiters = match p.waiters {
-        0 => "no session waiting".to_owned(),
-        1 => "1 session waiting".to_owned(),
-        n => format!("{n} sessions waiting"),
-    };
-    // An operator's kill says so first: that is what the client's user needs to know.
-    let mut text = match p.trigger {
-        Trigger::Operator { .. } => format!(
-            "lockguard: {verb} by operator: backend {}: {why} holding {locks}; {waiters}",
-            p.pid
-        ),
-        _ => format!(
-            "lockguard: {verb} backend {}: {why} holding {locks}; {waiters}",
-            p.pid
-        ),
-    };
-    match (p.outcome, p.error) {
-        (Outcome::Error, Some(e)) => text.push_str(&format!(" (error: {e})")),
-        (Outcome::NotPermitted, Some(e)) => text.push_str(&format!(" (not permitted: {e})")),
-        (
-            Outcome::AlreadyGone
-            | Outcome::IdentityMismatch
-            | Outcome::NoLongerIdle
-            | Outcome::NotPermitted,
-            _,
-        ) => text.push_str(&format!(" ({})", p.outcome)),
-        _ => {}
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parts<'a>(
-        outcome: Outcome,
-        trigger: &'a Trigger,
-        locks: &'a [LockEvidence],
-    ) -> SummaryParts<'a> {
-        SummaryParts {
-            outcome,
-            pid: 1234,
-            trigger,
-            state: TxnState::IdleInTransaction,
-            state_age: Duration::from_millis(2100),
-            locks,
-            waiters: 1,
-            error: None,
-        }
-    }
-
-    #[test]
-    fn kill_message_names_trigger_table_mode_idle_time_and_waiters() {
-        let locks = [LockEvidence {
-            table: "app.user_sessions".to_owned(),
-            mode: "RowShareLock".to_owned(),
-        }];
-        let text = summary(parts(
-            Outcome::Terminated,
-            &Trigger::IdleInTransaction,
-            &locks,
-        ));
-        assert_eq!(
-            text,
-            "lockguard: terminated backend 1234: idle in transaction for 2.1s holding \
-             RowShareLock on app.user_sessions; 1 session waiting"
-        );
-    }
-
-    #[test]
-    fn non_kills_say_so() {
-        let trigger = Trigger::ClientLoss {
-            cause: "connection reset".into(),
-        };
-        let dry = summary(parts(Outcome::DryRun, &trigger, &[]));
-        assert!(
-            dry.starts_with(
-                "lockguard: would terminate (dry run) backend 1234: client lost (connection reset)"
-            ),
-            "{dry}"
-        );
-        assert!(dry.contains("holding no protected lock"), "{dry}");
-        let mismatch = summary(parts(Outcome::IdentityMismatch, &trigger, &[]));
-        assert!(mismatch.ends_with("(identity mismatch)"), "{mismatch}");
-        let err = summary(SummaryParts {
-            error: Some("boom"),
-            waiters: 3,
-            ..parts(Outcome::Error, &trigger, &[])
-        });
-        assert!(err.contains("3 sessions waiting (error: boom)"), "{err}");
-    }
 
     #[test]
     fn settings_change_live_and_dry_run_can_be_flipped() {
@@ -1023,22 +525,6 @@ mod tests {
         assert!(guard.rules().dry_run);
         assert_eq!(guard.protected_tables().len(), 2, "dry_run leaves the rest");
         assert!(guard.set_dry_run(false), "was on");
-    }
-
-    #[test]
-    fn probe_latency_is_a_cumulative_histogram() {
-        let timer = ProbeTimer::default();
-        timer.record(Duration::from_micros(500), true);
-        timer.record(Duration::from_millis(30), true);
-        timer.record(Duration::from_secs(9), false);
-        let h = timer.snapshot();
-        assert_eq!(h.count, 3);
-        assert_eq!(h.errors, 1);
-        assert_eq!(h.cumulative.len(), PROBE_BUCKETS.len());
-        assert_eq!(h.cumulative[0], 1, "<= 1ms");
-        assert_eq!(h.cumulative[5], 2, "<= 50ms");
-        assert_eq!(*h.cumulative.last().unwrap(), 2, "9s is above every bound");
-        assert!((h.sum_seconds - 9.0305).abs() < 1e-6, "{}", h.sum_seconds);
     }
 
     #[test]

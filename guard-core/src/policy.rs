@@ -1,4 +1,6 @@
-//! The rules of issue 3 as one pure function: what happened + what the probe saw → a verdict.
+//! The guard's rules (client loss, in flight, idle in transaction, failed transaction, operator
+//! kill; only protected locks count) as one pure function: what happened + what the probe saw
+//! → a verdict.
 //!
 //! Nothing here touches the network or the clock, so every rule is unit tested; the guard
 //! gathers the facts and carries the verdict out.
@@ -73,9 +75,9 @@ impl fmt::Display for Trigger {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
     pub on_client_loss: ClientLossAction,
-    /// 0 = rule 3 off.
+    /// 0 = the idle-in-transaction rule is off.
     pub idle_in_transaction_timeout: Duration,
-    /// 0 = rule 4 off.
+    /// 0 = the failed-transaction rule is off.
     pub failed_transaction_timeout: Duration,
     pub require_waiters: bool,
     pub dry_run: bool,
@@ -131,13 +133,13 @@ pub enum Verdict {
 pub enum LeaveReason {
     /// No BackendKeyData seen yet.
     NoBackend,
-    /// No transaction open and nothing in flight: PostgreSQL holds nothing for it (rule 5).
+    /// No transaction open and nothing in flight: PostgreSQL holds nothing for it.
     NoTransaction,
     /// The backend is not in `pg_stat_activity` any more.
     BackendGone,
     /// The pid now belongs to another connection.
     NotOurBackend,
-    /// It holds no lock on a protected table (rule 5).
+    /// It holds no lock on a protected table: only those are worth a kill.
     NoProtectedLock,
     /// `require_waiters` is on and nobody waits behind it.
     NoWaiters,
@@ -187,7 +189,7 @@ impl LeaveReason {
     }
 }
 
-/// Applies the rules of issue 3 to one session.
+/// Applies the guard's rules to one session.
 pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
     let act = if rules.dry_run {
         Verdict::DryRun
@@ -198,8 +200,9 @@ pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
         // The operator decides; the enforcer still verifies identity.
         Trigger::Operator { .. } => act,
         Trigger::ClientLoss { .. } => {
-            // Rule 2 is the pump's part: after the grace, a statement still in flight (Active)
-            // may hold locks even outside a transaction block, so it is judged like rule 1.
+            // The in-flight rule is the pump's part: after the grace, a statement still in
+            // flight (Active) may hold locks even outside a transaction block, so it is judged
+            // like a lost client inside a transaction.
             if !matches!(
                 facts.state,
                 TxnState::Active | TxnState::IdleInTransaction | TxnState::IdleInFailedTransaction
@@ -247,7 +250,7 @@ fn backend_check(facts: &Facts<'_>) -> Option<LeaveReason> {
     }
 }
 
-/// Rules 3 and 4: idle past the timeout in the expected state, on both sides of the proxy,
+/// The idle-in-transaction and failed-transaction rules: idle past the timeout in the expected state, on both sides of the proxy,
 /// holding a protected lock (and blocking someone, with `require_waiters`).
 fn idle_rule(
     facts: &Facts<'_>,
@@ -320,7 +323,7 @@ mod tests {
     #[test]
     fn client_loss_in_a_transaction_holding_a_protected_lock_terminates() {
         assert_eq!(decide(&lost(), &holder(), &rules()), Verdict::Terminate);
-        // Waiters and the idle timeout do not matter for rule 1.
+        // Waiters and the idle timeout do not matter for the client-loss rule.
         let facts = Facts {
             waiters: 0,
             state_age: Duration::ZERO,
@@ -539,7 +542,8 @@ mod tests {
             decide(&Trigger::IdleInTransaction, &idle, &rules()),
             Verdict::Leave(LeaveReason::NotIdleLongEnough)
         );
-        // A failed transaction is not "idle in transaction" for rule 3, and vice versa.
+        // A failed transaction is not "idle in transaction" for the idle-in-transaction rule,
+        // and vice versa.
         assert_eq!(
             decide(&Trigger::IdleInTransaction, &failed, &rules()),
             Verdict::Leave(LeaveReason::StateChanged(TxnState::IdleInFailedTransaction))

@@ -121,7 +121,7 @@ pub async fn probe(
     pids: &[i32],
     protected: &[TablePattern],
 ) -> Result<HashMap<i32, BackendFacts>, tokio_postgres::Error> {
-    let rows = conn.client().query(&conn.probe, &[&pids]).await?;
+    let rows = conn.query(PROBE_SQL, &[&pids]).await?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
         let schemas: Vec<String> = row.try_get(4)?;
@@ -150,4 +150,14 @@ pub async fn probe(
         out.insert(facts.pid, facts);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_sql_is_schema_qualified() {
+        crate::sql_check::assert_schema_qualified(PROBE_SQL);
+    }
 }

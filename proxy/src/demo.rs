@@ -332,7 +332,7 @@ impl ClientLossVerdict {
         }
         .name();
         if column(row, "trigger") == Some(client_loss)
-            && column(row, "outcome") == Some(Outcome::Terminated.key())
+            && column(row, "outcome") == Some(Outcome::Terminated.as_str())
         {
             ClientLossVerdict::Terminated {
                 locks: column(row, "locks").unwrap_or_default().to_owned(),

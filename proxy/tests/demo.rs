@@ -117,7 +117,7 @@ fn demo_shows_the_blocked_login_freed_by_lockguard_and_stuck_without_it() {
         cause: String::new(),
     }
     .name();
-    let terminated = Outcome::Terminated.key();
+    let terminated = Outcome::Terminated.as_str();
     let event = act2
         .split_once("admin console> SHOW EVENTS")
         .unwrap_or_else(|| panic!("act 2 shows no audit event:\n{act2}"))

@@ -698,7 +698,7 @@ async fn console_lists_clients_and_kill_ends_exactly_one_backend() {
 
     // KILL PID of a backend lockguard does not serve.
     let answer = rows(&ops, "KILL PID 999999").await;
-    assert_eq!(answer[0]["outcome"], "not found");
+    assert_eq!(answer[0]["outcome"], "not_found");
 }
 
 /// Acceptance 2: monitors cannot KILL (or RELOAD, or SET), wrong passwords are refused for
@@ -775,7 +775,7 @@ async fn roles_passwords_and_unknown_commands() {
     let anyone = console(&trusting, ("anyone", ""))
         .await
         .expect("trusted login");
-    assert_eq!(rows(&anyone, "KILL 12345").await[0]["outcome"], "not found");
+    assert_eq!(rows(&anyone, "KILL 12345").await[0]["outcome"], "not_found");
     let (status, _, body) = http(trusting.http, "GET", "/api/clients", None).await;
     assert_eq!((status, body.as_str()), (200, "[]"));
     let (status, _, _) = http(trusting.http, "POST", "/api/clients/1/kill", None).await;

@@ -1,10 +1,15 @@
-//! The guard, end to end through the proxy (issue 3): an orphaned session holding a lock on a
-//! protected table is terminated, the waiter proceeds, and the audit says why; sessions that
-//! hold nothing protected are left alone.
+//! The guard, end to end through the proxy (the client-loss, in-flight and idle rules): an
+//! orphaned session holding a lock on a protected table is terminated, the waiter proceeds, and
+//! the audit says why; sessions that hold nothing protected are left alone.
+//!
+//! A check that nothing happened waits for the guard's decision first: the session's
+//! deregistration (after a lost client the guard has judged it and the proxy has let it go) or
+//! a sweep report (the sweep has judged an idle session and left it).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guard_core::{AuditEvent, Outcome};
+use guard_core::{AuditEvent, LeaveReason, Outcome, SessionId, SweepReport};
 use lockguard_config::{ClientLossAction, GuardConfig};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{self, backend_alive, connect, wait_for, BlockedLogin};
@@ -130,17 +135,59 @@ fn events_for(scene: &Scene, pid: i32) -> Vec<AuditEvent> {
 }
 
 async fn wait_for_event(scene: &Scene, pid: i32, timeout: Duration) -> AuditEvent {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(event) = events_for(scene, pid).into_iter().next() {
-            return event;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no audit event for backend {pid}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut event = None;
+    wait_for(
+        timeout,
+        &format!("an audit event for backend {pid}"),
+        || {
+            event = events_for(scene, pid).into_iter().next();
+            std::future::ready(event.is_some())
+        },
+    )
+    .await;
+    event.expect("found by wait_for")
+}
+
+/// Waits until `pid` is running a statement that contains `text`.
+async fn wait_until_running(admin: &Client, pid: i32, text: &str) {
+    wait_for(
+        Duration::from_secs(5),
+        &format!("backend {pid} to run {text}"),
+        || async {
+            admin
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity \
+                     WHERE pid = $1 AND state = 'active' AND strpos(query, $2) > 0",
+                    &[&pid, &text],
+                )
+                .await
+                .expect("reading pg_stat_activity")
+                .is_some()
+        },
+    )
+    .await;
+}
+
+/// Waits until the proxy has let go of session `id`: the guard has judged its lost client and
+/// the pump has closed its upstream socket, so nothing in lockguard will act on it any more.
+async fn wait_until_deregistered(scene: &Scene, id: SessionId) {
+    wait_for(
+        Duration::from_secs(10),
+        &format!("session {id} to be deregistered"),
+        || std::future::ready(scene.proxy.registry().get(id).is_none()),
+    )
+    .await;
+}
+
+/// The next sweep report, or a panic after `limit`.
+async fn next_sweep(
+    reports: &mut tokio::sync::broadcast::Receiver<Arc<SweepReport>>,
+    limit: Duration,
+) -> Arc<SweepReport> {
+    tokio::time::timeout(limit, reports.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no sweep within {limit:?}"))
+        .expect("the guard's sweep reports")
 }
 
 fn assert_protected_row_lock(event: &AuditEvent) {
@@ -307,14 +354,15 @@ async fn on_client_loss_log_records_the_loss_and_leaves_the_backend_running() {
     // Mid statement: after the grace the proxy closes the upstream socket, which a sleeping
     // backend does not notice, so only a kill would end it.
     app.send("SELECT pg_sleep(60)").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_running(&scene.admin, app.pid, "pg_sleep").await;
+    let session = scene.proxy.session_of(app.pid).await.id;
     drop(app.stream);
 
     let event = wait_for_event(&scene, app.pid, Duration::from_secs(5)).await;
     assert_eq!(event.outcome, Outcome::Logged, "{event:?}");
     assert_eq!(event.trigger, "client_loss");
     assert_protected_row_lock(&event);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until_deregistered(&scene, session).await;
     assert!(
         backend_alive(&scene.admin, app.pid).await,
         "backend {} was terminated although on_client_loss = log",
@@ -409,10 +457,11 @@ async fn a_vanished_client_holding_only_unprotected_locks_is_left_alone() {
     app.exec("SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE")
         .await;
     app.send("SELECT pg_sleep(60)").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_running(&scene.admin, app.pid, "pg_sleep").await;
+    let session = scene.proxy.session_of(app.pid).await.id;
     drop(app.stream);
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until_deregistered(&scene, session).await;
     assert!(
         backend_alive(&scene.admin, app.pid).await,
         "backend {} was terminated although it held no protected lock",
@@ -460,8 +509,20 @@ async fn require_waiters_spares_an_idle_holder_nobody_waits_for() {
     })
     .await;
     let mut app = App::connect(&scene).await;
+    let session = scene.proxy.session_of(app.pid).await.id;
+    let mut sweeps = scene.proxy.guard().expect("guard").sweep_reports();
     app.lock_protected_row().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The sweep judges the holder past its timeout and leaves it: nobody waits.
+    loop {
+        let report = next_sweep(&mut sweeps, Duration::from_secs(5)).await;
+        assert!(
+            report.events.iter().all(|e| e.backend_pid != app.pid),
+            "{report:?}"
+        );
+        if report.left.contains(&(session, LeaveReason::NoWaiters)) {
+            break;
+        }
+    }
     let reply = app.exec("SELECT 1").await;
     assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");
     let reply = app.exec("COMMIT").await;
@@ -499,12 +560,20 @@ async fn dry_run_records_but_never_terminates() {
     })
     .await;
     let mut app = App::connect(&scene).await;
+    let mut sweeps = scene.proxy.guard().expect("guard").sweep_reports();
     app.lock_protected_row().await;
-    let event = wait_for_event(&scene, app.pid, Duration::from_secs(5)).await;
+    // The sweep that records the would-be kill, then a whole sweep after it: neither kills.
+    let event = loop {
+        let report = next_sweep(&mut sweeps, Duration::from_secs(5)).await;
+        if let Some(event) = report.events.iter().find(|e| e.backend_pid == app.pid) {
+            break event.clone();
+        }
+    };
     assert_eq!(event.outcome, Outcome::DryRun);
     assert!(event.dry_run);
     assert_protected_row_lock(&event);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = next_sweep(&mut sweeps, Duration::from_secs(5)).await;
+    assert!(after.events.is_empty(), "{after:?}");
     assert!(backend_alive(&scene.admin, app.pid).await);
     let reply = app.exec("COMMIT").await;
     assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");

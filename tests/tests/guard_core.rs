@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use guard_core::enforcer::{self, RequiredState, START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
-    Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, KillOutcome, LeaveReason,
-    Outcome, Registry,
+    Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, LeaveReason, ManualClock,
+    Outcome, Registry, Termination,
 };
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
@@ -38,6 +38,32 @@ fn build_guard(config: &GuardConfig) -> (Arc<Guard>, Arc<Registry>) {
     let registry = Arc::new(Registry::new());
     let guard = Guard::new(config, Arc::clone(&registry)).expect("building the guard");
     (guard, registry)
+}
+
+/// A guard whose clock the test moves past a timeout instead of sleeping through it.
+fn build_guard_with_clock(config: &GuardConfig) -> (Arc<Guard>, Arc<Registry>, ManualClock) {
+    let registry = Arc::new(Registry::new());
+    let clock = ManualClock::new();
+    let guard = Guard::with_clock(config, None, Arc::clone(&registry), clock.clock())
+        .expect("building the guard");
+    (guard, registry, clock)
+}
+
+/// [`guard_config`] with idle timeouts of an hour: no test sleeps through them, so a session
+/// crosses one only when the test moves the guard's clock.
+fn clocked_config(cluster: &TestCluster) -> GuardConfig {
+    GuardConfig {
+        idle_in_transaction_timeout: HOUR,
+        failed_transaction_timeout: HOUR,
+        ..guard_config(cluster, PROTECTED)
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Just past `timeout`, for moving a [`ManualClock`] over it.
+fn past(timeout: Duration) -> Duration {
+    timeout + Duration::from_millis(1)
 }
 
 /// Session B: `UPDATE` of the row A locked, running in the background until A lets go.
@@ -73,7 +99,7 @@ async fn enforcer_connection(cluster: &TestCluster, db: &str) -> GuardConnection
         .await
         .expect("connecting the enforcer");
     tokio::spawn(connection);
-    GuardConnection::prepare(client)
+    GuardConnection::prepare(client, guard_core::guard::STATEMENTS)
         .await
         .expect("preparing the guard statements")
 }
@@ -145,6 +171,8 @@ async fn probe_finds_a_row_lock_on_a_protected_table_and_the_session_waiting_beh
     assert_proceeds(b, Duration::from_secs(5)).await;
 }
 
+// Long because it walks one backend through every refusal before the kill that succeeds: each
+// step needs the same backend, still holding its lock, that the previous step left alive.
 #[tokio::test]
 async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_terminates() {
     let cluster = TestCluster::shared();
@@ -161,8 +189,8 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
         .await
         .unwrap();
-    assert_eq!(outcome, KillOutcome::IdentityMismatch);
-    assert_eq!(outcome.outcome().to_string(), "identity mismatch");
+    assert_eq!(outcome.outcome, Outcome::IdentityMismatch);
+    assert_eq!(outcome.outcome.to_string(), "identity_mismatch");
     // Not signalled: the backend is there, its transaction still open and holding the row.
     assert!(backend_alive(&admin, a.pid).await);
     a.client
@@ -176,8 +204,9 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         guard
             .terminate_verified(&db, a.pid, &stale, None, None)
             .await
-            .unwrap(),
-        KillOutcome::IdentityMismatch
+            .unwrap()
+            .outcome,
+        Outcome::IdentityMismatch
     );
 
     // The right port, but the idle rule's state check fails: the backend is idle in a
@@ -194,8 +223,9 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     .unwrap();
     assert_eq!(
         outcome,
-        KillOutcome::NoLongerIdle {
-            state: Some("idle in transaction".into())
+        Termination {
+            outcome: Outcome::NoLongerIdle,
+            detail: Some("idle in transaction".into())
         }
     );
     assert!(backend_alive(&admin, a.pid).await);
@@ -217,8 +247,9 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         .unwrap();
     assert_eq!(
         outcome,
-        KillOutcome::NoLongerIdle {
-            state: Some("idle in transaction".into())
+        Termination {
+            outcome: Outcome::NoLongerIdle,
+            detail: Some("idle in transaction".into())
         }
     );
     assert!(backend_alive(&admin, a.pid).await);
@@ -237,14 +268,14 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let outcome = enforcer::terminate_verified(&conn, a.pid, &right, later, Some(since_now))
         .await
         .unwrap();
-    assert_eq!(outcome, KillOutcome::IdentityMismatch);
+    assert_eq!(outcome.outcome, Outcome::IdentityMismatch);
     assert!(backend_alive(&admin, a.pid).await);
 
     let outcome =
         enforcer::terminate_verified(&conn, a.pid, &right, Some(probed_start), Some(since_now))
             .await
             .unwrap();
-    assert_eq!(outcome, KillOutcome::Terminated);
+    assert_eq!(outcome.outcome, Outcome::Terminated);
     // terminate_verified waits for the backend to exit.
     assert!(!backend_alive(&admin, a.pid).await);
     assert!(a.client.batch_execute("SELECT 1").await.is_err());
@@ -253,14 +284,16 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     assert_eq!(
         enforcer::terminate_verified(&conn, a.pid, &right, None, None)
             .await
-            .unwrap(),
-        KillOutcome::AlreadyGone
+            .unwrap()
+            .outcome,
+        Outcome::AlreadyGone
     );
     assert_eq!(
         enforcer::terminate_verified(&conn, 0x3fff_fff0, &right, None, None)
             .await
-            .unwrap(),
-        KillOutcome::AlreadyGone
+            .unwrap()
+            .outcome,
+        Outcome::AlreadyGone
     );
 }
 
@@ -291,8 +324,9 @@ async fn a_tcp_record_that_outlived_its_backend_never_matches_a_newer_backend() 
         guard
             .terminate_verified(&db, newer.pid, &identity, None, None)
             .await
-            .unwrap(),
-        KillOutcome::IdentityMismatch
+            .unwrap()
+            .outcome,
+        Outcome::IdentityMismatch
     );
     assert!(backend_alive(&admin, newer.pid).await);
     newer
@@ -307,8 +341,9 @@ async fn a_tcp_record_that_outlived_its_backend_never_matches_a_newer_backend() 
         guard
             .terminate_verified(&db, newer.pid, &own, None, None)
             .await
-            .unwrap(),
-        KillOutcome::Terminated
+            .unwrap()
+            .outcome,
+        Outcome::Terminated
     );
     assert!(!backend_alive(&admin, newer.pid).await);
 }
@@ -402,8 +437,9 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
     assert_eq!(
         enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
             .await
-            .unwrap(),
-        KillOutcome::IdentityMismatch
+            .unwrap()
+            .outcome,
+        Outcome::IdentityMismatch
     );
     assert!(backend_alive(&admin, a.pid).await);
 
@@ -417,16 +453,18 @@ async fn unix_socket_backend_is_identified_by_its_start_time() {
             None
         )
         .await
-        .unwrap(),
-        KillOutcome::IdentityMismatch
+        .unwrap()
+        .outcome,
+        Outcome::IdentityMismatch
     );
 
     let ours = Identity::of(record);
     assert_eq!(
         enforcer::terminate_verified(&conn, a.pid, &ours, None, None)
             .await
-            .unwrap(),
-        KillOutcome::Terminated
+            .unwrap()
+            .outcome,
+        Outcome::Terminated
     );
     assert!(!backend_alive(&admin, a.pid).await);
 }
@@ -501,7 +539,8 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
     let cluster = TestCluster::shared();
     let db = guard_test_database(cluster, "guard_unprot").await;
     let admin = connect(cluster, &db).await;
-    let (guard, registry) = build_guard(&guard_config(cluster, PROTECTED));
+    let config = clocked_config(cluster);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     // A row lock on an unprotected table, with someone waiting for it.
     let a = DirectSession::tcp(cluster, &db).await;
@@ -520,7 +559,7 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
 
     // Idle past the timeout it is left alone too, and, since an idle session cannot take new
     // locks, probed only once while it stays in that state.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    clock.advance(past(config.idle_in_transaction_timeout));
     let report = guard.sweep_once().await;
     assert_eq!(report.left, vec![(record.id, LeaveReason::NoProtectedLock)]);
     assert_eq!(guard.sweep_once().await.candidates, 0);
@@ -541,9 +580,9 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
     let admin = connect(cluster, &db).await;
     let config = GuardConfig {
         dry_run: true,
-        ..guard_config(cluster, PROTECTED)
+        ..clocked_config(cluster)
     };
-    let (guard, registry) = build_guard(&config);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
@@ -567,7 +606,12 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
     assert!(backend_alive(&admin, a.pid).await);
 
     // The sweep, past the idle timeout, records its would-be kill once, not every tick.
-    tokio::time::sleep(config.idle_in_transaction_timeout + Duration::from_millis(50)).await;
+    assert_eq!(
+        guard.sweep_once().await.candidates,
+        0,
+        "not idle long enough yet"
+    );
+    clock.advance(past(config.idle_in_transaction_timeout));
     let first = guard.sweep_once().await;
     assert_eq!(first.events.len(), 1, "{first:?}");
     assert_eq!(first.events[0].outcome, Outcome::DryRun);
@@ -588,8 +632,8 @@ async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
     let cluster = TestCluster::shared();
     let db = guard_test_database(cluster, "guard_sweep").await;
     let admin = connect(cluster, &db).await;
-    let config = guard_config(cluster, PROTECTED);
-    let (guard, registry) = build_guard(&config);
+    let config = clocked_config(cluster);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
@@ -600,6 +644,12 @@ async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
 
     let shutdown = CancellationToken::new();
     let sweeper = tokio::spawn(Arc::clone(&guard).run_sweeper(shutdown.clone()));
+    let mut sweeps = guard.sweep_reports();
+    // A sweep before the timeout passes the session over.
+    let early = sweeps.recv().await.expect("a sweep report");
+    assert_eq!(early.candidates, 0, "{early:?}");
+    assert!(!record.kill_pending());
+    clock.advance(past(config.idle_in_transaction_timeout));
 
     let notice = tokio::time::timeout(Duration::from_secs(5), record.killed())
         .await
@@ -644,15 +694,15 @@ async fn require_waiters_spares_an_idle_holder_until_someone_waits() {
     let admin = connect(cluster, &db).await;
     let config = GuardConfig {
         require_waiters: true,
-        ..guard_config(cluster, PROTECTED)
+        ..clocked_config(cluster)
     };
-    let (guard, registry) = build_guard(&config);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
     a.run(record, LOCK_ROW, b'T').await.unwrap();
-    tokio::time::sleep(config.idle_in_transaction_timeout + Duration::from_millis(50)).await;
+    clock.advance(past(config.idle_in_transaction_timeout));
 
     for _ in 0..3 {
         let report = guard.sweep_once().await;
@@ -685,9 +735,9 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
     let admin = connect(cluster, &db).await;
     let config = GuardConfig {
         idle_in_transaction_timeout: Duration::ZERO,
-        ..guard_config(cluster, PROTECTED)
+        ..clocked_config(cluster)
     };
-    let (guard, registry) = build_guard(&config);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
@@ -702,7 +752,12 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
-    tokio::time::sleep(config.failed_transaction_timeout + Duration::from_millis(50)).await;
+    assert_eq!(
+        guard.sweep_once().await.candidates,
+        0,
+        "not idle long enough yet"
+    );
+    clock.advance(past(config.failed_transaction_timeout));
     let report = guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     let event = &report.events[0];
@@ -723,8 +778,8 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     let cluster = TestCluster::shared();
     let db = guard_test_database(cluster, "guard_busy").await;
     let admin = connect(cluster, &db).await;
-    let config = guard_config(cluster, PROTECTED);
-    let (guard, registry) = build_guard(&config);
+    let config = clocked_config(cluster);
+    let (guard, registry, clock) = build_guard_with_clock(&config);
 
     // A: the proxy's record says idle in transaction, but the server is already running a
     // statement (the client sent it just as the sweep looked): not idle, not killed.
@@ -748,7 +803,7 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     c_record.sync_sent();
     c_record.ready_for_query(b'T');
 
-    tokio::time::sleep(config.idle_in_transaction_timeout + Duration::from_millis(50)).await;
+    clock.advance(past(config.idle_in_transaction_timeout));
     let a_pid = a.pid;
     let busy = tokio::spawn(async move {
         a.client

@@ -300,7 +300,7 @@ async fn a_superusers_backend_cannot_be_terminated_and_the_audit_says_not_permit
 
     let event = idle_rule_event(&proxy, &guard, pid).await;
     assert_eq!(event.outcome, Outcome::NotPermitted, "{event:?}");
-    assert_eq!(event.outcome.to_string(), "not permitted");
+    assert_eq!(event.outcome.to_string(), "not_permitted");
     let reason = event.error.as_deref().expect("the reason");
     assert!(
         reason.contains("superuser") && reason.contains("pg_signal_backend"),

@@ -435,8 +435,8 @@ impl Table {
 /// What a KILL found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KillResult {
-    /// The guard decided; its audit event's outcome (terminated, dry-run, identity mismatch,
-    /// already gone, error).
+    /// The guard decided; its audit event's outcome (`terminated`, `dry_run`,
+    /// `identity_mismatch`, `already_gone`, `not_permitted`, `error`, ...).
     Audited(Outcome),
     /// No live session matches.
     NotFound,
@@ -449,13 +449,13 @@ pub enum KillResult {
 }
 
 impl KillResult {
-    /// The `outcome` column.
+    /// The `outcome` column, spelled like [`Outcome::as_str`].
     pub fn as_str(&self) -> &'static str {
         match self {
             KillResult::Audited(outcome) => outcome.as_str(),
-            KillResult::NotFound => "not found",
-            KillResult::NoBackend => "no backend",
-            KillResult::InProgress => "kill in progress",
+            KillResult::NotFound => "not_found",
+            KillResult::NoBackend => "no_backend",
+            KillResult::InProgress => "kill_in_progress",
             KillResult::Failed => "error",
         }
     }
@@ -770,7 +770,7 @@ impl Admin {
                 rows.push((format!("terminations.{trigger}"), terminated));
             }
             for (trigger, outcome, n) in counts {
-                rows.push((format!("events.{trigger}.{}", outcome.key()), n));
+                rows.push((format!("events.{trigger}.{}", outcome.as_str()), n));
             }
         }
         rows.into_iter()
@@ -808,7 +808,7 @@ fn event_row(e: &AuditEvent) -> Vec<Value> {
         Value::int(e.backend_pid),
         Value::text(&e.trigger),
         Value::opt_text(e.cause.clone()),
-        Value::text(e.outcome.key()),
+        Value::text(e.outcome.as_str()),
         Value::text(locks),
         Value::int(e.waiters),
         Value::text(&e.state),
@@ -932,7 +932,7 @@ mod tests {
             vec![vec![
                 Value::Int(3),
                 Value::Null,
-                Value::text("not found"),
+                Value::text("not_found"),
                 Value::text("no live session with client 3"),
             ]],
         );
@@ -942,7 +942,7 @@ mod tests {
             serde_json::json!([{
                 "client_id": 3,
                 "backend_pid": null,
-                "outcome": "not found",
+                "outcome": "not_found",
                 "detail": "no live session with client 3",
             }])
         );

@@ -190,7 +190,7 @@ pub fn render(admin: &Admin) -> String {
                 .sum();
             m.sample(
                 "lockguard_terminations_total",
-                &[("trigger", trigger), ("outcome", outcome.key())],
+                &[("trigger", trigger), ("outcome", outcome.as_str())],
                 n,
             );
         }
