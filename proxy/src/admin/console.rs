@@ -102,9 +102,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
 
 /// Serves one console connection: what `pgwire::tokio::process_socket` does, over a socket
 /// that enforces the console's message limits, with the login bounded by `login_deadline`.
-/// An SSLRequest is answered with TLS when the console has a certificate (its own or the
-/// client side's), 'N' otherwise; GSS encryption is always declined. With
-/// `admin.require_tls`, a plaintext login is refused.
+/// The console answers encryption requests and enforces `admin.require_tls` itself
+/// ([`intercept`]); pgwire handles the rest.
 async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
@@ -117,94 +116,20 @@ async fn serve_connection(
     let deadline = tokio::time::sleep(login_deadline);
     tokio::pin!(deadline);
     loop {
-        let logging_in = matches!(
-            socket.state(),
-            PgWireConnectionState::AwaitingSslRequest
-                | PgWireConnectionState::AwaitingStartup
-                | PgWireConnectionState::AuthenticationInProgress
-        );
-        let next = if logging_in {
-            tokio::select! {
-                next = socket.next() => next,
-                _ = &mut deadline => {
-                    info!(%peer, "admin console connection did not log in within startup_timeout; closing");
-                    return Ok(());
-                }
-            }
-        } else {
-            socket.next().await
+        let Some(message) = next_message(&mut socket, peer, deadline.as_mut()).await? else {
+            return Ok(());
         };
-        let message = match next {
-            None => return Ok(()),
-            Some(Ok(message)) => message,
-            Some(Err(PgWireError::IoError(e))) => {
-                if let Some(framing) = FramingError::from_io(&e) {
-                    info!(%peer, error = %framing, "admin console connection closed");
-                    let fatal = ErrorInfo::new(
-                        "FATAL".to_owned(),
-                        sqlstate::PROTOCOL_VIOLATION.to_owned(),
-                        format!("lockguard admin console: {framing}"),
-                    );
-                    socket
-                        .send(PgWireBackendMessage::ErrorResponse(fatal.into()))
-                        .await?;
-                }
-                return Err(PgWireError::IoError(e));
+        let message = match intercept(socket, message, peer, handlers).await? {
+            Intercepted::Pass(passed, message) => {
+                socket = passed;
+                message
             }
-            Some(Err(e)) => return Err(e),
+            Intercepted::Answered(answered) => {
+                socket = answered;
+                continue;
+            }
+            Intercepted::Close => return Ok(()),
         };
-        match message {
-            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresSsl(_)) => {
-                let acceptor = match socket.get_ref().get_ref() {
-                    // Inside TLS, the request is not repeated; pgwire's state no longer
-                    // expects one, so this is only reachable on the plain socket.
-                    ClientStream::Tls(_) => None,
-                    ClientStream::Plain(_) => handlers.startup.admin.console_tls_acceptor(),
-                };
-                let Some(acceptor) = acceptor else {
-                    socket
-                        .send(PgWireBackendMessage::SslResponse(SslResponse::Refuse))
-                        .await?;
-                    continue;
-                };
-                match start_tls(socket, peer, acceptor).await {
-                    Some(tls) => socket = tls,
-                    None => return Ok(()),
-                }
-                continue;
-            }
-            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresGss(_)) => {
-                socket
-                    .send(PgWireBackendMessage::GssEncResponse(GssEncResponse::Refuse))
-                    .await?;
-                continue;
-            }
-            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None) => {
-                // The startup packet (or a cancel request) is next; it is still buffered.
-                socket.set_state(PgWireConnectionState::AwaitingStartup);
-                continue;
-            }
-            // The client is leaving; some wait for the server to close first.
-            PgWireFrontendMessage::Terminate(_) => return Ok(()),
-            PgWireFrontendMessage::Startup(_)
-                if !socket.get_ref().get_ref().is_tls()
-                    && handlers.startup.admin.config().admin.require_tls =>
-            {
-                info!(%peer, "admin console login refused: TLS is required");
-                let fatal = ErrorInfo::new(
-                    "FATAL".to_owned(),
-                    sqlstate::INVALID_AUTHORIZATION.to_owned(),
-                    "lockguard admin console: TLS is required (admin.require_tls); connect \
-                     with sslmode=require"
-                        .to_owned(),
-                );
-                socket
-                    .send(PgWireBackendMessage::ErrorResponse(fatal.into()))
-                    .await?;
-                return Ok(());
-            }
-            _ => {}
-        }
         let is_extended_query = match socket.state() {
             PgWireConnectionState::CopyInProgress(extended) => extended,
             _ => message.is_extended_query(),
@@ -231,6 +156,124 @@ async fn serve_connection(
         if is_cancel_request {
             return Ok(());
         }
+    }
+}
+
+/// The client's next message; `None` when the connection should end quietly (the client
+/// left, or did not log in by `deadline`). A message over the console's length limit is
+/// answered with a FATAL naming the limit before the error is returned.
+async fn next_message(
+    socket: &mut ConsoleSocket,
+    peer: SocketAddr,
+    deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Result<Option<PgWireFrontendMessage>, PgWireError> {
+    let logging_in = matches!(
+        socket.state(),
+        PgWireConnectionState::AwaitingSslRequest
+            | PgWireConnectionState::AwaitingStartup
+            | PgWireConnectionState::AuthenticationInProgress
+    );
+    let next = if logging_in {
+        tokio::select! {
+            next = socket.next() => next,
+            _ = deadline => {
+                info!(%peer, "admin console connection did not log in within startup_timeout; closing");
+                return Ok(None);
+            }
+        }
+    } else {
+        socket.next().await
+    };
+    match next {
+        None => Ok(None),
+        Some(Ok(message)) => Ok(Some(message)),
+        Some(Err(PgWireError::IoError(e))) => {
+            if let Some(framing) = FramingError::from_io(&e) {
+                info!(%peer, error = %framing, "admin console connection closed");
+                let fatal = ErrorInfo::new(
+                    "FATAL".to_owned(),
+                    sqlstate::PROTOCOL_VIOLATION.to_owned(),
+                    format!("lockguard admin console: {framing}"),
+                );
+                socket
+                    .send(PgWireBackendMessage::ErrorResponse(fatal.into()))
+                    .await?;
+            }
+            Err(PgWireError::IoError(e))
+        }
+        Some(Err(e)) => Err(e),
+    }
+}
+
+/// What the console did with a message before pgwire sees it.
+enum Intercepted {
+    /// Not the console's: pgwire processes it.
+    Pass(ConsoleSocket, PgWireFrontendMessage),
+    /// Answered here (an encryption request); the socket may now be TLS.
+    Answered(ConsoleSocket),
+    /// The connection ends here.
+    Close,
+}
+
+/// The messages the console answers itself: an SSLRequest gets TLS when the console has a
+/// certificate (its own or the client side's), 'N' otherwise; GSS encryption is always
+/// declined; with `admin.require_tls`, a plaintext login is refused.
+async fn intercept(
+    mut socket: ConsoleSocket,
+    message: PgWireFrontendMessage,
+    peer: SocketAddr,
+    handlers: &Handlers,
+) -> Result<Intercepted, PgWireError> {
+    match message {
+        PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresSsl(_)) => {
+            let acceptor = match socket.get_ref().get_ref() {
+                // Inside TLS, the request is not repeated; pgwire's state no longer
+                // expects one, so this is only reachable on the plain socket.
+                ClientStream::Tls(_) => None,
+                ClientStream::Plain(_) => handlers.startup.admin.console_tls_acceptor(),
+            };
+            let Some(acceptor) = acceptor else {
+                socket
+                    .send(PgWireBackendMessage::SslResponse(SslResponse::Refuse))
+                    .await?;
+                return Ok(Intercepted::Answered(socket));
+            };
+            Ok(match start_tls(socket, peer, acceptor).await {
+                Some(tls) => Intercepted::Answered(tls),
+                None => Intercepted::Close,
+            })
+        }
+        PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresGss(_)) => {
+            socket
+                .send(PgWireBackendMessage::GssEncResponse(GssEncResponse::Refuse))
+                .await?;
+            Ok(Intercepted::Answered(socket))
+        }
+        PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None) => {
+            // The startup packet (or a cancel request) is next; it is still buffered.
+            socket.set_state(PgWireConnectionState::AwaitingStartup);
+            Ok(Intercepted::Answered(socket))
+        }
+        // The client is leaving; some wait for the server to close first.
+        PgWireFrontendMessage::Terminate(_) => Ok(Intercepted::Close),
+        PgWireFrontendMessage::Startup(_)
+            if !socket.get_ref().get_ref().is_tls()
+                && handlers.startup.admin.config().admin.require_tls =>
+        {
+            info!(%peer, "admin console login refused: TLS is required");
+            let fatal = ErrorInfo::new(
+                "FATAL".to_owned(),
+                sqlstate::INVALID_AUTHORIZATION.to_owned(),
+                "lockguard admin console: TLS is required (admin.require_tls); connect \
+                 with sslmode=require"
+                    .to_owned(),
+            );
+            socket
+                .send(PgWireBackendMessage::ErrorResponse(fatal.into()))
+                .await?;
+            Ok(Intercepted::Close)
+        }
+        message => Ok(Intercepted::Pass(socket, message)),
     }
 }
 
