@@ -19,7 +19,8 @@ use tokio_postgres::error::SqlState;
 /// pids and states (simple and extended protocol); SHOW LOCKS shows the protected lock and its
 /// waiter; KILL ends exactly one backend, its client gets lockguard's 57P01, the waiter
 /// proceeds, SHOW EVENTS and the termination counter record it; the HTTP API lists clients
-/// and kills with the token only.
+/// and kills with the token only. One test on purpose, longer than most: each step reads the
+/// state the previous one left (the lock, its waiter, the kill, the event it recorded).
 #[tokio::test]
 async fn console_lists_clients_and_kill_ends_exactly_one_backend() {
     let db = database("admin_kill").await;

@@ -1,6 +1,13 @@
 //! `GET /metrics`: the proxy's counters in the Prometheus text exposition format (version
 //! 0.0.4). Rendered on each scrape from the same state the console shows, so there is no second
 //! set of counters to keep in step.
+//!
+//! Written here rather than with `prometheus-client`: that crate writes only OpenMetrics
+//! (counter families named without `_total`, a full stop added to each HELP, a `# EOF` line,
+//! its own content type), which would change what scrapers and the shipped dashboard and
+//! alerts read; and since every value is read from live state at each scrape, its model
+//! (registered metric objects, or a custom collector around this same code) would replace
+//! the forty lines of [`Exposition`] with more.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

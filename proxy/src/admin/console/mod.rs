@@ -10,29 +10,15 @@
 //! log in, messages of at most [`super::framing::MAX_CONSOLE_MESSAGE`] bytes, and SCRAM's key
 //! derivation off the runtime thread ([`super::auth`]).
 
-use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures_util::{stream, Sink, SinkExt, StreamExt};
-use lockguard_config::{AdminAuthMethod, AdminRole};
-use pgwire::api::auth::mechanism::AuthMechanism;
-use pgwire::api::auth::{
-    protocol_negotiation, save_startup_parameters_to_metadata, AuthDriver, AuthOutcome,
-    DefaultServerParameterProvider, StartupHandler,
-};
-use pgwire::api::portal::{Format, Portal};
+use futures_util::{SinkExt, StreamExt};
+use pgwire::api::auth::{AuthDriver, DefaultServerParameterProvider, StartupHandler};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response};
-use pgwire::api::stmt::QueryParser;
-use pgwire::api::store::PortalStore;
-use pgwire::api::{
-    ClientInfo, ClientPortalStore, DefaultClient, PgWireConnectionState, PgWireServerHandlers,
-    Type, METADATA_USER,
-};
-use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::api::{ClientInfo, DefaultClient, PgWireConnectionState, PgWireServerHandlers};
+use pgwire::error::{ErrorInfo, PgWireError};
 use pgwire::messages::response::{GssEncResponse, SslResponse};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
 use pgwire::tokio::server::{process_error, process_message, PgWireMessageServerCodec};
@@ -42,13 +28,18 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::accept::{serve_connections, Admission};
-use super::auth::{Expected, Md5Mechanism, ScramMechanism};
-use super::commands::{AdminError, Column, ColumnType, Command, Table, Value};
-use super::framing::{FramingError, LimitedFraming};
-use super::{Admin, Login};
+use crate::admin::accept::{serve_connections, Admission};
+use crate::admin::commands::Command;
+use crate::admin::framing::{FramingError, LimitedFraming};
+use crate::admin::Admin;
 use crate::protocol::{self, sqlstate};
 use crate::stream::ClientStream;
+
+mod login;
+mod queries;
+
+use login::Startup;
+use queries::{CommandParser, Queries};
 
 /// Most console connections served at once; more are refused with 53300. Operators need a
 /// handful; the bound keeps unauthenticated connections from piling up.
@@ -324,7 +315,7 @@ impl Handlers {
     fn new(admin: Arc<Admin>) -> Handlers {
         let mut parameters = DefaultServerParameterProvider::default();
         // Clients read the major version from here; name what they are talking to.
-        parameters.server_version = format!("16.0 ({})", super::commands::version());
+        parameters.server_version = format!("16.0 ({})", crate::admin::commands::version());
         parameters.is_superuser = false;
         Handlers {
             startup: Arc::new(Startup {
@@ -350,335 +341,5 @@ impl PgWireServerHandlers for Handlers {
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         Arc::clone(&self.startup)
-    }
-}
-
-// ---- authentication ----------------------------------------------------------------------
-
-struct Startup {
-    admin: Arc<Admin>,
-    driver: AuthDriver<DefaultServerParameterProvider, Login>,
-}
-
-impl Startup {
-    /// Binds the login to the connection and finishes the startup.
-    async fn accept<C>(
-        &self,
-        client: &mut C,
-        login: Login,
-        final_message: Option<pgwire::messages::startup::Authentication>,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        info!(
-            peer = %client.socket_addr(),
-            user = %login.user,
-            role = login.role.as_str(),
-            "admin console login"
-        );
-        client.session_extensions().insert(login);
-        self.driver
-            .complete_authentication(client, final_message)
-            .await
-    }
-
-    async fn outcome<C>(
-        &self,
-        client: &mut C,
-        outcome: PgWireResult<AuthOutcome<Login>>,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let user = client
-            .metadata()
-            .get(METADATA_USER)
-            .cloned()
-            .unwrap_or_default();
-        match outcome {
-            Ok(AuthOutcome::InProgress) => Ok(()),
-            Ok(AuthOutcome::Authenticated {
-                identity: Some(login),
-                final_message,
-            }) => self.accept(client, login, final_message).await,
-            Ok(AuthOutcome::Authenticated { identity: None, .. }) => {
-                Err(PgWireError::InvalidPassword(user))
-            }
-            Err(e) => {
-                warn!(
-                    peer = %client.socket_addr(),
-                    user = %user,
-                    error = %e,
-                    "admin console login refused"
-                );
-                Err(e)
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl StartupHandler for Startup {
-    async fn on_startup<C>(
-        &self,
-        client: &mut C,
-        message: PgWireFrontendMessage,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        match message {
-            PgWireFrontendMessage::Startup(startup) => {
-                protocol_negotiation(client, &startup).await?;
-                save_startup_parameters_to_metadata(client, &startup);
-                let user = client
-                    .metadata()
-                    .get(METADATA_USER)
-                    .cloned()
-                    .ok_or(PgWireError::UserNameRequired)?;
-                let config = self.admin.config();
-                let known = self.admin.credentials().user(&user);
-                if known.is_none() && config.admin.trust_loopback {
-                    // Validation allows this only on a loopback listen address.
-                    return self
-                        .accept(client, Login::console(&user, AdminRole::Admin), None)
-                        .await;
-                }
-                // An unknown name runs the same exchange and fails at the end.
-                let expected = Expected::for_user(&user, known);
-                let mechanism: Box<dyn AuthMechanism<Login>> = match config.admin.auth_method {
-                    AdminAuthMethod::ScramSha256 => Box::new(ScramMechanism::new(expected)),
-                    AdminAuthMethod::Md5 => Box::new(Md5Mechanism::new(expected)),
-                };
-                let outcome = self.driver.begin_authentication(client, mechanism).await;
-                self.outcome(client, outcome).await
-            }
-            PgWireFrontendMessage::PasswordMessageFamily(message) => {
-                let outcome = self.driver.advance_authentication(client, message).await;
-                self.outcome(client, outcome).await
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-// ---- queries -----------------------------------------------------------------------------
-
-struct Queries {
-    admin: Arc<Admin>,
-    parser: Arc<CommandParser>,
-}
-
-/// The console's errors as PostgreSQL ErrorResponses (SQLSTATE, message, hint).
-fn pg_error(e: AdminError) -> PgWireError {
-    let mut info = ErrorInfo::new("ERROR".to_owned(), e.sqlstate().to_owned(), e.to_string());
-    info.hint = e.hint().map(str::to_owned);
-    PgWireError::UserError(Box::new(info))
-}
-
-/// The login bound to this connection by [`Startup::accept`].
-fn login_of<C: ClientInfo>(client: &C) -> PgWireResult<Arc<Login>> {
-    client.session_extensions().get::<Login>().ok_or_else(|| {
-        PgWireError::UserError(Box::new(ErrorInfo::new(
-            "FATAL".to_owned(),
-            "28000".to_owned(),
-            "admin console connection is not authenticated".to_owned(),
-        )))
-    })
-}
-
-impl ColumnType {
-    fn pg_type(self) -> Type {
-        match self {
-            ColumnType::Text => Type::TEXT,
-            ColumnType::Int4 => Type::INT4,
-            ColumnType::Int8 => Type::INT8,
-            ColumnType::Float8 => Type::FLOAT8,
-            ColumnType::Bool => Type::BOOL,
-        }
-    }
-}
-
-/// Field descriptions of `columns`, in the formats the client asked for.
-fn fields(columns: &[Column], format: &Format) -> Vec<FieldInfo> {
-    columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            FieldInfo::new(
-                c.name.to_owned(),
-                None,
-                None,
-                c.kind.pg_type(),
-                format.format_for(i),
-            )
-        })
-        .collect()
-}
-
-/// Encodes one cell as its column's type. Values are built for their column, so a mismatch
-/// is a bug; it is sent as NULL rather than as bytes of the wrong width.
-fn encode(encoder: &mut DataRowEncoder, kind: ColumnType, value: &Value) -> PgWireResult<()> {
-    match (kind, value) {
-        (ColumnType::Text, Value::Text(s)) => encoder.encode_field(s),
-        (ColumnType::Int4, Value::Int(n)) => encoder.encode_field(&i32::try_from(*n).ok()),
-        (ColumnType::Int8, Value::Int(n)) => encoder.encode_field(n),
-        (ColumnType::Float8, Value::Float(x)) => encoder.encode_field(x),
-        (ColumnType::Bool, Value::Bool(b)) => encoder.encode_field(b),
-        _ => encoder.encode_field(&None::<i32>),
-    }
-}
-
-fn query_response(table: Table, format: &Format) -> PgWireResult<QueryResponse> {
-    let schema = Arc::new(fields(table.columns, format));
-    let mut encoder = DataRowEncoder::new(Arc::clone(&schema));
-    let mut rows = Vec::with_capacity(table.rows.len());
-    for row in &table.rows {
-        for (column, value) in table.columns.iter().zip(row) {
-            encode(&mut encoder, column.kind, value)?;
-        }
-        rows.push(Ok(encoder.take_row()));
-    }
-    let mut response = QueryResponse::new(schema, stream::iter(rows));
-    response.set_command_tag(table.tag);
-    Ok(response)
-}
-
-impl Queries {
-    /// The connection's login as the configuration in force sees it: a RELOAD that changed a
-    /// user's role applies from their next command, and one that removed the user ends the
-    /// session (FATAL 28000), as it would refuse their next login.
-    fn login_in_force(&self, login: &Login) -> PgWireResult<Login> {
-        if let Some((_, current)) = self.admin.credentials().user(&login.user) {
-            return Ok(current);
-        }
-        if self.admin.config().admin.trust_loopback {
-            // An unlisted name is a trusted loopback login; it could log in again right now.
-            return Ok(login.clone());
-        }
-        info!(user = %login.user, "admin console user no longer configured; closing the session");
-        Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-            "FATAL".to_owned(),
-            sqlstate::INVALID_AUTHORIZATION.to_owned(),
-            format!(
-                "lockguard: admin console user \"{}\" is no longer configured",
-                login.user
-            ),
-        ))))
-    }
-
-    async fn run<C: ClientInfo>(
-        &self,
-        client: &C,
-        command: &Command,
-        format: &Format,
-    ) -> PgWireResult<Response> {
-        let login = self.login_in_force(&*login_of(client)?)?;
-        let table = self
-            .admin
-            .execute(command, &login)
-            .await
-            .map_err(pg_error)?;
-        Ok(Response::Query(query_response(table, format)?))
-    }
-}
-
-#[async_trait]
-impl SimpleQueryHandler for Queries {
-    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let command = Command::parse(query).map_err(pg_error)?;
-        Ok(vec![
-            self.run(client, &command, &Format::UnifiedText).await?,
-        ])
-    }
-}
-
-/// Parses statements of the extended protocol into commands; their result columns are known
-/// before they run.
-#[derive(Debug, Default)]
-struct CommandParser;
-
-#[async_trait]
-impl QueryParser for CommandParser {
-    type Statement = Command;
-
-    async fn parse_sql<C>(
-        &self,
-        _client: &C,
-        sql: &str,
-        _types: &[Option<Type>],
-    ) -> PgWireResult<Option<Command>>
-    where
-        C: ClientInfo + Unpin + Send + Sync,
-    {
-        Command::parse(sql).map(Some).map_err(pg_error)
-    }
-
-    fn get_parameter_types(&self, _command: &Command) -> PgWireResult<Vec<Type>> {
-        Ok(Vec::new())
-    }
-
-    fn get_result_schema(
-        &self,
-        command: &Command,
-        format: Option<&Format>,
-    ) -> PgWireResult<Vec<FieldInfo>> {
-        Ok(fields(
-            command.columns(),
-            format.unwrap_or(&Format::UnifiedText),
-        ))
-    }
-}
-
-#[async_trait]
-impl ExtendedQueryHandler for Queries {
-    type Statement = Command;
-    type QueryParser = CommandParser;
-
-    fn query_parser(&self) -> Arc<CommandParser> {
-        Arc::clone(&self.parser)
-    }
-
-    async fn do_query<C>(
-        &self,
-        client: &mut C,
-        portal: &Portal<Command>,
-        _max_rows: usize,
-    ) -> PgWireResult<Response>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore<Statement = Command>,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        if portal.parameter_len() > 0 {
-            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                "ERROR".to_owned(),
-                "08P01".to_owned(),
-                format!(
-                    "admin commands take no parameters; {} were bound",
-                    portal.parameter_len()
-                ),
-            ))));
-        }
-        self.run(
-            client,
-            &portal.statement.statement,
-            &portal.result_column_format,
-        )
-        .await
     }
 }
