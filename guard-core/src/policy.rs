@@ -30,15 +30,50 @@ pub enum Trigger {
     Operator { reason: String },
 }
 
+/// Which kind of [`Trigger`] it is, without its free text: what counters and tables are
+/// keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TriggerKind {
+    ClientLoss,
+    IdleInTransaction,
+    FailedTransaction,
+    Operator,
+}
+
+impl TriggerKind {
+    /// Every kind, in a stable order (so counters list zeros too).
+    pub const ALL: [TriggerKind; 4] = [
+        TriggerKind::ClientLoss,
+        TriggerKind::IdleInTransaction,
+        TriggerKind::FailedTransaction,
+        TriggerKind::Operator,
+    ];
+
+    /// Stable name used in audit events, logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            TriggerKind::ClientLoss => "client_loss",
+            TriggerKind::IdleInTransaction => "idle_in_transaction",
+            TriggerKind::FailedTransaction => "failed_transaction",
+            TriggerKind::Operator => "operator",
+        }
+    }
+}
+
 impl Trigger {
+    /// Which kind of trigger this is.
+    pub fn kind(&self) -> TriggerKind {
+        match self {
+            Trigger::ClientLoss { .. } => TriggerKind::ClientLoss,
+            Trigger::IdleInTransaction => TriggerKind::IdleInTransaction,
+            Trigger::FailedTransaction => TriggerKind::FailedTransaction,
+            Trigger::Operator { .. } => TriggerKind::Operator,
+        }
+    }
+
     /// Stable name used in audit events and logs.
     pub fn name(&self) -> &'static str {
-        match self {
-            Trigger::ClientLoss { .. } => "client_loss",
-            Trigger::IdleInTransaction => "idle_in_transaction",
-            Trigger::FailedTransaction => "failed_transaction",
-            Trigger::Operator { .. } => "operator",
-        }
+        self.kind().name()
     }
 
     /// The free-text part: how the client was lost, or the operator's reason.

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use guard_core::{Outcome, Trigger};
+use guard_core::policy::TriggerKind;
+use guard_core::Outcome;
 use lockguard_config::Config;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -327,10 +328,7 @@ enum ClientLossVerdict {
 
 impl ClientLossVerdict {
     fn of(row: &[(String, String)]) -> ClientLossVerdict {
-        let client_loss = Trigger::ClientLoss {
-            cause: String::new(),
-        }
-        .name();
+        let client_loss = TriggerKind::ClientLoss.name();
         if column(row, "trigger") == Some(client_loss)
             && column(row, "outcome") == Some(Outcome::Terminated.as_str())
         {

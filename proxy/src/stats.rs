@@ -7,13 +7,78 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use guard_core::Registry;
 use serde::Serialize;
 
+/// Why an upstream connect failed: the `reason` label of
+/// `lockguard_upstream_connect_errors_total`, so an alert can tell a server that is down from
+/// a certificate problem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectFailure {
+    /// Nothing listens there (or the socket file is missing).
+    Refused,
+    /// No answer within `connect_timeout`.
+    Timeout,
+    /// The SSLRequest or the TLS handshake failed, or the server refused TLS.
+    Tls,
+    /// The upstream host name did not resolve.
+    Dns,
+    #[default]
+    Other,
+}
+
+impl ConnectFailure {
+    /// Every reason, so the metric shows zeros too.
+    pub const ALL: [ConnectFailure; 5] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Timeout,
+        ConnectFailure::Tls,
+        ConnectFailure::Dns,
+        ConnectFailure::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Tls => "tls",
+            ConnectFailure::Dns => "dns",
+            ConnectFailure::Other => "other",
+        }
+    }
+
+    /// Reads the reason from the text of `upstream::connect`'s error. That error is a `String`
+    /// today; when it becomes a typed error this becomes a match on its variants.
+    pub fn classify(error: &str) -> ConnectFailure {
+        // Only the cause: the upstream's own name ("tls-db:5432") must not decide.
+        let cause = error
+            .strip_prefix("could not connect to upstream ")
+            .and_then(|rest| rest.split_once(": "))
+            .map_or(error, |(_, cause)| cause);
+        let error = cause.to_ascii_lowercase();
+        if error.contains("timed out") {
+            ConnectFailure::Timeout
+        } else if error.contains("tls") || error.contains("sslrequest") {
+            ConnectFailure::Tls
+        } else if error.contains("connection refused") || error.contains("no such file") {
+            ConnectFailure::Refused
+        } else if error.contains("lookup address")
+            || error.contains("name or service not known")
+            || error.contains("name resolution")
+        {
+            ConnectFailure::Dns
+        } else {
+            ConnectFailure::Other
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     clients_accepted: AtomicU64,
     clients_refused: AtomicU64,
     startup_rejected: AtomicU64,
     startup_timeouts: AtomicU64,
-    upstream_connect_errors: AtomicU64,
+    upstream_connect_errors: [AtomicU64; ConnectFailure::ALL.len()],
     cancel_requests: AtomicU64,
     sessions_started: AtomicU64,
     sessions_ended: AtomicU64,
@@ -34,6 +99,8 @@ pub struct StatsSnapshot {
     pub startup_timeouts: u64,
     /// Failed attempts to open an upstream connection.
     pub upstream_connect_errors: u64,
+    /// The same, by why they failed (every reason, in [`ConnectFailure::ALL`] order).
+    pub upstream_connect_errors_by_reason: [(ConnectFailure, u64); ConnectFailure::ALL.len()],
     /// CancelRequests forwarded.
     pub cancel_requests: u64,
     /// Sessions that reached the upstream.
@@ -61,8 +128,9 @@ impl ProxyStats {
     pub fn startup_timed_out(&self) {
         bump(&self.startup_timeouts);
     }
-    pub fn upstream_connect_failed(&self) {
-        bump(&self.upstream_connect_errors);
+    /// Counts a failed upstream connect under the reason its error names.
+    pub fn upstream_connect_failed(&self, error: &str) {
+        bump(&self.upstream_connect_errors[ConnectFailure::classify(error) as usize]);
     }
     pub fn cancel_forwarded(&self) {
         bump(&self.cancel_requests);
@@ -89,7 +157,9 @@ impl ProxyStats {
             clients_refused: load(&self.clients_refused),
             startup_rejected: load(&self.startup_rejected),
             startup_timeouts: load(&self.startup_timeouts),
-            upstream_connect_errors: load(&self.upstream_connect_errors),
+            upstream_connect_errors: self.upstream_connect_errors.iter().map(load).sum(),
+            upstream_connect_errors_by_reason: ConnectFailure::ALL
+                .map(|reason| (reason, load(&self.upstream_connect_errors[reason as usize]))),
             cancel_requests: load(&self.cancel_requests),
             sessions_started: load(&self.sessions_started),
             sessions_ended: load(&self.sessions_ended),
@@ -97,6 +167,48 @@ impl ProxyStats {
                 + live.iter().map(|s| s.bytes_from_client()).sum::<u64>(),
             bytes_from_servers: load(&self.ended_bytes_from_server)
                 + live.iter().map(|s| s.bytes_from_server()).sum::<u64>(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConnectFailure;
+
+    #[test]
+    fn connect_errors_are_classified_by_what_their_text_names() {
+        let cases = [
+            (
+                "could not connect to upstream 127.0.0.1:1: Connection refused (os error 111)",
+                ConnectFailure::Refused,
+            ),
+            (
+                "could not connect to upstream /tmp/x/.s.PGSQL.5432: No such file or directory (os error 2)",
+                ConnectFailure::Refused,
+            ),
+            (
+                "could not connect to upstream 10.0.0.1:5432: timed out after 5.0s",
+                ConnectFailure::Timeout,
+            ),
+            (
+                "could not connect to upstream db:5432: TLS handshake failed: invalid peer certificate",
+                ConnectFailure::Tls,
+            ),
+            (
+                "could not connect to upstream db:5432: no answer to SSLRequest: early eof",
+                ConnectFailure::Tls,
+            ),
+            (
+                "could not connect to upstream nowhere.invalid:5432: failed to lookup address information: Name or service not known",
+                ConnectFailure::Dns,
+            ),
+            (
+                "could not connect to upstream tls-timed-out:5432: Network is unreachable (os error 101)",
+                ConnectFailure::Other,
+            ),
+        ];
+        for (text, reason) in cases {
+            assert_eq!(ConnectFailure::classify(text), reason, "{text}");
         }
     }
 }

@@ -1,9 +1,13 @@
 //! The integration-test harness: a throwaway PostgreSQL, an in-process proxy, and helpers.
 
+pub mod admin;
+pub mod app;
 pub mod certs;
 pub mod cluster;
 pub mod guard_support;
+pub mod http;
 pub mod pgbouncer;
+pub mod prometheus;
 pub mod proxy;
 pub mod psql;
 pub mod raw;

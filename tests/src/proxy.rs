@@ -170,57 +170,6 @@ impl Drop for TestProxy {
 /// `GET path` on the admin HTTP endpoint at `addr` (HTTP/1.1, `Connection: close`): the status
 /// code and the body. Panics if the endpoint does not answer within 10 s.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path}: no answer within 10 s"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: no end of headers"));
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let body = &response[split + 4..];
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_vec()
-    };
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// The payload of a chunked body.
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&body[..line_end])
-            .ok()
-            .and_then(|size| usize::from_str_radix(size.trim(), 16).ok());
-        let rest = &body[line_end + 2..];
-        match size {
-            Some(size) if size > 0 && rest.len() >= size => {
-                out.extend_from_slice(&rest[..size]);
-                body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
-            }
-            _ => break,
-        }
-    }
-    out
+    let response = crate::http::get(addr, path).await;
+    (response.status, response.body)
 }

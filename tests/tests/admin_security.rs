@@ -11,11 +11,12 @@ use lockguard::Proxy;
 use lockguard_config::{AdminRole, AdminUser, Config};
 use lockguard_tests::certs::{CertFiles, TestCa};
 use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::http::Request;
 use lockguard_tests::proxy::{config_for, init_test_logging};
 use lockguard_tests::{psql, raw};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -157,30 +158,12 @@ async fn http_with_host(
     host: &str,
     token: Option<&str>,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to HTTP");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
-        .await
-        .expect("HTTP answer in time")
-        .expect("read HTTP answer");
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    (status, body.to_owned())
+    let response = Request::new(method, path)
+        .host(host)
+        .token(token)
+        .send(addr)
+        .await;
+    (response.status, response.body)
 }
 
 // ---- DNS rebinding ------------------------------------------------------------------------

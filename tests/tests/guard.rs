@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use guard_core::{AuditEvent, LeaveReason, Outcome, SessionId, SweepReport};
 use lockguard_config::{ClientLossAction, GuardConfig};
+use lockguard_tests::app::App;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{self, backend_alive, connect, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, TestProxy};
-use lockguard_tests::raw::{self, Received};
+use lockguard_tests::raw;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
@@ -47,56 +47,11 @@ async fn scene(prefix: &str, configure: impl FnOnce(&mut GuardConfig)) -> Scene 
     Scene { db, proxy, admin }
 }
 
-/// An application session through the proxy on a raw socket (an ordinary role: the guard may
-/// not signal a superuser's backend), so the test can make it vanish without a Terminate,
-/// like a crashed process.
-struct App {
-    stream: TcpStream,
-    pid: i32,
-}
-
-impl App {
-    async fn connect(scene: &Scene) -> App {
-        let mut stream = TcpStream::connect(scene.proxy.addr).await.expect("connect");
-        let user = guard_support::app_role(TestCluster::shared());
-        let login = raw::login(&mut stream, user, &scene.db).await;
-        let key = login
-            .iter()
-            .find(|m| m.tag == b'K')
-            .expect("BackendKeyData");
-        let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
-        App { stream, pid }
-    }
-
-    /// Runs `sql` and reads up to ReadyForQuery; returns the messages.
-    async fn exec(&mut self, sql: &str) -> Vec<Received> {
-        self.send(sql).await;
-        let mut seen = Vec::new();
-        while let Some(m) = raw::read_message(&mut self.stream, Duration::from_secs(10)).await {
-            let done = m.tag == b'Z';
-            seen.push(m);
-            if done {
-                return seen;
-            }
-        }
-        panic!("no ReadyForQuery for {sql:?}: {seen:?}");
-    }
-
-    async fn send(&mut self, sql: &str) {
-        self.stream
-            .write_all(&raw::query(sql))
-            .await
-            .expect("send query");
-    }
-
-    /// Holds a row lock on the protected table inside an open transaction.
-    async fn lock_protected_row(&mut self) {
-        self.exec("BEGIN").await;
-        let reply = self
-            .exec("SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE")
-            .await;
-        assert!(reply.iter().all(|m| m.tag != b'E'), "{reply:?}");
-    }
+/// An application session of the scene's database through its proxy (an ordinary role: the
+/// guard may not signal a superuser's backend).
+async fn app(scene: &Scene) -> App {
+    let user = guard_support::app_role(TestCluster::shared());
+    App::connect(scene.proxy.addr, user, &scene.db).await
 }
 
 /// Starts the incident's login and waits until it is blocked on the lock.
@@ -217,7 +172,7 @@ async fn expect_lockguard_fatal(app: &mut App, timeout: Duration) -> String {
 #[tokio::test]
 async fn the_incident_a_vanished_client_holding_a_protected_row_lock_is_terminated() {
     let scene = scene("guard_incident", |_| {}).await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     let (waiter, waiter_pid) = blocked_waiter(&scene).await;
 
@@ -265,7 +220,7 @@ async fn assert_lost_client_terminated(
 #[tokio::test]
 async fn a_client_whose_connection_is_reset_while_holding_a_protected_lock_is_terminated() {
     let scene = scene("guard_reset", |_| {}).await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     let (waiter, _) = blocked_waiter(&scene).await;
 
@@ -287,7 +242,7 @@ async fn a_client_whose_connection_is_reset_while_holding_a_protected_lock_is_te
 #[tokio::test]
 async fn a_client_that_breaks_the_protocol_while_holding_a_protected_lock_is_terminated() {
     let scene = scene("guard_violation", |_| {}).await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     let (waiter, _) = blocked_waiter(&scene).await;
 
@@ -315,7 +270,7 @@ async fn a_statement_that_reached_idle_before_the_grace_ended_is_not_killed() {
         g.inflight_grace = Duration::from_secs(5);
     })
     .await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.exec("BEGIN").await;
     let reply = app
         .exec("UPDATE app.user_sessions SET token = 'committed-by-a' WHERE id = 1")
@@ -349,7 +304,7 @@ async fn on_client_loss_log_records_the_loss_and_leaves_the_backend_running() {
         g.on_client_loss = ClientLossAction::Log;
     })
     .await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     // Mid statement: after the grace the proxy closes the upstream socket, which a sleeping
     // backend does not notice, so only a kill would end it.
@@ -380,7 +335,7 @@ async fn on_client_loss_log_records_the_loss_and_leaves_the_backend_running() {
 #[tokio::test]
 async fn a_client_that_vanishes_mid_statement_is_terminated_after_the_grace() {
     let scene = scene("guard_inflight", |_| {}).await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     app.send("SELECT pg_sleep(60)").await;
     let (waiter, _) = blocked_waiter(&scene).await;
@@ -410,7 +365,7 @@ async fn a_client_that_vanishes_mid_statement_is_terminated_after_the_grace() {
 #[tokio::test]
 async fn a_pipelining_client_that_vanishes_before_its_sync_is_terminated() {
     let scene = scene("guard_pipeline", |_| {}).await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     // Parse/Bind/Execute/Flush with no Sync: PostgreSQL runs the UPDATE at once in an implicit
     // transaction that keeps its row lock until a Sync that will never come.
     let mut parse = b"\0UPDATE app.user_sessions SET token = 'pipe' WHERE id = 1\0".to_vec();
@@ -452,7 +407,7 @@ async fn a_pipelining_client_that_vanishes_before_its_sync_is_terminated() {
 #[tokio::test]
 async fn a_vanished_client_holding_only_unprotected_locks_is_left_alone() {
     let scene = scene("guard_unprotected", |_| {}).await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.exec("BEGIN").await;
     app.exec("SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE")
         .await;
@@ -482,7 +437,7 @@ async fn idle_in_transaction_past_the_timeout_with_a_waiter_is_terminated_and_to
         g.idle_in_transaction_timeout = Duration::from_secs(1);
     })
     .await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     let (waiter, _) = blocked_waiter(&scene).await;
 
@@ -508,7 +463,7 @@ async fn require_waiters_spares_an_idle_holder_nobody_waits_for() {
         g.require_waiters = true;
     })
     .await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     let session = scene.proxy.session_of(app.pid).await.id;
     let mut sweeps = scene.proxy.guard().expect("guard").sweep_reports();
     app.lock_protected_row().await;
@@ -536,7 +491,7 @@ async fn a_failed_transaction_still_holding_a_protected_lock_is_terminated() {
         g.failed_transaction_timeout = Duration::from_secs(1);
     })
     .await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     // An error inside a savepoint leaves the outer transaction's locks held in state E (a
     // failed top-level transaction would have released them).
@@ -559,7 +514,7 @@ async fn dry_run_records_but_never_terminates() {
         g.dry_run = true;
     })
     .await;
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     let mut sweeps = scene.proxy.guard().expect("guard").sweep_reports();
     app.lock_protected_row().await;
     // The sweep that records the would-be kill, then a whole sweep after it: neither kills.
@@ -583,7 +538,7 @@ async fn dry_run_records_but_never_terminates() {
 async fn traffic_survives_a_killed_guard_connection_and_the_guard_recovers() {
     let scene = scene("guard_recover", |_| {}).await;
     // Warm the guard up: one incident makes it open its connection to the database.
-    let mut first = App::connect(&scene).await;
+    let mut first = app(&scene).await;
     first.lock_protected_row().await;
     drop(first.stream);
     wait_for_event(&scene, first.pid, Duration::from_secs(3)).await;
@@ -619,7 +574,7 @@ async fn traffic_survives_a_killed_guard_connection_and_the_guard_recovers() {
     }
 
     // The incident is handled again once the guard has reconnected.
-    let mut app = App::connect(&scene).await;
+    let mut app = app(&scene).await;
     app.lock_protected_row().await;
     let (waiter, _) = blocked_waiter(&scene).await;
     let dropped = Instant::now();

@@ -4,6 +4,12 @@
 //! Passwords come from `[[admin.users]]` in clear, so each login derives its SCRAM keys from a
 //! fresh random salt. An unknown user name runs the same exchange against a random password
 //! and fails at the end, so the console does not tell which names exist.
+//!
+//! pgwire's own mechanisms (`md5pass`, `sasl::scram`, feature `server-api-ring`) were weighed
+//! against these: its MD5 mechanism reports no identity, so the console could not know the
+//! user's role; both compare the client's proof with `==` rather than in constant time; and
+//! the feature links `x509-certificate` into the binary for channel binding the console does
+//! not offer.
 
 use async_trait::async_trait;
 use bytes::Bytes;

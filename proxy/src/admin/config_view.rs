@@ -119,145 +119,123 @@ fn users_text(users: &[toml::Value]) -> String {
         .join(", ")
 }
 
-/// The DSN with every password replaced by [`MASK`], in either form libpq accepts: a
-/// `postgres[ql]://` URI (userinfo and the `password` query parameter) or a key/value string.
+/// The DSN as the guard reads it, rendered back as a libpq key/value string with the password
+/// replaced by [`MASK`]. It is parsed the guard's way (its TLS keys taken out, the rest by
+/// tokio-postgres), so what is shown is what runs, in either form libpq accepts; a DSN that
+/// does not parse is masked whole, since where its password is cannot be known.
 fn mask_dsn_password(dsn: &str) -> String {
-    match URI_SCHEMES
+    let Ok((rest, tls)) = guard_core::dsn::split_tls(dsn) else {
+        return MASK.to_owned();
+    };
+    let Ok(config) = rest.parse::<tokio_postgres::Config>() else {
+        return MASK.to_owned();
+    };
+    let mut out = DsnText::default();
+    connection_keys(&mut out, &config);
+    if let Some(mode) = tls.mode {
+        out.key("sslmode", toml_word(&mode));
+    }
+    let path = |p: &std::path::Path| p.display().to_string();
+    out.key_opt("sslrootcert", tls.root_cert.as_deref().map(path));
+    out.key_opt("sslcert", tls.cert.as_deref().map(path));
+    out.key_opt("sslkey", tls.key.as_deref().map(path));
+    out.0
+}
+
+/// Where, as whom and how long: the keys tokio-postgres keeps, each only when set (or, for
+/// the ones with a default, when it differs from the default).
+fn connection_keys(out: &mut DsnText, config: &tokio_postgres::Config) {
+    use tokio_postgres::config::{Host, TargetSessionAttrs};
+    let hosts: Vec<String> = config
+        .get_hosts()
         .iter()
-        .find_map(|scheme| dsn.strip_prefix(scheme).map(|rest| (scheme, rest)))
-    {
-        Some((scheme, rest)) => format!("{scheme}{}", mask_uri_passwords(rest)),
-        None => mask_keyword_passwords(dsn),
+        .map(|host| match host {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let join = |items: Vec<String>| (!items.is_empty()).then(|| items.join(","));
+    out.key_opt("host", join(hosts));
+    out.key_opt(
+        "hostaddr",
+        join(
+            config
+                .get_hostaddrs()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+        ),
+    );
+    out.key_opt(
+        "port",
+        join(config.get_ports().iter().map(|p| p.to_string()).collect()),
+    );
+    out.key_opt("user", config.get_user().map(str::to_owned));
+    if config.get_password().is_some() {
+        out.key("password", MASK.to_owned());
+    }
+    out.key_opt("dbname", config.get_dbname().map(str::to_owned));
+    out.key_opt("options", config.get_options().map(str::to_owned));
+    out.key_opt(
+        "application_name",
+        config.get_application_name().map(str::to_owned),
+    );
+    let seconds = |d: &std::time::Duration| d.as_secs().to_string();
+    out.key_opt("connect_timeout", config.get_connect_timeout().map(seconds));
+    out.key_opt(
+        "tcp_user_timeout",
+        config.get_tcp_user_timeout().map(seconds),
+    );
+    if !config.get_keepalives() {
+        out.key("keepalives", "0".to_owned());
+    }
+    if config.get_target_session_attrs() == TargetSessionAttrs::ReadWrite {
+        out.key("target_session_attrs", "read-write".to_owned());
     }
 }
 
-/// The prefixes libpq reads a connection string as a URI by.
-const URI_SCHEMES: [&str; 2] = ["postgresql://", "postgres://"];
+/// A libpq key/value string being written: values quoted when they need it.
+#[derive(Default)]
+struct DsnText(String);
 
-/// Masks the password of a URI (after its scheme) in `user:password@` and in every
-/// `password=` query parameter, the name possibly percent-encoded. Where the two readings
-/// of a malformed URI disagree, both are masked.
-fn mask_uri_passwords(rest: &str) -> String {
-    let mut secrets: Vec<std::ops::Range<usize>> = Vec::new();
-    // libpq looks for the userinfo's '@' before the first '/'; taking the last '@' there
-    // hides a password that itself holds a raw '@'.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    if let Some(at) = rest[..authority_end].rfind('@') {
-        if let Some(colon) = rest[..at].find(':') {
-            secrets.push(colon + 1..at);
+impl DsnText {
+    fn key(&mut self, key: &str, value: String) {
+        if !self.0.is_empty() {
+            self.0.push(' ');
         }
-    }
-    if let Some(question) = rest.find('?') {
-        let mut start = question + 1;
-        for parameter in rest[start..].split('&') {
-            if let Some((name, _)) = parameter.split_once('=') {
-                if percent_decode(name) == "password" {
-                    secrets.push(start + name.len() + 1..start + parameter.len());
-                }
+        self.0.push_str(key);
+        self.0.push('=');
+        let bare = !value.is_empty()
+            && !value
+                .chars()
+                .any(|c| c.is_whitespace() || c == '\'' || c == '\\');
+        if bare {
+            self.0.push_str(&value);
+            return;
+        }
+        self.0.push('\'');
+        for c in value.chars() {
+            if c == '\\' || c == '\'' {
+                self.0.push('\\');
             }
-            start += parameter.len() + 1;
+            self.0.push(c);
+        }
+        self.0.push('\'');
+    }
+
+    fn key_opt(&mut self, key: &str, value: Option<String>) {
+        if let Some(value) = value {
+            self.key(key, value);
         }
     }
-    secrets.sort_by_key(|range| range.start);
-    let mut out = String::with_capacity(rest.len());
-    let mut shown = 0;
-    for secret in secrets {
-        if secret.end <= shown {
-            continue;
-        }
-        let from = secret.start.max(shown);
-        out.push_str(&rest[shown..from]);
-        if secret.start >= shown {
-            out.push_str(MASK);
-        }
-        shown = secret.end;
-    }
-    out.push_str(&rest[shown..]);
-    out
 }
 
-/// `%XX` sequences decoded (invalid ones kept as they are), for comparing parameter names.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
+/// A setting's word as the configuration file spells it (`verify-full`).
+fn toml_word(value: &impl serde::Serialize) -> String {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::String(word)) => word,
+        _ => String::new(),
     }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Replaces the value of every `password=...` in a libpq key/value string.
-fn mask_keyword_passwords(dsn: &str) -> String {
-    let mut out = String::with_capacity(dsn.len());
-    let mut rest = dsn;
-    while let Some(value_start) = find_key(rest, "password") {
-        let end = keyword_value_end(rest, value_start);
-        out.push_str(&rest[..value_start]);
-        out.push_str(MASK);
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Byte offset just past the key/value-string value starting at `start`: a quoted value
-/// up to its closing quote, otherwise up to the next whitespace.
-fn keyword_value_end(dsn: &str, start: usize) -> usize {
-    let bytes = dsn.as_bytes();
-    let mut end = start;
-    if bytes.get(end) == Some(&b'\'') {
-        end += 1;
-        while end < bytes.len() {
-            match bytes[end] {
-                b'\\' => end += 2,
-                // A doubled quote is not libpq syntax, but masking past it errs on the
-                // side of hiding the secret.
-                b'\'' if bytes.get(end + 1) == Some(&b'\'') => end += 2,
-                b'\'' => {
-                    end += 1;
-                    break;
-                }
-                _ => end += 1,
-            }
-        }
-    } else {
-        while end < bytes.len() && !bytes[end].is_ascii_whitespace() {
-            end += 1;
-        }
-    }
-    end.min(dsn.len())
-}
-
-/// Byte offset of the value of `key=` in a libpq key/value string.
-fn find_key(dsn: &str, key: &str) -> Option<usize> {
-    let mut search = 0;
-    while let Some(found) = dsn[search..].find(key) {
-        let at = search + found;
-        let before_ok = at == 0 || dsn.as_bytes()[at - 1].is_ascii_whitespace();
-        let rest = &dsn[at + key.len()..];
-        let trimmed = rest.trim_start();
-        if before_ok && trimmed.starts_with('=') {
-            let after_eq = &trimmed[1..];
-            let value = after_eq.trim_start();
-            return Some(dsn.len() - value.len());
-        }
-        search = at + key.len();
-    }
-    None
 }
 
 #[cfg(test)]
@@ -269,7 +247,7 @@ mod tests {
         let config = Config::from_toml_str(
             r#"
 [guard]
-dsn = "host=db user=lg password='it''s secret' dbname=postgres"
+dsn = "host=db user=lg password='it\\'s secret' dbname=postgres"
 [admin]
 api_token = "tok"
 [[admin.users]]
@@ -296,11 +274,11 @@ role = "admin"
     fn dsn_masking_handles_the_forms_libpq_accepts() {
         assert_eq!(
             mask_dsn_password("password=abc host=x"),
-            format!("password={MASK} host=x")
+            format!("host=x password={MASK}")
         );
         assert_eq!(
             mask_dsn_password("host=x password = abc"),
-            format!("host=x password = {MASK}")
+            format!("host=x password={MASK}")
         );
         assert_eq!(
             mask_dsn_password("host=x user=passwordless"),
@@ -310,9 +288,17 @@ role = "admin"
 
     #[test]
     fn dsn_masking_hides_every_password_of_a_key_value_string() {
+        let shown = mask_dsn_password("password=a host=x password='b c' user=u");
+        assert_eq!(shown, format!("host=x user=u password={MASK}"));
+    }
+
+    #[test]
+    fn dsn_values_are_shown_quoted_where_libpq_needs_it() {
         assert_eq!(
-            mask_dsn_password("password=a host=x password='b c' user=u"),
-            format!("password={MASK} host=x password={MASK} user=u")
+            mask_dsn_password(
+                r"host=/run/pg dbname='my db' application_name='it\'s' sslmode=verify-full sslrootcert='/etc/ca dir/ca.crt'"
+            ),
+            r"host=/run/pg dbname='my db' application_name='it\'s' sslmode=verify-full sslrootcert='/etc/ca dir/ca.crt'"
         );
     }
 
@@ -320,54 +306,51 @@ role = "admin"
     fn dsn_masking_hides_the_password_of_a_uri_userinfo() {
         assert_eq!(
             mask_dsn_password("postgresql://lg:s3cret@db/postgres"),
-            format!("postgresql://lg:{MASK}@db/postgres")
+            format!("host=db port=5432 user=lg password={MASK} dbname=postgres")
         );
         assert_eq!(
             mask_dsn_password("postgres://lg:s%33cr%40t@db:5433,db2/postgres?sslmode=require"),
-            format!("postgres://lg:{MASK}@db:5433,db2/postgres?sslmode=require")
+            format!("host=db,db2 port=5433,5432 user=lg password={MASK} dbname=postgres sslmode=require")
         );
-        // A raw '@' in the password: everything up to the host's '@' is hidden.
+        // A user without a password, and no userinfo at all, show no password.
         assert_eq!(
-            mask_dsn_password("postgresql://lg:p@ss@db"),
-            format!("postgresql://lg:{MASK}@db")
+            mask_dsn_password("postgresql://lg@db/postgres"),
+            "host=db port=5432 user=lg dbname=postgres"
         );
-        // A user without a password, and no userinfo at all, stay as they are.
-        for plain in [
-            "postgresql://lg@db/postgres",
-            "postgresql://db/postgres",
-            "postgresql://[::1]:5432/postgres?application_name=lockguard",
-            "postgresql://",
-        ] {
-            assert_eq!(mask_dsn_password(plain), plain);
-        }
+        assert_eq!(
+            mask_dsn_password("postgresql://[::1]:5432/postgres?application_name=lockguard"),
+            "host=::1 port=5432 dbname=postgres application_name=lockguard"
+        );
     }
 
     #[test]
     fn dsn_masking_hides_the_password_query_parameter_of_a_uri() {
         assert_eq!(
             mask_dsn_password("postgres://db/postgres?password=s3cret"),
-            format!("postgres://db/postgres?password={MASK}")
+            format!("host=db port=5432 password={MASK} dbname=postgres")
         );
         assert_eq!(
             mask_dsn_password(
                 "postgresql://lg@db/postgres?sslmode=disable&password=s%33cret&user=lg"
             ),
-            format!("postgresql://lg@db/postgres?sslmode=disable&password={MASK}&user=lg")
+            format!("host=db port=5432 user=lg password={MASK} dbname=postgres sslmode=disable")
         );
-        // The parameter's name percent-encoded, and given twice.
-        assert_eq!(
-            mask_dsn_password("postgresql://db?%70assword=a&pass%77ord=b&passwords=c"),
-            format!("postgresql://db?%70assword={MASK}&pass%77ord={MASK}&passwords=c")
-        );
-        // An '@' inside the parameter's value is not taken for userinfo left visible.
-        assert_eq!(
-            mask_dsn_password("postgres://db?password=a@b"),
-            format!("postgres://db?password={MASK}")
-        );
-        // Both forms at once, overlapping in a malformed URI.
+    }
+
+    #[test]
+    fn a_dsn_that_does_not_parse_is_masked_whole() {
+        for broken in [
+            "host=db password='it''s secret'",
+            "host=db password='unterminated",
+            "postgresql://db?%70assword=a&pass%77ord=b&passwords=c",
+            "nonsense",
+        ] {
+            assert_eq!(mask_dsn_password(broken), MASK, "{broken}");
+        }
+        // Malformed to the eye, but this is how the guard reads it: shown so, masked.
         assert_eq!(
             mask_dsn_password("postgres://u:p?password=z@db"),
-            format!("postgres://u:{MASK}")
+            format!("host=db port=5432 user=u password={MASK}")
         );
     }
 
@@ -380,16 +363,8 @@ role = "admin"
         let flat = flatten(&config);
         assert_eq!(
             flat["guard.dsn"],
-            format!("postgresql://lg:{MASK}@db/postgres?password={MASK}")
+            format!("host=db port=5432 user=lg password={MASK} dbname=postgres")
         );
-    }
-
-    #[test]
-    fn percent_decoding_keeps_invalid_sequences() {
-        assert_eq!(percent_decode("pass%77ord"), "password");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%C3%A9"), "é");
     }
 
     #[test]

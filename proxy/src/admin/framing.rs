@@ -8,7 +8,6 @@
 //! and fails the read as soon as a header declares more than the console accepts. Nothing
 //! big is ever buffered: the declared length is checked before any of the body is read.
 
-use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,33 +21,21 @@ use crate::protocol::{startup_code, MAX_STARTUP_PACKET, MIN_STARTUP_PACKET};
 pub const MAX_CONSOLE_MESSAGE: usize = 64 * 1024;
 
 /// A header that declares a length the console does not accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FramingError {
     /// A startup packet (or SSL/GSS request) outside `MIN_STARTUP_PACKET..=MAX_STARTUP_PACKET`.
+    #[error(
+        "invalid startup packet length {0} (must be {MIN_STARTUP_PACKET} to {MAX_STARTUP_PACKET} bytes)"
+    )]
     StartupLength(u32),
     /// A message whose length is below 4 or above [`MAX_CONSOLE_MESSAGE`].
+    #[error(
+        "invalid message length {length} for message type {tag:?}: the admin console accepts \
+         messages of at most {MAX_CONSOLE_MESSAGE} bytes",
+        tag = char::from(*.tag)
+    )]
     MessageLength { tag: u8, length: u32 },
 }
-
-impl fmt::Display for FramingError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FramingError::StartupLength(length) => write!(
-                f,
-                "invalid startup packet length {length} \
-                 (must be {MIN_STARTUP_PACKET} to {MAX_STARTUP_PACKET} bytes)"
-            ),
-            FramingError::MessageLength { tag, length } => write!(
-                f,
-                "invalid message length {length} for message type {:?}: \
-                 the admin console accepts messages of at most {MAX_CONSOLE_MESSAGE} bytes",
-                char::from(*tag)
-            ),
-        }
-    }
-}
-
-impl std::error::Error for FramingError {}
 
 impl FramingError {
     /// The framing error behind an I/O error from [`LimitedFraming`], if that is what it is.

@@ -1,14 +1,23 @@
 //! `GET /metrics`: the proxy's counters in the Prometheus text exposition format (version
 //! 0.0.4). Rendered on each scrape from the same state the console shows, so there is no second
 //! set of counters to keep in step.
+//!
+//! Written here rather than with `prometheus-client`: that crate writes only OpenMetrics
+//! (counter families named without `_total`, a full stop added to each HELP, a `# EOF` line,
+//! its own content type), which would change what scrapers and the shipped dashboard and
+//! alerts read; and since every value is read from live state at each scrape, its model
+//! (registered metric objects, or a custom collector around this same code) would replace
+//! the forty lines of [`Exposition`] with more.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use guard_core::policy::TriggerKind;
 use guard_core::{HealthStatus, Outcome, TxnState};
 
-use super::commands::trigger_names;
 use super::Admin;
+use crate::stats::StatsSnapshot;
+use crate::GuardHandle;
 
 /// The `Content-Type` of the rendering.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -62,12 +71,30 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The whole exposition.
+/// The whole exposition: the proxy's own families, then the guard's when one is configured.
 pub fn render(admin: &Admin) -> String {
     let mut m = Exposition { out: String::new() };
-    let sessions = admin.registry().snapshot();
     let stats = admin.stats.snapshot(admin.registry());
+    clients(&mut m, admin, &stats);
+    traffic(&mut m, &stats);
+    let guard = admin.guard();
+    m.single(
+        "lockguard_guard_enabled",
+        "gauge",
+        "1 when a guard is configured (guard.dsn).",
+        u8::from(guard.is_some()),
+    );
+    if let Some(guard) = guard {
+        guard_state(&mut m, guard);
+        terminations(&mut m, guard);
+        probes(&mut m, guard);
+    }
+    m.out
+}
 
+/// Sessions now (total, by state, the limit) and the connection counters.
+fn clients(m: &mut Exposition, admin: &Admin, stats: &StatsSnapshot) {
+    let sessions = admin.registry().snapshot();
     m.single(
         "lockguard_clients_active",
         "gauge",
@@ -117,12 +144,22 @@ pub fn render(admin: &Admin) -> String {
         "Client connections that did not finish startup in time.",
         stats.startup_timeouts,
     );
-    m.single(
+}
+
+/// Upstream connects, cancels, sessions and bytes forwarded.
+fn traffic(m: &mut Exposition, stats: &StatsSnapshot) {
+    m.family(
         "lockguard_upstream_connect_errors_total",
         "counter",
-        "Failed attempts to connect to PostgreSQL.",
-        stats.upstream_connect_errors,
+        "Failed attempts to connect to PostgreSQL, by reason (refused, timeout, tls, dns, other).",
     );
+    for (reason, n) in stats.upstream_connect_errors_by_reason {
+        m.sample(
+            "lockguard_upstream_connect_errors_total",
+            &[("reason", reason.as_str())],
+            n,
+        );
+    }
     m.single(
         "lockguard_cancel_requests_total",
         "counter",
@@ -150,17 +187,10 @@ pub fn render(admin: &Admin) -> String {
         &[("direction", "server_to_client")],
         stats.bytes_from_servers,
     );
+}
 
-    let guard = admin.guard();
-    m.single(
-        "lockguard_guard_enabled",
-        "gauge",
-        "1 when a guard is configured (guard.dsn).",
-        u8::from(guard.is_some()),
-    );
-    let Some(guard) = guard else {
-        return m.out;
-    };
+/// Whether the guard's connections work and whether it only records.
+fn guard_state(m: &mut Exposition, guard: &GuardHandle) {
     let up = guard.health().status == HealthStatus::Ok;
     m.single(
         "lockguard_guard_up",
@@ -174,14 +204,17 @@ pub fn render(admin: &Admin) -> String {
         "1 when the guard only records what it would terminate.",
         u8::from(guard.rules().dry_run),
     );
+}
 
+/// Every trigger × outcome pair, zeros included, from the audit log's counts.
+fn terminations(m: &mut Exposition, guard: &GuardHandle) {
     m.family(
         "lockguard_terminations_total",
         "counter",
         "Guard decisions to terminate a backend, by trigger and outcome.",
     );
     let counts = guard.audit().counts();
-    for trigger in trigger_names() {
+    for trigger in TriggerKind::ALL.map(TriggerKind::name) {
         for outcome in Outcome::ALL {
             let n: u64 = counts
                 .iter()
@@ -195,7 +228,10 @@ pub fn render(admin: &Admin) -> String {
             );
         }
     }
+}
 
+/// The lock probes' latency histogram and failures.
+fn probes(m: &mut Exposition, guard: &GuardHandle) {
     let latency = guard.probe_latency();
     m.family(
         "lockguard_probe_duration_seconds",
@@ -229,7 +265,6 @@ pub fn render(admin: &Admin) -> String {
         "Guard lock probes that failed.",
         latency.errors,
     );
-    m.out
 }
 
 #[cfg(test)]
