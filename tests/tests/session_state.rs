@@ -162,9 +162,11 @@ async fn graceful_shutdown_closes_idle_sessions_and_waits_for_busy_ones() {
     assert!(message.starts_with("lockguard:"), "{message}");
     // New clients are no longer accepted: the listener closes once it has seen the shutdown
     // (a connection that races it may still be taken, so wait for the refusal itself)...
-    guard_support::wait_for(Duration::from_secs(5), "the listener to close", || async move {
-        TcpStream::connect(addr).await.is_err()
-    })
+    guard_support::wait_for(
+        Duration::from_secs(5),
+        "the listener to close",
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
     .await;
     // ...and a login that PostgreSQL would accept is not served.
     if let Ok(mut late) = TcpStream::connect(addr).await {

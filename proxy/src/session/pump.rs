@@ -266,6 +266,8 @@ pub fn on_client_message(
         _ => {}
     }
     tracker.client_message(m.tag, record);
+    #[cfg(feature = "testing")]
+    super::testing::after_message(record, tracker, true, &m);
 }
 
 /// Server → client: forwards bytes, noting the backend key, transaction status and FATALs.
@@ -365,7 +367,7 @@ pub fn on_server_message(
     }
     tracker.server_message(m.tag, m.body_prefix, record);
     #[cfg(feature = "testing")]
-    super::testing::after_server_message(record, tracker, m.tag);
+    super::testing::after_message(record, tracker, false, &m);
 }
 
 /// The bytes before the first NUL (all of them if there is none). `CStr` finds the NUL a word
