@@ -512,7 +512,7 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
     a.run(
         record,
         "BEGIN; SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE",
-        b'T',
+        TxnStatus::InTransaction,
     )
     .await
     .unwrap();
