@@ -58,5 +58,6 @@ pub use policy::{LeaveReason, Trigger, Verdict};
 pub use probe::{BackendFacts, HeldLock};
 pub use registry::{Registration, Registry};
 pub use session::{
-    BackendKey, ClientInfo, KillNotice, SessionId, SessionRecord, TxnState, UpstreamIdentity,
+    BackendKey, ClientInfo, KillNotice, SessionId, SessionRecord, TxnState, TxnStatus,
+    UpstreamIdentity,
 };

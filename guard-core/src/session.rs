@@ -5,7 +5,7 @@
 //! forwarding path never waits on a lock; the few fields set once per session use `OnceLock`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -67,8 +67,38 @@ impl std::fmt::Display for TxnState {
     }
 }
 
-/// Transaction status byte of ReadyForQuery, stored as-is; 0 before the first one.
-const RFQ_NONE: u8 = 0;
+/// The transaction block a session is in, as the server last said when it became ready for a
+/// query. The proxy's transaction tracker reads it off the wire; the record stores only this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TxnStatus {
+    /// Outside a transaction block.
+    Idle,
+    /// Inside an open transaction block.
+    InTransaction,
+    /// Inside a failed transaction block: only ROLLBACK is accepted.
+    Failed,
+}
+
+impl TxnStatus {
+    fn encode(self) -> u8 {
+        match self {
+            TxnStatus::Idle => STATUS_IDLE,
+            TxnStatus::InTransaction => STATUS_IN_TRANSACTION,
+            TxnStatus::Failed => STATUS_FAILED,
+        }
+    }
+
+    /// True inside a transaction block, failed or not.
+    pub fn in_transaction(self) -> bool {
+        self != TxnStatus::Idle
+    }
+}
+
+/// [`TxnStatus`] as stored in an atomic; [`STATUS_NONE`] until the server was first ready.
+const STATUS_NONE: u8 = 0;
+const STATUS_IDLE: u8 = 1;
+const STATUS_IN_TRANSACTION: u8 = 2;
+const STATUS_FAILED: u8 = 3;
 
 /// Who the client is: fixed once the startup packet has been read.
 #[derive(Debug, Clone)]
@@ -107,17 +137,11 @@ pub struct SessionRecord {
     backend: OnceLock<BackendKey>,
     /// Mirrors `backend.pid` for lock-free reads; 0 until BackendKeyData arrives.
     backend_pid: AtomicI32,
-    /// Last ReadyForQuery status byte (`I`, `T`, `E`), or [`RFQ_NONE`].
-    rfq_status: AtomicU8,
-    /// Sync points (Query, Sync, FunctionCall) sent but not yet answered by ReadyForQuery.
-    pending_syncs: AtomicU32,
-    /// An Execute was sent with no Sync after it yet (pipeline mode, Flush): the server runs
-    /// it at once, in an implicit transaction that holds its locks until the Sync.
-    unsynced_execute: AtomicBool,
-    /// The server sent CopyInResponse and, as far as the proxy has seen, is still in COPY IN
-    /// mode: only then does it ignore Syncs, and only then does a CopyDone or CopyFail end
-    /// anything.
-    copy_in: AtomicBool,
+    /// The transaction block as last published ([`TxnStatus`] encoded), or [`STATUS_NONE`].
+    status: AtomicU8,
+    /// A statement is being processed: work was sent that the server has not yet answered
+    /// with its readiness for a new query. Published by the proxy's transaction tracker.
+    in_flight: AtomicBool,
     /// Clock ticks ([`clock::now_micros`]) when the current state began.
     state_since: AtomicU64,
     /// Clock ticks when the current transaction began; 0 outside a transaction.
@@ -148,10 +172,8 @@ impl SessionRecord {
             connected_at: SystemTime::now(),
             backend: OnceLock::new(),
             backend_pid: AtomicI32::new(0),
-            rfq_status: AtomicU8::new(RFQ_NONE),
-            pending_syncs: AtomicU32::new(0),
-            unsynced_execute: AtomicBool::new(false),
-            copy_in: AtomicBool::new(false),
+            status: AtomicU8::new(STATUS_NONE),
+            in_flight: AtomicBool::new(false),
             state_since: AtomicU64::new(clock::now_micros()),
             xact_since: AtomicU64::new(0),
             bytes_from_client: AtomicU64::new(0),
@@ -180,66 +202,37 @@ impl SessionRecord {
         }
     }
 
-    /// The client sent a message that the server will answer with ReadyForQuery.
-    pub fn sync_sent(&self) {
-        let was_unsynced = self.unsynced_execute.swap(false, Ordering::AcqRel);
-        if self.pending_syncs.fetch_add(1, Ordering::AcqRel) == 0 && !was_unsynced {
+    /// A statement went in flight: from now on the session is active. Called by the one
+    /// tracker that writes this record, on the edge only.
+    pub fn statement_started(&self) {
+        if !self.in_flight.load(Ordering::Acquire) {
             self.state_since
                 .store(clock::now_micros(), Ordering::Release);
+            self.in_flight.store(true, Ordering::Release);
         }
     }
 
-    /// The client sent Execute: the server works on it now, whether or not a Sync follows.
-    pub fn execute_sent(&self) {
-        if !self.unsynced_execute.swap(true, Ordering::AcqRel)
-            && self.pending_syncs.load(Ordering::Acquire) == 0
-        {
-            self.state_since
-                .store(clock::now_micros(), Ordering::Release);
-        }
+    /// The tracker found nothing in flight any more without the server saying it is ready
+    /// (a COPY's end discounted the Syncs it swallowed). The state's clock keeps running from
+    /// when the statement started: the server's readiness is what starts a new state.
+    pub fn statement_settled(&self) {
+        self.in_flight.store(false, Ordering::Release);
     }
 
-    /// The server sent CopyInResponse: it is in COPY IN mode, where it ignores Sync.
-    pub fn copy_in_started(&self) {
-        self.copy_in.store(true, Ordering::Release);
-    }
-
-    /// The client ended a COPY IN (CopyDone or CopyFail) after sending `syncs` Syncs since the
-    /// statement that started it. If the server really is in COPY IN mode (its CopyInResponse
-    /// was seen), it ignored those Syncs, so they will get no ReadyForQuery of their own.
-    /// Otherwise the server ignores the CopyDone / CopyFail itself and answers every Sync: the
-    /// client's word alone never makes a running statement look finished.
-    pub fn copy_in_ended(&self, syncs: u32) {
-        if !self.copy_in.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let _ = self
-            .pending_syncs
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                Some(pending.saturating_sub(syncs))
-            });
-    }
-
-    /// The server sent ReadyForQuery with transaction status `status` (`I`, `T` or `E`).
-    pub fn ready_for_query(&self, status: u8) {
-        // Whatever COPY IN there was has ended (with CopyDone, CopyFail or an error).
-        self.copy_in.store(false, Ordering::Release);
-        // Saturating: the first ReadyForQuery after authentication answers no sync of ours.
-        let _ = self
-            .pending_syncs
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(1))
-            });
+    /// The server is ready for a query with the transaction block in `status`;
+    /// `still_in_flight` says whether more work already sent awaits its answer (a pipeline).
+    /// Starts a new state period either way, and the transaction's clock when a block opens.
+    pub fn ready_for_query(&self, status: TxnStatus, still_in_flight: bool) {
         let now = clock::now_micros();
-        let previous = self.rfq_status.swap(status, Ordering::AcqRel);
-        match (
-            previous == b'T' || previous == b'E',
-            status == b'T' || status == b'E',
-        ) {
+        let previous = self.status.load(Ordering::Acquire);
+        let was_in_transaction = previous == STATUS_IN_TRANSACTION || previous == STATUS_FAILED;
+        match (was_in_transaction, status.in_transaction()) {
             (false, true) => self.xact_since.store(now, Ordering::Release),
             (true, false) => self.xact_since.store(0, Ordering::Release),
             _ => {}
         }
+        self.status.store(status.encode(), Ordering::Release);
+        self.in_flight.store(still_in_flight, Ordering::Release);
         self.state_since.store(now, Ordering::Release);
     }
 
@@ -292,25 +285,34 @@ impl SessionRecord {
         if self.statement_in_flight() {
             return TxnState::Active;
         }
-        match self.rfq_status.load(Ordering::Acquire) {
-            b'I' => TxnState::Idle,
-            b'T' => TxnState::IdleInTransaction,
-            b'E' => TxnState::IdleInFailedTransaction,
+        match self.status.load(Ordering::Acquire) {
+            STATUS_IDLE => TxnState::Idle,
+            STATUS_IN_TRANSACTION => TxnState::IdleInTransaction,
+            STATUS_FAILED => TxnState::IdleInFailedTransaction,
             _ => TxnState::Startup,
         }
     }
 
-    /// True while the last ReadyForQuery said a transaction block is open (`T` or `E`),
-    /// whether or not a statement is running in it now.
-    pub fn in_transaction(&self) -> bool {
-        matches!(self.rfq_status.load(Ordering::Acquire), b'T' | b'E')
+    /// The transaction block as the server last said, `None` before it was first ready.
+    pub fn txn_status(&self) -> Option<TxnStatus> {
+        match self.status.load(Ordering::Acquire) {
+            STATUS_IDLE => Some(TxnStatus::Idle),
+            STATUS_IN_TRANSACTION => Some(TxnStatus::InTransaction),
+            STATUS_FAILED => Some(TxnStatus::Failed),
+            _ => None,
+        }
     }
 
-    /// True while a statement is being processed (sent, not yet answered by ReadyForQuery),
-    /// including an Execute not yet followed by Sync.
+    /// True while the server last said a transaction block is open (failed or not), whether
+    /// or not a statement is running in it now.
+    pub fn in_transaction(&self) -> bool {
+        self.txn_status().is_some_and(TxnStatus::in_transaction)
+    }
+
+    /// True while a statement is being processed (sent, not yet answered), as the proxy's
+    /// transaction tracker last published.
     pub fn statement_in_flight(&self) -> bool {
-        self.pending_syncs.load(Ordering::Acquire) > 0
-            || self.unsynced_execute.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// How long the session has been in its current state.
@@ -435,83 +437,51 @@ mod tests {
     }
 
     #[test]
-    fn state_follows_ready_for_query_and_syncs() {
+    fn state_follows_what_the_tracker_publishes() {
         let r = record();
         assert_eq!(r.state(), TxnState::Startup);
-        r.ready_for_query(b'I');
+        assert_eq!(r.txn_status(), None);
+        r.ready_for_query(TxnStatus::Idle, false);
         assert_eq!(r.state(), TxnState::Idle);
-        r.sync_sent();
+        r.statement_started();
         assert_eq!(r.state(), TxnState::Active);
-        r.ready_for_query(b'T');
+        assert!(r.statement_in_flight());
+        r.ready_for_query(TxnStatus::InTransaction, false);
         assert_eq!(r.state(), TxnState::IdleInTransaction);
         assert!(r.xact_age().is_some());
-        r.sync_sent();
-        r.ready_for_query(b'E');
+        r.statement_started();
+        r.ready_for_query(TxnStatus::Failed, false);
         assert_eq!(r.state(), TxnState::IdleInFailedTransaction);
         assert!(r.in_transaction());
-        r.sync_sent();
-        r.ready_for_query(b'I');
+        r.statement_started();
+        r.ready_for_query(TxnStatus::Idle, false);
         assert_eq!(r.state(), TxnState::Idle);
         assert!(r.xact_age().is_none());
     }
 
     #[test]
-    fn an_execute_without_sync_is_active_until_its_sync_is_answered() {
+    fn a_ready_server_with_more_work_queued_stays_active() {
         let r = record();
-        r.ready_for_query(b'I');
-        r.execute_sent();
+        r.ready_for_query(TxnStatus::Idle, false);
+        r.statement_started();
+        r.ready_for_query(TxnStatus::InTransaction, true);
         assert_eq!(r.state(), TxnState::Active);
-        assert!(r.statement_in_flight());
-        r.execute_sent();
-        r.sync_sent();
-        assert_eq!(r.state(), TxnState::Active);
-        r.ready_for_query(b'I');
-        assert_eq!(r.state(), TxnState::Idle);
-        assert!(!r.statement_in_flight());
+        assert!(r.in_transaction());
+        r.ready_for_query(TxnStatus::InTransaction, false);
+        assert_eq!(r.state(), TxnState::IdleInTransaction);
     }
 
     #[test]
-    fn pipelined_syncs_stay_active_until_the_last_answer() {
+    fn a_settled_statement_keeps_the_clock_of_its_start() {
         let r = record();
-        r.ready_for_query(b'I');
-        r.sync_sent();
-        r.sync_sent();
-        r.ready_for_query(b'I');
-        assert_eq!(r.state(), TxnState::Active);
-        r.ready_for_query(b'I');
+        r.ready_for_query(TxnStatus::Idle, false);
+        r.statement_started();
+        let started = r.state_since();
+        r.statement_started();
+        assert_eq!(r.state_since(), started, "only the edge starts the clock");
+        r.statement_settled();
         assert_eq!(r.state(), TxnState::Idle);
-    }
-
-    #[test]
-    fn a_copy_end_discounts_syncs_only_after_the_server_entered_copy_in() {
-        let r = record();
-        r.ready_for_query(b'I');
-        // Execute of a long statement, its Sync, then a CopyFail no COPY asked for.
-        r.execute_sent();
-        r.sync_sent();
-        r.copy_in_ended(1);
-        assert!(r.statement_in_flight(), "a stray CopyFail ended nothing");
-        r.ready_for_query(b'I');
-        assert_eq!(r.state(), TxnState::Idle);
-
-        // Execute of COPY FROM STDIN with its Sync: the server answers CopyInResponse and
-        // ignores that Sync; CopyDone and the next Sync get the one ReadyForQuery.
-        r.execute_sent();
-        r.sync_sent();
-        r.copy_in_started();
-        r.copy_in_ended(1);
-        r.sync_sent();
-        assert_eq!(r.state(), TxnState::Active);
-        r.ready_for_query(b'I');
-        assert_eq!(r.state(), TxnState::Idle);
-
-        // A COPY that ended with an error and ReadyForQuery: a late CopyDone is stray again.
-        r.sync_sent();
-        r.copy_in_started();
-        r.ready_for_query(b'I');
-        r.sync_sent();
-        r.copy_in_ended(1);
-        assert!(r.statement_in_flight());
+        assert_eq!(r.state_since(), started);
     }
 
     #[test]

@@ -565,7 +565,7 @@ mod tests {
     #[test]
     fn startup_ends_with_backend_key_data_or_ready_for_query_not_with_client_queries() {
         let pipelined = record();
-        pipelined.sync_sent();
+        pipelined.statement_started();
         assert_eq!(pipelined.state(), TxnState::Active);
         assert!(!startup_over(&pipelined));
         pipelined.set_backend_key(4242, &[1, 2, 3, 4]);
@@ -573,7 +573,7 @@ mod tests {
 
         let ready = record();
         assert!(!startup_over(&ready));
-        ready.ready_for_query(b'I');
+        ready.ready_for_query(guard_core::TxnStatus::Idle, false);
         assert!(startup_over(&ready));
     }
 }

@@ -1,9 +1,10 @@
-//! No allocation per message on the hot path (issue 2): once a session is logged in, the pump
-//! hands every read to a `FrameScanner` and updates the session record from the messages it
-//! reports; neither may allocate, whatever the traffic. A separate test binary, so it can
+//! No allocation per message on the hot path (the data path's rule: buffers reused, nothing
+//! allocated per message): once a session is logged in, the pump hands every read to a
+//! `FrameScanner` and updates the transaction tracker and the session record from the messages
+//! it reports; none of it may allocate, whatever the traffic. A separate test binary, so it can
 //! install a counting global allocator.
 //! The messages are handled by the pump's own callbacks, `session::on_server_message` and
-//! `session::on_client_message`.
+//! `session::on_client_message`, with the pump's own `session::Tracker`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use guard_core::{ClientInfo, SessionRecord, UpstreamIdentity};
 use lockguard::frame::{FrameScanner, Message, CLIENT_INTERESTS, SERVER_INTERESTS};
 use lockguard::protocol::{backend, frontend};
-use lockguard::session::{on_client_message, on_server_message, ClientTrack};
+use lockguard::session::{on_client_message, on_server_message, Tracker};
 
 /// Counts allocations made by threads that asked for it; everything else (the test harness's
 /// other threads) is ignored.
@@ -255,28 +256,29 @@ fn scanning_and_recording_messages_does_not_allocate() {
     let mut server = FrameScanner::new(&SERVER_INTERESTS);
     let mut client = FrameScanner::new(&CLIENT_INTERESTS);
 
-    let on_login = |m: Message<'_>| on_server_message(m, &record, &mut false);
+    let tracker = Tracker::new();
+    let on_login = |m: Message<'_>| on_server_message(m, &record, &tracker, &mut false);
     feed_in_pieces(&mut server, &login_stream(), on_login, |_| {});
     assert_eq!(record.backend_pid(), Some(4242));
     // One pass over each stream first: a scanner keeps the buffer for a prefix split across
     // two reads once it first needs one, and that is per session, not per message.
-    let on_server = |m: Message<'_>| on_server_message(m, &record, &mut sent_fatal);
+    let on_server = |m: Message<'_>| on_server_message(m, &record, &tracker, &mut sent_fatal);
     feed_in_pieces(&mut server, &server_bytes, on_server, |_| {});
-    let mut track = ClientTrack::default();
-    let on_client = |m: Message<'_>| on_client_message(m, &record, &mut track);
+    let mut goodbye = None;
+    let on_client = |m: Message<'_>| on_client_message(m, &record, &tracker, &mut goodbye);
     feed_in_pieces(&mut client, &client_bytes, on_client, |_| {});
 
     let (allocations, reported) = allocations_during(|| {
         let server_reported = feed_in_pieces(
             &mut server,
             &server_bytes,
-            |m| on_server_message(m, &record, &mut sent_fatal),
+            |m| on_server_message(m, &record, &tracker, &mut sent_fatal),
             |n| record.add_bytes_from_server(n),
         );
         let client_reported = feed_in_pieces(
             &mut client,
             &client_bytes,
-            |m| on_client_message(m, &record, &mut track),
+            |m| on_client_message(m, &record, &tracker, &mut goodbye),
             |n| record.add_bytes_from_client(n),
         );
         (server_reported, client_reported)

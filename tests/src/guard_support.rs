@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guard_core::{ClientInfo, Registration, Registry, SessionRecord, UpstreamIdentity};
+use guard_core::{ClientInfo, Registration, Registry, SessionRecord, TxnStatus, UpstreamIdentity};
 use lockguard_config::GuardConfig;
 use tokio_postgres::{Client, NoTls};
 
@@ -163,24 +163,24 @@ impl DirectSession {
         );
         let record = registration.record();
         record.set_backend_key(self.pid, &[0, 0, 0, 1]);
-        record.ready_for_query(b'I');
+        record.ready_for_query(TxnStatus::Idle, false);
         registration
     }
 
-    /// Runs `sql` (one simple query) and mirrors what the proxy's pump would record: the
-    /// statement, a sync, and the ReadyForQuery `status` PostgreSQL answers with (`T` inside a
-    /// transaction, `E` after an error in one). tokio-postgres does not expose the status,
-    /// so the test states what it expects.
+    /// Runs `sql` (one simple query) and mirrors what the proxy's transaction tracker would
+    /// publish: the statement, a statement in flight, and the transaction `status` PostgreSQL
+    /// answers with (in a transaction, or failed after an error in one). tokio-postgres does not
+    /// expose the status, so the test states what it expects.
     pub async fn run(
         &self,
         record: &SessionRecord,
         sql: &str,
-        status: u8,
+        status: TxnStatus,
     ) -> Result<(), tokio_postgres::Error> {
         record.set_last_statement(sql.as_bytes());
-        record.sync_sent();
+        record.statement_started();
         let result = self.client.batch_execute(sql).await;
-        record.ready_for_query(status);
+        record.ready_for_query(status, false);
         result
     }
 }

@@ -10,7 +10,7 @@ use guard_core::enforcer::{self, RequiredState, START_AFTER};
 use guard_core::guard::CLIENT_LOSS_DEADLINE;
 use guard_core::{
     Decision, Guard, GuardConnection, HealthStatus, HeldLock, Identity, LeaveReason, ManualClock,
-    Outcome, Registry, Termination,
+    Outcome, Registry, Termination, TxnStatus,
 };
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
@@ -485,7 +485,9 @@ async fn lost_client_holding_a_protected_row_lock_is_terminated_and_the_waiter_p
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, LOCK_ROW, b'T').await.unwrap();
+    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
@@ -549,7 +551,7 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
     a.run(
         record,
         "BEGIN; SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE",
-        b'T',
+        TxnStatus::InTransaction,
     )
     .await
     .unwrap();
@@ -566,7 +568,7 @@ async fn lost_client_without_a_protected_lock_is_left_alone() {
     assert!(backend_alive(&admin, a.pid).await);
 
     // Outside a transaction the guard does not even ask PostgreSQL.
-    a.run(record, "ROLLBACK", b'I').await.unwrap();
+    a.run(record, "ROLLBACK", TxnStatus::Idle).await.unwrap();
     let decision = guard.on_client_lost(record, "connection reset").await;
     assert_eq!(decision, Decision::Left(LeaveReason::NoTransaction));
     assert!(backend_alive(&admin, a.pid).await);
@@ -587,7 +589,9 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, LOCK_ROW, b'T').await.unwrap();
+    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
 
     let event = acted(guard.on_client_lost(record, "eof without Terminate").await);
     assert_eq!(event.outcome, Outcome::DryRun);
@@ -638,7 +642,9 @@ async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = Arc::clone(registration.record());
-    a.run(&record, LOCK_ROW, b'T').await.unwrap();
+    a.run(&record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
@@ -701,7 +707,9 @@ async fn require_waiters_spares_an_idle_holder_until_someone_waits() {
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, LOCK_ROW, b'T').await.unwrap();
+    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
     clock.advance(past(config.idle_in_transaction_timeout));
 
     for _ in 0..3 {
@@ -742,10 +750,12 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, LOCK_ROW, b'T').await.unwrap();
+    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
     // An error after a savepoint leaves the outer transaction's locks held in state E.
     let err = a
-        .run(record, "SAVEPOINT s; SELECT 1 / 0", b'E')
+        .run(record, "SAVEPOINT s; SELECT 1 / 0", TxnStatus::Failed)
         .await
         .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22012"));
@@ -786,7 +796,9 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     let a = DirectSession::tcp(cluster, &db).await;
     let a_registration = a.register(&registry, &db);
     let a_record = a_registration.record();
-    a.run(a_record, LOCK_ROW, b'T').await.unwrap();
+    a.run(a_record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
 
     // C: a record whose upstream port is not the backend's (the pid was reused, say).
     let c = DirectSession::tcp(cluster, &db).await;
@@ -800,8 +812,8 @@ async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
     );
     let c_record = c_registration.record();
     c_record.set_backend_key(c.pid, &[0; 4]);
-    c_record.sync_sent();
-    c_record.ready_for_query(b'T');
+    c_record.statement_started();
+    c_record.ready_for_query(guard_core::TxnStatus::InTransaction, false);
 
     clock.advance(past(config.idle_in_transaction_timeout));
     let a_pid = a.pid;
@@ -858,7 +870,7 @@ async fn operator_kill_terminates_without_protected_locks_and_tells_the_client()
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, "SELECT 1", b'I').await.unwrap();
+    a.run(record, "SELECT 1", TxnStatus::Idle).await.unwrap();
 
     let event = guard
         .kill_session(record, "requested by ops")
@@ -897,7 +909,9 @@ async fn guard_reconnects_after_its_own_backend_is_terminated() {
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, LOCK_ROW, b'T').await.unwrap();
+    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
     let guard_pid = |guard: &Guard| {
         guard
             .health()
@@ -985,7 +999,9 @@ async fn unreachable_guard_database_degrades_fast_and_touches_nothing() {
     let a = DirectSession::tcp(cluster, &db).await;
     let registration = a.register(&registry, &db);
     let record = registration.record();
-    a.run(record, LOCK_ROW, b'T').await.unwrap();
+    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
+        .await
+        .unwrap();
 
     let started = Instant::now();
     let decision = guard.on_client_lost(record, "connection reset").await;

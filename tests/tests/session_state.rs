@@ -1,5 +1,5 @@
-//! The registry knows which backend serves each client and in which transaction state it is
-//! (issue 2, acceptance 6), and graceful shutdown behaves.
+//! The registry knows which backend serves each client and in which transaction state it is,
+//! and graceful shutdown behaves.
 
 use std::time::Duration;
 
@@ -15,11 +15,12 @@ use tokio_postgres::error::SqlState;
 /// Waits briefly for `record` to reach `want`; the client may see a reply before the proxy has
 /// scanned the ReadyForQuery that ends it.
 async fn settles_to(record: &guard_core::SessionRecord, want: TxnState) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while record.state() != want && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(record.state(), want);
+    let what = format!("the session to be {want}");
+    guard_support::wait_for(Duration::from_secs(5), &what, || {
+        let state = record.state();
+        async move { state == want }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -87,19 +88,49 @@ async fn registry_tracks_pid_identity_and_transaction_state() {
     client.batch_execute("COMMIT").await.expect("commit");
     assert_eq!(record.state(), TxnState::Idle);
 
-    // While a statement runs, the session is active.
-    let sleeper = {
+    // While a statement runs, the session is active: the statement waits on an advisory lock
+    // (they are per database) held directly, and the state is read once PostgreSQL says the
+    // backend waits on it.
+    let admin = guard_support::connect(cluster, &db).await;
+    admin
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .expect("take the lock");
+    let waiting = {
         let client = &client;
-        async move { client.batch_execute("SELECT pg_sleep(0.5)").await }
+        async move {
+            client
+                .batch_execute("SELECT pg_advisory_lock(4242), pg_advisory_unlock(4242)")
+                .await
+        }
     };
     let observe = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        record.state()
+        guard_support::wait_for(Duration::from_secs(10), "the statement to wait", || {
+            let admin = &admin;
+            async move {
+                let waits = admin
+                    .query_one(
+                        "SELECT wait_event_type IS NOT DISTINCT FROM 'Lock' \
+                         FROM pg_stat_activity WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .await
+                    .expect("pg_stat_activity");
+                waits.get::<_, bool>(0)
+            }
+        })
+        .await;
+        let seen = record.state();
+        admin
+            .batch_execute("SELECT pg_advisory_unlock(4242)")
+            .await
+            .expect("release the lock");
+        seen
     };
-    let (slept, seen) = tokio::join!(sleeper, observe);
-    slept.expect("sleep");
+    let (finished, seen) = tokio::join!(waiting, observe);
+    finished.expect("the statement finished");
     assert_eq!(seen, TxnState::Active);
-    assert_eq!(record.state(), TxnState::Idle);
+    settles_to(&record, TxnState::Idle).await;
     assert!(record.bytes_from_client() > 0 && record.bytes_from_server() > 0);
 
     drop(client);
@@ -129,14 +160,26 @@ async fn graceful_shutdown_closes_idle_sessions_and_waits_for_busy_ones() {
     let (code, message) = reply.last().expect("a goodbye").error_fields();
     assert_eq!(code, "57P01");
     assert!(message.starts_with("lockguard:"), "{message}");
-    // New clients are no longer accepted.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = TcpStream::connect(addr).await;
-    if let Ok(mut s) = refused {
-        let _ = s
-            .write_all(&raw::startup_packet(196_608, &[("user", "x")]))
-            .await;
-        assert!(raw::closed_within(&mut s, Duration::from_secs(2)).await);
+    // New clients are no longer accepted: the listener closes once it has seen the shutdown
+    // (a connection that races it may still be taken, so wait for the refusal itself)...
+    guard_support::wait_for(
+        Duration::from_secs(5),
+        "the listener to close",
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    // ...and a login that PostgreSQL would accept is not served.
+    if let Ok(mut late) = TcpStream::connect(addr).await {
+        let startup = raw::startup_packet(
+            196_608,
+            &[("user", cluster.superuser()), ("database", "postgres")],
+        );
+        let _ = late.write_all(&startup).await;
+        let reply = raw::read_until_close(&mut late, Duration::from_secs(2)).await;
+        assert!(
+            reply.iter().all(|m| m.tag != b'Z'),
+            "a client was served after shutdown began: {reply:?}"
+        );
     }
     // The busy session may finish its transaction; once idle it is closed too.
     busy.batch_execute("SELECT 1; COMMIT")
@@ -332,10 +375,13 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
         .expect("BackendKeyData");
     let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
     let record = proxy.session_of(pid).await;
-    app.write_all(&raw::query("CREATE TABLE t (v int)"))
-        .await
-        .expect("send");
-    read_until(&mut app, b'Z').await;
+    // Created directly: an ordinary role may not create tables in `public` (PostgreSQL 15+).
+    let owner = guard_support::connect(cluster, &db).await;
+    let grant = format!(
+        "CREATE TABLE t (v int); GRANT INSERT, SELECT ON t TO \"{}\"",
+        app_role(cluster)
+    );
+    owner.batch_execute(&grant).await.expect("create t");
 
     let copy = "COPY t FROM STDIN";
     let data = raw::message(b'd', b"1\n");
