@@ -1437,7 +1437,7 @@ async fn a_flood_of_api_readers_shares_a_few_probes() {
 // ---- an unauthenticated console costs little ------------------------------------------
 
 /// Protocol 3.0's StartupMessage code.
-const PROTOCOL_3_0: u32 = 196_608;
+const PROTOCOL_3_0: u32 = raw::PROTOCOL_3_0;
 
 /// Sends `ops`'s StartupMessage for the console database.
 async fn send_ops_startup(stream: &mut TcpStream) {
