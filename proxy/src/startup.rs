@@ -475,7 +475,8 @@ mod tests {
     #[tokio::test]
     async fn bytes_after_an_encryption_request_code_are_ignored_as_postgres_does() {
         let request = packet(startup_code::SSL_REQUEST, b"xx");
-        let (first, _) = converse(Negotiation::plaintext(true), &[request.clone()]).await;
+        let (first, _) =
+            converse(Negotiation::plaintext(true), std::slice::from_ref(&request)).await;
         assert!(matches!(first, Ok(FirstPacket::TlsRequested)), "{first:?}");
         let startup = startup_packet(&[("user", "bob")]);
         let (first, answers) = converse(Negotiation::plaintext(false), &[request, startup]).await;
