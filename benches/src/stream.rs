@@ -7,15 +7,8 @@
 //! rows), and column values from a few bytes (integers, NULLs) to a couple of KiB (JSON, text
 //! blobs). It is deterministic, so every run scans the same bytes.
 
-/// Message type bytes the generator writes (server → client).
-mod tag {
-    pub const PARSE_COMPLETE: u8 = b'1';
-    pub const BIND_COMPLETE: u8 = b'2';
-    pub const ROW_DESCRIPTION: u8 = b'T';
-    pub const DATA_ROW: u8 = b'D';
-    pub const COMMAND_COMPLETE: u8 = b'C';
-    pub const READY_FOR_QUERY: u8 = b'Z';
-}
+use lockguard::protocol::backend as tag;
+use lockguard::protocol::put_message;
 
 /// What a generated stream contains, to report alongside the throughput.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,10 +102,9 @@ fn row_description(columns: usize) -> Vec<u8> {
 }
 
 fn put(out: &mut Vec<u8>, stats: &mut StreamStats, tag: u8, body: &[u8]) {
-    out.push(tag);
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    stats.bytes += body.len() + 5;
+    let before = out.len();
+    put_message(out, tag, |out| out.extend_from_slice(body));
+    stats.bytes += out.len() - before;
     stats.messages += 1;
 }
 
@@ -142,7 +134,9 @@ mod tests {
         let mut scanner = FrameScanner::new(&SERVER_INTERESTS);
         let mut ready = 0;
         scanner
-            .feed(&stream, |m| ready += usize::from(m.tag == b'Z'))
+            .feed(&stream, |m| {
+                ready += usize::from(m.tag == tag::READY_FOR_QUERY)
+            })
             .unwrap();
         assert!(scanner.at_boundary());
         assert!(ready > 0);

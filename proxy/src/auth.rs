@@ -36,28 +36,16 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
+use bytes::BytesMut;
+
+use crate::protocol::backend::{self, auth_request, AUTHENTICATION, ERROR_RESPONSE};
+use crate::protocol::frontend::{self, PASSWORD_MESSAGE};
 use crate::protocol::{fatal_error, sqlstate};
 use crate::scram::{self, ClientFinal, ClientFirst, ScramSecret};
 use crate::upstream::ChannelBinding;
 
 /// Authentication messages are small (GSSAPI tokens are the largest, a few KiB).
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
-
-const AUTHENTICATION: u8 = b'R';
-const ERROR_RESPONSE: u8 = b'E';
-/// SASLInitialResponse and SASLResponse (the frontend's password-message family).
-const PASSWORD_MESSAGE: u8 = b'p';
-
-/// Authentication request codes (first int32 of an `R` message) after which the client answers.
-const AUTH_CLEARTEXT_PASSWORD: u32 = 3;
-const AUTH_MD5_PASSWORD: u32 = 5;
-const AUTH_GSS: u32 = 7;
-const AUTH_GSS_CONTINUE: u32 = 8;
-const AUTH_SSPI: u32 = 9;
-const AUTH_SASL: u32 = 10;
-const AUTH_SASL_CONTINUE: u32 = 11;
-const AUTH_SASL_FINAL: u32 = 12;
-const AUTH_OK: u32 = 0;
 
 /// How the relayed authentication ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -144,7 +132,7 @@ where
         let tag = message[0];
         let code = (tag == AUTHENTICATION && message.len() >= 9)
             .then(|| u32::from_be_bytes([message[5], message[6], message[7], message[8]]));
-        if code == Some(AUTH_SASL) {
+        if code == Some(auth_request::SASL) {
             binding_offered = offers(&message, SCRAM_SHA_256_PLUS);
             message = without_channel_binding(&message);
         }
@@ -154,17 +142,18 @@ where
             .map_err(AuthError::Client)?;
         match (tag, code) {
             (ERROR_RESPONSE, _) => return Ok(AuthEnd::Refused),
-            (_, Some(AUTH_OK)) => return Ok(AuthEnd::Authenticated),
+            (_, Some(auth_request::OK)) => return Ok(AuthEnd::Authenticated),
+            // The requests after which the client answers.
             (
                 _,
                 Some(
-                    AUTH_CLEARTEXT_PASSWORD
-                    | AUTH_MD5_PASSWORD
-                    | AUTH_GSS
-                    | AUTH_GSS_CONTINUE
-                    | AUTH_SSPI
-                    | AUTH_SASL
-                    | AUTH_SASL_CONTINUE,
+                    auth_request::CLEARTEXT_PASSWORD
+                    | auth_request::MD5_PASSWORD
+                    | auth_request::GSS
+                    | auth_request::GSS_CONTINUE
+                    | auth_request::SSPI
+                    | auth_request::SASL
+                    | auth_request::SASL_CONTINUE,
                 ),
             ) => {
                 // Usually the client answers, but GSSAPI's last token (mutual authentication)
@@ -177,7 +166,7 @@ where
                         continue;
                     }
                 };
-                if code == Some(AUTH_SASL) {
+                if code == Some(auth_request::SASL) {
                     if let Some(initial) = binding_capable_scram(&answer) {
                         let Some(lookup) = secret.take() else {
                             return Err(AuthError::ServerScram("SASL offered twice".into()));
@@ -374,16 +363,17 @@ impl OnBehalf<'_> {
         let first = ClientFirst::parse(self.client_first_data).map_err(protocol_error)?;
         let mut upstream_first = self.upstream.header.as_bytes().to_vec();
         upstream_first.extend_from_slice(first.bare.as_bytes());
+        let mut initial = BytesMut::new();
+        frontend::sasl_initial_response(self.upstream.mechanism, &upstream_first, &mut initial)
+            .map_err(AuthError::Server)?;
         server
-            .write_all(&sasl_message(
-                Some(self.upstream.mechanism),
-                &upstream_first,
-            ))
+            .write_all(&initial)
             .await
             .map_err(AuthError::Server)?;
 
         let server_first_message = read_server(server).await?;
-        let Some(server_first) = sasl_payload(&server_first_message, AUTH_SASL_CONTINUE) else {
+        let Some(server_first) = sasl_payload(&server_first_message, auth_request::SASL_CONTINUE)
+        else {
             return forward_refusal(client, &server_first_message).await;
         };
         let server_first = std::str::from_utf8(server_first)
@@ -435,8 +425,11 @@ impl OnBehalf<'_> {
             }
         };
         let upstream_final = format!("{upstream_without_proof},p={}", scram::base64(&proof));
+        let mut response = BytesMut::new();
+        frontend::sasl_response(upstream_final.as_bytes(), &mut response)
+            .map_err(AuthError::Server)?;
         server
-            .write_all(&sasl_message(None, upstream_final.as_bytes()))
+            .write_all(&response)
             .await
             .map_err(AuthError::Server)?;
 
@@ -454,7 +447,8 @@ impl OnBehalf<'_> {
             refuse(client, sqlstate::INVALID_PASSWORD, &message).await;
             return Ok(Some(AuthEnd::Refused));
         }
-        let Some(server_final) = sasl_payload(&server_final_message, AUTH_SASL_FINAL) else {
+        let Some(server_final) = sasl_payload(&server_final_message, auth_request::SASL_FINAL)
+        else {
             return forward_refusal(client, &server_final_message).await;
         };
         // The server proves it knows the same secret; the client gets the proof for its own
@@ -472,10 +466,7 @@ impl OnBehalf<'_> {
             "v={}",
             scram::base64(&keys.server_signature(&client_auth_message))
         );
-        let mut reply = vec![AUTHENTICATION, 0, 0, 0, 0];
-        reply.extend_from_slice(&AUTH_SASL_FINAL.to_be_bytes());
-        reply.extend_from_slice(client_final.as_bytes());
-        patch_length(&mut reply);
+        let reply = backend::authentication(auth_request::SASL_FINAL, client_final.as_bytes());
         client.write_all(&reply).await.map_err(AuthError::Client)?;
         Ok(None)
     }
@@ -507,24 +498,6 @@ async fn refuse<C: AsyncWrite + Unpin>(client: &mut C, code: &str, message: &str
 fn sasl_payload(message: &[u8], code: u32) -> Option<&[u8]> {
     (message[0] == AUTHENTICATION && message.get(5..9) == Some(&code.to_be_bytes()[..]))
         .then(|| &message[9..])
-}
-
-/// A SASLInitialResponse (with a mechanism) or SASLResponse (without).
-fn sasl_message(mechanism: Option<&str>, data: &[u8]) -> Vec<u8> {
-    let mut out = vec![PASSWORD_MESSAGE, 0, 0, 0, 0];
-    if let Some(mechanism) = mechanism {
-        out.extend_from_slice(mechanism.as_bytes());
-        out.push(0);
-        out.extend_from_slice(&(data.len() as i32).to_be_bytes());
-    }
-    out.extend_from_slice(data);
-    patch_length(&mut out);
-    out
-}
-
-fn patch_length(message: &mut [u8]) {
-    let len = (message.len() - 1) as u32;
-    message[1..5].copy_from_slice(&len.to_be_bytes());
 }
 
 async fn read_server<S: AsyncRead + Unpin>(server: &mut S) -> Result<Vec<u8>, AuthError> {
@@ -616,20 +589,14 @@ fn without_channel_binding(message: &[u8]) -> Vec<u8> {
         .split(|&b| b == 0)
         .take_while(|name| !name.is_empty())
         .filter(|name| !name.ends_with(b"-PLUS"));
-    let mut out = vec![AUTHENTICATION, 0, 0, 0, 0];
-    out.extend_from_slice(&AUTH_SASL.to_be_bytes());
-    for name in mechanisms {
-        out.extend_from_slice(name);
-        out.push(0);
-    }
-    out.push(0);
-    patch_length(&mut out);
-    out
+    backend::authentication_sasl(mechanisms)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::backend::{authentication as auth, BACKEND_KEY_DATA};
+    use crate::protocol::message as msg;
     use crate::scram::ScramKeys;
 
     const END_POINT: [u8; 32] = [0xab; 32];
@@ -699,7 +666,15 @@ mod tests {
     }
 
     fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
-        sasl_message(Some(mechanism), data)
+        let mut out = BytesMut::new();
+        frontend::sasl_initial_response(mechanism, data, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    fn sasl_response(data: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        frontend::sasl_response(data, &mut out).unwrap();
+        out.to_vec()
     }
 
     /// Plays a binding-capable client and a PostgreSQL offering SCRAM-SHA-256-PLUS around
@@ -740,7 +715,7 @@ mod tests {
             )
         );
         let server_first = format!("r=clientnonceSERVER,s={},i=4096", scram::base64(&salt));
-        let continue_message = auth(AUTH_SASL_CONTINUE, server_first.as_bytes());
+        let continue_message = auth(auth_request::SASL_CONTINUE, server_first.as_bytes());
         server.write_all(&continue_message).await.unwrap();
         expect(&mut client, &continue_message).await;
 
@@ -753,7 +728,7 @@ mod tests {
         let proof = keys.client_proof(&client_key, &client_auth);
         let client_final = format!("{client_without_proof},p={}", scram::base64(&proof));
         client
-            .write_all(&sasl_message(None, client_final.as_bytes()))
+            .write_all(&sasl_response(client_final.as_bytes()))
             .await
             .unwrap();
 
@@ -780,12 +755,19 @@ mod tests {
             let signature = keys.server_signature(&upstream_auth);
             let server_final = format!("v={}", scram::base64(&signature));
             server
-                .write_all(&auth(AUTH_SASL_FINAL, server_final.as_bytes()))
+                .write_all(&auth(auth_request::SASL_FINAL, server_final.as_bytes()))
                 .await
                 .unwrap();
             let client_final = format!("v={}", scram::base64(&keys.server_signature(&client_auth)));
-            expect(&mut client, &auth(AUTH_SASL_FINAL, client_final.as_bytes())).await;
-            server.write_all(&auth(AUTH_OK, b"")).await.unwrap();
+            expect(
+                &mut client,
+                &auth(auth_request::SASL_FINAL, client_final.as_bytes()),
+            )
+            .await;
+            server
+                .write_all(&auth(auth_request::OK, b""))
+                .await
+                .unwrap();
         } else {
             server.write_all(&refusal()).await.unwrap();
         }
@@ -806,7 +788,7 @@ mod tests {
     #[tokio::test]
     async fn a_login_lockguard_completes_is_bound_to_the_upstream_certificate() {
         let (received, end) = exchange_with_binding("pencil").await;
-        assert_eq!(received, auth(AUTH_OK, b""));
+        assert_eq!(received, auth(auth_request::OK, b""));
         assert_eq!(end.unwrap(), AuthEnd::Authenticated);
     }
 
@@ -818,16 +800,7 @@ mod tests {
     }
 
     fn sasl(mechanisms: &[&str]) -> Vec<u8> {
-        let mut body = AUTH_SASL.to_be_bytes().to_vec();
-        for m in mechanisms {
-            body.extend_from_slice(m.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut out = vec![AUTHENTICATION];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
+        backend::authentication_sasl(mechanisms.iter().map(|m| m.as_bytes()))
     }
 
     #[test]
@@ -846,12 +819,6 @@ mod tests {
             let no_secret = || async { Err::<ScramSecret, _>("not needed".to_owned()) };
             relay_authentication(&mut client_side, &mut server_side, &login(), no_secret).await
         });
-        let msg = |tag: u8, body: &[u8]| {
-            let mut m = vec![tag];
-            m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-            m.extend_from_slice(body);
-            m
-        };
         server
             .write_all(&sasl(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]))
             .await
@@ -859,29 +826,16 @@ mod tests {
         let mut seen = vec![0u8; sasl(&["SCRAM-SHA-256"]).len()];
         client.read_exact(&mut seen).await.unwrap();
         assert_eq!(seen, sasl(&["SCRAM-SHA-256"]));
-        let initial = msg(b'p', b"SCRAM-SHA-256\0\0\0\0\x04abcd");
+        let initial = sasl_initial("SCRAM-SHA-256", b"abcd");
         client.write_all(&initial).await.unwrap();
         let mut forwarded = vec![0u8; initial.len()];
         server.read_exact(&mut forwarded).await.unwrap();
         assert_eq!(forwarded, initial);
         server
-            .write_all(&msg(b'R', &AUTH_OK.to_be_bytes()))
+            .write_all(&auth(auth_request::OK, b""))
             .await
             .unwrap();
         assert_eq!(relay.await.unwrap().unwrap(), AuthEnd::Authenticated);
-    }
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
-    fn auth(code: u32, data: &[u8]) -> Vec<u8> {
-        let mut body = code.to_be_bytes().to_vec();
-        body.extend_from_slice(data);
-        msg(AUTHENTICATION, &body)
     }
 
     async fn expect<R: AsyncRead + Unpin>(from: &mut R, expected: &[u8]) {
@@ -909,30 +863,33 @@ mod tests {
                 relay_authentication(&mut client_side, &mut server_side, &login(), no_secret).await;
             (end, server_side)
         });
-        server.write_all(&auth(AUTH_GSS, b"")).await.unwrap();
-        expect(&mut client, &auth(AUTH_GSS, b"")).await;
+        server
+            .write_all(&auth(auth_request::GSS, b""))
+            .await
+            .unwrap();
+        expect(&mut client, &auth(auth_request::GSS, b"")).await;
         let first_token = msg(PASSWORD_MESSAGE, &[7u8; 3000]);
         client.write_all(&first_token).await.unwrap();
         expect(&mut server, &first_token).await;
 
         // A token that needs an answer: the client's one is forwarded.
         server
-            .write_all(&auth(AUTH_GSS_CONTINUE, b"more"))
+            .write_all(&auth(auth_request::GSS_CONTINUE, b"more"))
             .await
             .unwrap();
-        expect(&mut client, &auth(AUTH_GSS_CONTINUE, b"more")).await;
+        expect(&mut client, &auth(auth_request::GSS_CONTINUE, b"more")).await;
         let second_token = msg(PASSWORD_MESSAGE, b"second");
         client.write_all(&second_token).await.unwrap();
         expect(&mut server, &second_token).await;
 
         // The last token, then AuthenticationOk and the session's first messages at once.
-        let key_data = msg(b'K', &[0, 0, 0, 42, 1, 2, 3, 4]);
-        let mut burst = auth(AUTH_GSS_CONTINUE, b"mutual");
-        burst.extend_from_slice(&auth(AUTH_OK, b""));
+        let key_data = msg(BACKEND_KEY_DATA, &[0, 0, 0, 42, 1, 2, 3, 4]);
+        let mut burst = auth(auth_request::GSS_CONTINUE, b"mutual");
+        burst.extend_from_slice(&auth(auth_request::OK, b""));
         burst.extend_from_slice(&key_data);
         server.write_all(&burst).await.unwrap();
-        expect(&mut client, &auth(AUTH_GSS_CONTINUE, b"mutual")).await;
-        expect(&mut client, &auth(AUTH_OK, b"")).await;
+        expect(&mut client, &auth(auth_request::GSS_CONTINUE, b"mutual")).await;
+        expect(&mut client, &auth(auth_request::OK, b"")).await;
         let (end, mut server_side) = tokio::time::timeout(std::time::Duration::from_secs(5), relay)
             .await
             .expect("the relay ends without a client answer")

@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, AuthEnd};
-use crate::protocol::sqlstate;
+use crate::protocol::{backend, encryption_answer, sqlstate};
 use crate::scram::ScramSecret;
 use crate::session::{self, farewell, SessionContext};
 use crate::startup::{self, FirstPacket, Negotiation, StartupError, StartupMessage};
@@ -102,7 +102,7 @@ pub(crate) async fn refuse_startup(tcp: TcpStream, max_startup_clients: usize) {
         "lockguard: too many connections are still starting up (max_startup_clients = \
          {max_startup_clients}); try again"
     );
-    let answer = crate::protocol::fatal_error(sqlstate::TOO_MANY_CONNECTIONS, &message);
+    let answer = backend::fatal_error(sqlstate::TOO_MANY_CONNECTIONS, &message);
     crate::admin::accept::turn_away(tcp, &answer).await;
 }
 
@@ -134,7 +134,7 @@ async fn negotiate(
     let (FirstPacket::TlsRequested, Some(acceptor)) = (&first, acceptor) else {
         return Some((ClientStream::Plain(tcp), first));
     };
-    if let Err(e) = tcp.write_all(b"S").await {
+    if let Err(e) = tcp.write_all(&[encryption_answer::ACCEPTED]).await {
         debug!(client = %addr, error = %e, "client left during TLS negotiation");
         return None;
     }
@@ -212,7 +212,7 @@ where
         Err(StartupError::RejectedOldProtocol(message)) => {
             shared.stats.startup_rejected();
             warn!(client = %addr, "{message}");
-            let answer = startup::old_protocol_error(&message);
+            let answer = backend::old_protocol_error(&message);
             let send = async {
                 stream.write_all(&answer).await?;
                 stream.shutdown().await

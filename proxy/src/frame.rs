@@ -8,8 +8,6 @@
 //! copied into a small buffer of its own until the rest arrives. Messages may be split across
 //! reads at any byte; the scanner keeps the little state needed to resume.
 
-use std::fmt;
-
 use crate::protocol::{backend, frontend};
 
 /// What the scanner does with one message type.
@@ -31,24 +29,12 @@ pub struct Message<'a> {
 }
 
 /// The stream does not follow the protocol; the session must end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid message length {length} for message type {:?}", char::from(*tag))]
 pub struct FrameError {
     pub tag: u8,
     pub length: u32,
 }
-
-impl fmt::Display for FrameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid message length {} for message type {:?}",
-            self.length,
-            char::from(self.tag)
-        )
-    }
-}
-
-impl std::error::Error for FrameError {}
 
 /// PostgreSQL itself refuses messages over 1 GB; anything longer is a corrupt stream.
 const MAX_MESSAGE_LEN: u32 = 0x4000_0000 + 4;
@@ -224,13 +210,7 @@ fn split_header(header: [u8; HEADER_LEN]) -> (u8, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::message as msg;
 
     type Seen = Vec<(u8, u32, Vec<u8>)>;
 
@@ -299,6 +279,18 @@ mod tests {
             let err = scanner.feed(&stream, |_| {}).unwrap_err();
             assert_eq!(err.length, length);
         }
+    }
+
+    #[test]
+    fn the_error_names_the_length_and_the_message_type() {
+        let err = FrameError {
+            tag: b'Q',
+            length: 3,
+        };
+        assert_eq!(
+            err.to_string(),
+            "invalid message length 3 for message type 'Q'"
+        );
     }
 
     #[test]

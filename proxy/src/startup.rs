@@ -21,15 +21,14 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::protocol::{sqlstate, startup_code, MAX_STARTUP_PACKET, MIN_STARTUP_PACKET};
+use crate::protocol::{
+    encryption_answer, sqlstate, startup_code, MAX_STARTUP_PACKET, MIN_STARTUP_PACKET,
+};
 
 /// The first byte of a TLS handshake record, i.e. of a ClientHello. Read as the first byte of
 /// a startup packet's length it would announce hundreds of megabytes, so PostgreSQL (17+) and
 /// lockguard take it as direct TLS negotiation.
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
-/// SQLSTATE of "unsupported frontend protocol" (PostgreSQL's `ERRCODE_FEATURE_NOT_SUPPORTED`).
-const FEATURE_NOT_SUPPORTED: &str = "0A000";
 
 /// What the client opened the connection for.
 #[derive(Debug)]
@@ -63,7 +62,8 @@ pub enum StartupError {
         message: String,
     },
     /// A client asking for protocol 2 or older broke the protocol: PostgreSQL answers in
-    /// that protocol's error format (`E`, the text, a NUL), see [`old_protocol_error`].
+    /// that protocol's error format (`E`, the text, a NUL), see
+    /// [`crate::protocol::backend::old_protocol_error`].
     #[error("{0}")]
     RejectedOldProtocol(String),
     /// The client broke the protocol where PostgreSQL closes without a word (it only logs
@@ -176,7 +176,7 @@ where
                 return Err(if code >> 16 < 3 {
                     StartupError::RejectedOldProtocol(message)
                 } else {
-                    StartupError::rejected(FEATURE_NOT_SUPPORTED, message)
+                    StartupError::rejected(sqlstate::FEATURE_NOT_SUPPORTED, message)
                 });
             }
         }
@@ -191,7 +191,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let early_data = has_data_ready(client).await;
-    client.write_all(b"N").await?;
+    client.write_all(&[encryption_answer::DECLINED]).await?;
     if early_data {
         return Err(StartupError::rejected(
             sqlstate::PROTOCOL_VIOLATION,
@@ -212,17 +212,6 @@ async fn has_data_ready<S: AsyncRead + Unpin>(client: &mut S) -> bool {
         }
     })
     .await
-}
-
-/// An error in the format of protocol 2 and older, which PostgreSQL uses to refuse a client
-/// asking for such a version: `E`, then `FATAL:  <message>\n` NUL-terminated.
-pub fn old_protocol_error(message: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + 10);
-    out.push(b'E');
-    out.extend_from_slice(b"FATAL:  ");
-    out.extend(message.bytes().filter(|&b| b != 0));
-    out.extend_from_slice(b"\n\0");
-    out
 }
 
 /// Reads one untagged packet, length prefix included, refusing lengths outside the protocol's
@@ -313,19 +302,11 @@ fn split_cstr(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frontend::{encryption_request as request, startup_message};
+    use crate::protocol::packet;
 
     fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = startup_code::PROTOCOL_3_0.to_be_bytes().to_vec();
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut raw = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        raw.extend_from_slice(&body);
-        raw
+        startup_message(startup_code::PROTOCOL_3_0, params)
     }
 
     #[test]
@@ -352,12 +333,6 @@ mod tests {
             parse_startup(truncated),
             Err(StartupError::Rejected { .. })
         ));
-    }
-
-    fn request(code: u32) -> Vec<u8> {
-        let mut packet = 8u32.to_be_bytes().to_vec();
-        packet.extend_from_slice(&code.to_be_bytes());
-        packet
     }
 
     /// Plays a client that sends each packet of `script` only after reading the one-byte
@@ -456,7 +431,7 @@ mod tests {
             assert_eq!(answers, b"N");
             assert_eq!(
                 sqlstate_of(&first),
-                Some(FEATURE_NOT_SUPPORTED),
+                Some(sqlstate::FEATURE_NOT_SUPPORTED),
                 "{first:?}"
             );
         }
@@ -467,7 +442,7 @@ mod tests {
             assert_eq!(answers, b"");
             assert_eq!(
                 sqlstate_of(&first),
-                Some(FEATURE_NOT_SUPPORTED),
+                Some(sqlstate::FEATURE_NOT_SUPPORTED),
                 "{first:?}"
             );
         }
@@ -499,10 +474,9 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_after_an_encryption_request_code_are_ignored_as_postgres_does() {
-        let mut request = 10u32.to_be_bytes().to_vec();
-        request.extend_from_slice(&startup_code::SSL_REQUEST.to_be_bytes());
-        request.extend_from_slice(b"xx");
-        let (first, _) = converse(Negotiation::plaintext(true), &[request.clone()]).await;
+        let request = packet(startup_code::SSL_REQUEST, b"xx");
+        let (first, _) =
+            converse(Negotiation::plaintext(true), std::slice::from_ref(&request)).await;
         assert!(matches!(first, Ok(FirstPacket::TlsRequested)), "{first:?}");
         let startup = startup_packet(&[("user", "bob")]);
         let (first, answers) = converse(Negotiation::plaintext(false), &[request, startup]).await;
@@ -536,11 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn unsupported_protocols_are_refused_in_the_format_postgres_uses() {
-        let packet = |code: u32| {
-            let mut p = startup_packet(&[("user", "bob")]);
-            p[4..8].copy_from_slice(&code.to_be_bytes());
-            p
-        };
+        let packet = |code: u32| startup_message(code, &[("user", "bob")]);
         let (first, _) = converse(Negotiation::plaintext(false), &[packet(2 << 16)]).await;
         assert!(
             matches!(first, Err(StartupError::RejectedOldProtocol(_))),
@@ -549,13 +519,8 @@ mod tests {
         let (first, _) = converse(Negotiation::plaintext(false), &[packet(1234 << 16)]).await;
         assert_eq!(
             sqlstate_of(&first),
-            Some(FEATURE_NOT_SUPPORTED),
+            Some(sqlstate::FEATURE_NOT_SUPPORTED),
             "{first:?}"
-        );
-        assert_eq!(
-            old_protocol_error("no\0pe"),
-            b"EFATAL:  nope\n\0".to_vec(),
-            "NULs are dropped so the text stays one string"
         );
     }
 }

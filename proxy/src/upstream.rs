@@ -4,6 +4,7 @@
 use std::io;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use guard_core::UpstreamIdentity;
 use lockguard_config::{Upstream, UpstreamNegotiation, UpstreamTlsMode};
 use rustls_pki_types::ServerName;
@@ -24,7 +25,7 @@ use x509_cert::spki::AlgorithmIdentifierOwned;
 use x509_cert::Certificate;
 
 use crate::net::{self, Liveness};
-use crate::protocol::startup_code;
+use crate::protocol::{encryption_answer, frontend};
 use crate::stream::UpstreamStream;
 use crate::tls::UpstreamTls;
 
@@ -220,9 +221,8 @@ async fn negotiate_tls(
     if tls.negotiation == UpstreamNegotiation::Direct {
         return direct_tls(stream, host, tls).await;
     }
-    let mut request = [0u8; 8];
-    request[..4].copy_from_slice(&8u32.to_be_bytes());
-    request[4..].copy_from_slice(&startup_code::SSL_REQUEST.to_be_bytes());
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
     stream
         .write_all(&request)
         .await
@@ -233,7 +233,7 @@ async fn negotiate_tls(
         .await
         .map_err(|e| format!("no answer to SSLRequest: {e}"))?;
     match answer[0] {
-        b'S' => {
+        encryption_answer::ACCEPTED => {
             let name = ServerName::try_from(host.to_owned())
                 .map_err(|e| format!("invalid server name {host:?} for TLS: {e}"))?;
             let stream = tls
@@ -243,8 +243,10 @@ async fn negotiate_tls(
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
             Ok(UpstreamStream::Tls(Box::new(stream)))
         }
-        b'N' if tls.mode == UpstreamTlsMode::Prefer => Ok(UpstreamStream::Tcp(stream)),
-        b'N' => Err(format!(
+        encryption_answer::DECLINED if tls.mode == UpstreamTlsMode::Prefer => {
+            Ok(UpstreamStream::Tcp(stream))
+        }
+        encryption_answer::DECLINED => Err(format!(
             "the server does not support TLS, but upstream_mode is {:?}",
             tls.mode
         )),

@@ -7,6 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use lockguard::protocol::frontend::startup_message;
+use lockguard::protocol::startup_code::PROTOCOL_3_0;
+
 const FORGED: &str = "2026-01-01T00:00:00.000000Z  WARN lockguard: FORGED audit line";
 
 struct Running(Child);
@@ -19,20 +22,7 @@ impl Drop for Running {
 }
 
 fn startup_packet(user: &str) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (key, value) in [("user", user), ("database", "app")] {
-        body.extend_from_slice(key.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = u32::try_from(body.len() + 4)
-        .expect("small packet")
-        .to_be_bytes()
-        .to_vec();
-    packet.extend_from_slice(&body);
-    packet
+    startup_message(PROTOCOL_3_0, &[("user", user), ("database", "app")])
 }
 
 /// The line without ANSI colour sequences (`ESC [ ... m`), which a terminal-less stderr may

@@ -1,36 +1,26 @@
 //! Raw-socket helpers for tests that speak (or break) the wire protocol by hand.
+//!
+//! Messages are built with lockguard's own protocol module (`lockguard::protocol`), which
+//! re-exports `postgres-protocol`'s frontend encoders: tests, benches and the proxy build
+//! messages one way.
 
+use std::fmt::Debug;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A StartupMessage for `user` on `database` with protocol `version` (3.0 = 196608).
-pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (name, value) in params {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
-/// SSLRequest's code.
-pub const SSL_REQUEST: u32 = 80_877_103;
-/// GSSENCRequest's code.
-pub const GSSENC_REQUEST: u32 = 80_877_104;
+pub use lockguard::protocol::frontend::{cancel_request, startup_message as startup_packet};
+pub use lockguard::protocol::startup_code::{
+    CANCEL_REQUEST, GSSENC_REQUEST, PROTOCOL_3_0, PROTOCOL_3_2, SSL_REQUEST,
+};
+pub use lockguard::protocol::{backend, frontend, message, packet};
 
 /// Sends an SSLRequest or a GSSENCRequest (`code`) and returns the one-byte answer.
 pub async fn encryption_request(stream: &mut TcpStream, code: u32) -> u8 {
-    let mut request = 8u32.to_be_bytes().to_vec();
-    request.extend_from_slice(&code.to_be_bytes());
     stream
-        .write_all(&request)
+        .write_all(&frontend::encryption_request(code))
         .await
         .expect("send the encryption request");
     let mut answer = [0u8; 1];
@@ -41,19 +31,69 @@ pub async fn encryption_request(stream: &mut TcpStream, code: u32) -> u8 {
     answer[0]
 }
 
-/// A tagged message.
-pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
+/// The bytes one of `postgres-protocol`'s encoders (re-exported in
+/// `lockguard::protocol::frontend`) writes, e.g. `encode(|b| frontend::sync(b))`. Panics on
+/// what the encoder refuses (a NUL inside a string): a test's own input.
+pub fn encode<E: Debug>(write: impl FnOnce(&mut BytesMut) -> Result<(), E>) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    write(&mut buf).expect("encode a test message");
+    buf.to_vec()
 }
 
 /// A simple Query message.
 pub fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    message(b'Q', &body)
+    encode(|b| frontend::query(sql, b))
+}
+
+/// Parse of `sql` as the unnamed statement, its parameters typed by `param_types` (OIDs).
+pub fn parse(sql: &str, param_types: &[u32]) -> Vec<u8> {
+    encode(|b| frontend::parse("", sql, param_types.iter().copied(), b))
+}
+
+/// Bind of the unnamed statement to the unnamed portal, with `params` and the results in
+/// `format` (0 text, 1 binary; text is sent as no format codes at all, as libpq does).
+pub fn bind(params: &[&[u8]], format: i16) -> Vec<u8> {
+    let formats = if format == 0 { vec![] } else { vec![format] };
+    let mut buf = BytesMut::new();
+    let written = frontend::bind(
+        "",
+        "",
+        formats.iter().copied(),
+        params.iter().copied(),
+        |value, buf| {
+            buf.extend_from_slice(value);
+            Ok(frontend::IsNull::No)
+        },
+        formats.iter().copied(),
+        &mut buf,
+    );
+    assert!(written.is_ok(), "encode a Bind");
+    buf.to_vec()
+}
+
+/// Describe of the unnamed portal.
+pub fn describe_portal() -> Vec<u8> {
+    encode(|b| frontend::describe(b'P', "", b))
+}
+
+/// Execute of the unnamed portal, all rows.
+pub fn execute() -> Vec<u8> {
+    encode(|b| frontend::execute("", 0, b))
+}
+
+/// A Sync message.
+pub fn sync() -> Vec<u8> {
+    message(frontend::SYNC, &[])
+}
+
+/// A Flush message.
+pub fn flush() -> Vec<u8> {
+    message(frontend::FLUSH, &[])
+}
+
+/// A Terminate message.
+pub fn terminate() -> Vec<u8> {
+    message(frontend::TERMINATE, &[])
 }
 
 /// One message read from the server side of a raw connection.
@@ -148,7 +188,7 @@ pub async fn closed_within<R: AsyncRead + Unpin>(stream: &mut R, timeout: Durati
 pub async fn login(stream: &mut TcpStream, user: &str, database: &str) -> Vec<Received> {
     stream
         .write_all(&startup_packet(
-            196_608,
+            PROTOCOL_3_0,
             &[("user", user), ("database", database)],
         ))
         .await
@@ -159,11 +199,11 @@ pub async fn login(stream: &mut TcpStream, user: &str, database: &str) -> Vec<Re
             .await
             .expect("server answered the startup");
         let tag = m.tag;
-        if tag == b'E' {
+        if tag == backend::ERROR_RESPONSE {
             panic!("login failed: {:?}", m.error_fields());
         }
         seen.push(m);
-        if tag == b'Z' {
+        if tag == backend::READY_FOR_QUERY {
             return seen;
         }
     }

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 
 /// Protocol 3.0's StartupMessage code.
-const PROTOCOL_3_0: u32 = 196_608;
+const PROTOCOL_3_0: u32 = raw::PROTOCOL_3_0;
 
 /// Sends `ops`'s StartupMessage for the console database.
 async fn send_ops_startup(stream: &mut TcpStream) {

@@ -483,7 +483,7 @@ async fn psql_uses_the_console_over_tls_and_require_tls_refuses_plaintext() {
     let mut raw_plain = TcpStream::connect(console_addr).await.expect("connect");
     raw_plain
         .write_all(&raw::startup_packet(
-            196_608,
+            raw::PROTOCOL_3_0,
             &[("user", OPS.0), ("database", "lockguard")],
         ))
         .await

@@ -250,7 +250,7 @@ async fn raw_direct_login(
         .expect("direct TLS handshake with ALPN postgresql");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
     tls.write_all(&raw::startup_packet(
-        196_608,
+        raw::PROTOCOL_3_0,
         &[("user", user), ("database", "postgres")],
     ))
     .await
@@ -290,7 +290,7 @@ async fn a_direct_client_hello_without_alpn_postgresql_is_refused() {
     // Whatever a client sends then is not read as a startup packet.
     let _ = tls
         .write_all(&raw::startup_packet(
-            196_608,
+            raw::PROTOCOL_3_0,
             &[("user", cluster.superuser()), ("database", "postgres")],
         ))
         .await;

@@ -115,7 +115,7 @@ async fn a_thousand_slow_startups_are_cut_at_the_deadline_while_a_normal_client_
     let rss_before = vm_rss_bytes().expect("VmRSS");
 
     let packet = raw::startup_packet(
-        196_608,
+        raw::PROTOCOL_3_0,
         &[("user", cluster.superuser()), ("database", "postgres")],
     );
     assert!(packet.len() as u64 > STARTUP_TIMEOUT.as_secs() + LATE.as_secs());
@@ -494,7 +494,7 @@ async fn a_single_200_mib_copy_data_message_streams_through_without_being_buffer
         }
         client.write_all(b"\n").await.expect("end of the row");
         client
-            .write_all(&raw::message(b'c', &[]))
+            .write_all(&raw::message(raw::frontend::COPY_DONE, &[]))
             .await
             .expect("CopyDone");
         let done = read_small_until_ready(&mut client).await;

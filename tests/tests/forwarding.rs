@@ -389,29 +389,16 @@ fn byte_exact_script() -> (Vec<u8>, usize) {
 
     let sql = "SELECT $1::int4 + g, $2::bytea, NULL::int8, g::float8 / 7 \
                FROM generate_series(1, 60) g";
-    let mut parse = vec![0u8]; // unnamed statement
-    parse.extend_from_slice(sql.as_bytes());
-    parse.push(0);
-    parse.extend_from_slice(&2i16.to_be_bytes());
-    parse.extend_from_slice(&23u32.to_be_bytes()); // int4
-    parse.extend_from_slice(&17u32.to_be_bytes()); // bytea
-    script.extend(raw::message(b'P', &parse));
+    const INT4: u32 = 23;
+    const BYTEA: u32 = 17;
+    script.extend(raw::parse(sql, &[INT4, BYTEA]));
 
     let blob: Vec<u8> = (0..=255u8).rev().collect();
-    let mut bind = vec![0u8, 0u8]; // unnamed portal, unnamed statement
-    bind.extend_from_slice(&1i16.to_be_bytes()); // one format code for all parameters:
-    bind.extend_from_slice(&1i16.to_be_bytes()); // binary
-    bind.extend_from_slice(&2i16.to_be_bytes());
-    bind.extend_from_slice(&4i32.to_be_bytes());
-    bind.extend_from_slice(&1_000_000i32.to_be_bytes());
-    bind.extend_from_slice(&(blob.len() as i32).to_be_bytes());
-    bind.extend_from_slice(&blob);
-    bind.extend_from_slice(&1i16.to_be_bytes()); // results: binary
-    bind.extend_from_slice(&1i16.to_be_bytes());
-    script.extend(raw::message(b'B', &bind));
-    script.extend(raw::message(b'D', b"P\0"));
-    script.extend(raw::message(b'E', &[0, 0, 0, 0, 0])); // unnamed portal, all rows
-    script.extend(raw::message(b'S', b""));
+    // Parameters and results in binary.
+    script.extend(raw::bind(&[&1_000_000i32.to_be_bytes(), &blob], 1));
+    script.extend(raw::describe_portal());
+    script.extend(raw::execute());
+    script.extend(raw::sync());
 
     script.extend(raw::query("SELECT 1/0"));
     // Each simple query and the Sync end with a ReadyForQuery.
@@ -434,7 +421,7 @@ async fn run_byte_exact_script(mut stream: TcpStream, user: &str, db: &str) -> V
         received.extend(raw::message(m.tag, &m.body));
     }
     stream
-        .write_all(&raw::message(b'X', b""))
+        .write_all(&raw::terminate())
         .await
         .expect("terminate");
     received

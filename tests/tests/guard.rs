@@ -368,16 +368,13 @@ async fn a_pipelining_client_that_vanishes_before_its_sync_is_terminated() {
     let mut app = app(&scene).await;
     // Parse/Bind/Execute/Flush with no Sync: PostgreSQL runs the UPDATE at once in an implicit
     // transaction that keeps its row lock until a Sync that will never come.
-    let mut parse = b"\0UPDATE app.user_sessions SET token = 'pipe' WHERE id = 1\0".to_vec();
-    parse.extend_from_slice(&0u16.to_be_bytes());
-    let mut bind = b"\0\0".to_vec();
-    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    let mut execute = b"\0".to_vec();
-    execute.extend_from_slice(&0u32.to_be_bytes());
-    let mut pipeline = raw::message(b'P', &parse);
-    pipeline.extend(raw::message(b'B', &bind));
-    pipeline.extend(raw::message(b'E', &execute));
-    pipeline.extend(raw::message(b'H', &[]));
+    let mut pipeline = raw::parse(
+        "UPDATE app.user_sessions SET token = 'pipe' WHERE id = 1",
+        &[],
+    );
+    pipeline.extend(raw::bind(&[], 0));
+    pipeline.extend(raw::execute());
+    pipeline.extend(raw::flush());
     app.stream
         .write_all(&pipeline)
         .await

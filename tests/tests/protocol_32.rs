@@ -15,16 +15,14 @@ use lockguard_config::{AdminRole, AdminUser, Config};
 use lockguard_tests::cluster::{installed_major_at_least, TestCluster};
 use lockguard_tests::guard_support::{self, backend_alive, wait_for, BlockedLogin};
 use lockguard_tests::proxy::{config_for, init_test_logging};
-use lockguard_tests::raw::{self, Received};
+use lockguard_tests::raw::{self, Received, PROTOCOL_3_2};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-const PROTOCOL_3_2: u32 = (3 << 16) | 2;
 /// What libpq sends to check that servers and proxies negotiate instead of failing.
 const PROTOCOL_3_9999: u32 = (3 << 16) | 9999;
-const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 const WAIT: Duration = Duration::from_secs(10);
 const OPS: (&str, &str) = ("ops", "ops-secret");
 const PROTECTED: &str = "app.user_sessions";
@@ -141,14 +139,6 @@ async fn exec(stream: &mut TcpStream, sql: &str) -> Vec<Received> {
     panic!("no ReadyForQuery for {sql:?}: {seen:?}");
 }
 
-fn cancel_request(pid: i32, key: &[u8]) -> Vec<u8> {
-    let mut packet = ((12 + key.len()) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-    packet.extend_from_slice(&pid.to_be_bytes());
-    packet.extend_from_slice(key);
-    packet
-}
-
 #[tokio::test]
 async fn a_3_2_session_gets_the_servers_32_byte_key_and_its_44_byte_cancel_stops_the_query() {
     let Some(cluster) = cluster_with_protocol_3_2() else {
@@ -183,7 +173,7 @@ async fn a_3_2_session_gets_the_servers_32_byte_key_and_its_44_byte_cancel_stops
     })
     .await;
 
-    let packet = cancel_request(pid, &login.key);
+    let packet = raw::cancel_request(pid, &login.key);
     assert_eq!(packet.len(), 44);
     let mut canceller = TcpStream::connect(proxy.addr).await.expect("connect");
     canceller.write_all(&packet).await.expect("cancel request");

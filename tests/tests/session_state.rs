@@ -171,7 +171,7 @@ async fn graceful_shutdown_closes_idle_sessions_and_waits_for_busy_ones() {
     // ...and a login that PostgreSQL would accept is not served.
     if let Ok(mut late) = TcpStream::connect(addr).await {
         let startup = raw::startup_packet(
-            196_608,
+            raw::PROTOCOL_3_0,
             &[("user", cluster.superuser()), ("database", "postgres")],
         );
         let _ = late.write_all(&startup).await;
@@ -254,14 +254,10 @@ const LOCK_AND_SLEEP: &str = "WITH locked AS (UPDATE app.user_sessions SET token
 
 /// Parse, Bind, Execute and Sync of `sql` (unnamed statement and portal, no parameters).
 fn extended_round(sql: &str) -> Vec<u8> {
-    let mut parse = vec![0];
-    parse.extend_from_slice(sql.as_bytes());
-    parse.push(0);
-    parse.extend_from_slice(&0u16.to_be_bytes());
-    let mut round = raw::message(b'P', &parse);
-    round.extend(raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
-    round.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
-    round.extend(raw::message(b'S', &[]));
+    let mut round = raw::parse(sql, &[]);
+    round.extend(raw::bind(&[], 0));
+    round.extend(raw::execute());
+    round.extend(raw::sync());
     round
 }
 
@@ -331,15 +327,15 @@ async fn stray_copy_end_keeps_the_statement_in_flight(prefix: &str, stray: &[Vec
 
 #[tokio::test]
 async fn a_stray_copy_fail_after_sync_does_not_end_a_running_statement() {
-    let copy_fail = raw::message(b'f', b"stray\0");
+    let copy_fail = raw::message(raw::frontend::COPY_FAIL, b"stray\0");
     stray_copy_end_keeps_the_statement_in_flight("stray_copyfail", &[copy_fail]).await;
 }
 
 #[tokio::test]
 async fn stray_syncs_and_copy_done_do_not_end_a_running_statement() {
-    let sync = raw::message(b'S', &[]);
-    let copy_done = raw::message(b'c', &[]);
-    let copy_fail = raw::message(b'f', b"stray\0");
+    let sync = raw::sync();
+    let copy_done = raw::message(raw::frontend::COPY_DONE, &[]);
+    let copy_fail = raw::message(raw::frontend::COPY_FAIL, b"stray\0");
     stray_copy_end_keeps_the_statement_in_flight(
         "stray_copydone",
         &[sync.clone(), copy_done, sync, copy_fail],
@@ -384,10 +380,10 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
     owner.batch_execute(&grant).await.expect("create t");
 
     let copy = "COPY t FROM STDIN";
-    let data = raw::message(b'd', b"1\n");
-    let copy_done = raw::message(b'c', &[]);
-    let copy_fail = raw::message(b'f', b"changed my mind\0");
-    let sync = raw::message(b'S', &[]);
+    let data = raw::message(raw::frontend::COPY_DATA, b"1\n");
+    let copy_done = raw::message(raw::frontend::COPY_DONE, &[]);
+    let copy_fail = raw::message(raw::frontend::COPY_FAIL, b"changed my mind\0");
+    let sync = raw::sync();
     // (how the COPY starts, what the client sends once the server is in COPY IN)
     let cases: [(Vec<u8>, Vec<Vec<u8>>); 4] = [
         // Extended protocol as libpq runs it: the Sync after Execute is ignored during COPY IN.
@@ -444,7 +440,7 @@ async fn terminate_with_a_statement_in_flight_is_a_lost_client() {
     let waiter = BlockedLogin::start(TestCluster::shared(), &db, &admin).await;
 
     // What PgBouncer does when its own client vanished mid-statement: Terminate, then close.
-    app.write_all(&raw::message(b'X', &[]))
+    app.write_all(&raw::terminate())
         .await
         .expect("send Terminate");
     let said_goodbye = std::time::Instant::now();
@@ -483,7 +479,7 @@ async fn terminate_while_idle_in_a_transaction_is_a_clean_goodbye() {
     .expect("send");
     let reply = read_until(&mut app, b'Z').await;
     assert_eq!(reply.last().map(|m| m.body.clone()), Some(b"T".to_vec()));
-    app.write_all(&raw::message(b'X', &[]))
+    app.write_all(&raw::terminate())
         .await
         .expect("send Terminate");
     drop(app);

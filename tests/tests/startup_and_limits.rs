@@ -1,4 +1,6 @@
-//! Startup, authentication, limits and hostile input (issue 2, acceptance 5, 7 and 8).
+//! Startup, authentication, limits and hostile input: passwords and upstream failures reach the
+//! client as PostgreSQL words them, `max_clients` and `max_startup_clients` refuse at once, a
+//! stuck login meets its deadline, and bad startup packets get the answer PostgreSQL gives.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::time::{Duration, Instant};
@@ -6,13 +8,11 @@ use std::time::{Duration, Instant};
 use lockguard_config::Upstream;
 use lockguard_tests::cluster::{TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER};
 use lockguard_tests::proxy::{config_for, TestProxy};
-use lockguard_tests::raw;
+use lockguard_tests::raw::{self, PROTOCOL_3_0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_postgres::error::{DbError, Severity, SqlState};
 use tokio_postgres::{Client, NoTls};
-
-const PROTOCOL_3_0: u32 = 196_608;
 
 async fn ask(client: &Client, sql: &str) -> String {
     client
@@ -360,7 +360,7 @@ async fn a_client_whose_slot_went_while_it_authenticated_is_refused_after_startu
     assert_eq!(request.tag, b'R');
     assert_eq!(
         request.body[..4],
-        5u32.to_be_bytes(),
+        raw::backend::auth_request::MD5_PASSWORD.to_be_bytes(),
         "AuthenticationMD5Password"
     );
     let salt = &request.body[4..8];
@@ -370,11 +370,8 @@ async fn a_client_whose_slot_went_while_it_authenticated_is_refused_after_startu
         .await
         .expect("the fast client takes the only slot");
     let answer = lockguard::admin::auth::md5_response(MD5_USER, MD5_PASSWORD, salt);
-    let mut body = answer.into_bytes();
-    body.push(0);
-    slow.write_all(&raw::message(b'p', &body))
-        .await
-        .expect("password");
+    let password = raw::encode(|b| raw::frontend::password_message(answer.as_bytes(), b));
+    slow.write_all(&password).await.expect("password");
     let reply = raw::read_until_close(&mut slow, Duration::from_secs(10)).await;
     let tags: Vec<u8> = reply.iter().map(|m| m.tag).collect();
     assert!(tags.contains(&b'Z'), "authenticated: {reply:?}");
@@ -577,16 +574,6 @@ async fn gssenc_request_is_declined_and_the_same_socket_logs_in() {
     assert_eq!(rows, ["after gssenc"]);
 }
 
-/// A CancelRequest: length, code 80877102, backend pid, secret key (4 bytes in protocol 3.0,
-/// up to 256 in 3.2).
-fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
-    let mut packet = ((12 + key.len()) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
-    packet.extend_from_slice(&pid.to_be_bytes());
-    packet.extend_from_slice(key);
-    packet
-}
-
 /// Accepts one connection, records one untagged packet (read by its length prefix) plus
 /// anything that follows within a moment, then closes, as a server does after a cancel.
 async fn record_one_packet(listener: &TcpListener) -> Vec<u8> {
@@ -623,9 +610,9 @@ async fn cancel_requests_are_forwarded_unchanged_and_the_client_closed() {
     };
     let proxy = TestProxy::start_with(config).await;
 
-    let classic = cancel_request(0x0102_0304, &[0xA1, 0xB2, 0xC3, 0xD4]);
+    let classic = raw::cancel_request(0x0102_0304, &[0xA1, 0xB2, 0xC3, 0xD4]);
     let key_3_2: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5A).collect();
-    let long = cancel_request(0x7FFF_0001, &key_3_2);
+    let long = raw::cancel_request(0x7FFF_0001, &key_3_2);
     assert_eq!((classic.len(), long.len()), (16, 44));
     for packet in [classic, long] {
         let cancel = async {
@@ -646,14 +633,6 @@ enum Step {
     Answer,
     /// Close the sending side.
     Close,
-}
-
-/// An untagged packet with `code` and `rest`.
-fn untagged(code: u32, rest: &[u8]) -> Vec<u8> {
-    let mut packet = ((8 + rest.len()) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&code.to_be_bytes());
-    packet.extend_from_slice(rest);
-    packet
 }
 
 /// Plays `steps` against `addr` and describes what came back: one-byte answers as
@@ -748,7 +727,7 @@ async fn garbage_instead_of_a_startup_packet_gets_the_answer_postgres_gives() {
     let cluster = TestCluster::shared();
     let proxy = TestProxy::start(cluster).await;
     let user = cluster.superuser();
-    let ssl = || untagged(raw::SSL_REQUEST, &[]);
+    let ssl = || raw::packet(raw::SSL_REQUEST, &[]);
     let login = || raw::startup_packet(PROTOCOL_3_0, &[("user", user)]);
     let pipelined = [ssl(), login()].concat();
     let huge = [&(1u32 << 20).to_be_bytes()[..], &[0, 3, 0, 0], &[b'x'; 200]].concat();
@@ -771,11 +750,11 @@ async fn garbage_instead_of_a_startup_packet_gets_the_answer_postgres_gives() {
         ("nothing at all", vec![Close]),
         (
             "protocol 2.0",
-            vec![Send(untagged(2 << 16, b"user\0x\0\0"))],
+            vec![Send(raw::packet(2 << 16, b"user\0x\0\0"))],
         ),
         (
             "protocol 1234.0",
-            vec![Send(untagged(1234 << 16, b"user\0x\0\0"))],
+            vec![Send(raw::packet(1234 << 16, b"user\0x\0\0"))],
         ),
         (
             "a second SSLRequest",
@@ -787,11 +766,11 @@ async fn garbage_instead_of_a_startup_packet_gets_the_answer_postgres_gives() {
         ),
         (
             "no terminator",
-            vec![Send(untagged(PROTOCOL_3_0, b"user\0x\0"))],
+            vec![Send(raw::packet(PROTOCOL_3_0, b"user\0x\0"))],
         ),
         (
             "only a protocol version",
-            vec![Send(untagged(PROTOCOL_3_0, &[]))],
+            vec![Send(raw::packet(PROTOCOL_3_0, &[]))],
         ),
         (
             "no user",
@@ -802,12 +781,12 @@ async fn garbage_instead_of_a_startup_packet_gets_the_answer_postgres_gives() {
         ),
         (
             "a cancel of the wrong length",
-            vec![Send(untagged(80_877_102, &[0; 3]))],
+            vec![Send(raw::packet(raw::CANCEL_REQUEST, &[0; 3]))],
         ),
         (
             "an SSLRequest with trailing bytes",
             vec![
-                Send(untagged(raw::SSL_REQUEST, b"xx")),
+                Send(raw::packet(raw::SSL_REQUEST, b"xx")),
                 Answer,
                 Send(login()),
             ],

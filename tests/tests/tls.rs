@@ -1,4 +1,4 @@
-//! TLS on both sides (issue 7): clients connect with sslmode=require, lockguard speaks TLS to a
+//! TLS on both sides: clients connect with sslmode=require, lockguard speaks TLS to a
 //! PostgreSQL started with ssl=on, SCRAM works across the TLS termination, certificates reload
 //! without dropping sessions, and broken handshakes hurt nobody else.
 

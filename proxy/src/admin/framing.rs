@@ -236,21 +236,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for LimitedFraming<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{message as tagged, packet as untagged};
     use tokio::io::AsyncReadExt;
-
-    fn untagged(code: u32, body: &[u8]) -> Vec<u8> {
-        let mut v = ((body.len() + 8) as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(&code.to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
-
-    fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
 
     fn header(tag: u8, length: u32) -> Vec<u8> {
         let mut v = vec![tag];
