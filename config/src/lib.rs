@@ -9,6 +9,7 @@
 
 mod duration;
 mod error;
+mod overrides;
 mod secret;
 mod sections;
 mod table_pattern;
@@ -19,6 +20,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
+pub use overrides::Overrides;
 use error::{KeyPath, Seg};
 pub use secret::{is_secret_key, SECRET_KEYS};
 use sections::is_empty_secret;

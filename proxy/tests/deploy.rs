@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockguard::sandbox::{Sandbox, SandboxOptions, TRUST_ALL_HBA};
+use lockguard_sandbox::{Sandbox, SandboxOptions, TRUST_ALL_HBA};
 use lockguard_config::Config;
 use serde_json::Value;
 
