@@ -20,8 +20,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
-pub use overrides::Overrides;
 use error::{KeyPath, Seg};
+pub use overrides::Overrides;
 pub use secret::{is_secret_key, SECRET_KEYS};
 use sections::is_empty_secret;
 pub use sections::{

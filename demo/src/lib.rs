@@ -443,10 +443,7 @@ fn server_says(e: &tokio_postgres::Error) -> String {
 async fn connect(
     addr: SocketAddr,
     application_name: &str,
-) -> anyhow::Result<(
-    Client,
-    JoinHandle<Result<(), tokio_postgres::Error>>,
-)> {
+) -> anyhow::Result<(Client, JoinHandle<Result<(), tokio_postgres::Error>>)> {
     let (client, connection) = tokio_postgres::Config::new()
         .host(addr.ip().to_string())
         .port(addr.port())

@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admin::{Admin, AdminListeners, ConfigSource};
-use crate::net::{self, Liveness};
-use crate::stats::ProxyStats;
 use crate::client;
+use crate::net::{self, Liveness};
 use crate::shared::{GuardHandle, Shared};
+use crate::stats::ProxyStats;
 use crate::tls::{self, Tls};
 
 /// Connections beyond `max_startup_clients` that may be told at once that the proxy is full;
@@ -64,7 +64,11 @@ impl Proxy {
             .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
         let registry = Arc::new(Registry::new());
         let guard = if config.guard.enabled() {
-            Some(new_guard(&config.guard, &config.tls, Arc::clone(&registry))?)
+            Some(new_guard(
+                &config.guard,
+                &config.tls,
+                Arc::clone(&registry),
+            )?)
         } else {
             None
         };
