@@ -9,6 +9,7 @@
 
 mod duration;
 mod error;
+mod overrides;
 mod secret;
 mod sections;
 mod table_pattern;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
 use error::{KeyPath, Seg};
+pub use overrides::Overrides;
 pub use secret::{is_secret_key, SECRET_KEYS};
 use sections::is_empty_secret;
 pub use sections::{

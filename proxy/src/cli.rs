@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lockguard_config::{Config, ConfigError, LogFormat, Upstream};
+use lockguard_config::{LogFormat, Overrides, Upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,7 +23,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", env = "LOCKGUARD_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub overrides: Overrides,
+    pub overrides: OverrideFlags,
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -35,7 +35,7 @@ pub enum Command {
         /// The file to check.
         file: PathBuf,
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: OverrideFlags,
     },
     /// Play the orphaned-lock incident and its cure against a throwaway PostgreSQL.
     Demo {
@@ -97,7 +97,7 @@ pub fn completion_command() -> clap::Command {
 /// Settings that may be given on the command line; each replaces the file's value (also on
 /// RELOAD, which re-reads the file and applies these again).
 #[derive(Debug, Clone, Default, Args)]
-pub struct Overrides {
+pub struct OverrideFlags {
     /// Address clients connect to [default: 127.0.0.1:6432].
     #[arg(long, value_name = "ADDR", env = "LOCKGUARD_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -193,61 +193,27 @@ fn split_list(list: &str) -> Vec<String> {
     pieces.into_iter().map(|p| p.trim().to_owned()).collect()
 }
 
-impl Overrides {
-    /// Applies the flags to `config` and validates the result.
-    pub fn apply(&self, mut config: Config) -> Result<Config, ConfigError> {
-        if let Some(listen) = self.listen {
-            config.proxy.listen = listen;
-        }
-        if let Some(upstream) = &self.upstream {
-            config.proxy.upstream = upstream.clone();
-        }
-        if let Some(format) = self.log_format {
-            config.log.format = match format {
+impl OverrideFlags {
+    /// The flags as the configuration's overrides (RELOAD applies them again).
+    pub fn to_overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            upstream: self.upstream.clone(),
+            log_format: self.log_format.map(|format| match format {
                 LogFormatArg::Text => LogFormat::Text,
                 LogFormatArg::Json => LogFormat::Json,
-            };
+            }),
+            log_level: self.log_level.clone(),
+            guard_dsn: self.guard_dsn.clone(),
+            protected_tables: (!self.protect.is_empty())
+                .then(|| self.protect.iter().flat_map(|v| split_list(v)).collect()),
+            idle_in_transaction_timeout: self.idle_in_transaction_timeout,
+            failed_transaction_timeout: self.failed_transaction_timeout,
+            dry_run: self.dry_run,
+            admin_listen: self.admin_listen,
+            admin_http_listen: self.admin_http_listen,
         }
-        if let Some(level) = &self.log_level {
-            config.log.level = level.clone();
-        }
-        if let Some(dsn) = &self.guard_dsn {
-            config.guard.dsn = Some(dsn.clone());
-        }
-        if !self.protect.is_empty() {
-            config.guard.protected_tables =
-                self.protect.iter().flat_map(|v| split_list(v)).collect();
-        }
-        if let Some(timeout) = self.idle_in_transaction_timeout {
-            config.guard.idle_in_transaction_timeout = timeout;
-        }
-        if let Some(timeout) = self.failed_transaction_timeout {
-            config.guard.failed_transaction_timeout = timeout;
-        }
-        if self.dry_run {
-            config.guard.dry_run = true;
-        }
-        if let Some(listen) = self.admin_listen {
-            config.admin.listen = listen;
-        }
-        if let Some(listen) = self.admin_http_listen {
-            config.admin.http_listen = listen;
-        }
-        config.validate()?;
-        Ok(config)
     }
-}
-
-/// Reads the file (if any) and applies the flags.
-pub fn effective_config(
-    file: Option<&std::path::Path>,
-    overrides: &Overrides,
-) -> Result<Config, ConfigError> {
-    let config = match file {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    overrides.apply(config)
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use guard_core::Registry;
-use lockguard_config::Config;
+use guard_core::{Guard, Registry};
+use lockguard_config::{Config, GuardConfig, TlsConfig};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -15,10 +15,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admin::{Admin, AdminListeners, ConfigSource};
+use crate::client;
 use crate::net::{self, Liveness};
+use crate::shared::{GuardHandle, Shared};
 use crate::stats::ProxyStats;
-use crate::tls::Tls;
-use crate::{client, GuardHandle, Shared};
+use crate::tls::{self, Tls};
 
 /// Connections beyond `max_startup_clients` that may be told at once that the proxy is full;
 /// past this a connection is closed without a word, so a flood cannot pile up tasks.
@@ -63,7 +64,7 @@ impl Proxy {
             .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
         let registry = Arc::new(Registry::new());
         let guard = if config.guard.enabled() {
-            Some(crate::new_guard(
+            Some(new_guard(
                 &config.guard,
                 &config.tls,
                 Arc::clone(&registry),
@@ -171,7 +172,7 @@ impl Proxy {
         let sessions = TaskTracker::new();
         let client_liveness = Liveness::for_clients(&shared.proxy);
         if let Some(guard) = &shared.guard {
-            tokio::spawn(crate::run_guard(Arc::clone(guard), guard_stop.clone()));
+            tokio::spawn(run_guard(Arc::clone(guard), guard_stop.clone()));
         }
         // The admin port outlives the drain, so operators can watch (and kill) the sessions
         // that are still finishing.
@@ -248,6 +249,24 @@ impl Proxy {
         info!("lockguard stopped");
         Ok(())
     }
+}
+
+/// The guard, with its connections over TLS as the dsn's `sslmode` or `[tls]` says.
+fn new_guard(
+    config: &GuardConfig,
+    tls: &TlsConfig,
+    registry: Arc<Registry>,
+) -> anyhow::Result<GuardHandle> {
+    let guard_tls = tls::guard_tls(config, tls)?;
+    Guard::with_tls(config, guard_tls, registry).context("could not set up the guard")
+}
+
+async fn run_guard(guard: GuardHandle, stop: CancellationToken) {
+    // Connect once right away, so a wrong role, password or certificate (and a superuser
+    // guard role) shows in the log at start rather than at the first kill. A failure is
+    // logged by the connection code and retried with backoff; traffic does not wait for it.
+    let _ = guard.check_connection().await;
+    guard.run_sweeper(stop).await;
 }
 
 /// Logs refusals for `max_startup_clients` at most once per

@@ -1,14 +1,22 @@
 //! The `lockguard` binary: parse the command line, set up logging, run the proxy until a
 //! signal. SIGHUP reloads the configuration like the console's RELOAD.
+//!
+//! `lockguard demo` runs the `lockguard-demo` crate with this library's proxy: the demo and its
+//! throwaway clusters are a crate of their own, so the library carries none of it.
+
+mod cli;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::{anyhow, Context};
 use clap::{CommandFactory, Parser};
+use cli::{Cli, Command};
 use lockguard::admin::{Admin, ConfigSource, LogReloader};
-use lockguard::cli::{effective_config, Cli, Command};
 use lockguard::Proxy;
 use lockguard_config::{Config, LogFormat};
+use lockguard_demo::RunningProxy;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 use tracing_subscriber::{reload, EnvFilter};
 
@@ -16,7 +24,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::CheckConfig { file, overrides }) => {
-            match effective_config(Some(file), overrides) {
+            match overrides.to_overrides().load(Some(file)) {
                 Ok(config) => {
                     print!("{}", config.to_toml_string());
                     ExitCode::SUCCESS
@@ -31,12 +39,12 @@ fn main() -> ExitCode {
             keep_running,
             no_color,
         }) => {
-            let options = lockguard::demo::DemoOptions {
+            let options = lockguard_demo::DemoOptions {
                 keep_running: *keep_running,
                 color: no_color.then_some(false),
                 ..Default::default()
             };
-            run_demo_task(lockguard::demo::run(options))
+            run_demo_task(lockguard_demo::run(options, start_demo_proxy))
         }
         Some(Command::SetupSql { role, schema }) => {
             match guard_core::setup::setup_sql(role, schema) {
@@ -51,10 +59,10 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::DemoApp { addr, user_id }) => {
-            run_demo_task(lockguard::demo::app_process(*addr, *user_id))
+            run_demo_task(lockguard_demo::app_process(*addr, *user_id))
         }
         Some(Command::Completions { shell }) => {
-            let mut command = lockguard::cli::completion_command();
+            let mut command = cli::completion_command();
             clap_complete::generate(*shell, &mut command, "lockguard", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
@@ -72,7 +80,8 @@ fn main() -> ExitCode {
             }
         }
         None => {
-            let config = match effective_config(cli.config.as_deref(), &cli.overrides) {
+            let overrides = cli.overrides.to_overrides();
+            let config = match overrides.load(cli.config.as_deref()) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("lockguard: {e}");
@@ -88,7 +97,7 @@ fn main() -> ExitCode {
             };
             let source = ConfigSource {
                 path: cli.config.clone(),
-                overrides: cli.overrides.clone(),
+                overrides,
             };
             let runtime = match proxy_runtime() {
                 Ok(runtime) => runtime,
@@ -129,13 +138,29 @@ fn run_demo_task(task: impl std::future::Future<Output = anyhow::Result<()>>) ->
     }
 }
 
+/// The demo's proxy: this library's, bound with the demo's configuration and running.
+async fn start_demo_proxy(config: Config) -> anyhow::Result<RunningProxy> {
+    let proxy = Proxy::bind(config).await?;
+    Ok(RunningProxy {
+        listen: proxy.local_addr().context("the proxy's address")?,
+        console: proxy
+            .admin_console_addr()
+            .ok_or_else(|| anyhow!("the admin console did not start"))?,
+        shutdown: proxy.shutdown_token(),
+        hard_stop: proxy.hard_stop_token(),
+        running: tokio::spawn(proxy.run()),
+    })
+}
+
 async fn serve(
     config: Config,
     source: ConfigSource,
     log_reloader: LogReloader,
 ) -> anyhow::Result<()> {
-    // Installed before anything else: SIGHUP's default action would end the process.
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    // Installed before anything else: SIGHUP's default action would end the process, and a
+    // SIGTERM that arrives once the proxy says it is accepting must start a graceful shutdown.
+    let hangups = signal(SignalKind::hangup())?;
+    let mut stops = StopSignals::install()?;
     match lockguard::net::raise_open_files_limit(config.proxy.max_clients) {
         Ok(limit) => {
             if limit.now > limit.before {
@@ -166,19 +191,17 @@ async fn serve(
     let hard_stop = proxy.hard_stop_token();
     tokio::spawn(async move {
         // First signal: graceful shutdown. Second: close everything now.
-        if wait_for_signal().await.is_ok() {
-            info!("signal received: shutting down (send again to close sessions at once)");
-            shutdown.cancel();
-            if wait_for_signal().await.is_ok() {
-                hard_stop.cancel();
-            }
-        }
+        stops.recv().await;
+        info!("signal received: shutting down (send again to close sessions at once)");
+        shutdown.cancel();
+        stops.recv().await;
+        hard_stop.cancel();
     });
     proxy.run().await
 }
 
 /// SIGHUP runs the same reload as the console's RELOAD.
-async fn reload_on_hangup(mut hangups: tokio::signal::unix::Signal, admin: Arc<Admin>) {
+async fn reload_on_hangup(mut hangups: Signal, admin: Arc<Admin>) {
     while hangups.recv().await.is_some() {
         info!("SIGHUP received: reloading the configuration");
         match admin.reload().await {
@@ -188,15 +211,27 @@ async fn reload_on_hangup(mut hangups: tokio::signal::unix::Signal, admin: Arc<A
     }
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, either of which stops the proxy.
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    /// The next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Installs the log subscriber; the returned function changes its filter (RELOAD).

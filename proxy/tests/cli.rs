@@ -1,10 +1,13 @@
-//! The `lockguard` binary's command line (issue 2, acceptance 10, and signal handling: SIGTERM
-//! stops, SIGHUP reloads the configuration file).
+//! The `lockguard` binary's command line: flags, variables and the file, `check-config`, the
+//! generated help, and signal handling (SIGTERM stops, SIGHUP reloads the configuration file).
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use tokio_postgres::SimpleQueryMessage;
 
 fn lockguard() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lockguard"))
@@ -151,12 +154,14 @@ fn sigterm_stops_the_proxy_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start lockguard");
-    // Give it time to install its signal handlers.
-    std::thread::sleep(Duration::from_millis(500));
+    let lines = log_lines(&mut child);
+    // The stop signals' handlers are installed before the proxy says it accepts.
+    let (accepting, before) = wait_for_log(&lines, &["lockguard is accepting connections"]);
     signal(&child, libc::SIGTERM);
     let status = exit_status_after_sigterm(&mut child);
-    let output = child.wait_with_output().expect("output");
-    let logs = String::from_utf8_lossy(&output.stderr);
+    // The reader thread ends at the closed pipe: these are all the remaining lines.
+    let after: Vec<String> = lines.iter().collect();
+    let logs = [before, vec![accepting], after].concat().join("\n");
     assert!(status.success(), "exit {status:?}: {logs}");
     // JSON logs: one object per line.
     let first = logs.lines().next().expect("some log lines");
@@ -218,6 +223,57 @@ fn wait_for_log(lines: &mpsc::Receiver<String>, parts: &[&str]) -> (String, Vec<
     panic!("no log line with {parts:?}; saw:\n{}", seen.join("\n"));
 }
 
+/// The `listen` field of a JSON log line.
+fn logged_address(line: &str) -> SocketAddr {
+    let fields: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    fields["listen"]
+        .as_str()
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+}
+
+/// Waits up to 10 s until the admin console's SHOW CONFIG gives `key` the value `value`: the
+/// running configuration, which RELOAD replaces last.
+fn wait_for_console_setting(console: SocketAddr, key: &str, value: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host(console.ip().to_string())
+            .port(console.port())
+            .user("admin")
+            .dbname("lockguard")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect to the admin console");
+        tokio::spawn(connection);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let shown = client
+                .simple_query("SHOW CONFIG")
+                .await
+                .expect("SHOW CONFIG")
+                .into_iter()
+                .find_map(|message| match message {
+                    SimpleQueryMessage::Row(row) if row.get("key") == Some(key) => {
+                        row.get("value").map(str::to_owned)
+                    }
+                    _ => None,
+                });
+            if shown.as_deref() == Some(value) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SHOW CONFIG still shows {key} = {shown:?}, not {value:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
 #[test]
 fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
     let config = |protected: &str, level: &str| {
@@ -225,7 +281,8 @@ fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
             "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n\
              [log]\nformat = \"json\"\nlevel = \"{level}\"\n\
              [guard]\nprotected_tables = [\"{protected}\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n"
+             [admin]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+             trust_loopback = true\n"
         )
     };
     let file = config_file(&config("app.before", "info"));
@@ -237,7 +294,9 @@ fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
         .spawn()
         .expect("start lockguard");
     let lines = log_lines(&mut child);
-    wait_for_log(&lines, &["lockguard is accepting connections"]);
+    // SIGHUP's handler is installed before anything is served.
+    let (serving, _) = wait_for_log(&lines, &["admin console is accepting connections"]);
+    let console = logged_address(&serving);
 
     std::fs::write(file.path(), config("app.after", "info")).expect("rewrite config");
     signal(&child, libc::SIGHUP);
@@ -260,9 +319,10 @@ fn sighup_reloads_the_file_and_a_broken_file_keeps_the_running_config() {
     // still there.
     std::fs::write(file.path(), config("app.after", "warn")).expect("rewrite config");
     signal(&child, libc::SIGHUP);
-    // Lets that reload finish (pending signals would coalesce) and drops its lines, logged
-    // partly before the level changed.
-    std::thread::sleep(Duration::from_secs(1));
+    // That reload's own line, logged before the level changed; then its end, seen on the
+    // console, before the file changes again under it.
+    wait_for_log(&lines, &["SIGHUP received"]);
+    wait_for_console_setting(console, "log.level", "warn");
     let _: Vec<String> = lines.try_iter().collect();
     std::fs::write(file.path(), broken).expect("break config");
     signal(&child, libc::SIGHUP);

@@ -1,4 +1,4 @@
-//! `lockguard demo` end to end (issue 8): the real binary, a real throwaway PostgreSQL.
+//! `lockguard demo` end to end: the real binary, a real throwaway PostgreSQL.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

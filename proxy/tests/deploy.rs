@@ -15,8 +15,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockguard::sandbox::{Sandbox, SandboxOptions, TRUST_ALL_HBA};
 use lockguard_config::Config;
+use lockguard_sandbox::{Sandbox, SandboxOptions, TRUST_ALL_HBA};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);

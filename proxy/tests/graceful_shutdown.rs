@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockguard::sandbox::{Sandbox, SandboxOptions, SUPERUSER, TRUST_ALL_HBA};
+use lockguard_sandbox::{Sandbox, SandboxOptions, SUPERUSER, TRUST_ALL_HBA};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 

@@ -5,7 +5,7 @@
 //! by `LOCKGUARD_TEST_PG*` env vars) and [`TestCluster::start`] gives a test its own cluster
 //! when it needs to restart or break the server.
 //!
-//! Owned clusters are `lockguard::sandbox` sandboxes (shared with `lockguard demo`), which
+//! Owned clusters are `lockguard_sandbox` sandboxes (shared with `lockguard demo`), which
 //! stop their server and remove their temp dir on drop, and have a watchdog process that does
 //! the same when the test binary dies without running any code. The shared cluster lives in a
 //! static whose `Drop` never runs, so the first call to [`TestCluster::shared`] registers a
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use lockguard::sandbox::{self, pg_error, Sandbox, SandboxOptions};
+use lockguard_sandbox::{self as sandbox, pg_error, Sandbox, SandboxOptions};
 use tokio_postgres::NoTls;
 
 /// Superuser of a throwaway cluster (`initdb -U postgres`), and the default for an external one.

@@ -189,7 +189,7 @@ fn psql_binary() -> Option<PathBuf> {
 /// `sslnegotiation=direct` and `max_protocol_version=3.2`.
 fn libpq_18() -> Option<PathBuf> {
     let major = installed_major_at_least(18, "libpq 18 (sslnegotiation=direct)")?;
-    let bin = lockguard::sandbox::installed_major(major)?;
+    let bin = lockguard_sandbox::installed_major(major)?;
     let lib = bin.parent()?.join("lib");
     lib.join("libpq.so.5").exists().then_some(lib).or_else(|| {
         panic!(
@@ -419,7 +419,7 @@ async fn upstream_negotiation_direct_starts_tls_at_once_with_a_postgres_17_serve
     // Against a server older than 17 the client gets lockguard's explanation.
     let Some(old) = [16, 15, 14]
         .into_iter()
-        .find(|m| lockguard::sandbox::installed_major(*m).is_some())
+        .find(|m| lockguard_sandbox::installed_major(*m).is_some())
     else {
         eprintln!("skipped the pre-17 half: no PostgreSQL 14-16 installed");
         return;

@@ -1,11 +1,12 @@
 //! The proxy is invisible to correct applications: every result through lockguard equals the
-//! result of a direct connection to the same server (issue 2, acceptance 1-4 and 9).
+//! result of a direct connection to the same server.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{future, pin_mut, SinkExt, StreamExt, TryStreamExt};
 use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::guard_support::wait_for;
 use lockguard_tests::proxy::TestProxy;
 use lockguard_tests::raw;
 use tokio::io::AsyncWriteExt;
@@ -332,12 +333,33 @@ async fn notifications_and_notices_reach_the_client() {
 async fn cancel_through_the_proxy_stops_a_running_query() {
     let p = pair("fwd_cancel").await;
     let token = p.proxied.cancel_token();
+    let backend: i32 = p
+        .proxied
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid through the proxy")
+        .get(0);
     let started = Instant::now();
     let sleeper = {
         let client = p.proxied;
         tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The cancel must find the statement running, not still on its way to the server.
+    let direct = &p.direct;
+    wait_for(Duration::from_secs(10), "pg_sleep running", || async move {
+        direct
+            .query_one(
+                "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+                 WHERE pid OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'active' \
+                 AND query OPERATOR(pg_catalog.=) 'SELECT pg_sleep(30)'",
+                &[&backend],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
     token
         .cancel_query(NoTls)
         .await

@@ -33,13 +33,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use guard_core::Registry;
-use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError, TlsConfig};
+use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError, Overrides, TlsConfig};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::cli::Overrides;
 use crate::stats::ProxyStats;
 use crate::tls::Tls;
 use crate::GuardHandle;
@@ -59,7 +58,7 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// Reads the file again and applies the flags, validating the result.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        crate::cli::effective_config(self.path.as_deref(), &self.overrides)
+        self.overrides.load(self.path.as_deref())
     }
 }
 

@@ -11,7 +11,11 @@
 //! 3. act 1 again on a direct connection: the login is still blocked after the same wait.
 //!
 //! Each act ends with a `RESULT` line; the integration test checks those.
+//!
+//! The proxy itself is handed in by the `lockguard` binary (see [`run`]): this crate cannot
+//! depend on the `lockguard` library, whose package holds the binary that runs the demo.
 
+use std::future::Future;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -22,10 +26,10 @@ use anyhow::{anyhow, bail, Context};
 use guard_core::policy::TriggerKind;
 use guard_core::Outcome;
 use lockguard_config::Config;
+use lockguard_sandbox::{pg_error, Sandbox, SandboxOptions, SUPERUSER, TRUST_ALL_HBA};
+use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
-
-use crate::sandbox::{pg_error, Sandbox, SandboxOptions, SUPERUSER, TRUST_ALL_HBA};
-use crate::Proxy;
+use tokio_util::sync::CancellationToken;
 
 /// The table the demo protects: where a login records its session.
 pub const PROTECTED_TABLE: &str = "app.user_sessions";
@@ -80,14 +84,33 @@ impl Default for DemoOptions {
     }
 }
 
-/// Runs the demo; Ctrl-C stops it and cleans up.
-pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+/// A running lockguard proxy, as the demo's `start_proxy` hands it back.
+pub struct RunningProxy {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// The admin console's address.
+    pub console: SocketAddr,
+    /// Cancel to begin a graceful shutdown.
+    pub shutdown: CancellationToken,
+    /// Cancel to close every session at once.
+    pub hard_stop: CancellationToken,
+    /// The proxy's run, which ends once it has stopped.
+    pub running: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Runs the demo; `start_proxy` binds and starts lockguard with the demo's configuration.
+/// Ctrl-C stops it and cleans up.
+pub async fn run<Start, Started>(options: DemoOptions, start_proxy: Start) -> anyhow::Result<()>
+where
+    Start: FnOnce(Config) -> Started,
+    Started: Future<Output = anyhow::Result<RunningProxy>>,
+{
     let color = options.color.unwrap_or_else(|| {
         std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
     });
     let story = Story::new(color);
     tokio::select! {
-        result = play(&options, &story) => result,
+        result = play(&options, &story, start_proxy) => result,
         _ = tokio::signal::ctrl_c() => {
             story.note("interrupted: stopping PostgreSQL and removing its files");
             Ok(())
@@ -96,7 +119,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     // Leaving `play` drops the sandbox (cluster stopped, temp dir removed) and the proxy.
 }
 
-async fn play(options: &DemoOptions, story: &Story) -> anyhow::Result<()> {
+async fn play<Start, Started>(
+    options: &DemoOptions,
+    story: &Story,
+    start_proxy: Start,
+) -> anyhow::Result<()>
+where
+    Start: FnOnce(Config) -> Started,
+    Started: Future<Output = anyhow::Result<RunningProxy>>,
+{
     story.title("lockguard demo: an orphaned lock on app.user_sessions, and its cure");
     story.note("starting a throwaway PostgreSQL from the installed server binaries ...");
     let guard_setup = guard_core::setup::setup_sql(GUARD_ROLE, GUARD_ROLE)
@@ -114,19 +145,14 @@ async fn play(options: &DemoOptions, story: &Story) -> anyhow::Result<()> {
     .context("the sandbox task failed")??;
     let sandbox = Arc::new(sandbox);
 
-    let proxy = Proxy::bind(demo_config(&sandbox, options.idle_timeout))
+    let proxy = start_proxy(demo_config(&sandbox, options.idle_timeout))
         .await
         .context("starting lockguard")?;
     let addrs = Addresses {
         postgres: SocketAddr::from(([127, 0, 0, 1], sandbox.port())),
-        proxy: proxy.local_addr()?,
-        console: proxy
-            .admin_console_addr()
-            .ok_or_else(|| anyhow!("the admin console did not start"))?,
+        proxy: proxy.listen,
+        console: proxy.console,
     };
-    let stop = proxy.shutdown_token();
-    let hard_stop = proxy.hard_stop_token();
-    let running = tokio::spawn(proxy.run());
     story.note(&format!(
         "PostgreSQL on {}; lockguard on {} protecting {PROTECTED_TABLE} \
          (idle_in_transaction_timeout = {}s); admin console on {}",
@@ -145,9 +171,9 @@ async fn play(options: &DemoOptions, story: &Story) -> anyhow::Result<()> {
     if result.is_ok() && options.keep_running {
         keep_running(&addrs, story).await;
     }
-    stop.cancel();
-    hard_stop.cancel();
-    let _ = running.await;
+    proxy.shutdown.cancel();
+    proxy.hard_stop.cancel();
+    let _ = proxy.running.await;
     drop(sandbox);
     result
 }
@@ -415,10 +441,7 @@ fn server_says(e: &tokio_postgres::Error) -> String {
 async fn connect(
     addr: SocketAddr,
     application_name: &str,
-) -> anyhow::Result<(
-    Client,
-    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-)> {
+) -> anyhow::Result<(Client, JoinHandle<Result<(), tokio_postgres::Error>>)> {
     let (client, connection) = tokio_postgres::Config::new()
         .host(addr.ip().to_string())
         .port(addr.port())
@@ -461,7 +484,7 @@ struct Login {
     pid: i32,
     cancel: tokio_postgres::CancelToken,
     started: Instant,
-    done: tokio::task::JoinHandle<Result<Instant, tokio_postgres::Error>>,
+    done: JoinHandle<Result<Instant, tokio_postgres::Error>>,
 }
 
 impl Login {
