@@ -409,7 +409,7 @@ fn section(report: &mut String, title: &str, table: &Table) {
     report.push_str(&text);
 }
 
-/// The targets, each with the measured value and whether it is met.
+/// The performance targets (README, "Targets"), each with the measured value and whether it is met.
 fn targets_table(
     cells: &[Cell],
     outcomes: &[Outcome],

@@ -31,7 +31,7 @@ pub struct Mode {
     pub args: &'static [&'static str],
 }
 
-/// The workloads of the overhead table, in the order the issue lists them.
+/// The workloads of the overhead table, in the order the README's targets table lists them.
 pub const MODES: [Mode; 4] = [
     Mode {
         label: "-S",

@@ -20,11 +20,13 @@ pub const SERVER_IDLE_IN_FAILED_TRANSACTION: &str = "idle in transaction (aborte
 /// What made the guard look at a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trigger {
-    /// The client vanished (rules 1 and 2); `cause` says how, for the audit.
+    /// The client vanished, or said Terminate with a statement in flight (the client-loss rules:
+    /// at once when idle in a transaction, after `inflight_grace` when busy); `cause` says how,
+    /// for the audit.
     ClientLoss { cause: String },
-    /// The sweep found the session idle in a transaction past the timeout (rule 3).
+    /// The sweep found the session idle in a transaction past the timeout (the idle-in-transaction rule).
     IdleInTransaction,
-    /// The sweep found the session idle in a failed transaction past the timeout (rule 4).
+    /// The sweep found the session idle in a failed transaction past the timeout (the failed-transaction rule).
     FailedTransaction,
     /// An operator asked for the kill on the admin port.
     Operator { reason: String },

@@ -1,4 +1,4 @@
-//! Graceful shutdown of the real `lockguard` binary with open transactions (issue 6, point 6):
+//! Graceful shutdown of the real `lockguard` binary with open transactions:
 //! after SIGTERM the listener closes at once, idle sessions are closed, a transaction that is
 //! running can still finish within `shutdown_timeout`, the sessions still open after that are
 //! closed, the process exits cleanly, and no acknowledged commit is lost.

@@ -1,4 +1,4 @@
-//! Load (issue 6, point 4): 2,000 concurrent clients through the proxy run a mix of short
+//! Load: 2,000 concurrent clients through the proxy run a mix of short
 //! transactions — extended-protocol commits, multi-statement simple-protocol commits,
 //! rollbacks, transactions failed by an expected error, and reads of their own writes — for
 //! `LOCKGUARD_LOAD_SECS` seconds (default 60). No client may see an unexpected error (a

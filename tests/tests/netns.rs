@@ -1,4 +1,4 @@
-//! Half-open clients (issue 6, point 2): a client host that vanishes without a FIN or RST — its
+//! Half-open clients: a client host that vanishes without a FIN or RST — its
 //! network link goes down — while its transaction holds a protected row lock that another
 //! session waits for. Only TCP keepalive / TCP_USER_TIMEOUT on the client socket can notice;
 //! the guard must then terminate the orphaned backend within the keepalive window + 1 s.

@@ -1,8 +1,8 @@
-//! Upstream restart under traffic (issue 6, point 5): PostgreSQL is stopped with a fast
+//! Upstream restart under traffic: PostgreSQL is stopped with a fast
 //! shutdown and started again while clients keep working through the proxy. Clients get
 //! errors, never hangs; new connections succeed once the server is back; and the guard
 //! reconnects by itself: its health returns to ok and an operator kill works again. Also the
-//! guard's own database hanging: traffic does not wait for the guard (issue 3).
+//! guard's own database hanging: traffic does not wait for the guard (the failure stance: a broken guard never holds up forwarding).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
