@@ -16,6 +16,8 @@ use crate::cluster::{TestCluster, APPLICATION_NAME};
 /// A running proxy. Dropping it stops the proxy at once.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The admin console, when it runs (it needs `[[admin.users]]` or `trust_loopback`).
+    pub console: Option<SocketAddr>,
     /// The admin HTTP endpoint, when enabled (it is in [`config_for`]).
     pub http: Option<SocketAddr>,
     registry: Arc<Registry>,
@@ -64,6 +66,7 @@ impl TestProxy {
         init_test_logging();
         let proxy = Proxy::bind(config).await.expect("bind the proxy");
         let addr = proxy.local_addr().expect("proxy address");
+        let console = proxy.admin_console_addr();
         let http = proxy.admin_http_addr();
         let registry = proxy.registry();
         let guard = proxy.guard();
@@ -72,6 +75,7 @@ impl TestProxy {
         let task = tokio::spawn(proxy.run());
         TestProxy {
             addr,
+            console,
             http,
             registry,
             guard,

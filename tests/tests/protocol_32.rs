@@ -6,20 +6,17 @@
 //! Each test starts its own PostgreSQL 18 or later; without one it is skipped with the reason
 //! (and fails under `CI=true`, where `.ci/install-postgres` provides it).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use guard_core::Outcome;
-use lockguard::Proxy;
 use lockguard_config::{AdminRole, AdminUser, Config};
 use lockguard_tests::cluster::{installed_major_at_least, TestCluster};
 use lockguard_tests::guard_support::{self, backend_alive, wait_for, BlockedLogin};
-use lockguard_tests::proxy::{config_for, init_test_logging};
+use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw::{self, Received, PROTOCOL_3_2};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
-use tokio_util::sync::CancellationToken;
 
 /// What libpq sends to check that servers and proxies negotiate instead of failing.
 const PROTOCOL_3_9999: u32 = (3 << 16) | 9999;
@@ -35,34 +32,9 @@ fn cluster_with_protocol_3_2() -> Option<TestCluster> {
     Some(cluster)
 }
 
-/// lockguard in-process with its admin console; dropping it stops everything.
-struct Running {
-    addr: SocketAddr,
-    console: Option<SocketAddr>,
-    guard: Option<lockguard::GuardHandle>,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.hard_stop.cancel();
-    }
-}
-
-async fn start(config: Config) -> Running {
-    init_test_logging();
-    let proxy = Proxy::bind(config).await.expect("bind the proxy");
-    let running = Running {
-        addr: proxy.local_addr().expect("proxy address"),
-        console: proxy.admin_console_addr(),
-        guard: proxy.guard(),
-        shutdown: proxy.shutdown_token(),
-        hard_stop: proxy.hard_stop_token(),
-    };
-    tokio::spawn(proxy.run());
-    running
+/// lockguard in-process (with its admin console when the config has one).
+async fn start(config: Config) -> TestProxy {
+    TestProxy::start_with(config).await
 }
 
 /// What a session learned at login.
@@ -293,7 +265,7 @@ async fn a_3_2_session_idle_in_transaction_on_a_protected_table_is_terminated() 
     waiter.proceeds(Duration::from_secs(5)).await;
     assert!(!backend_alive(&observer, login.pid).await);
 
-    let guard = proxy.guard.as_ref().expect("guard configured");
+    let guard = proxy.guard().expect("guard configured");
     let event_of_session = || {
         guard
             .audit()
@@ -313,7 +285,7 @@ async fn a_3_2_session_idle_in_transaction_on_a_protected_table_is_terminated() 
 /// Logs in with `version` and `params` directly and through lockguard; returns both logins.
 async fn both_ways(
     cluster: &TestCluster,
-    proxy: &Running,
+    proxy: &TestProxy,
     version: u32,
     params: &[(&str, &str)],
 ) -> [(Login, TcpStream); 2] {
