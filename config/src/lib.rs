@@ -15,7 +15,7 @@ mod sections;
 mod table_pattern;
 mod upstream;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -63,15 +63,10 @@ impl Config {
             error,
         })?;
         let config = Self::parse(&text, Some(path))?;
-        if let Some((key, message)) = config.secret_violation() {
-            return Err(ConfigError::Invalid {
-                file: Some(path.to_owned()),
-                key: KeyPath(&key).to_string(),
-                line: error::line_of_path(&text, &key),
-                message,
-            });
+        match config.secret_violation() {
+            Some((key, message)) => Err(invalid(&key, message, Some(path.to_owned()), Some(&text))),
+            None => Ok(config),
         }
-        Ok(config)
     }
 
     /// Reads every secret given by environment variable (`guard.password_env`,
@@ -81,12 +76,7 @@ impl Config {
     pub fn check_secrets(&self) -> Result<(), ConfigError> {
         match self.secret_violation() {
             None => Ok(()),
-            Some((path, message)) => Err(ConfigError::Invalid {
-                file: None,
-                key: KeyPath(&path).to_string(),
-                line: None,
-                message,
-            }),
+            Some((path, message)) => Err(invalid(&path, message, None, None)),
         }
     }
 
@@ -121,15 +111,10 @@ impl Config {
         let file = file.map(Path::to_path_buf);
         let config: Config =
             toml::from_str(text).map_err(|e| ConfigError::parse(e, text, file.clone()))?;
-        if let Some((path, message)) = config.first_violation() {
-            return Err(ConfigError::Invalid {
-                file,
-                key: KeyPath(&path).to_string(),
-                line: error::line_of_path(text, &path),
-                message,
-            });
+        match config.first_violation() {
+            Some((path, message)) => Err(invalid(&path, message, file, Some(text))),
+            None => Ok(config),
         }
-        Ok(config)
     }
 
     /// Checks the rules serde cannot express (non-zero timeouts, parseable table patterns, ...).
@@ -138,12 +123,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self.first_violation() {
             None => Ok(()),
-            Some((path, message)) => Err(ConfigError::Invalid {
-                file: None,
-                key: KeyPath(&path).to_string(),
-                line: None,
-                message,
-            }),
+            Some((path, message)) => Err(invalid(&path, message, None, None)),
         }
     }
 
@@ -444,6 +424,22 @@ fn push_section<T: Serialize>(out: &mut String, name: &str, section: &T, notes: 
     out.push_str(&format!("\n[{name}]\n{body}"));
     for (_, note) in notes.iter().filter(|(show, _)| *show) {
         out.push_str(&format!("# {note}\n"));
+    }
+}
+
+/// The error for a broken rule at `path`: with the file it came from, and the line when the
+/// source text is known (a `Config` built in code has none).
+fn invalid(
+    path: &[Seg],
+    message: String,
+    file: Option<PathBuf>,
+    text: Option<&str>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        file,
+        key: KeyPath(path).to_string(),
+        line: text.and_then(|text| error::line_of_path(text, path)),
+        message,
     }
 }
 
