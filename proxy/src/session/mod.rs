@@ -47,6 +47,18 @@ mod pump;
 mod tracker;
 mod wake;
 
+/// A session record for the pump's and the tracker's unit tests.
+#[cfg(test)]
+fn test_record() -> guard_core::SessionRecord {
+    let client = guard_core::ClientInfo {
+        addr: "127.0.0.1:5000".parse().expect("address"),
+        user: "u".into(),
+        database: "d".into(),
+        application_name: String::new(),
+    };
+    guard_core::SessionRecord::new(1, client, guard_core::UpstreamIdentity::Unix)
+}
+
 pub use end::farewell;
 pub use pump::pump;
 // The per-message callbacks and the tracker are the pump's own; the allocation test drives them

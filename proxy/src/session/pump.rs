@@ -378,19 +378,8 @@ fn until_nul(bytes: &[u8]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use guard_core::{ClientInfo, UpstreamIdentity};
-
     use super::*;
-
-    fn record() -> SessionRecord {
-        let client = ClientInfo {
-            addr: "127.0.0.1:5000".parse().expect("address"),
-            user: "u".into(),
-            database: "d".into(),
-            application_name: String::new(),
-        };
-        SessionRecord::new(1, client, UpstreamIdentity::Unix)
-    }
+    use crate::session::test_record as record;
 
     fn message(tag: u8, body: &[u8]) -> Message<'_> {
         Message {

@@ -165,19 +165,10 @@ fn status_of(byte: u8) -> Option<TxnStatus> {
 
 #[cfg(test)]
 mod tests {
-    use guard_core::{ClientInfo, TxnState, UpstreamIdentity};
+    use guard_core::TxnState;
 
     use super::*;
-
-    fn record() -> SessionRecord {
-        let client = ClientInfo {
-            addr: "127.0.0.1:5000".parse().expect("address"),
-            user: "u".into(),
-            database: "d".into(),
-            application_name: String::new(),
-        };
-        SessionRecord::new(1, client, UpstreamIdentity::Unix)
-    }
+    use crate::session::test_record as record;
 
     fn client(t: &Tracker, r: &SessionRecord, tags: &[u8]) {
         for &tag in tags {
