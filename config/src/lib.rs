@@ -9,6 +9,7 @@
 
 mod duration;
 mod error;
+mod live;
 mod overrides;
 mod secret;
 mod sections;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
 use error::{KeyPath, Seg};
+pub use live::{Derived, Live};
 pub use overrides::Overrides;
 pub use secret::{is_secret_key, SECRET_KEYS};
 use sections::is_empty_secret;

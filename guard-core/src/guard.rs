@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use lockguard_config::{GuardConfig, TablePattern, UpstreamTlsMode};
+use lockguard_config::{Config, Derived, GuardConfig, Live, TablePattern, UpstreamTlsMode};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -93,7 +92,8 @@ pub struct SweepReport {
 }
 
 /// The part of the guard's configuration that can change while it runs (RELOAD, `SET
-/// dry_run`): read once per decision, swapped whole, never locked on the forwarding path.
+/// dry_run`), parsed: derived from the configuration in force, read once per decision, never
+/// locked on the forwarding path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub rules: Rules,
@@ -121,9 +121,12 @@ impl Settings {
 #[derive(Debug)]
 pub struct Guard {
     pub(crate) registry: Arc<Registry>,
-    /// Rules, protected tables, sweep period: replaced whole by [`Guard::reconfigure`].
-    settings: ArcSwap<Settings>,
-    inflight_grace: Duration,
+    /// The configuration in force, shared with whoever changes it (the proxy's RELOAD and
+    /// `SET dry_run`). The guard only reads it.
+    live: Arc<Live>,
+    /// Rules, protected tables, sweep period: `live`'s `[guard]`, parsed again whenever the
+    /// configuration in force changes.
+    settings: Derived<Settings>,
     pub(crate) connections: Connections,
     audit: AuditLog,
     probes: ProbeTimer,
@@ -164,6 +167,25 @@ impl Guard {
         registry: Arc<Registry>,
         clock: Clock,
     ) -> Result<Arc<Guard>, GuardError> {
+        let live = Live::new(Config {
+            guard: config.clone(),
+            ..Config::default()
+        });
+        Self::with_live(Arc::new(live), tls, registry, clock)
+    }
+
+    /// The guard of the configuration in force in `live`, which it follows from then on: its
+    /// rules, protected tables and sweep period are those of the latest `[guard]` stored
+    /// there. The connection settings (`dsn`, `password_env`) and `audit_log` are read once,
+    /// here; `inflight_grace` whenever it is asked for.
+    pub fn with_live(
+        live: Arc<Live>,
+        tls: Option<GuardTls>,
+        registry: Arc<Registry>,
+        clock: Clock,
+    ) -> Result<Arc<Guard>, GuardError> {
+        let start = live.load();
+        let config = &start.guard;
         let (base, dsn_tls) = dsn::base_config(config)?;
         let tls = if dsn::only_unix_sockets(&base) {
             None
@@ -183,8 +205,8 @@ impl Guard {
         };
         Ok(Arc::new(Guard {
             registry,
-            settings: ArcSwap::from_pointee(Settings::from_config(config)),
-            inflight_grace: config.inflight_grace,
+            live,
+            settings: Derived::new(|config| Settings::from_config(&config.guard)),
             connections: Connections::new(base, tls, STATEMENTS),
             audit,
             probes: ProbeTimer::default(),
@@ -194,39 +216,21 @@ impl Guard {
         }))
     }
 
-    /// The rules and protected tables in force now.
+    /// The rules and protected tables in force now. When the configuration in force changed
+    /// since the last call, live sessions are judged afresh: the sweep forgets which ones it
+    /// had already dealt with.
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings.load_full()
-    }
-
-    /// Applies the live part of a new guard configuration (RELOAD): protected tables,
-    /// `on_client_loss`, both timeouts, `require_waiters`, `dry_run`, `sweep_interval`. Live
-    /// sessions are judged afresh under the new rules on the next sweep. The connection
-    /// settings (`dsn`, `password_env`), `audit_log` and `inflight_grace` are fixed at start.
-    pub fn reconfigure(&self, config: &GuardConfig) {
-        self.settings.store(Arc::new(Settings::from_config(config)));
-        self.settled().clear();
-        tracing::info!(
-            protected_tables = ?config.protected_tables,
-            dry_run = config.dry_run,
-            "guard settings reloaded"
-        );
-    }
-
-    /// Switches dry-run on or off (the console's `SET dry_run`); returns the previous value.
-    pub fn set_dry_run(&self, on: bool) -> bool {
-        let mut previous = false;
-        self.settings.rcu(|current| {
-            previous = current.rules.dry_run;
-            let mut next = Settings::clone(current);
-            next.rules.dry_run = on;
-            next
-        });
-        if previous != on {
+        let (settings, fresh) = self.settings.get(&self.live);
+        if fresh {
             self.settled().clear();
-            tracing::warn!(dry_run = on, "guard dry-run switched by an operator");
         }
-        previous
+        settings
+    }
+
+    /// The configuration the guard follows (read-only for the guard; whoever owns it stores
+    /// changes there).
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
     }
 
     /// Probe latency so far.
@@ -249,17 +253,17 @@ impl Guard {
     /// How long the pump waits for ReadyForQuery after losing a client with a statement in
     /// flight, before calling [`Guard::on_client_lost`] (the in-flight rule).
     pub fn inflight_grace(&self) -> Duration {
-        self.inflight_grace
+        self.live.load().guard.inflight_grace
     }
 
     /// The parsed `protected_tables` in force now, for display on the admin port.
     pub fn protected_tables(&self) -> Vec<TablePattern> {
-        self.settings.load().patterns.clone()
+        self.settings().patterns.clone()
     }
 
     /// The rules in force now, for display on the admin port.
     pub fn rules(&self) -> Rules {
-        self.settings.load().rules.clone()
+        self.settings().rules.clone()
     }
 
     /// The evidence trail (ring of recent events).
@@ -308,7 +312,7 @@ impl Guard {
         ) {
             return Decision::Left(LeaveReason::NoTransaction);
         }
-        if self.settings.load().patterns.is_empty() {
+        if self.settings().patterns.is_empty() {
             return Decision::Left(LeaveReason::NoProtectedLock);
         }
         let trigger = Trigger::ClientLoss {
@@ -498,7 +502,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn settings_change_live_and_dry_run_can_be_flipped() {
+    fn settings_follow_the_configuration_in_force() {
         let config = GuardConfig {
             dsn: Some("host=127.0.0.1 port=1 user=x".into()),
             protected_tables: vec!["app.user_sessions".into()],
@@ -507,11 +511,13 @@ mod tests {
         let guard = Guard::new(&config, Arc::new(Registry::new())).unwrap();
         assert_eq!(guard.protected_tables().len(), 1);
         assert!(!guard.rules().dry_run);
-        guard.reconfigure(&GuardConfig {
-            protected_tables: vec!["app.*".into(), "billing.invoices".into()],
-            idle_in_transaction_timeout: Duration::from_secs(5),
-            sweep_interval: Duration::ZERO,
-            ..config.clone()
+        guard.settled().insert(7, Instant::now());
+        guard.live().update(|current| {
+            let mut next = current.clone();
+            next.guard.protected_tables = vec!["app.*".into(), "billing.invoices".into()];
+            next.guard.idle_in_transaction_timeout = Duration::from_secs(5);
+            next.guard.sweep_interval = Duration::ZERO;
+            next
         });
         let settings = guard.settings();
         assert_eq!(settings.patterns.len(), 2);
@@ -521,10 +527,18 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(settings.sweep_interval, MIN_SWEEP_INTERVAL);
-        assert!(!guard.set_dry_run(true), "was off");
+        assert!(guard.settled().is_empty(), "judged afresh after a change");
+        assert!(
+            Arc::ptr_eq(&settings, &guard.settings()),
+            "parsed once per change"
+        );
+        guard.live().update(|current| {
+            let mut next = current.clone();
+            next.guard.dry_run = true;
+            next
+        });
         assert!(guard.rules().dry_run);
         assert_eq!(guard.protected_tables().len(), 2, "dry_run leaves the rest");
-        assert!(guard.set_dry_run(false), "was on");
     }
 
     #[test]

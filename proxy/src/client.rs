@@ -34,7 +34,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     startup: OwnedSemaphorePermit,
 ) {
-    let startup_deadline = Instant::now() + shared.proxy.startup_timeout;
+    let startup_deadline = Instant::now() + shared.config().proxy.startup_timeout;
     // The startup phase's futures (TLS handshakes, the upstream connect, the authentication
     // relay) are boxed: inline, their several KB of state would stay in every session's task
     // for its whole life, though only the pump's state is needed after startup.
@@ -57,7 +57,7 @@ pub(crate) async fn serve(
         // authenticates is caught when its startup ends, see `SlotHandover`.)
         FirstPacket::Startup(_) if shared.clients.available_permits() == 0 => {
             shared.stats.client_refused();
-            warn!(client = %addr, max_clients = shared.proxy.max_clients, "refusing client: proxy is full");
+            warn!(client = %addr, max_clients = shared.config().proxy.max_clients, "refusing client: proxy is full");
             farewell(
                 &mut stream,
                 sqlstate::TOO_MANY_CONNECTIONS,
@@ -91,7 +91,7 @@ pub(crate) async fn serve(
 fn too_many_clients(shared: &Shared) -> String {
     format!(
         "lockguard: too many clients already (max_clients = {})",
-        shared.proxy.max_clients
+        shared.config().proxy.max_clients
     )
 }
 
@@ -246,9 +246,9 @@ async fn run_session(
 ) {
     let upstream_tls = shared.tls.upstream();
     let connected = Box::pin(upstream::connect(
-        &shared.proxy.upstream,
+        &shared.config().proxy.upstream,
         upstream_tls.as_ref(),
-        shared.proxy.connect_timeout,
+        shared.config().proxy.connect_timeout,
     ))
     .await;
     let mut upstream = match connected {
@@ -284,9 +284,9 @@ async fn run_session(
     let span = tracing::info_span!("session", id = record.id, client = %addr);
     let ctx = SessionContext {
         guard: shared.guard.clone(),
-        inflight_grace: shared.inflight_grace,
+        inflight_grace: shared.config().guard.inflight_grace,
         startup_deadline,
-        startup_timeout: shared.proxy.startup_timeout,
+        startup_timeout: shared.config().proxy.startup_timeout,
         shutdown: shared.shutdown.clone(),
         hard_stop: shared.hard_stop.clone(),
     };
@@ -393,9 +393,10 @@ async fn scram_secret(guard: Option<&GuardHandle>, user: &str) -> Result<ScramSe
 /// connection once it has handled the request; waiting for that keeps the client's view of
 /// "cancel sent" the same as with a direct connection.
 async fn forward_cancel(packet: &[u8], shared: &Shared) {
-    let timeout = shared.proxy.connect_timeout;
+    let config = shared.config();
+    let timeout = config.proxy.connect_timeout;
     let tls = shared.tls.upstream();
-    let mut upstream = match upstream::connect(&shared.proxy.upstream, tls.as_ref(), timeout).await
+    let mut upstream = match upstream::connect(&config.proxy.upstream, tls.as_ref(), timeout).await
     {
         Ok(upstream) => upstream,
         Err(reason) => {

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use guard_core::clock::Clock;
 use guard_core::{Guard, Registry};
-use lockguard_config::{Config, GuardConfig, TlsConfig};
+use lockguard_config::{Config, Live};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::admin::{Admin, AdminListeners, ConfigSource};
 use crate::client;
 use crate::net::{self, Liveness};
-use crate::shared::{GuardHandle, Shared};
+use crate::shared::{GuardHandle, InForce, Prepared, Shared};
 use crate::stats::ProxyStats;
 use crate::tls::{self, Tls};
 
@@ -62,42 +63,37 @@ impl Proxy {
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
+        let max_startup_clients = config.proxy.max_startup_clients;
+        let max_clients = config.proxy.max_clients;
+        let admin_config = config.admin.clone();
+        // The one configuration in force, with its views; the guard follows the same handle.
+        let in_force = Arc::new(InForce::new(Prepared::new(config)?));
         let registry = Arc::new(Registry::new());
-        let guard = if config.guard.enabled() {
-            Some(new_guard(
-                &config.guard,
-                &config.tls,
-                Arc::clone(&registry),
-            )?)
+        let guard = if in_force.config().guard.enabled() {
+            Some(new_guard(in_force.live(), Arc::clone(&registry))?)
         } else {
             None
         };
         let stats: Arc<ProxyStats> = Arc::default();
-        let tls = Arc::new(Tls::load(&config.tls).context("TLS configuration")?);
-        let admin = Arc::new(
-            Admin::new(
-                &config,
-                source,
-                Arc::clone(&registry),
-                guard.clone(),
-                Arc::clone(&stats),
-                Arc::clone(&tls),
-            )
-            .context("admin configuration")?,
-        );
-        let admin_listeners = AdminListeners::bind(&config.admin).await?;
+        let admin = Arc::new(Admin::new(
+            Arc::clone(&in_force),
+            source,
+            Arc::clone(&registry),
+            guard.clone(),
+            Arc::clone(&stats),
+        ));
+        let admin_listeners = AdminListeners::bind(&admin_config).await?;
         let shared = Shared {
-            startups: Arc::new(Semaphore::new(config.proxy.max_startup_clients)),
-            clients: Arc::new(Semaphore::new(config.proxy.max_clients)),
+            startups: Arc::new(Semaphore::new(max_startup_clients)),
+            clients: Arc::new(Semaphore::new(max_clients)),
             refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
-            inflight_grace: config.guard.inflight_grace,
-            proxy: config.proxy,
+            tls: Arc::clone(in_force.tls()),
+            in_force,
             registry,
             guard,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             stats,
-            tls,
         };
         Ok(Proxy {
             listener,
@@ -123,7 +119,7 @@ impl Proxy {
         self.shared.guard.clone()
     }
 
-    /// TLS state (RELOAD swaps certificates through it).
+    /// TLS state: the view of the configuration in force that RELOAD replaces.
     pub fn tls(&self) -> Arc<Tls> {
         Arc::clone(&self.shared.tls)
     }
@@ -170,7 +166,9 @@ impl Proxy {
             admin_listeners,
         } = self;
         let sessions = TaskTracker::new();
-        let client_liveness = Liveness::for_clients(&shared.proxy);
+        // The proxy section needs a restart to change: read once.
+        let config = shared.config();
+        let client_liveness = Liveness::for_clients(&config.proxy);
         if let Some(guard) = &shared.guard {
             tokio::spawn(run_guard(Arc::clone(guard), guard_stop.clone()));
         }
@@ -180,7 +178,7 @@ impl Proxy {
         let mut admin_task = tokio::spawn(admin_listeners.serve(admin, admin_stop.clone()));
         info!(
             listen = %listener.local_addr().context("listener address")?,
-            upstream = %shared.proxy.upstream,
+            upstream = %config.proxy.upstream,
             guard = shared.guard.is_some(),
             "lockguard is accepting connections"
         );
@@ -206,11 +204,11 @@ impl Proxy {
             // get there cannot crowd out authenticated clients.
             let Ok(startup) = Arc::clone(&shared.startups).try_acquire_owned() else {
                 shared.stats.client_refused();
-                startup_refusals.note(addr, shared.proxy.max_startup_clients);
+                startup_refusals.note(addr, config.proxy.max_startup_clients);
                 // Told at once, without waiting for a startup packet that may never come,
                 // within the bounded refusal budget.
                 if let Ok(refusing) = Arc::clone(&shared.refusals).try_acquire_owned() {
-                    let max = shared.proxy.max_startup_clients;
+                    let max = config.proxy.max_startup_clients;
                     sessions.spawn(async move {
                         client::refuse_startup(stream, max).await;
                         drop(refusing);
@@ -223,7 +221,7 @@ impl Proxy {
         }
         drop(listener);
         sessions.close();
-        let timeout = shared.proxy.shutdown_timeout;
+        let timeout = config.proxy.shutdown_timeout;
         info!(
             sessions = sessions.len(),
             ?timeout,
@@ -251,14 +249,13 @@ impl Proxy {
     }
 }
 
-/// The guard, with its connections over TLS as the dsn's `sslmode` or `[tls]` says.
-fn new_guard(
-    config: &GuardConfig,
-    tls: &TlsConfig,
-    registry: Arc<Registry>,
-) -> anyhow::Result<GuardHandle> {
-    let guard_tls = tls::guard_tls(config, tls)?;
-    Guard::with_tls(config, guard_tls, registry).context("could not set up the guard")
+/// The guard following the configuration in force in `live`, with its connections over TLS
+/// as the dsn's `sslmode` or `[tls]` says (fixed at start, like the dsn).
+fn new_guard(live: &Arc<Live>, registry: Arc<Registry>) -> anyhow::Result<GuardHandle> {
+    let config = live.load();
+    let guard_tls = tls::guard_tls(&config.guard, &config.tls)?;
+    Guard::with_live(Arc::clone(live), guard_tls, registry, Clock::system())
+        .context("could not set up the guard")
 }
 
 async fn run_guard(guard: GuardHandle, stop: CancellationToken) {

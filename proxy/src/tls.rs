@@ -2,16 +2,21 @@
 //! PostgreSQL as `[tls] upstream_mode` says (named after libpq's `sslmode`) — for client
 //! sessions and, unless its dsn says otherwise, for the guard's own connection.
 //!
-//! Both configurations sit behind a lock that is read once per connection (never per message),
-//! so RELOAD can swap certificates without touching live sessions.
+//! The rustls configurations are derived from the configuration in force (`[tls]`, and
+//! `[admin]`'s own certificate for the console) when it is put in force, because that reads
+//! files and can fail: [`TlsState::load`] runs before anything changes, and the one place that
+//! puts a configuration in force installs the state with it. Connections read it once each
+//! (never per message), so new certificates never touch live sessions.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use guard_core::GuardTls;
 use lockguard_config::{
-    ClientTlsMode, GuardConfig, TlsConfig, UpstreamNegotiation, UpstreamTlsMode,
+    AdminConfig, ClientTlsMode, Config, GuardConfig, TlsConfig, UpstreamNegotiation,
+    UpstreamTlsMode,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -27,11 +32,22 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// negotiates TLS with directly.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
-/// lockguard's TLS state, shared by all connections.
+/// lockguard's TLS state, shared by all connections: the [`TlsState`] of the configuration
+/// in force.
 pub struct Tls {
-    client: RwLock<Option<TlsAcceptor>>,
-    client_mode: RwLock<ClientTlsMode>,
-    upstream: RwLock<Option<UpstreamTls>>,
+    current: ArcSwap<TlsState>,
+}
+
+/// The TLS side of one configuration: what clients and console clients are offered, and how
+/// PostgreSQL is reached.
+#[derive(Clone)]
+pub struct TlsState {
+    client: Option<TlsAcceptor>,
+    client_mode: ClientTlsMode,
+    upstream: Option<UpstreamTls>,
+    /// What the console answers an SSLRequest with: its own certificate, else the client
+    /// side's, else nothing.
+    console: Option<TlsAcceptor>,
 }
 
 /// How to reach PostgreSQL over TLS.
@@ -43,51 +59,75 @@ pub struct UpstreamTls {
     pub connector: TlsConnector,
 }
 
-impl Tls {
-    /// Reads the certificates named by `config`. Errors name the file.
-    pub fn load(config: &TlsConfig) -> anyhow::Result<Tls> {
-        Ok(Tls {
-            client: RwLock::new(client_acceptor(config)?),
-            client_mode: RwLock::new(config.client_mode),
-            upstream: RwLock::new(upstream_tls(config)?),
+impl TlsState {
+    /// Reads the certificates `config` names (`[tls]`, and `admin.tls_cert` / `admin.tls_key`
+    /// for the console). Certificates are read every time, even from unchanged paths: renewal
+    /// replaces the files in place. Errors name the file.
+    pub fn load(config: &Config) -> anyhow::Result<TlsState> {
+        let client = client_acceptor(&config.tls).context("TLS configuration")?;
+        let console = match console_acceptor(&config.admin)? {
+            Some(own) => Some(own),
+            None => client.clone(),
+        };
+        Ok(TlsState {
+            client,
+            client_mode: config.tls.client_mode,
+            upstream: upstream_tls(&config.tls).context("TLS configuration")?,
+            console,
         })
     }
+}
 
-    /// Re-reads the certificates (RELOAD / SIGHUP). On error nothing changes. New connections
-    /// use the new certificates; established sessions keep theirs.
-    pub fn reload(&self, config: &TlsConfig) -> anyhow::Result<()> {
-        let client = client_acceptor(config)?;
-        let upstream = upstream_tls(config)?;
-        *write(&self.client) = client;
-        *write(&self.client_mode) = config.client_mode;
-        *write(&self.upstream) = upstream;
-        Ok(())
+impl Tls {
+    /// Holds `state` until [`Tls::install`] replaces it.
+    pub(crate) fn new(state: TlsState) -> Tls {
+        Tls {
+            current: ArcSwap::from_pointee(state),
+        }
+    }
+
+    /// Puts a new state in force: only the proxy's one configuration change does this, with
+    /// the state of the configuration it puts in force. New connections use the new
+    /// certificates; established sessions keep theirs.
+    pub(crate) fn install(&self, state: TlsState) {
+        self.current.store(Arc::new(state));
     }
 
     /// The acceptor for client TLS, if lockguard has a certificate.
     pub fn client_acceptor(&self) -> Option<TlsAcceptor> {
-        read(&self.client).clone()
+        self.current.load().client.clone()
     }
 
     /// True when plaintext clients must be refused.
     pub fn clients_must_use_tls(&self) -> bool {
-        *read(&self.client_mode) == ClientTlsMode::Require
+        self.current.load().client_mode == ClientTlsMode::Require
     }
 
     /// TLS settings for the upstream, unless `upstream_mode = disable`.
     pub fn upstream(&self) -> Option<UpstreamTls> {
-        read(&self.upstream).clone()
+        self.current.load().upstream.clone()
+    }
+
+    /// The acceptor for the admin console's TLS, if it has a certificate (its own, else the
+    /// client side's).
+    pub fn console_acceptor(&self) -> Option<TlsAcceptor> {
+        self.current.load().console.clone()
     }
 }
 
-// A poisoned lock only means a panic elsewhere while swapping whole values; the value inside
-// is still a complete one.
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
+/// The console's own certificate and key, when `[admin]` names them. Errors name the files.
+fn console_acceptor(admin: &AdminConfig) -> anyhow::Result<Option<TlsAcceptor>> {
+    let Some((cert, key)) = admin.own_tls() else {
+        return Ok(None);
+    };
+    // The console is a TLS server like the client side: the same loader, with only the
+    // certificate set.
+    let config = TlsConfig {
+        client_cert: Some(cert.clone()),
+        client_key: Some(key.clone()),
+        ..TlsConfig::default()
+    };
+    client_acceptor(&config).context("admin.tls_cert / admin.tls_key")
 }
 
 fn provider() -> Arc<CryptoProvider> {

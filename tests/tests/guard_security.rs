@@ -193,9 +193,12 @@ async fn protected_locks_via_api(proxy: &TestProxy, pid: i32) -> Option<i64> {
 /// Turns the idle rule on and waits for the guard's audit event about `pid`.
 async fn idle_rule_event(proxy: &TestProxy, guard_config: &GuardConfig, pid: i32) -> AuditEvent {
     let guard = proxy.guard().expect("guard configured");
-    guard.reconfigure(&GuardConfig {
-        idle_in_transaction_timeout: Duration::from_millis(200),
-        ..guard_config.clone()
+    guard.live().update(|running| lockguard_config::Config {
+        guard: GuardConfig {
+            idle_in_transaction_timeout: Duration::from_millis(200),
+            ..guard_config.clone()
+        },
+        ..running.clone()
     });
     let mut found = None;
     wait_for(WAIT, "the idle rule's audit event", || {

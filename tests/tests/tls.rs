@@ -48,7 +48,7 @@ fn trusting(ca: &Path) -> ClientConfig {
 /// A proxy started in-process, with its TLS handle for reloads.
 struct RunningProxy {
     addr: std::net::SocketAddr,
-    tls: Arc<lockguard::tls::Tls>,
+    admin: Arc<lockguard::admin::Admin>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
 }
@@ -65,7 +65,7 @@ async fn start(config: Config) -> RunningProxy {
     let proxy = Proxy::bind(config).await.expect("bind proxy");
     let running = RunningProxy {
         addr: proxy.local_addr().expect("addr"),
-        tls: proxy.tls(),
+        admin: proxy.admin(),
         stop: proxy.shutdown_token(),
         hard_stop: proxy.hard_stop_token(),
     };
@@ -797,7 +797,11 @@ async fn reloading_certificates_affects_new_connections_only() {
     let renewed = pki.ca.issue(pki.dir.path(), "renewed", &["127.0.0.1"]);
     std::fs::copy(&renewed.cert, &pki.proxy_cert.cert).expect("replace cert");
     std::fs::copy(&renewed.key, &pki.proxy_cert.key).expect("replace key");
-    proxy.tls.reload(&config.tls).expect("reload");
+    proxy
+        .admin
+        .reload_with(config.clone())
+        .await
+        .expect("reload");
 
     assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
     assert_eq!(
@@ -807,7 +811,7 @@ async fn reloading_certificates_affects_new_connections_only() {
 
     // A broken file is refused and the working certificate kept.
     std::fs::write(&pki.proxy_cert.key, "not a key").expect("break key");
-    assert!(proxy.tls.reload(&config.tls).is_err());
+    assert!(proxy.admin.reload_with(config.clone()).await.is_err());
     assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
 }
 

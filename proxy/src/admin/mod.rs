@@ -31,16 +31,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use guard_core::Registry;
-use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError, Overrides, TlsConfig};
+use lockguard_config::{AdminConfig, AdminRole, Config, ConfigError, Overrides};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::shared::InForce;
 use crate::stats::ProxyStats;
-use crate::tls::Tls;
 use crate::GuardHandle;
 
 pub use commands::{AdminError, Command, KillTarget, Table};
@@ -110,7 +109,7 @@ impl Login {
 }
 
 /// Console passwords and the API token, resolved from `[admin]` (environment variables
-/// read). Replaced whole by RELOAD.
+/// read): a view of the configuration in force, replaced with it.
 #[derive(Debug, Default)]
 pub struct Credentials {
     users: HashMap<String, (String, AdminRole)>,
@@ -149,18 +148,11 @@ pub struct Admin {
     registry: Arc<Registry>,
     guard: Option<GuardHandle>,
     stats: Arc<ProxyStats>,
-    /// RELOAD re-reads the certificates through it; the console uses its client-side
-    /// certificate when `[admin]` names none of its own.
-    tls: Arc<Tls>,
-    /// The console's own certificate (`admin.tls_cert` / `admin.tls_key`), when set; replaced
-    /// whole by RELOAD.
-    console_tls: ArcSwap<Tls>,
-    /// The configuration in force: the start configuration with every live change (RELOAD,
-    /// `SET dry_run`) applied.
-    config: ArcSwap<Config>,
+    /// The configuration in force (the start configuration with every live change, RELOAD
+    /// and `SET dry_run`, applied) and its views: the one the proxy and the guard read too.
+    in_force: Arc<InForce>,
     /// Where RELOAD reads the configuration from; `None` when built from a `Config` alone.
     source: Option<ConfigSource>,
-    credentials: ArcSwap<Credentials>,
     log_reloader: std::sync::Mutex<Option<LogReloader>>,
     /// One RELOAD at a time.
     reload_lock: tokio::sync::Mutex<()>,
@@ -171,33 +163,25 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// The command layer over a proxy's state. Fails if an admin password or the API token
-    /// names an environment variable that is not set or empty, or the console's certificate
-    /// cannot be read.
-    pub fn new(
-        config: &Config,
+    /// The command layer over a proxy's state.
+    pub(crate) fn new(
+        in_force: Arc<InForce>,
         source: Option<ConfigSource>,
         registry: Arc<Registry>,
         guard: Option<GuardHandle>,
         stats: Arc<ProxyStats>,
-        tls: Arc<Tls>,
-    ) -> anyhow::Result<Admin> {
-        let credentials = Credentials::resolve(&config.admin).map_err(anyhow::Error::msg)?;
-        let console_tls = load_console_tls(&config.admin)?;
-        Ok(Admin {
+    ) -> Admin {
+        Admin {
             registry,
             guard,
             stats,
-            tls,
-            console_tls: ArcSwap::from_pointee(console_tls),
-            config: ArcSwap::from_pointee(config.clone()),
+            in_force,
             source,
-            credentials: ArcSwap::from_pointee(credentials),
             log_reloader: std::sync::Mutex::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
             probes: probes::ProbeGates::default(),
             last_readiness: tokio::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// Lets RELOAD change the log filter.
@@ -214,12 +198,12 @@ impl Admin {
 
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+        self.in_force.config()
     }
 
     /// Console passwords and the API token in force.
     pub fn credentials(&self) -> Arc<Credentials> {
-        self.credentials.load_full()
+        self.in_force.credentials()
     }
 
     /// All live sessions.
@@ -235,29 +219,8 @@ impl Admin {
     /// What the console answers an SSLRequest with: its own certificate, else the client
     /// side's, else nothing (the request is declined).
     pub fn console_tls_acceptor(&self) -> Option<TlsAcceptor> {
-        if self.config().admin.own_tls().is_some() {
-            self.console_tls.load().client_acceptor()
-        } else {
-            self.tls.client_acceptor()
-        }
+        self.in_force.tls().console_acceptor()
     }
-}
-
-/// Reads the console's own certificate and key, when `[admin]` names them (an empty TLS
-/// state otherwise). Errors name the files.
-fn load_console_tls(admin: &AdminConfig) -> anyhow::Result<Tls> {
-    let (client_cert, client_key) = match admin.own_tls() {
-        Some((cert, key)) => (Some(cert.clone()), Some(key.clone())),
-        None => (None, None),
-    };
-    // The console is a TLS server like the client side: the same loader, with only the
-    // certificate set.
-    let config = TlsConfig {
-        client_cert,
-        client_key,
-        ..TlsConfig::default()
-    };
-    Tls::load(&config).context("admin.tls_cert / admin.tls_key")
 }
 
 /// The bound admin sockets of a proxy, not yet serving.

@@ -3,14 +3,16 @@
 //! bad file leaves the running configuration exactly as it was.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use super::commands::{AdminError, ConfigChange};
 use super::config_view;
-use super::{Admin, Credentials};
+use lockguard_config::Config;
+
+use super::Admin;
+use crate::shared::{Change, Prepared};
 
 impl Admin {
     /// Re-reads the file given at start (with the start's command-line flags on top) and
@@ -32,39 +34,49 @@ impl Admin {
             .await
             .map_err(|e| AdminError::Reload(format!("reading the file failed: {e}")))?;
         let file = loaded.map_err(|e| AdminError::Reload(e.to_string()))?;
+        self.apply_live(&file)
+    }
 
-        let running = self.config();
-        let next = config_view::apply_live(&running, &file);
-        // Everything fallible first.
-        let credentials = Credentials::resolve(&next.admin).map_err(AdminError::Reload)?;
-        let log_filter_changed = next.log.level != running.log.level;
-        if log_filter_changed {
-            EnvFilter::try_new(&next.log.level)
-                .map_err(|e| AdminError::Reload(format!("log.level {:?}: {e}", next.log.level)))?;
-        }
-        // Certificates are re-read even when their paths did not change: renewal replaces
-        // the files in place. On error the old ones stay.
-        let console_tls = super::load_console_tls(&next.admin)
-            .map_err(|e| AdminError::Reload(format!("{e:#}")))?;
-        self.tls
-            .reload(&next.tls)
-            .map_err(|e| AdminError::Reload(format!("{e:#}")))?;
+    /// RELOAD with `file` instead of the configuration file: applies its live settings, the
+    /// same way, in the same one change (for a proxy built from a `Config` in code, and
+    /// for tests).
+    pub async fn reload_with(&self, file: Config) -> Result<Vec<ConfigChange>, AdminError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        self.apply_live(&file)
+    }
 
-        // Apply.
-        if let Some(guard) = &self.guard {
-            guard.reconfigure(&next.guard);
+    fn apply_live(&self, file: &Config) -> Result<Vec<ConfigChange>, AdminError> {
+        // Everything fallible runs inside the change, before anything is stored: the log
+        // filter, the certificates and the console's credentials. A failure leaves
+        // everything as it was.
+        let changed = self.in_force.change(|running| {
+            let next = config_view::apply_live(running, file);
+            if next.log.level != running.log.level {
+                EnvFilter::try_new(&next.log.level).map_err(|e| {
+                    AdminError::Reload(format!("log.level {:?}: {e}", next.log.level))
+                })?;
+            }
+            Prepared::new(next)
+                .map(|prepared| Change::Whole(Box::new(prepared)))
+                .map_err(|e| AdminError::Reload(format!("{e:#}")))
+        })?;
+        let (running, next) = (&changed.before, &changed.after);
+
+        if self.guard.is_some() {
+            info!(
+                protected_tables = ?next.guard.protected_tables,
+                dry_run = next.guard.dry_run,
+                "guard settings reloaded"
+            );
         }
-        if log_filter_changed {
+        if next.log.level != running.log.level {
             if let Some(reloader) = self.lock_reloader().clone() {
                 if let Err(e) = reloader(&next.log.level) {
                     warn!(error = %e, "could not change the log level");
                 }
             }
         }
-        self.credentials.store(Arc::new(credentials));
-        self.console_tls.store(Arc::new(console_tls));
-        let changes = changes(&running, &file);
-        self.config.store(Arc::new(next));
+        let changes = changes(running, file);
         info!(
             applied = ?changes.iter().filter(|c| c.live).map(|c| c.key.as_str()).collect::<Vec<_>>(),
             needs_restart = ?changes.iter().filter(|c| !c.live).map(|c| c.key.as_str()).collect::<Vec<_>>(),

@@ -8,13 +8,14 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use guard_core::policy::TriggerKind;
 use guard_core::{AuditEvent, GuardError, Outcome, SessionId, SessionRecord};
-use lockguard_config::AdminRole;
+use lockguard_config::{AdminRole, GuardConfig};
 
 use super::error::AdminError;
 use super::parse::{Command, KillTarget};
 use super::schema::{Table, Value};
 use crate::admin::probes::Probed;
 use crate::admin::{config_view, Admin, Login};
+use crate::shared::Change;
 
 /// What a KILL found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,18 +229,26 @@ impl Admin {
     }
 
     fn set_dry_run(&self, on: bool) -> Result<Vec<Value>, AdminError> {
-        let guard = self.guard.as_ref().ok_or_else(|| {
+        self.guard.as_ref().ok_or_else(|| {
             AdminError::Unavailable(
                 "the guard is disabled (set guard.dsn): no dry_run to switch".to_owned(),
             )
         })?;
-        let previous = guard.set_dry_run(on);
-        // Keep SHOW CONFIG truthful: the running configuration now has this value.
-        self.config.rcu(|current| {
-            let mut next = lockguard_config::Config::clone(current);
-            next.guard.dry_run = on;
-            next
-        });
+        // The guard follows the configuration in force, and SHOW CONFIG shows it: one store.
+        let changed = self.in_force.change(|running| -> Result<_, AdminError> {
+            Ok(if running.guard.dry_run == on {
+                Change::Unchanged
+            } else {
+                Change::Guard(GuardConfig {
+                    dry_run: on,
+                    ..running.guard.clone()
+                })
+            })
+        })?;
+        let previous = changed.before.guard.dry_run;
+        if previous != on {
+            tracing::warn!(dry_run = on, "guard dry-run switched by an operator");
+        }
         let word = |b: bool| if b { "on" } else { "off" };
         Ok(vec![
             Value::text("dry_run"),
