@@ -644,3 +644,181 @@ async fn reload_re_reads_tls_certificates() {
     );
     before.exec_ok("SELECT 2").await;
 }
+
+/// The value SHOW CONFIG shows for `key`.
+async fn shown(ops: &tokio_postgres::Client, key: &str) -> String {
+    rows(ops, "SHOW CONFIG")
+        .await
+        .into_iter()
+        .find(|r| r["key"] == key)
+        .unwrap_or_else(|| panic!("no SHOW CONFIG row for {key}"))["value"]
+        .clone()
+}
+
+/// Waits for the guard's audit event about backend `pid` and returns it.
+async fn event_about(running: &Running, pid: i32) -> guard_core::AuditEvent {
+    let guard = running.admin.guard().expect("guard configured");
+    let mut found = None;
+    lockguard_tests::guard_support::wait_for(WAIT, "the guard's event", || {
+        found = guard
+            .audit()
+            .recent()
+            .into_iter()
+            .rev()
+            .find(|e| e.backend_pid == pid);
+        std::future::ready(found.is_some())
+    })
+    .await;
+    found.expect("an event")
+}
+
+/// `SET dry_run` changes the one configuration in force: SHOW CONFIG shows it and the guard
+/// acts on it (the idle rule records instead of killing); switched off again, the same idle
+/// session is judged afresh and terminated.
+#[tokio::test]
+async fn set_dry_run_changes_what_show_config_shows_and_what_the_guard_does() {
+    let db = database("admin_dry_run").await;
+    let checker = direct(&db).await;
+    let mut config = admin_config(&["app.user_sessions"]);
+    config.guard.idle_in_transaction_timeout = Duration::from_millis(200);
+    let running = start(config, None).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let guard = running.admin.guard().expect("guard configured");
+
+    rows(&ops, "SET dry_run = on").await;
+    assert_eq!(shown(&ops, "guard.dry_run").await, "true");
+    assert!(running.admin.config().guard.dry_run);
+    assert!(
+        guard.rules().dry_run,
+        "the guard reads the same configuration"
+    );
+
+    let mut holder = running.app(&db).await;
+    holder.lock_protected_row().await;
+    let event = event_about(&running, holder.pid).await;
+    assert_eq!(event.outcome, guard_core::Outcome::DryRun, "{event:?}");
+    assert!(event.dry_run);
+    assert!(
+        backend_alive(&checker, holder.pid).await,
+        "dry-run kills nothing"
+    );
+
+    rows(&ops, "SET dry_run = off").await;
+    assert_eq!(shown(&ops, "guard.dry_run").await, "false");
+    let (code, message) = holder.farewell().await;
+    assert_eq!(code, "57P01", "{message}");
+    let event = event_about(&running, holder.pid).await;
+    assert_eq!(event.outcome, guard_core::Outcome::Terminated, "{event:?}");
+    assert!(!backend_alive(&checker, holder.pid).await);
+}
+
+/// RELOAD swaps the one configuration in force: after a file that protects another table in
+/// dry-run, SHOW CONFIG, the HTTP API's events and the guard's own decisions all agree; a
+/// file whose certificate cannot be read changes none of them.
+#[tokio::test]
+async fn reload_changes_config_and_guard_together_and_a_failed_reload_changes_neither() {
+    let db = database("admin_one_config").await;
+    let checker = direct(&db).await;
+    let file = tempfile::NamedTempFile::new().expect("temp config file");
+    let write = |protected: &str, dry_run: bool, extra: &str| {
+        let text = config_text(protected, extra).replacen(
+            "[guard]\n",
+            &format!("[guard]\ndry_run = {dry_run}\n"),
+            1,
+        );
+        std::fs::write(file.path(), text).expect("write config");
+    };
+    write("\"app.user_sessions\"", false, "");
+    let running = start_from_file(file.path()).await;
+    let ops = console(&running, OPS).await.expect("ops logs in");
+    let guard = running.admin.guard().expect("guard configured");
+
+    write("\"app.scratch\"", true, "");
+    rows(&ops, "RELOAD").await;
+    assert_eq!(shown(&ops, "guard.dry_run").await, "true");
+    assert!(shown(&ops, "guard.protected_tables")
+        .await
+        .contains("app.scratch"));
+    let config = running.admin.config();
+    assert!(config.guard.dry_run);
+    assert_eq!(config.guard.protected_tables, ["app.scratch"]);
+    let settings = guard.settings();
+    assert!(settings.rules.dry_run);
+    assert!(settings
+        .patterns
+        .iter()
+        .any(|p| p.matches("app", "scratch")));
+    assert!(!settings
+        .patterns
+        .iter()
+        .any(|p| p.matches("app", "user_sessions")));
+
+    // The guard acts on the new table, in dry-run.
+    let mut first = running.app(&db).await;
+    first.exec_ok("BEGIN").await;
+    first
+        .exec_ok("SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE")
+        .await;
+    let event = event_about(&running, first.pid).await;
+    assert_eq!(event.outcome, guard_core::Outcome::DryRun, "{event:?}");
+    assert!(
+        event.locks.iter().any(|l| l.table == "app.scratch"),
+        "{event:?}"
+    );
+    let (status, _, body) = http(running.http, "GET", "/api/events", Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let events = json(&body);
+    let listed = events
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|e| e["backend_pid"] == first.pid)
+        .unwrap_or_else(|| panic!("no event for {} in {body}", first.pid));
+    assert_eq!(listed["outcome"], "dry_run", "{listed}");
+    assert!(backend_alive(&checker, first.pid).await);
+
+    // Back to the first table, out of dry-run, with a certificate that does not exist:
+    // refused before anything changes.
+    let missing = file.path().with_extension("missing");
+    write(
+        "\"app.user_sessions\"",
+        false,
+        &format!(
+            "[tls]\nclient_cert = \"{0}.crt\"\nclient_key = \"{0}.key\"\n",
+            missing.display()
+        ),
+    );
+    let e = ops
+        .simple_query("RELOAD")
+        .await
+        .expect_err("missing certificate");
+    assert_eq!(code_of(&e), Some(&SqlState::CONFIG_FILE_ERROR), "{e:?}");
+    assert!(
+        Arc::ptr_eq(&config, &running.admin.config()),
+        "the configuration in force is the same one"
+    );
+    assert!(Arc::ptr_eq(&settings, &guard.settings()));
+    assert_eq!(shown(&ops, "guard.dry_run").await, "true");
+    assert!(shown(&ops, "guard.protected_tables")
+        .await
+        .contains("app.scratch"));
+    assert!(
+        !rows(&ops, "SHOW CONFIG")
+            .await
+            .iter()
+            .any(|r| r["key"] == "tls.client_cert"),
+        "no client certificate in force"
+    );
+
+    // And the guard still decides by it: a second holder of the scratch row (once the first
+    // lets go) is recorded in dry-run, not terminated.
+    first.exec_ok("ROLLBACK").await;
+    let mut second = running.app(&db).await;
+    second.exec_ok("BEGIN").await;
+    second
+        .exec_ok("SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE")
+        .await;
+    let event = event_about(&running, second.pid).await;
+    assert_eq!(event.outcome, guard_core::Outcome::DryRun, "{event:?}");
+    assert!(backend_alive(&checker, second.pid).await);
+}
