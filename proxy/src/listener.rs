@@ -63,13 +63,11 @@ impl Proxy {
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("could not listen on {}", config.proxy.listen))?;
-        let max_startup_clients = config.proxy.max_startup_clients;
-        let max_clients = config.proxy.max_clients;
-        let admin_config = config.admin.clone();
         // The one configuration in force, with its views; the guard follows the same handle.
         let in_force = Arc::new(InForce::new(Prepared::new(config)?));
+        let config = in_force.config();
         let registry = Arc::new(Registry::new());
-        let guard = if in_force.config().guard.enabled() {
+        let guard = if config.guard.enabled() {
             Some(new_guard(in_force.live(), Arc::clone(&registry))?)
         } else {
             None
@@ -82,10 +80,10 @@ impl Proxy {
             guard.clone(),
             Arc::clone(&stats),
         ));
-        let admin_listeners = AdminListeners::bind(&admin_config).await?;
+        let admin_listeners = AdminListeners::bind(&config.admin).await?;
         let shared = Shared {
-            startups: Arc::new(Semaphore::new(max_startup_clients)),
-            clients: Arc::new(Semaphore::new(max_clients)),
+            startups: Arc::new(Semaphore::new(config.proxy.max_startup_clients)),
+            clients: Arc::new(Semaphore::new(config.proxy.max_clients)),
             refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
             tls: Arc::clone(in_force.tls()),
             in_force,

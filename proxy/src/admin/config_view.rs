@@ -27,7 +27,7 @@ pub const LIVE_KEYS: &[&str] = &[
     // The console's certificates are re-read like the client side's.
     "admin.tls_cert",
     "admin.tls_key",
-    // Tls::reload re-reads certificates and modes as a whole.
+    // The TLS view is derived again as a whole: certificates re-read, modes replaced.
     "tls.client_cert",
     "tls.client_key",
     "tls.client_mode",
