@@ -163,3 +163,49 @@ impl InForce {
         Ok(Changed { before, after })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_change_that_succeeds_is_put_in_force_and_a_guard_change_keeps_the_views() {
+        let in_force = InForce::new(Prepared::new(Config::default()).expect("defaults"));
+        let start = in_force.config();
+        let credentials = in_force.credentials();
+
+        let refused = in_force.change(|_| Err::<Change, _>("refused"));
+        assert!(refused.is_err());
+        assert!(Arc::ptr_eq(&start, &in_force.config()), "nothing stored");
+
+        let changed = in_force
+            .change(|running| {
+                Ok::<_, ()>(Change::Guard(GuardConfig {
+                    dry_run: true,
+                    ..running.guard.clone()
+                }))
+            })
+            .expect("a guard change");
+        assert!(Arc::ptr_eq(&changed.before, &start));
+        assert!(Arc::ptr_eq(&changed.after, &in_force.config()));
+        assert!(in_force.config().guard.dry_run);
+        assert_eq!(
+            Config {
+                guard: start.guard.clone(),
+                ..Config::clone(&in_force.config())
+            },
+            *start,
+            "only [guard] changed"
+        );
+        assert!(
+            Arc::ptr_eq(&credentials, &in_force.credentials()),
+            "views kept"
+        );
+
+        let same = in_force
+            .change(|_| Ok::<_, ()>(Change::Unchanged))
+            .expect("no change");
+        assert!(Arc::ptr_eq(&same.before, &same.after));
+        assert!(Arc::ptr_eq(&same.after, &in_force.config()));
+    }
+}

@@ -42,6 +42,10 @@ impl Admin {
     /// for tests).
     pub async fn reload_with(&self, file: Config) -> Result<Vec<ConfigChange>, AdminError> {
         let _one_at_a_time = self.reload_lock.lock().await;
+        // Checked as a file is when it is read.
+        file.validate()
+            .and_then(|()| file.check_secrets())
+            .map_err(|e| AdminError::Reload(e.to_string()))?;
         self.apply_live(&file)
     }
 
