@@ -333,14 +333,16 @@ impl GuardConfig {
             ];
             for (key, list, what) in matchers {
                 match list {
-                    Some([]) => return Some((
-                        i,
-                        key,
-                        None,
-                        format!(
+                    Some([]) => {
+                        return Some((
+                            i,
+                            key,
+                            None,
+                            format!(
                             "an empty list matches nothing; remove the key to match every {what}"
                         ),
-                    )),
+                        ))
+                    }
                     Some(list) => {
                         if let Some(j) = list.iter().position(|g| g.trim().is_empty()) {
                             return Some((i, key, Some(j), "must not be empty".to_owned()));

@@ -21,7 +21,7 @@ use crate::error::GuardError;
 use crate::latency::ProbeTimer;
 pub use crate::latency::{ProbeLatency, PROBE_BUCKETS};
 use crate::lock_graph;
-use crate::policy::{LeaveReason, Rules, Trigger};
+use crate::policy::{LeaveReason, RuleSet, Rules, Trigger};
 use crate::probe::{self, BackendFacts};
 use crate::registry::Registry;
 use crate::session::{SessionId, SessionRecord, TxnState};
@@ -102,8 +102,9 @@ pub struct SweepReport {
 /// dry_run`): read once per decision, swapped whole, never locked on the forwarding path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub rules: Rules,
-    /// The protected tables, parsed.
+    /// The rules in match order, the flat keys' catch-all last.
+    pub rules: RuleSet,
+    /// Every table some rule names, parsed: what the probe keeps locks on.
     pub patterns: Vec<TablePattern>,
     /// How often the sweep runs (already floored at a small minimum).
     pub sweep_interval: Duration,
@@ -115,8 +116,17 @@ impl Settings {
     /// The live settings of `config`.
     pub fn from_config(config: &GuardConfig) -> Settings {
         Settings {
-            rules: Rules::from(config),
-            patterns: config.table_patterns(),
+            rules: RuleSet::from_config(config),
+            patterns: config
+                .effective_rules()
+                .into_iter()
+                .flat_map(|r| r.tables)
+                .fold(Vec::new(), |mut all, p| {
+                    if !all.contains(&p) {
+                        all.push(p);
+                    }
+                    all
+                }),
             sweep_interval: config.sweep_interval.max(MIN_SWEEP_INTERVAL),
             auth_query: config.auth_query.clone(),
         }
@@ -223,9 +233,9 @@ impl Guard {
     pub fn set_dry_run(&self, on: bool) -> bool {
         let mut previous = false;
         self.settings.rcu(|current| {
-            previous = current.rules.dry_run;
+            previous = current.rules.catch_all().dry_run;
             let mut next = Settings::clone(current);
-            next.rules.dry_run = on;
+            next.rules.set_dry_run(on);
             next
         });
         if previous != on {
@@ -263,9 +273,10 @@ impl Guard {
         self.settings.load().patterns.clone()
     }
 
-    /// The rules in force now, for display on the admin port.
+    /// The flat `[guard]` keys' rule in force now (its `dry_run` is the operator's switch),
+    /// for display on the admin port; [`Guard::settings`] has every rule.
     pub fn rules(&self) -> Rules {
-        self.settings.load().rules.clone()
+        Rules::from(self.settings.load().rules.catch_all())
     }
 
     /// The evidence trail (ring of recent events).
@@ -523,7 +534,7 @@ mod tests {
         assert_eq!(settings.patterns.len(), 2);
         assert!(settings.patterns[0].matches("app", "anything"));
         assert_eq!(
-            settings.rules.idle_in_transaction_timeout,
+            settings.rules.catch_all().idle_in_transaction_timeout,
             Duration::from_secs(5)
         );
         assert_eq!(settings.sweep_interval, MIN_SWEEP_INTERVAL);

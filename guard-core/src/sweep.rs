@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::Outcome;
 use crate::clock::Clock;
 use crate::guard::{Decision, Guard, SweepReport};
-use crate::policy::{Rules, Trigger};
+use crate::judge::who;
+use crate::policy::{RuleSet, Trigger};
 use crate::session::{SessionId, SessionRecord, TxnState};
 
 /// A session picked by the sweep.
@@ -160,17 +161,25 @@ impl Guard {
     }
 }
 
-/// Which idle rule, if any, the session has crossed by the guard's clock.
-fn idle_trigger(rules: &Rules, clock: &Clock, session: &SessionRecord) -> Option<Trigger> {
-    let (trigger, timeout) = match session.state() {
-        TxnState::IdleInTransaction => (
-            Trigger::IdleInTransaction,
-            rules.idle_in_transaction_timeout,
-        ),
-        TxnState::IdleInFailedTransaction => {
-            (Trigger::FailedTransaction, rules.failed_transaction_timeout)
-        }
+/// Which idle rule, if any, the session has crossed by the guard's clock: the shortest
+/// timeout of the rules that could govern its locks (which locks it holds, and so which rules
+/// judge it, the probe tells).
+fn idle_trigger(rules: &RuleSet, clock: &Clock, session: &SessionRecord) -> Option<Trigger> {
+    let (trigger, failed) = match session.state() {
+        TxnState::IdleInTransaction => (Trigger::IdleInTransaction, false),
+        TxnState::IdleInFailedTransaction => (Trigger::FailedTransaction, true),
         _ => return None,
     };
-    (!timeout.is_zero() && clock.age(session.state_age()) > timeout).then_some(trigger)
+    let shortest = rules
+        .for_session(who(session))
+        .map(|r| {
+            if failed {
+                r.failed_transaction_timeout
+            } else {
+                r.idle_in_transaction_timeout
+            }
+        })
+        .filter(|t| !t.is_zero())
+        .min()?;
+    (clock.age(session.state_age()) > shortest).then_some(trigger)
 }

@@ -5,132 +5,21 @@
 //! Nothing here touches the network or the clock, so every rule is unit tested; the guard
 //! gathers the facts and carries the verdict out.
 
-use std::fmt;
+mod rules;
+mod trigger;
+mod verdict;
+
 use std::time::Duration;
 
-use lockguard_config::{ClientLossAction, GuardConfig};
+pub use rules::{RuleSet, Rules, Who};
+pub use trigger::{
+    Trigger, TriggerKind, SERVER_IDLE_IN_FAILED_TRANSACTION, SERVER_IDLE_IN_TRANSACTION,
+};
+pub use verdict::{LeaveReason, Verdict};
+
+use lockguard_config::ClientLossAction;
 
 use crate::session::TxnState;
-
-/// `pg_stat_activity.state` of a backend idle inside a transaction.
-pub const SERVER_IDLE_IN_TRANSACTION: &str = "idle in transaction";
-/// `pg_stat_activity.state` of a backend idle inside a failed transaction.
-pub const SERVER_IDLE_IN_FAILED_TRANSACTION: &str = "idle in transaction (aborted)";
-
-/// What made the guard look at a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trigger {
-    /// The client vanished, or said Terminate with a statement in flight (the client-loss rules:
-    /// at once when idle in a transaction, after `inflight_grace` when busy); `cause` says how,
-    /// for the audit.
-    ClientLoss { cause: String },
-    /// The sweep found the session idle in a transaction past the timeout (the idle-in-transaction rule).
-    IdleInTransaction,
-    /// The sweep found the session idle in a failed transaction past the timeout (the failed-transaction rule).
-    FailedTransaction,
-    /// An operator asked for the kill on the admin port.
-    Operator { reason: String },
-}
-
-/// Which kind of [`Trigger`] it is, without its free text: what counters and tables are
-/// keyed by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TriggerKind {
-    ClientLoss,
-    IdleInTransaction,
-    FailedTransaction,
-    Operator,
-}
-
-impl TriggerKind {
-    /// Every kind, in a stable order (so counters list zeros too).
-    pub const ALL: [TriggerKind; 4] = [
-        TriggerKind::ClientLoss,
-        TriggerKind::IdleInTransaction,
-        TriggerKind::FailedTransaction,
-        TriggerKind::Operator,
-    ];
-
-    /// Stable name used in audit events, logs and metrics labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            TriggerKind::ClientLoss => "client_loss",
-            TriggerKind::IdleInTransaction => "idle_in_transaction",
-            TriggerKind::FailedTransaction => "failed_transaction",
-            TriggerKind::Operator => "operator",
-        }
-    }
-}
-
-impl Trigger {
-    /// Which kind of trigger this is.
-    pub fn kind(&self) -> TriggerKind {
-        match self {
-            Trigger::ClientLoss { .. } => TriggerKind::ClientLoss,
-            Trigger::IdleInTransaction => TriggerKind::IdleInTransaction,
-            Trigger::FailedTransaction => TriggerKind::FailedTransaction,
-            Trigger::Operator { .. } => TriggerKind::Operator,
-        }
-    }
-
-    /// Stable name used in audit events and logs.
-    pub fn name(&self) -> &'static str {
-        self.kind().name()
-    }
-
-    /// The free-text part: how the client was lost, or the operator's reason.
-    pub fn detail(&self) -> Option<&str> {
-        match self {
-            Trigger::ClientLoss { cause } => Some(cause),
-            Trigger::Operator { reason } => Some(reason),
-            _ => None,
-        }
-    }
-
-    /// The `pg_stat_activity.state` the backend must still be in for the kill to be right, if
-    /// the trigger depends on it (the idle rules: a session that just started a statement is
-    /// not idle any more).
-    pub fn required_server_state(&self) -> Option<&'static str> {
-        match self {
-            Trigger::IdleInTransaction => Some(SERVER_IDLE_IN_TRANSACTION),
-            Trigger::FailedTransaction => Some(SERVER_IDLE_IN_FAILED_TRANSACTION),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Trigger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.detail() {
-            Some(detail) => write!(f, "{} ({detail})", self.name()),
-            None => f.write_str(self.name()),
-        }
-    }
-}
-
-/// The configured rules, copied out of [`GuardConfig`] so the policy needs nothing else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rules {
-    pub on_client_loss: ClientLossAction,
-    /// 0 = the idle-in-transaction rule is off.
-    pub idle_in_transaction_timeout: Duration,
-    /// 0 = the failed-transaction rule is off.
-    pub failed_transaction_timeout: Duration,
-    pub require_waiters: bool,
-    pub dry_run: bool,
-}
-
-impl From<&GuardConfig> for Rules {
-    fn from(c: &GuardConfig) -> Self {
-        Rules {
-            on_client_loss: c.on_client_loss,
-            idle_in_transaction_timeout: c.idle_in_transaction_timeout,
-            failed_transaction_timeout: c.failed_transaction_timeout,
-            require_waiters: c.require_waiters,
-            dry_run: c.dry_run,
-        }
-    }
-}
 
 /// What the proxy and the probe know about the session at decision time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,81 +40,6 @@ pub struct Facts<'a> {
     /// Sessions blocked behind this backend.
     pub waiters: usize,
 }
-
-/// The guard's decision for one session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Terminate the backend (verified by the enforcer).
-    Terminate,
-    /// Would terminate, but `dry_run` is on: record only.
-    DryRun,
-    /// Would terminate, but `on_client_loss = "log"`: record only.
-    LogOnly,
-    /// Nothing to do.
-    Leave(LeaveReason),
-}
-
-/// Why the guard left a backend alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaveReason {
-    /// No BackendKeyData seen yet.
-    NoBackend,
-    /// No transaction open and nothing in flight: PostgreSQL holds nothing for it.
-    NoTransaction,
-    /// The backend is not in `pg_stat_activity` any more.
-    BackendGone,
-    /// The pid now belongs to another connection.
-    NotOurBackend,
-    /// It holds no lock on a protected table: only those are worth a kill.
-    NoProtectedLock,
-    /// `require_waiters` is on and nobody waits behind it.
-    NoWaiters,
-    /// The rule for this trigger is switched off (timeout 0).
-    RuleOff,
-    /// The proxy's view changed since the session was picked (it sent a statement, or the
-    /// transaction ended).
-    StateChanged(TxnState),
-    /// Not idle for longer than the timeout.
-    NotIdleLongEnough,
-    /// PostgreSQL says the backend is not idle in the expected way (it just started work).
-    ServerState(String),
-    /// Another kill of this session is already under way.
-    KillInProgress,
-}
-
-impl fmt::Display for LeaveReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LeaveReason::NoBackend => f.write_str("no backend pid known"),
-            LeaveReason::NoTransaction => f.write_str("no transaction open"),
-            LeaveReason::BackendGone => f.write_str("backend already gone"),
-            LeaveReason::NotOurBackend => f.write_str("backend pid belongs to another connection"),
-            LeaveReason::NoProtectedLock => f.write_str("holds no lock on a protected table"),
-            LeaveReason::NoWaiters => f.write_str("nobody is waiting (require_waiters)"),
-            LeaveReason::RuleOff => f.write_str("rule switched off"),
-            LeaveReason::StateChanged(s) => write!(f, "session is now {s}"),
-            LeaveReason::NotIdleLongEnough => f.write_str("not idle long enough"),
-            LeaveReason::ServerState(s) => write!(f, "server reports the backend as {s:?}"),
-            LeaveReason::KillInProgress => f.write_str("a kill is already under way"),
-        }
-    }
-}
-
-impl LeaveReason {
-    /// Whether the same answer will hold for as long as the session stays in its current
-    /// state, so the sweep need not ask again until the state changes. Waiters can appear at
-    /// any time, and a server/proxy disagreement is a race, so those are asked again.
-    pub fn stable_while_idle(&self) -> bool {
-        matches!(
-            self,
-            LeaveReason::BackendGone
-                | LeaveReason::NotOurBackend
-                | LeaveReason::NoProtectedLock
-                | LeaveReason::RuleOff
-        )
-    }
-}
-
 /// Applies the guard's rules to one session.
 pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
     let act = if rules.dry_run {
@@ -234,8 +48,9 @@ pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
         Verdict::Terminate
     };
     match trigger {
-        // The operator decides; the enforcer still verifies identity.
-        Trigger::Operator { .. } => act,
+        // The operator decides; the enforcer still verifies identity. The blocking budget
+        // has judged the wait already (and chooses between cancel and terminate itself).
+        Trigger::Operator { .. } | Trigger::BlockingBudget { .. } => act,
         Trigger::ClientLoss { .. } => {
             // The in-flight rule is the pump's part: after the grace, a statement still in
             // flight (Active) may hold locks even outside a transaction block, so it is judged
@@ -274,6 +89,112 @@ pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
             SERVER_IDLE_IN_FAILED_TRANSACTION,
             act,
         ),
+    }
+}
+
+/// What every rule that governs a session's protected locks asks for together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruling {
+    /// The strictest verdict that is due (terminate over log-only over dry-run), or why
+    /// nothing is.
+    pub verdict: Verdict,
+    /// The rules whose verdict was due, the deciding one first; for an operator kill, every
+    /// rule governing one of its locks.
+    pub rules: Vec<String>,
+}
+
+/// Judges a session holding protected locks on `tables` (`(schema, table)`, one per lock)
+/// under every rule that governs one of them: each rule decides with its own settings and the
+/// locks it governs; the strictest verdict that is due wins. An operator kill goes by the
+/// flat keys' rule (for `dry_run`), whatever the locks.
+pub fn decide_by_rules<'t>(
+    trigger: &Trigger,
+    facts: &Facts<'_>,
+    tables: impl IntoIterator<Item = (&'t str, &'t str)>,
+    who: Who<'_>,
+    set: &RuleSet,
+) -> Ruling {
+    let mut governed: Vec<(&lockguard_config::EffectiveRule, usize)> = Vec::new();
+    for (schema, table) in tables {
+        if let Some(rule) = set.governing(who, schema, table) {
+            match governed.iter_mut().find(|(r, _)| r.name == rule.name) {
+                Some((_, n)) => *n += 1,
+                None => governed.push((rule, 1)),
+            }
+        }
+    }
+    governed.sort_by_key(|(r, _)| set.all().iter().position(|x| x.name == r.name));
+    let catch_all = Rules::from(set.catch_all());
+    if matches!(trigger, Trigger::Operator { .. }) || governed.is_empty() {
+        let facts = Facts {
+            protected_locks: governed.iter().map(|(_, n)| n).sum(),
+            ..facts.clone()
+        };
+        let verdict = decide(trigger, &facts, &catch_all);
+        let rules = match verdict {
+            Verdict::Leave(_) => Vec::new(),
+            _ => governed.iter().map(|(r, _)| r.name.clone()).collect(),
+        };
+        return Ruling { verdict, rules };
+    }
+    let verdicts: Vec<(&str, Verdict)> = governed
+        .iter()
+        .map(|(rule, n)| {
+            let facts = Facts {
+                protected_locks: *n,
+                ..facts.clone()
+            };
+            (
+                rule.name.as_str(),
+                decide(trigger, &facts, &Rules::from(*rule)),
+            )
+        })
+        .collect();
+    let rank = |v: &Verdict| match v {
+        Verdict::Terminate => 3,
+        Verdict::LogOnly => 2,
+        Verdict::DryRun => 1,
+        Verdict::Leave(_) => 0,
+    };
+    let strictest = verdicts.iter().map(|(_, v)| rank(v)).max().unwrap_or(0);
+    if strictest == 0 {
+        // The sweep asks again only if some rule may change its mind while the session
+        // stays as it is.
+        let reason = verdicts
+            .iter()
+            .filter_map(|(_, v)| match v {
+                Verdict::Leave(reason) => Some(reason),
+                _ => None,
+            })
+            .find(|r| !r.stable_while_idle())
+            .or_else(|| {
+                verdicts.iter().find_map(|(_, v)| match v {
+                    Verdict::Leave(reason) => Some(reason),
+                    _ => None,
+                })
+            })
+            .cloned()
+            .unwrap_or(LeaveReason::NoProtectedLock);
+        return Ruling {
+            verdict: Verdict::Leave(reason),
+            rules: Vec::new(),
+        };
+    }
+    let deciding = verdicts
+        .iter()
+        .position(|(_, v)| rank(v) == strictest)
+        .unwrap_or(0);
+    let mut rules = vec![verdicts[deciding].0.to_owned()];
+    rules.extend(
+        verdicts
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, v))| *i != deciding && rank(v) > 0)
+            .map(|(_, (name, _))| (*name).to_owned()),
+    );
+    Ruling {
+        verdict: verdicts[deciding].1.clone(),
+        rules,
     }
 }
 
@@ -325,6 +246,8 @@ fn idle_rule(
 
 #[cfg(test)]
 mod tests {
+    use lockguard_config::GuardConfig;
+
     use super::*;
 
     fn rules() -> Rules {
@@ -639,5 +562,107 @@ mod tests {
         assert!(r.require_waiters && r.dry_run);
         assert_eq!(r.idle_in_transaction_timeout, Duration::from_secs(60));
         assert_eq!(r.failed_transaction_timeout, Duration::from_secs(10));
+    }
+
+    fn rule_set(text: &str) -> RuleSet {
+        RuleSet::from_config(&lockguard_config::Config::from_toml_str(text).unwrap().guard)
+    }
+
+    const WHO: Who<'static> = Who {
+        database: "d",
+        user: "web",
+        application: "api",
+    };
+
+    const TWO_RULES: &str = r#"
+        [guard]
+        protected_tables = ["app.*"]
+        idle_in_transaction_timeout = "1h"
+        [[guard.rules]]
+        name = "login"
+        tables = ["app.user_sessions"]
+        idle_in_transaction_timeout = "5s"
+        [[guard.rules]]
+        name = "billing"
+        tables = ["app.invoices"]
+        idle_in_transaction_timeout = "60s"
+        dry_run = true
+    "#;
+
+    #[test]
+    fn each_rule_judges_its_own_locks_with_its_own_timeout() {
+        let set = rule_set(TWO_RULES);
+        let idle = |secs| Facts {
+            state_age: Duration::from_secs(secs),
+            ..holder()
+        };
+        let login = [("app", "user_sessions")];
+        let billing = [("app", "invoices")];
+        let r = decide_by_rules(&Trigger::IdleInTransaction, &idle(6), login, WHO, &set);
+        assert_eq!(
+            (r.verdict, r.rules),
+            (Verdict::Terminate, vec!["login".to_owned()])
+        );
+        let r = decide_by_rules(&Trigger::IdleInTransaction, &idle(6), billing, WHO, &set);
+        assert_eq!(r.verdict, Verdict::Leave(LeaveReason::NotIdleLongEnough));
+        let r = decide_by_rules(&Trigger::IdleInTransaction, &idle(61), billing, WHO, &set);
+        assert_eq!(
+            (r.verdict, r.rules),
+            (Verdict::DryRun, vec!["billing".to_owned()])
+        );
+        // Other tables of the schema are the catch-all's, an hour.
+        let r = decide_by_rules(
+            &Trigger::IdleInTransaction,
+            &idle(61),
+            [("app", "x")],
+            WHO,
+            &set,
+        );
+        assert_eq!(r.verdict, Verdict::Leave(LeaveReason::NotIdleLongEnough));
+    }
+
+    #[test]
+    fn the_strictest_due_verdict_wins_and_every_due_rule_is_listed() {
+        let set = rule_set(TWO_RULES);
+        let facts = Facts {
+            state_age: Duration::from_secs(61),
+            ..holder()
+        };
+        let both = [("app", "invoices"), ("app", "user_sessions")];
+        let r = decide_by_rules(&Trigger::IdleInTransaction, &facts, both, WHO, &set);
+        assert_eq!(r.verdict, Verdict::Terminate);
+        assert_eq!(r.rules, vec!["login".to_owned(), "billing".to_owned()]);
+        // Only the dry-run rule due: a record.
+        let facts = Facts {
+            state_age: Duration::from_secs(3),
+            ..holder()
+        };
+        let r = decide_by_rules(&Trigger::IdleInTransaction, &facts, both, WHO, &set);
+        assert_eq!(r.verdict, Verdict::Leave(LeaveReason::NotIdleLongEnough));
+    }
+
+    #[test]
+    fn an_exempt_session_holding_only_its_rules_tables_is_left_alone() {
+        let set = rule_set(
+            "[guard]\nprotected_tables = [\"app.*\"]\n[[guard.rules]]\nname = \"login\"\n\
+             tables = [\"app.user_sessions\"]\nexempt_applications = [\"migrat*\"]\n",
+        );
+        let migration = Who {
+            application: "migrator",
+            ..WHO
+        };
+        let r = decide_by_rules(
+            &lost(),
+            &holder(),
+            [("app", "user_sessions")],
+            migration,
+            &set,
+        );
+        assert_eq!(r.verdict, Verdict::Leave(LeaveReason::NoProtectedLock));
+        let r = decide_by_rules(&lost(), &holder(), [("app", "user_sessions")], WHO, &set);
+        assert_eq!(
+            (r.verdict, r.rules),
+            (Verdict::Terminate, vec!["login".to_owned()])
+        );
     }
 }
