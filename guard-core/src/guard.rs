@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::budget::{BudgetFinding, BudgetMemory};
 use crate::clock::Clock;
 use crate::connections::{Blame, Connections, DbHealth, GuardTls};
 use crate::dsn;
@@ -38,7 +39,7 @@ pub const OPERATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// Upper bound of one probe, or of one kill with its exit wait, on an open connection. Two
 /// of them fit in [`CLIENT_LOSS_DEADLINE`], so a slow kill still ends up in the audit (as an
 /// error) instead of being cut off by the caller's deadline.
-const QUERY_DEADLINE: Duration = Duration::from_secs(2);
+pub(crate) const QUERY_DEADLINE: Duration = Duration::from_secs(2);
 /// Floor for the sweep period, so a zero interval set in code cannot spin.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
 /// Sweep reports kept for a subscriber that has not read them yet.
@@ -50,6 +51,7 @@ pub const STATEMENTS: &[&str] = &[
     probe::PROBE_SQL,
     enforcer::KILL_SQL,
     enforcer::LOOKUP_SQL,
+    enforcer::CANCEL_SQL,
     lock_graph::LOCK_GRAPH_SQL,
 ];
 
@@ -96,6 +98,8 @@ pub struct SweepReport {
     pub left: Vec<(SessionId, LeaveReason)>,
     /// Databases the guard could not probe, with the reason.
     pub errors: Vec<String>,
+    /// Waiters past a blocking budget, and what the budget did about their holders.
+    pub budget: Vec<BudgetFinding>,
 }
 
 /// The part of the guard's configuration that can change while it runs (RELOAD, `SET
@@ -151,6 +155,8 @@ pub struct Guard {
     settled: Mutex<HashMap<SessionId, Instant>>,
     /// Every sweep's report, for whoever subscribed ([`Guard::sweep_reports`]).
     pub(crate) sweeps: broadcast::Sender<Arc<SweepReport>>,
+    /// Waits the blocking budget has dealt with.
+    pub(crate) budget: BudgetMemory,
 }
 
 impl Guard {
@@ -207,6 +213,7 @@ impl Guard {
             clock,
             settled: Mutex::new(HashMap::new()),
             sweeps: broadcast::channel(SWEEP_REPORTS).0,
+            budget: BudgetMemory::default(),
         }))
     }
 

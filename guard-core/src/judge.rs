@@ -165,8 +165,17 @@ impl Guard {
                     .collect()
             })
             .unwrap_or_default();
+        let waiter_pids = facts.map(|f| f.waiters.clone()).unwrap_or_default();
         self.event_with(
-            session, pid, trigger, facts, rules, locks, None, outcome, error,
+            session,
+            pid,
+            trigger,
+            waiter_pids,
+            rules,
+            locks,
+            None,
+            outcome,
+            error,
         )
     }
 
@@ -177,14 +186,13 @@ impl Guard {
         session: &SessionRecord,
         pid: i32,
         trigger: &Trigger,
-        facts: Option<&BackendFacts>,
+        waiter_pids: Vec<i32>,
         rules: &[String],
         locks: Vec<crate::audit::LockEvidence>,
         blocking: Option<BlockingEvidence>,
         outcome: Outcome,
         error: Option<String>,
     ) -> AuditEvent {
-        let waiter_pids = facts.map(|f| f.waiters.clone()).unwrap_or_default();
         let state = session.state();
         let state_age = self.clock.age(session.state_age());
         let summary = summary(SummaryParts {

@@ -29,6 +29,7 @@
 //! knows none of its users.
 
 pub mod audit;
+pub mod budget;
 mod claim;
 pub mod clock;
 mod connection;
@@ -50,7 +51,8 @@ mod sql_check;
 mod summary;
 mod sweep;
 
-pub use audit::{AuditEvent, AuditLog, LockEvidence, Outcome};
+pub use audit::{AuditEvent, AuditLog, BlockingEvidence, LockEvidence, Outcome};
+pub use budget::{BudgetFinding, BudgetVerdict};
 pub use clock::{Clock, ClockOffset, ManualClock};
 pub use connections::{DbHealth, GuardConnection, GuardTls};
 pub use enforcer::{Identity, RequiredState, Termination};

@@ -100,16 +100,48 @@ impl Guard {
             }
         }
         let candidates = groups.values().map(Vec::len).sum();
-        let per_db = join_all(
-            groups
-                .into_iter()
-                .map(|(database, list)| self.sweep_database(database, list)),
+        let budgets = async {
+            if !settings.rules.has_budget() {
+                return Vec::new();
+            }
+            let settings = &settings;
+            join_all(in_use.iter().map(|database| async move {
+                match self.enforce_budget(database, settings).await {
+                    Ok(findings) => findings,
+                    Err(error) => {
+                        tracing::warn!(
+                            database = %database,
+                            %error,
+                            "blocking budget could not read the lock graph; will retry"
+                        );
+                        Vec::new()
+                    }
+                }
+            }))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+        };
+        let (per_db, budget) = futures_util::future::join(
+            join_all(
+                groups
+                    .into_iter()
+                    .map(|(database, list)| self.sweep_database(database, list)),
+            ),
+            budgets,
         )
         .await;
         let mut report = SweepReport {
             candidates,
             ..SweepReport::default()
         };
+        for finding in &budget {
+            if let crate::budget::BudgetVerdict::Acted(event) = &finding.verdict {
+                report.events.push((**event).clone());
+            }
+        }
+        report.budget = budget;
         for db in per_db {
             report.events.extend(db.events);
             report.left.extend(db.left);
