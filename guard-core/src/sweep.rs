@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Outcome;
 use crate::clock::Clock;
-use crate::guard::{Decision, Guard, SweepReport};
+use crate::guard::{Decision, Guard, Settings, SweepReport};
 use crate::judge::who;
 use crate::policy::{RuleSet, Trigger};
+use crate::probe::BackendFacts;
 use crate::session::{SessionId, SessionRecord, TxnState};
 
 /// A session picked by the sweep.
@@ -176,8 +177,14 @@ impl Guard {
             let settle = match &decision {
                 Decision::Left(reason) => reason.stable_while_idle(),
                 // A failed kill is retried on the next tick; anything else is final for
-                // this state of the session.
-                Decision::Acted(event) => event.outcome != Outcome::Error,
+                // this state of the session, unless a rule that has not spoken yet (a longer
+                // timeout than the dry-run or log-only one that did) may still come due.
+                Decision::Acted(event) => {
+                    event.outcome != Outcome::Error
+                        && governing_rules(&self.settings(), &c.session, facts.get(&c.pid))
+                            .iter()
+                            .all(|rule| event.rules.contains(rule))
+                }
                 Decision::Unavailable(_) => false,
             };
             if settle {
@@ -214,4 +221,24 @@ fn idle_trigger(rules: &RuleSet, clock: &Clock, session: &SessionRecord) -> Opti
         .filter(|t| !t.is_zero())
         .min()?;
     (clock.age(session.state_age()) > shortest).then_some(trigger)
+}
+
+/// The names of the rules that govern some protected lock the probe found on `session`.
+fn governing_rules(
+    settings: &Settings,
+    session: &SessionRecord,
+    facts: Option<&BackendFacts>,
+) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for lock in facts.map(|f| f.locks.as_slice()).unwrap_or_default() {
+        if let Some(rule) = settings
+            .rules
+            .governing(who(session), &lock.schema, &lock.table)
+        {
+            if !names.contains(&rule.name) {
+                names.push(rule.name.clone());
+            }
+        }
+    }
+    names
 }

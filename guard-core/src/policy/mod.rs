@@ -130,7 +130,13 @@ pub fn decide_by_rules<'t>(
             protected_locks: governed.iter().map(|(_, n)| n).sum(),
             ..facts.clone()
         };
-        let verdict = decide(trigger, &facts, &catch_all);
+        let verdict = match decide(trigger, &facts, &catch_all) {
+            // No rule governs any of its locks: how long it has been idle does not matter.
+            Verdict::Leave(LeaveReason::NotIdleLongEnough) if governed.is_empty() => {
+                Verdict::Leave(LeaveReason::NoProtectedLock)
+            }
+            verdict => verdict,
+        };
         let rules = match verdict {
             Verdict::Leave(_) => Vec::new(),
             _ => governed.iter().map(|(r, _)| r.name.clone()).collect(),
