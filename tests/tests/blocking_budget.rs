@@ -118,7 +118,7 @@ use guard_core::{AuditEvent, BudgetVerdict, Outcome, SweepReport};
 use lockguard_config::Config;
 use lockguard_tests::app::App;
 use lockguard_tests::guard_support::{self, backend_alive, wait_for};
-use lockguard_tests::proxy::{config_for, TestProxy};
+use lockguard_tests::proxy::{config_for, http_get, TestProxy};
 use lockguard_tests::raw;
 use tokio_postgres::Client;
 
@@ -309,6 +309,11 @@ async fn a_busy_holder_past_the_budget_has_its_statement_cancelled_and_stays_usa
         "{}",
         event.summary
     );
+    let (status, metrics) = http_get(scene.proxy.http.expect("HTTP endpoint"), "/metrics").await;
+    assert_eq!(status, 200);
+    let series = "lockguard_rule_terminations_total{rule=\"login\",\
+                  trigger=\"blocking_budget\",outcome=\"cancelled\"} 1";
+    assert!(metrics.contains(series), "{metrics}");
 }
 
 #[tokio::test]

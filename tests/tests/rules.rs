@@ -255,3 +255,69 @@ async fn reload_adds_changes_and_removes_a_rule_while_sessions_are_open() {
     );
     assert!(!backend_alive(&admin, second.pid).await);
 }
+
+// ---- The rules on the admin port ---------------------------------------------------------
+
+use lockguard_tests::admin::{self, OPS};
+use lockguard_tests::http::Request;
+
+const LOGIN_RULE: &str = "\n[[guard.rules]]\nname = \"login\"\ntables = [\"app.user_sessions\"]\n\
+                          idle_in_transaction_timeout = \"1h\"\nmax_blocking = \"5s\"\n";
+
+#[tokio::test]
+async fn show_rules_and_api_rules_list_each_rule_its_settings_and_sessions_and_reload_changes_them()
+{
+    let db = admin::database("rules_show").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("lockguard.toml");
+    let text = admin::config_text("\"app.*\"", LOGIN_RULE);
+    std::fs::write(&file, &text).expect("write config");
+    let running = admin::start_from_file(&file).await;
+    // Holds a login row: the login rule (an hour idle) governs it, not the flat 300 ms.
+    let mut holder = running.app(&db).await;
+    holder.lock_protected_row().await;
+    let ops = admin::console(&running, OPS).await.expect("console login");
+
+    let rules = admin::rows(&ops, "SHOW RULES").await;
+    let names: Vec<&str> = rules.iter().map(|r| r["name"].as_str()).collect();
+    assert_eq!(names, ["login", "default"], "{rules:?}");
+    let login = &rules[0];
+    assert_eq!(login["position"], "1");
+    assert_eq!(login["tables"], "app.user_sessions");
+    assert_eq!(login["idle_in_transaction_timeout"], "1h");
+    assert_eq!(login["max_blocking"], "5s");
+    assert_eq!(login["blocking_action"], "cancel");
+    assert_eq!(login["dry_run"], "f");
+    assert_eq!(login["sessions"], "1");
+    assert_eq!(login["holding"], "1");
+    let flat = &rules[1];
+    assert_eq!(flat["tables"], "app.*");
+    assert_eq!(flat["idle_in_transaction_timeout"], "300ms");
+    assert!(!flat.contains_key("max_blocking"), "{flat:?}");
+    assert_eq!(flat["holding"], "0");
+    assert!(backend_alive(&admin::direct(&db).await, holder.pid).await);
+
+    let response = Request::get("/api/rules")
+        .token(Some(admin::API_TOKEN))
+        .send(running.http)
+        .await;
+    // A file config has no token: the API is read-only and answers anyone local.
+    assert_eq!(response.status, 200, "{}", response.body);
+    let json = response.json();
+    assert_eq!(json[0]["name"], "login", "{json}");
+    assert_eq!(json[0]["holding"], 1, "{json}");
+    assert_eq!(json[1]["name"], "default", "{json}");
+
+    // RELOAD: the rule becomes dry-run, and a new one appears before it.
+    let changed = format!(
+        "{}\n[[guard.rules]]\nname = \"billing\"\ntables = [\"app.scratch\"]\n{}dry_run = true\n",
+        admin::config_text("\"app.*\"", ""),
+        LOGIN_RULE.trim_start()
+    );
+    std::fs::write(&file, &changed).expect("rewrite config");
+    admin::rows(&ops, "RELOAD").await;
+    let rules = admin::rows(&ops, "SHOW RULES").await;
+    let names: Vec<&str> = rules.iter().map(|r| r["name"].as_str()).collect();
+    assert_eq!(names, ["billing", "login", "default"], "{rules:?}");
+    assert_eq!(rules[1]["dry_run"], "t");
+}
