@@ -275,6 +275,20 @@ impl Guard {
         self.inflight_grace
     }
 
+    /// The in-flight grace for `client`'s session: the longest `inflight_grace` of the rules
+    /// that could govern its locks (the flat value when none could). The pump waits
+    /// [`Guard::inflight_grace`] today; a per-rule grace needs it to ask this instead.
+    pub fn inflight_grace_for(&self, client: &crate::session::ClientInfo) -> Duration {
+        self.settings
+            .load()
+            .rules
+            .inflight_grace_for(crate::policy::Who {
+                database: &client.database,
+                user: &client.user,
+                application: &client.application_name,
+            })
+    }
+
     /// The parsed `protected_tables` in force now, for display on the admin port.
     pub fn protected_tables(&self) -> Vec<TablePattern> {
         self.settings.load().patterns.clone()

@@ -129,10 +129,12 @@ impl Command {
             "CONFIG" => Command::ShowConfig,
             "VERSION" => Command::ShowVersion,
             "RULES" => Command::ShowRules,
-            _ => return Err(syntax(format!(
+            _ => {
+                return Err(syntax(format!(
                 "unknown SHOW {:?}; SHOW CLIENTS, LOCKS, EVENTS, STATS, CONFIG, VERSION or RULES",
                 echo(what)
-            ))),
+            )))
+            }
         };
         Ok(command)
     }
