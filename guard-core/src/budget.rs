@@ -109,7 +109,7 @@ impl Guard {
                         application: holder.application.as_deref().unwrap_or_default(),
                     },
                 };
-                let Some((rule, table)) = budget_rule(settings, holder_who, waiter) else {
+                let Some((rule, table)) = budget_rule(settings, holder_who, waiter, holder) else {
                     continue;
                 };
                 if rule.max_blocking.is_none_or(|budget| waited <= budget) {
@@ -295,19 +295,105 @@ fn outcome_of(result: Result<Termination, crate::GuardError>) -> (Outcome, Optio
     }
 }
 
-/// The rule whose budget covers `waiter`'s wait on a lock of `holder`: the first of the
-/// waiter's wanted tables whose governing rule (for the holder's session) has a budget.
+/// The rule whose budget covers `waiter`'s wait on a lock of `holder` (`who` is the holder's
+/// session): the first of the waiter's wanted tables whose governing rule has a budget. Of
+/// those tables, the ones the holder itself holds count first: a waiter that already wrote
+/// one protected table and now waits for a row of another is waiting for the other. A
+/// chain's head may hold none of them (it blocks the waiter's blocker); then all count.
 fn budget_rule<'s>(
     settings: &'s Settings,
-    holder: Who<'_>,
+    who: Who<'_>,
     waiter: &GraphBackend,
+    holder: &GraphBackend,
 ) -> Option<(&'s EffectiveRule, (String, String))> {
-    waiter
-        .wanted_tables()
-        .into_iter()
-        .find_map(|(schema, table)| {
-            let rule = settings.rules.governing(holder, &schema, &table)?;
-            rule.max_blocking?;
-            Some((rule, (schema, table)))
+    let wanted = waiter.wanted_tables();
+    let held: Vec<(String, String)> = wanted
+        .iter()
+        .filter(|(schema, table)| holder.held_mode(schema, table).is_some())
+        .cloned()
+        .collect();
+    let tables = if held.is_empty() { wanted } else { held };
+    tables.into_iter().find_map(|(schema, table)| {
+        let rule = settings.rules.governing(who, &schema, &table)?;
+        rule.max_blocking?;
+        Some((rule, (schema, table)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock_graph::{RelationLock, Wait};
+
+    fn backend(pid: i32, relations: &[&str], wait: Option<Wait>) -> GraphBackend {
+        GraphBackend {
+            pid,
+            user: Some("web".into()),
+            application: Some("api".into()),
+            state: None,
+            state_change: None,
+            backend_start: None,
+            client_port: None,
+            relations: relations
+                .iter()
+                .map(|table| RelationLock {
+                    schema: "app".into(),
+                    table: (*table).into(),
+                    mode: "RowExclusiveLock".into(),
+                    granted: true,
+                })
+                .collect(),
+            waiting: wait,
+        }
+    }
+
+    fn row_wait(blocker: i32) -> Option<Wait> {
+        Some(Wait {
+            locktype: "transactionid".into(),
+            mode: "ShareLock".into(),
+            since: None,
+            blockers: vec![blocker],
+            table: None,
         })
+    }
+
+    const WHO: Who<'static> = Who {
+        database: "d",
+        user: "web",
+        application: "api",
+    };
+
+    fn settings() -> Settings {
+        let config = lockguard_config::Config::from_toml_str(
+            "[guard]\nprotected_tables = [\"app.scratch\"]\n[[guard.rules]]\nname = \"login\"\n\
+             tables = [\"app.user_sessions\"]\nmax_blocking = \"5s\"\n\
+             exempt_applications = [\"migrat*\"]\n",
+        )
+        .unwrap();
+        Settings::from_config(&config.guard)
+    }
+
+    #[test]
+    fn the_budget_follows_the_table_the_holder_holds() {
+        let settings = settings();
+        // The waiter wrote the login table earlier and now waits for a scratch row: the
+        // holder holds only scratch, which has no budget.
+        let waiter = backend(2, &["user_sessions", "scratch"], row_wait(1));
+        let holder = backend(1, &["scratch"], None);
+        assert!(budget_rule(&settings, WHO, &waiter, &holder).is_none());
+        // Waiting for a login row the holder holds: the login rule's budget.
+        let holder = backend(1, &["user_sessions"], None);
+        let (rule, table) = budget_rule(&settings, WHO, &waiter, &holder).expect("a budget");
+        assert_eq!(rule.name, "login");
+        assert_eq!(table, ("app".to_owned(), "user_sessions".to_owned()));
+        // A chain's head holding none of the waiter's tables: the waiter's tables decide.
+        let head = backend(1, &["orders"], None);
+        assert!(budget_rule(&settings, WHO, &waiter, &head).is_some());
+        // An exempt holder is never the budget's.
+        let migration = Who {
+            application: "migrate-7",
+            ..WHO
+        };
+        assert!(budget_rule(&settings, migration, &waiter, &holder).is_none());
+    }
 }
