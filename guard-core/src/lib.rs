@@ -9,7 +9,10 @@
 //!   set of backends, in one round trip;
 //! - [`lock_graph`]: the database's wait-for graph (waiters, their blockers, since when),
 //!   which the blocking budget judges;
-//! - [`policy`]: the rules, as a pure function from facts to a verdict;
+//! - [`budget`]: the blocking budget, run by the sweep over each database's graph: the
+//!   proxied head of a wait chain past a rule's `max_blocking` is cancelled or terminated;
+//! - [`policy`]: the rules (the ordered rule set, each rule's settings), as a pure function
+//!   from facts to a verdict;
 //! - [`enforcer`]: `pg_terminate_backend` verified against the session's identity in the
 //!   same statement;
 //! - [`audit`]: the evidence of every kill, to tracing, a ring and a JSON-lines file, each
