@@ -7,12 +7,14 @@
 //! - [`overhead`]: pgbench through each target ([`pgbench`] runs it and reads its logs);
 //! - [`release`]: the orphaned-lock incident, timed from the client's death to the waiter's
 //!   success;
+//! - [`budget`]: the blocking budget, timed as the waiter's total wait;
 //! - [`memory`]: proxy RSS with and without idle sessions;
 //! - [`scan`]: frame-scanner throughput over a realistic server stream ([`stream`]), also
 //!   benchmarked with divan in `benches/scanner.rs`.
 //!
 //! [`procs`] starts and stops the proxies; [`report`] holds the statistics and table printing.
 
+pub mod budget;
 pub mod memory;
 pub mod overhead;
 pub mod pgbench;

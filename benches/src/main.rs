@@ -46,7 +46,8 @@ struct Args {
     /// Length of each pgbench run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Sections to run, comma-separated: overhead, release, memory, scanner.
+    /// Sections to run, comma-separated: overhead, release, memory, scanner, budget (the
+    /// last only when asked for).
     #[arg(
         long,
         value_delimiter = ',',
@@ -74,6 +75,9 @@ struct Args {
     /// Concurrent lanes of the idle-in-transaction variant.
     #[arg(long, default_value_t = 5)]
     idle_lanes: usize,
+    /// Runs of the blocking-budget section (`--sections budget`).
+    #[arg(long, default_value_t = 50)]
+    budget_runs: usize,
     /// Idle proxied sessions for the memory section.
     #[arg(long, default_value_t = 1000)]
     idle_sessions: usize,
@@ -101,6 +105,7 @@ enum Section {
     Release,
     Memory,
     Scanner,
+    Budget,
 }
 
 /// The lockguard configuration every section uses (guard on, the incident's table protected).
@@ -341,6 +346,27 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(lockguard);
     drop(pgbouncer);
+
+    if wants(Section::Budget) {
+        let plan = lockguard_benches::budget::Plan {
+            runs: args.budget_runs,
+            max_blocking: Duration::from_secs(1),
+            sweep_interval: Duration::from_millis(100),
+        };
+        eprintln!("budget: {} runs", plan.runs);
+        let waits = runtime.block_on(lockguard_benches::budget::measure(
+            &cluster,
+            &user,
+            &dbname,
+            PROTECTED_TABLE,
+            plan,
+        ))?;
+        section(
+            &mut report,
+            "Blocking budget: the waiter's total wait behind a busy proxied holder; max_blocking 1s, sweep_interval 100ms",
+            &lockguard_benches::budget::table(&waits),
+        );
+    }
 
     let mut footprints = Vec::new();
     if wants(Section::Memory) {

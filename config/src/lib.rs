@@ -11,6 +11,7 @@ mod duration;
 mod error;
 mod live;
 mod overrides;
+mod rules;
 mod secret;
 mod sections;
 mod table_pattern;
@@ -24,6 +25,7 @@ pub use error::ConfigError;
 use error::{KeyPath, Seg};
 pub use live::{Derived, Live};
 pub use overrides::Overrides;
+pub use rules::{BlockingAction, EffectiveRule, GuardRule, NameGlob, CATCH_ALL_RULE};
 pub use secret::{is_secret_key, SECRET_KEYS};
 use sections::is_empty_secret;
 pub use sections::{
@@ -183,6 +185,16 @@ impl Config {
                 path.push(Seg::Index(i));
                 return Some((path, e.to_string()));
             }
+        }
+        if let Some((i, name, sub, message)) = g.rule_violation() {
+            let mut path = vec![
+                Seg::from("guard"),
+                Seg::from("rules"),
+                Seg::Index(i),
+                Seg::from(name),
+            ];
+            path.extend(sub.map(Seg::Index));
+            return Some((path, message));
         }
         if g.sweep_interval.is_zero() {
             return Some((key("guard", "sweep_interval"), positive));
@@ -390,7 +402,13 @@ impl Config {
             (g.password_env.is_none(), "password_env is not set"),
             (g.audit_log.is_none(), "audit_log is not set: no audit file"),
         ];
-        push_section(&mut out, "guard", g, &unset);
+        let mut guard = g.clone();
+        let rules = std::mem::take(&mut guard.rules);
+        push_section(&mut out, "guard", &guard, &unset);
+        // `[[guard.rules]]` entries: an array of tables, after the section's plain keys.
+        for rule in &rules {
+            push_section(&mut out, "[guard.rules]", rule, &[]);
+        }
         let t = &self.tls;
         let unset = [(
             !t.serves_clients(),
@@ -447,3 +465,5 @@ fn invalid(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rules;

@@ -156,6 +156,10 @@ pub struct GuardConfig {
     /// channel-binding flag that PostgreSQL rejects across a TLS-terminating proxy, so lockguard
     /// checks the client's proof itself and logs in upstream with the key it proves.
     pub auth_query: String,
+    /// `[[guard.rules]]`: per-table policies, matched in file order before the flat keys
+    /// above, which act as the last, catch-all rule (see [`GuardConfig::effective_rules`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::rules::GuardRule>,
 }
 
 /// Calls the lookup function `config/guard-setup.sql` creates (`lockguard setup-sql`): a
@@ -179,6 +183,7 @@ impl Default for GuardConfig {
             dry_run: false,
             audit_log: None,
             auth_query: DEFAULT_AUTH_QUERY.to_owned(),
+            rules: Vec::new(),
         }
     }
 }

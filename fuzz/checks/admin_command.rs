@@ -20,6 +20,7 @@ fn canonical(command: &Command) -> String {
         Command::ShowStats => "SHOW STATS".into(),
         Command::ShowConfig => "SHOW CONFIG".into(),
         Command::ShowVersion => "SHOW VERSION".into(),
+        Command::ShowRules => "SHOW RULES".into(),
         Command::Kill(KillTarget::Client(id)) => format!("KILL {id}"),
         Command::Kill(KillTarget::Pid(pid)) => format!("KILL PID {pid}"),
         Command::Reload => "RELOAD".into(),

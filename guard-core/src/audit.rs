@@ -71,15 +71,18 @@ pub enum Outcome {
     NotPermitted,
     /// `dry_run`: the guard would have terminated it.
     DryRun,
-    /// `on_client_loss = "log"`: the guard would have terminated it.
+    /// `on_client_loss = "log"` or `blocking_action = "log"`: the guard would have acted.
     Logged,
+    /// The blocking budget's verified `pg_cancel_backend` signalled the holder's running
+    /// statement; the session lives on.
+    Cancelled,
     /// The kill could not be attempted or failed; see `error`.
     Error,
 }
 
 impl Outcome {
     /// Every outcome, in a stable order (for metrics that list zeros too).
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Terminated,
         Outcome::AlreadyGone,
         Outcome::IdentityMismatch,
@@ -88,6 +91,7 @@ impl Outcome {
         Outcome::DryRun,
         Outcome::Logged,
         Outcome::Error,
+        Outcome::Cancelled,
     ];
 
     /// The outcome's one spelling, as serde writes it: `terminated`, `already_gone`,
@@ -101,6 +105,7 @@ impl Outcome {
             Outcome::NotPermitted => "not_permitted",
             Outcome::DryRun => "dry_run",
             Outcome::Logged => "logged",
+            Outcome::Cancelled => "cancelled",
             Outcome::Error => "error",
         }
     }
@@ -117,8 +122,15 @@ impl fmt::Display for Outcome {
 pub struct AuditEvent {
     /// When the decision was carried out, RFC 3339 UTC with milliseconds.
     pub time: String,
-    /// `client_loss`, `idle_in_transaction`, `failed_transaction` or `operator`.
+    /// `client_loss`, `idle_in_transaction`, `failed_transaction`, `operator` or
+    /// `blocking_budget`.
     pub trigger: String,
+    /// Every rule whose verdict was due, the one that decided first. Empty for an operator
+    /// kill of a session holding nothing protected.
+    pub rules: Vec<String>,
+    /// For the blocking budget: the waiter it freed and the lock in between.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocking: Option<BlockingEvidence>,
     /// How the client was lost, or the operator's reason.
     pub cause: Option<String>,
     pub session_id: u64,
@@ -148,6 +160,26 @@ pub struct AuditEvent {
     pub summary: String,
 }
 
+/// What the blocking budget saw: who waited, for what, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockingEvidence {
+    pub waiter_pid: i32,
+    pub waiter_user: Option<String>,
+    pub waiter_application: Option<String>,
+    /// How long the waiter had waited, in milliseconds, when the guard acted.
+    pub waited_ms: u64,
+    /// The rule's `max_blocking`, in milliseconds.
+    pub max_blocking_ms: u64,
+    /// `schema.table` the wait is about.
+    pub table: String,
+    /// The mode the waiter asked for, with the lock's type (`ShareLock (transactionid)`).
+    pub mode: String,
+    /// The holder's mode on `table`, when it holds one itself (a chain's head may not).
+    pub holder_mode: Option<String>,
+    /// `cancel` or `terminate`: what the rule's `blocking_action` chose for this holder.
+    pub action: String,
+}
+
 /// Where events go. Cheap to call from async code: the ring is a short critical section and
 /// the file is written by its own thread.
 #[derive(Debug)]
@@ -156,6 +188,8 @@ pub struct AuditLog {
     recorded: AtomicU64,
     /// Events per (trigger, outcome) since start, for metrics.
     counts: Mutex<BTreeMap<(String, Outcome), u64>>,
+    /// Events per (rule, trigger, outcome) since start, for metrics.
+    rule_counts: Mutex<BTreeMap<(String, String, Outcome), u64>>,
     file: Option<FileSink>,
 }
 
@@ -172,6 +206,7 @@ impl AuditLog {
             ring: Mutex::new(VecDeque::with_capacity(RING_CAPACITY)),
             recorded: AtomicU64::new(0),
             counts: Mutex::new(BTreeMap::new()),
+            rule_counts: Mutex::new(BTreeMap::new()),
             file: None,
         }
     }
@@ -214,6 +249,17 @@ impl AuditLog {
                 .entry((event.trigger.clone(), event.outcome))
                 .or_default() += 1;
         }
+        {
+            let mut counts = match self.rule_counts.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for rule in &event.rules {
+                *counts
+                    .entry((rule.clone(), event.trigger.clone(), event.outcome))
+                    .or_default() += 1;
+            }
+        }
         trace_event(&event);
         if let Some(sink) = &self.file {
             match serde_json::to_string(&event) {
@@ -255,6 +301,19 @@ impl AuditLog {
     /// Events recorded since start, including those the ring has dropped.
     pub fn total_recorded(&self) -> u64 {
         self.recorded.load(Ordering::Relaxed)
+    }
+
+    /// Events recorded since start per (rule, trigger, outcome), sorted; an event that names
+    /// several rules counts for each. Triples never seen are absent.
+    pub fn counts_by_rule(&self) -> Vec<(String, String, Outcome, u64)> {
+        let counts = match self.rule_counts.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        counts
+            .iter()
+            .map(|((rule, trigger, outcome), n)| (rule.clone(), trigger.clone(), *outcome, *n))
+            .collect()
     }
 
     /// Events recorded since start per (trigger, outcome), sorted; pairs never seen are
@@ -330,6 +389,7 @@ fn trace_event(e: &AuditEvent) {
     tracing::warn!(
         target: "lockguard::audit",
         trigger = %e.trigger,
+        rules = %e.rules.join(","),
         cause = e.cause.as_deref().unwrap_or(""),
         outcome = %e.outcome,
         dry_run = e.dry_run,
@@ -347,6 +407,7 @@ fn trace_event(e: &AuditEvent) {
         xact_ms = ?e.xact_ms,
         last_statement = %e.last_statement,
         error = e.error.as_deref().unwrap_or(""),
+        blocking = ?e.blocking,
         "{}",
         e.summary
     );
@@ -410,6 +471,8 @@ mod tests {
         AuditEvent {
             time: rfc3339_utc(SystemTime::now()),
             trigger: "idle_in_transaction".into(),
+            rules: vec!["default".into()],
+            blocking: None,
             cause: None,
             session_id,
             client_addr: "127.0.0.1:5000".into(),

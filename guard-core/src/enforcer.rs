@@ -33,6 +33,21 @@ WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4
   AND ($7::pg_catalog.timestamptz IS NULL
        OR a.backend_start OPERATOR(pg_catalog.=) $7::pg_catalog.timestamptz)";
 
+/// [`KILL_SQL`] with `pg_cancel_backend`: the blocking budget's cancel of a holder's running
+/// statement, proven the same way (and pinned to the very statement by its `state_change`).
+pub(crate) const CANCEL_SQL: &str = "\
+SELECT pg_catalog.pg_cancel_backend(a.pid)
+FROM pg_catalog.pg_stat_activity a
+WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4
+  AND a.client_port OPERATOR(pg_catalog.=) $2::pg_catalog.int4
+  AND a.backend_start OPERATOR(pg_catalog.>=) $3::pg_catalog.timestamptz
+  AND a.backend_start OPERATOR(pg_catalog.<=) $4::pg_catalog.timestamptz
+  AND ($5::pg_catalog.text IS NULL OR a.state OPERATOR(pg_catalog.=) $5::pg_catalog.text)
+  AND ($6::pg_catalog.timestamptz IS NULL
+       OR a.state_change OPERATOR(pg_catalog.=) $6::pg_catalog.timestamptz)
+  AND ($7::pg_catalog.timestamptz IS NULL
+       OR a.backend_start OPERATOR(pg_catalog.=) $7::pg_catalog.timestamptz)";
+
 /// What a pid is now, to explain a kill that matched no row.
 pub(crate) const LOOKUP_SQL: &str = "\
 SELECT a.client_port, a.backend_start, a.state, a.state_change
@@ -173,12 +188,56 @@ pub async fn terminate_verified(
     probed_start: Option<SystemTime>,
     required: Option<RequiredState<'_>>,
 ) -> Result<Termination, tokio_postgres::Error> {
+    signal_verified(
+        conn,
+        Signal::Terminate,
+        pid,
+        identity,
+        probed_start,
+        required,
+    )
+    .await
+}
+
+/// [`terminate_verified`]'s twin for the blocking budget: cancels `pid`'s running statement if,
+/// at that moment, it is the backend `identity` describes in the `required` state (`active`
+/// since the probed `state_change`: that very statement). A signalled cancel is
+/// [`Outcome::Cancelled`]; the session lives on, and its client gets the server's 57014.
+pub async fn cancel_verified(
+    conn: &GuardConnection,
+    pid: i32,
+    identity: &Identity,
+    probed_start: Option<SystemTime>,
+    required: Option<RequiredState<'_>>,
+) -> Result<Termination, tokio_postgres::Error> {
+    signal_verified(conn, Signal::Cancel, pid, identity, probed_start, required).await
+}
+
+/// Which signal a verified statement sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Terminate,
+    Cancel,
+}
+
+async fn signal_verified(
+    conn: &GuardConnection,
+    signal: Signal,
+    pid: i32,
+    identity: &Identity,
+    probed_start: Option<SystemTime>,
+    required: Option<RequiredState<'_>>,
+) -> Result<Termination, tokio_postgres::Error> {
+    let sql = match signal {
+        Signal::Terminate => KILL_SQL,
+        Signal::Cancel => CANCEL_SQL,
+    };
     let identity = identity.on_server_clock(conn.clock_offset());
     let required_state = required.map(|r| r.state);
     let required_since = required.and_then(|r| r.since);
     let killed = conn
         .query(
-            KILL_SQL,
+            sql,
             &[
                 &pid,
                 &identity.client_port,
@@ -218,6 +277,9 @@ pub async fn terminate_verified(
         None => false,
     };
     if signalled {
+        if signal == Signal::Cancel {
+            return Ok(Termination::plain(Outcome::Cancelled));
+        }
         wait_for_exit(conn, pid, &identity).await;
         return Ok(Termination::plain(Outcome::Terminated));
     }
@@ -338,6 +400,7 @@ mod tests {
     #[test]
     fn the_kill_sql_is_schema_qualified() {
         assert_schema_qualified(KILL_SQL);
+        assert_schema_qualified(CANCEL_SQL);
         assert_schema_qualified(LOOKUP_SQL);
     }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::budget::{BudgetFinding, BudgetMemory};
 use crate::clock::Clock;
 use crate::connections::{Blame, Connections, DbHealth, GuardTls};
 use crate::dsn;
@@ -19,7 +20,8 @@ use crate::enforcer::{self, Identity, RequiredState, Termination};
 use crate::error::GuardError;
 use crate::latency::ProbeTimer;
 pub use crate::latency::{ProbeLatency, PROBE_BUCKETS};
-use crate::policy::{LeaveReason, Rules, Trigger};
+use crate::lock_graph;
+use crate::policy::{LeaveReason, RuleSet, Rules, Trigger};
 use crate::probe::{self, BackendFacts};
 use crate::registry::Registry;
 use crate::session::{SessionId, SessionRecord, TxnState};
@@ -36,7 +38,7 @@ pub const OPERATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// Upper bound of one probe, or of one kill with its exit wait, on an open connection. Two
 /// of them fit in [`CLIENT_LOSS_DEADLINE`], so a slow kill still ends up in the audit (as an
 /// error) instead of being cut off by the caller's deadline.
-const QUERY_DEADLINE: Duration = Duration::from_secs(2);
+pub(crate) const QUERY_DEADLINE: Duration = Duration::from_secs(2);
 /// Floor for the sweep period, so a zero interval set in code cannot spin.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
 /// Sweep reports kept for a subscriber that has not read them yet.
@@ -44,7 +46,13 @@ const SWEEP_REPORTS: usize = 64;
 
 /// The statements every guard connection prepares when it opens: the probe and the kill with
 /// its lookup, so each is one round trip. Their SQL lives with the modules that run it.
-pub const STATEMENTS: &[&str] = &[probe::PROBE_SQL, enforcer::KILL_SQL, enforcer::LOOKUP_SQL];
+pub const STATEMENTS: &[&str] = &[
+    probe::PROBE_SQL,
+    enforcer::KILL_SQL,
+    enforcer::LOOKUP_SQL,
+    enforcer::CANCEL_SQL,
+    lock_graph::LOCK_GRAPH_SQL,
+];
 
 /// What the guard did about one session. The policy's [`Verdict`](crate::policy::Verdict)
 /// says what the rules ask for; this says what came of it, with the recorded event (whose
@@ -89,6 +97,8 @@ pub struct SweepReport {
     pub left: Vec<(SessionId, LeaveReason)>,
     /// Databases the guard could not probe, with the reason.
     pub errors: Vec<String>,
+    /// Waiters past a blocking budget, and what the budget did about their holders.
+    pub budget: Vec<BudgetFinding>,
 }
 
 /// The part of the guard's configuration that can change while it runs (RELOAD, `SET
@@ -96,8 +106,9 @@ pub struct SweepReport {
 /// locked on the forwarding path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub rules: Rules,
-    /// The protected tables, parsed.
+    /// The rules in match order, the flat keys' catch-all last.
+    pub rules: RuleSet,
+    /// Every table some rule names, parsed: what the probe keeps locks on.
     pub patterns: Vec<TablePattern>,
     /// How often the sweep runs (already floored at a small minimum).
     pub sweep_interval: Duration,
@@ -109,8 +120,17 @@ impl Settings {
     /// The live settings of `config`.
     pub fn from_config(config: &GuardConfig) -> Settings {
         Settings {
-            rules: Rules::from(config),
-            patterns: config.table_patterns(),
+            rules: RuleSet::from_config(config),
+            patterns: config
+                .effective_rules()
+                .into_iter()
+                .flat_map(|r| r.tables)
+                .fold(Vec::new(), |mut all, p| {
+                    if !all.contains(&p) {
+                        all.push(p);
+                    }
+                    all
+                }),
             sweep_interval: config.sweep_interval.max(MIN_SWEEP_INTERVAL),
             auth_query: config.auth_query.clone(),
         }
@@ -138,6 +158,8 @@ pub struct Guard {
     settled: Mutex<HashMap<SessionId, Instant>>,
     /// Every sweep's report, for whoever subscribed ([`Guard::sweep_reports`]).
     pub(crate) sweeps: broadcast::Sender<Arc<SweepReport>>,
+    /// Waits the blocking budget has dealt with.
+    pub(crate) budget: BudgetMemory,
 }
 
 impl Guard {
@@ -213,6 +235,7 @@ impl Guard {
             clock,
             settled: Mutex::new(HashMap::new()),
             sweeps: broadcast::channel(SWEEP_REPORTS).0,
+            budget: BudgetMemory::default(),
         }))
     }
 
@@ -256,14 +279,28 @@ impl Guard {
         self.live.load().guard.inflight_grace
     }
 
+    /// The in-flight grace for `client`'s session: the longest `inflight_grace` of the rules
+    /// that could govern its locks (the flat value when none could). The pump waits
+    /// [`Guard::inflight_grace`] today; a per-rule grace needs it to ask this instead.
+    pub fn inflight_grace_for(&self, client: &crate::session::ClientInfo) -> Duration {
+        self.settings()
+            .rules
+            .inflight_grace_for(crate::policy::Who {
+                database: &client.database,
+                user: &client.user,
+                application: &client.application_name,
+            })
+    }
+
     /// The parsed `protected_tables` in force now, for display on the admin port.
     pub fn protected_tables(&self) -> Vec<TablePattern> {
         self.settings().patterns.clone()
     }
 
-    /// The rules in force now, for display on the admin port.
+    /// The flat `[guard]` keys' rule in force now (its `dry_run` is the operator's switch),
+    /// for display on the admin port; [`Guard::settings`] has every rule.
     pub fn rules(&self) -> Rules {
-        self.settings().rules.clone()
+        Rules::from(self.settings().rules.catch_all())
     }
 
     /// The evidence trail (ring of recent events).
@@ -523,7 +560,7 @@ mod tests {
         assert_eq!(settings.patterns.len(), 2);
         assert!(settings.patterns[0].matches("app", "anything"));
         assert_eq!(
-            settings.rules.idle_in_transaction_timeout,
+            settings.rules.catch_all().idle_in_transaction_timeout,
             Duration::from_secs(5)
         );
         assert_eq!(settings.sweep_interval, MIN_SWEEP_INTERVAL);

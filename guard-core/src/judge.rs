@@ -4,11 +4,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::audit::{rfc3339_utc, AuditEvent, Outcome};
+use crate::audit::{rfc3339_utc, AuditEvent, BlockingEvidence, Outcome};
 use crate::claim::KillClaim;
 use crate::enforcer::{Identity, RequiredState, Termination};
 use crate::guard::{Decision, Guard, KILL_SQLSTATE};
-use crate::policy::{self, LeaveReason, Trigger, Verdict};
+use crate::policy::{self, LeaveReason, Trigger, Verdict, Who};
 use crate::probe::BackendFacts;
 use crate::session::{KillNotice, SessionRecord};
 use crate::summary::{summary, SummaryParts};
@@ -46,11 +46,28 @@ impl Guard {
                  pg_read_all_stats (and pg_signal_backend)"
             );
         }
-        let rules = self.settings().rules.clone();
-        let event = match policy::decide(&trigger, &policy_facts, &rules) {
+        let settings = self.settings();
+        let tables = facts
+            .map(|f| f.locks.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|l| (l.schema.as_str(), l.table.as_str()));
+        let ruling = policy::decide_by_rules(
+            &trigger,
+            &policy_facts,
+            tables,
+            who(session),
+            &settings.rules,
+        );
+        let rules = ruling.rules;
+        let event = match ruling.verdict {
             Verdict::Leave(reason) => return Decision::Left(reason),
-            Verdict::DryRun => self.event(session, pid, &trigger, facts, Outcome::DryRun, None),
-            Verdict::LogOnly => self.event(session, pid, &trigger, facts, Outcome::Logged, None),
+            Verdict::DryRun => {
+                self.event(session, pid, &trigger, facts, &rules, Outcome::DryRun, None)
+            }
+            Verdict::LogOnly => {
+                self.event(session, pid, &trigger, facts, &rules, Outcome::Logged, None)
+            }
             Verdict::Terminate => {
                 let Some(claim) = KillClaim::acquire(session).await else {
                     return Decision::Left(LeaveReason::KillInProgress);
@@ -60,7 +77,7 @@ impl Guard {
                     return Decision::Left(LeaveReason::StateChanged(session.state()));
                 }
                 let (outcome, error) = self.kill(session, pid, &trigger, facts).await;
-                let event = self.event(session, pid, &trigger, facts, outcome, error);
+                let event = self.event(session, pid, &trigger, facts, &rules, outcome, error);
                 if outcome == Outcome::Terminated {
                     claim.finish(KillNotice {
                         sqlstate: KILL_SQLSTATE,
@@ -124,20 +141,58 @@ impl Guard {
         }
     }
 
-    /// The audit event of a decision about `session`, with the evidence the probe found.
+    /// The audit event of a decision about `session` under `rules`, with the evidence the
+    /// probe found (its locks that some rule governs).
+    #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
         session: &SessionRecord,
         pid: i32,
         trigger: &Trigger,
         facts: Option<&BackendFacts>,
+        rules: &[String],
         outcome: Outcome,
         error: Option<String>,
     ) -> AuditEvent {
+        let settings = self.settings();
+        let who = who(session);
         let locks: Vec<_> = facts
-            .map(|f| f.locks.iter().map(|l| l.evidence()).collect())
+            .map(|f| {
+                f.locks
+                    .iter()
+                    .filter(|l| settings.rules.governing(who, &l.schema, &l.table).is_some())
+                    .map(|l| l.evidence())
+                    .collect()
+            })
             .unwrap_or_default();
         let waiter_pids = facts.map(|f| f.waiters.clone()).unwrap_or_default();
+        self.event_with(
+            session,
+            pid,
+            trigger,
+            waiter_pids,
+            rules,
+            locks,
+            None,
+            outcome,
+            error,
+        )
+    }
+
+    /// [`Guard::event`] with the locks given, and the blocking budget's evidence.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn event_with(
+        &self,
+        session: &SessionRecord,
+        pid: i32,
+        trigger: &Trigger,
+        waiter_pids: Vec<i32>,
+        rules: &[String],
+        locks: Vec<crate::audit::LockEvidence>,
+        blocking: Option<BlockingEvidence>,
+        outcome: Outcome,
+        error: Option<String>,
+    ) -> AuditEvent {
         let state = session.state();
         let state_age = self.clock.age(session.state_age());
         let summary = summary(SummaryParts {
@@ -149,10 +204,14 @@ impl Guard {
             locks: &locks,
             waiters: waiter_pids.len(),
             error: error.as_deref(),
+            rules,
+            blocking: blocking.as_ref(),
         });
         AuditEvent {
             time: rfc3339_utc(SystemTime::now()),
             trigger: trigger.name().to_owned(),
+            rules: rules.to_vec(),
+            blocking,
             cause: trigger.detail().map(str::to_owned),
             session_id: session.id,
             client_addr: session.client.addr.to_string(),
@@ -175,6 +234,15 @@ impl Guard {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+/// Who `session` is, for the rules' matchers.
+pub(crate) fn who(session: &SessionRecord) -> Who<'_> {
+    Who {
+        database: &session.client.database,
+        user: &session.client.user,
+        application: &session.client.application_name,
+    }
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -7,7 +7,12 @@
 //!   reconnected with backoff;
 //! - [`probe`]: granted locks on protected tables, waiters and `pg_stat_activity` facts of a
 //!   set of backends, in one round trip;
-//! - [`policy`]: the rules, as a pure function from facts to a verdict;
+//! - [`lock_graph`]: the database's wait-for graph (waiters, their blockers, since when),
+//!   which the blocking budget judges;
+//! - [`budget`]: the blocking budget, run by the sweep over each database's graph: the
+//!   proxied head of a wait chain past a rule's `max_blocking` is cancelled or terminated;
+//! - [`policy`]: the rules (the ordered rule set, each rule's settings), as a pure function
+//!   from facts to a verdict;
 //! - [`enforcer`]: `pg_terminate_backend` verified against the session's identity in the
 //!   same statement;
 //! - [`audit`]: the evidence of every kill, to tracing, a ring and a JSON-lines file, each
@@ -27,6 +32,7 @@
 //! knows none of its users.
 
 pub mod audit;
+pub mod budget;
 mod claim;
 pub mod clock;
 mod connection;
@@ -37,6 +43,7 @@ pub mod error;
 pub mod guard;
 mod judge;
 pub mod latency;
+pub mod lock_graph;
 pub mod policy;
 pub mod probe;
 pub mod registry;
@@ -47,13 +54,15 @@ mod sql_check;
 mod summary;
 mod sweep;
 
-pub use audit::{AuditEvent, AuditLog, LockEvidence, Outcome};
+pub use audit::{AuditEvent, AuditLog, BlockingEvidence, LockEvidence, Outcome};
+pub use budget::{BudgetFinding, BudgetVerdict};
 pub use clock::{Clock, ClockOffset, ManualClock};
 pub use connections::{DbHealth, GuardConnection, GuardTls};
 pub use enforcer::{Identity, RequiredState, Termination};
 pub use error::GuardError;
 pub use guard::{Decision, Guard, GuardHealth, HealthStatus, SweepReport, KILL_SQLSTATE};
 pub use latency::ProbeLatency;
+pub use lock_graph::{GraphBackend, LockGraph, RelationLock, Wait};
 pub use policy::{LeaveReason, Trigger, Verdict};
 pub use probe::{BackendFacts, HeldLock};
 pub use registry::{Registration, Registry};

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use crate::audit::{locks_text, LockEvidence, Outcome};
+use lockguard_config::CATCH_ALL_RULE;
+
+use crate::audit::{locks_text, BlockingEvidence, LockEvidence, Outcome};
 use crate::policy::Trigger;
 use crate::session::TxnState;
 
@@ -19,15 +21,24 @@ pub(crate) struct SummaryParts<'a> {
     pub locks: &'a [LockEvidence],
     pub waiters: usize,
     pub error: Option<&'a str>,
+    /// The rules that applied; the flat keys' rule goes unnamed in the sentence.
+    pub rules: &'a [String],
+    /// The blocking budget's evidence, for its trigger.
+    pub blocking: Option<&'a BlockingEvidence>,
 }
 
 /// One sentence for humans: `lockguard: terminated backend 1234: idle in transaction for
 /// 2.1s holding RowShareLock on app.user_sessions; 1 session waiting`.
 pub(crate) fn summary(p: SummaryParts<'_>) -> String {
-    let verb = match p.outcome {
-        Outcome::Terminated => "terminated",
-        Outcome::DryRun => "would terminate (dry run)",
-        Outcome::Logged => "would terminate (on_client_loss = log)",
+    let cancel = p.blocking.is_some_and(|b| b.action == "cancel");
+    let verb = match (p.outcome, p.trigger) {
+        (Outcome::Terminated, _) => "terminated",
+        (Outcome::Cancelled, _) => "cancelled the statement of",
+        (Outcome::DryRun, _) if cancel => "would cancel the statement of (dry run)",
+        (Outcome::DryRun, _) => "would terminate (dry run)",
+        (Outcome::Logged, Trigger::BlockingBudget { .. }) => "would act on (blocking_action = log)",
+        (Outcome::Logged, _) => "would terminate (on_client_loss = log)",
+        _ if cancel => "did not cancel the statement of",
         _ => "did not terminate",
     };
     let age = p.state_age.as_secs_f64();
@@ -42,6 +53,19 @@ pub(crate) fn summary(p: SummaryParts<'_>) -> String {
         },
         Trigger::Operator { reason } => {
             format!("{reason}, after {age:.1}s {}", p.state)
+        }
+        Trigger::BlockingBudget { waiter_pid, waited } => {
+            let waited = waited.as_secs_f64();
+            match p.blocking {
+                Some(b) => format!(
+                    "kept backend {waiter_pid} waiting {waited:.1}s for {} on {}, over the \
+                     {:.1}s blocking budget,",
+                    b.mode,
+                    b.table,
+                    Duration::from_millis(b.max_blocking_ms).as_secs_f64()
+                ),
+                None => format!("kept backend {waiter_pid} waiting {waited:.1}s,"),
+            }
         }
     };
     let locks = if p.locks.is_empty() {
@@ -65,6 +89,17 @@ pub(crate) fn summary(p: SummaryParts<'_>) -> String {
             p.pid
         ),
     };
+    let named: Vec<String> = p
+        .rules
+        .iter()
+        .filter(|r| *r != CATCH_ALL_RULE)
+        .map(|r| format!("{r:?}"))
+        .collect();
+    match named.len() {
+        0 => {}
+        1 => text.push_str(&format!("; rule {}", named[0])),
+        _ => text.push_str(&format!("; rules {}", named.join(", "))),
+    }
     match (p.outcome, p.error) {
         (Outcome::Error, Some(e)) => text.push_str(&format!(" (error: {e})")),
         (Outcome::NotPermitted, Some(e)) => text.push_str(&format!(" (not permitted: {e})")),
@@ -85,7 +120,11 @@ fn why_not(outcome: Outcome) -> Option<&'static str> {
         Outcome::IdentityMismatch => Some("identity mismatch"),
         Outcome::NoLongerIdle => Some("no longer idle"),
         Outcome::NotPermitted => Some("not permitted"),
-        Outcome::Terminated | Outcome::DryRun | Outcome::Logged | Outcome::Error => None,
+        Outcome::Terminated
+        | Outcome::Cancelled
+        | Outcome::DryRun
+        | Outcome::Logged
+        | Outcome::Error => None,
     }
 }
 
@@ -107,6 +146,8 @@ mod tests {
             locks,
             waiters: 1,
             error: None,
+            rules: &[],
+            blocking: None,
         }
     }
 
@@ -159,5 +200,64 @@ mod tests {
             ..parts(Outcome::Error, &trigger, &[])
         });
         assert!(err.contains("3 sessions waiting (error: boom)"), "{err}");
+    }
+
+    #[test]
+    fn a_named_rule_is_named_and_the_catch_all_is_not() {
+        let locks = [LockEvidence {
+            table: "app.user_sessions".to_owned(),
+            mode: "RowShareLock".to_owned(),
+        }];
+        let named = ["login".to_owned(), "default".to_owned()];
+        let text = summary(SummaryParts {
+            rules: &named,
+            ..parts(Outcome::Terminated, &Trigger::IdleInTransaction, &locks)
+        });
+        assert!(
+            text.ends_with("1 session waiting; rule \"login\""),
+            "{text}"
+        );
+        let only_default = ["default".to_owned()];
+        let text = summary(SummaryParts {
+            rules: &only_default,
+            ..parts(Outcome::Terminated, &Trigger::IdleInTransaction, &locks)
+        });
+        assert!(text.ends_with("1 session waiting"), "{text}");
+    }
+
+    #[test]
+    fn a_budget_cancel_names_the_waiter_the_wait_and_the_budget() {
+        let locks = [LockEvidence {
+            table: "app.user_sessions".to_owned(),
+            mode: "RowExclusiveLock".to_owned(),
+        }];
+        let evidence = BlockingEvidence {
+            waiter_pid: 99,
+            waiter_user: Some("web".into()),
+            waiter_application: None,
+            waited_ms: 5200,
+            max_blocking_ms: 5000,
+            table: "app.user_sessions".into(),
+            mode: "ShareLock (transactionid)".into(),
+            holder_mode: Some("RowExclusiveLock".into()),
+            action: "cancel".into(),
+        };
+        let trigger = Trigger::BlockingBudget {
+            waiter_pid: 99,
+            waited: Duration::from_millis(5200),
+        };
+        let rules = ["login".to_owned()];
+        let text = summary(SummaryParts {
+            rules: &rules,
+            blocking: Some(&evidence),
+            state: TxnState::Active,
+            ..parts(Outcome::Cancelled, &trigger, &locks)
+        });
+        assert_eq!(
+            text,
+            "lockguard: cancelled the statement of backend 1234: kept backend 99 waiting 5.2s \
+             for ShareLock (transactionid) on app.user_sessions, over the 5.0s blocking budget, \
+             holding RowExclusiveLock on app.user_sessions; 1 session waiting; rule \"login\""
+        );
     }
 }

@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Outcome;
 use crate::clock::Clock;
-use crate::guard::{Decision, Guard, SweepReport};
-use crate::policy::{Rules, Trigger};
+use crate::guard::{Decision, Guard, Settings, SweepReport};
+use crate::judge::who;
+use crate::policy::{RuleSet, Trigger};
+use crate::probe::BackendFacts;
 use crate::session::{SessionId, SessionRecord, TxnState};
 
 /// A session picked by the sweep.
@@ -99,16 +101,48 @@ impl Guard {
             }
         }
         let candidates = groups.values().map(Vec::len).sum();
-        let per_db = join_all(
-            groups
-                .into_iter()
-                .map(|(database, list)| self.sweep_database(database, list)),
+        let budgets = async {
+            if !settings.rules.has_budget() {
+                return Vec::new();
+            }
+            let settings = &settings;
+            join_all(in_use.iter().map(|database| async move {
+                match self.enforce_budget(database, settings).await {
+                    Ok(findings) => findings,
+                    Err(error) => {
+                        tracing::warn!(
+                            database = %database,
+                            %error,
+                            "blocking budget could not read the lock graph; will retry"
+                        );
+                        Vec::new()
+                    }
+                }
+            }))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+        };
+        let (per_db, budget) = futures_util::future::join(
+            join_all(
+                groups
+                    .into_iter()
+                    .map(|(database, list)| self.sweep_database(database, list)),
+            ),
+            budgets,
         )
         .await;
         let mut report = SweepReport {
             candidates,
             ..SweepReport::default()
         };
+        for finding in &budget {
+            if let crate::budget::BudgetVerdict::Acted(event) = &finding.verdict {
+                report.events.push((**event).clone());
+            }
+        }
+        report.budget = budget;
         for db in per_db {
             report.events.extend(db.events);
             report.left.extend(db.left);
@@ -143,8 +177,14 @@ impl Guard {
             let settle = match &decision {
                 Decision::Left(reason) => reason.stable_while_idle(),
                 // A failed kill is retried on the next tick; anything else is final for
-                // this state of the session.
-                Decision::Acted(event) => event.outcome != Outcome::Error,
+                // this state of the session, unless a rule that has not spoken yet (a longer
+                // timeout than the dry-run or log-only one that did) may still come due.
+                Decision::Acted(event) => {
+                    event.outcome != Outcome::Error
+                        && governing_rules(&self.settings(), &c.session, facts.get(&c.pid))
+                            .iter()
+                            .all(|rule| event.rules.contains(rule))
+                }
                 Decision::Unavailable(_) => false,
             };
             if settle {
@@ -160,17 +200,45 @@ impl Guard {
     }
 }
 
-/// Which idle rule, if any, the session has crossed by the guard's clock.
-fn idle_trigger(rules: &Rules, clock: &Clock, session: &SessionRecord) -> Option<Trigger> {
-    let (trigger, timeout) = match session.state() {
-        TxnState::IdleInTransaction => (
-            Trigger::IdleInTransaction,
-            rules.idle_in_transaction_timeout,
-        ),
-        TxnState::IdleInFailedTransaction => {
-            (Trigger::FailedTransaction, rules.failed_transaction_timeout)
-        }
+/// Which idle rule, if any, the session has crossed by the guard's clock: the shortest
+/// timeout of the rules that could govern its locks (which locks it holds, and so which rules
+/// judge it, the probe tells).
+fn idle_trigger(rules: &RuleSet, clock: &Clock, session: &SessionRecord) -> Option<Trigger> {
+    let (trigger, failed) = match session.state() {
+        TxnState::IdleInTransaction => (Trigger::IdleInTransaction, false),
+        TxnState::IdleInFailedTransaction => (Trigger::FailedTransaction, true),
         _ => return None,
     };
-    (!timeout.is_zero() && clock.age(session.state_age()) > timeout).then_some(trigger)
+    let shortest = rules
+        .for_session(who(session))
+        .map(|r| {
+            if failed {
+                r.failed_transaction_timeout
+            } else {
+                r.idle_in_transaction_timeout
+            }
+        })
+        .filter(|t| !t.is_zero())
+        .min()?;
+    (clock.age(session.state_age()) > shortest).then_some(trigger)
+}
+
+/// The names of the rules that govern some protected lock the probe found on `session`.
+fn governing_rules(
+    settings: &Settings,
+    session: &SessionRecord,
+    facts: Option<&BackendFacts>,
+) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for lock in facts.map(|f| f.locks.as_slice()).unwrap_or_default() {
+        if let Some(rule) = settings
+            .rules
+            .governing(who(session), &lock.schema, &lock.table)
+        {
+            if !names.contains(&rule.name) {
+                names.push(rule.name.clone());
+            }
+        }
+    }
+    names
 }

@@ -743,7 +743,7 @@ async fn reload_changes_config_and_guard_together_and_a_failed_reload_changes_ne
     assert!(config.guard.dry_run);
     assert_eq!(config.guard.protected_tables, ["app.scratch"]);
     let settings = guard.settings();
-    assert!(settings.rules.dry_run);
+    assert!(settings.rules.catch_all().dry_run);
     assert!(settings
         .patterns
         .iter()

@@ -19,6 +19,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "guard.require_waiters",
     "guard.sweep_interval",
     "guard.dry_run",
+    "guard.rules",
     "admin.auth_method",
     "admin.api_token",
     "admin.api_token_env",
@@ -56,6 +57,7 @@ pub fn apply_live(running: &Config, new: &Config) -> Config {
     g.require_waiters = n.require_waiters;
     g.sweep_interval = n.sweep_interval;
     g.dry_run = n.dry_run;
+    g.rules = n.rules.clone();
     let (a, n) = (&mut out.admin, &new.admin);
     a.auth_method = n.auth_method;
     a.api_token = n.api_token.clone();

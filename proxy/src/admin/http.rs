@@ -4,7 +4,8 @@
 //! - `GET /metrics` — Prometheus text ([`super::metrics`]);
 //! - `GET /healthz` — the process answers;
 //! - `GET /readyz` — upstream reachable and guard connected, else 503 with the reason;
-//! - `GET /api/clients`, `GET /api/events` — `SHOW CLIENTS` / `SHOW EVENTS` as JSON;
+//! - `GET /api/clients`, `GET /api/events`, `GET /api/rules` — `SHOW CLIENTS` / `SHOW
+//!   EVENTS` / `SHOW RULES` as JSON;
 //! - `POST /api/clients/{id}/kill` — `KILL <id>`.
 //!
 //! With `admin.api_token` set, every `/api/` request needs `Authorization: Bearer <token>`
@@ -48,6 +49,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/clients", get(api_clients))
         .route("/api/events", get(api_events))
+        .route("/api/rules", get(api_rules))
         .route("/api/clients/{id}/kill", post(api_kill))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&admin),
@@ -310,6 +312,10 @@ async fn api_clients(State(admin): Shared, headers: HeaderMap) -> Response {
 
 async fn api_events(State(admin): Shared, headers: HeaderMap) -> Response {
     show(&admin, &headers, Command::ShowEvents).await
+}
+
+async fn api_rules(State(admin): Shared, headers: HeaderMap) -> Response {
+    show(&admin, &headers, Command::ShowRules).await
 }
 
 async fn api_kill(State(admin): Shared, headers: HeaderMap, Path(id): Path<u64>) -> Response {

@@ -87,6 +87,7 @@ pub fn render(admin: &Admin) -> String {
     if let Some(guard) = guard {
         guard_state(&mut m, guard);
         terminations(&mut m, guard);
+        terminations_by_rule(&mut m, guard);
         probes(&mut m, guard);
     }
     m.out
@@ -227,6 +228,28 @@ fn terminations(m: &mut Exposition, guard: &GuardHandle) {
                 n,
             );
         }
+    }
+}
+
+/// The same decisions with the guard rule that made them (`default` for the flat `[guard]`
+/// keys): an event naming several rules counts for each. Only pairs seen so far are listed,
+/// since the rules change on RELOAD; the family without `rule` above keeps its zeros.
+fn terminations_by_rule(m: &mut Exposition, guard: &GuardHandle) {
+    m.family(
+        "lockguard_rule_terminations_total",
+        "counter",
+        "Guard decisions by rule, trigger and outcome (terminations, cancels and records).",
+    );
+    for (rule, trigger, outcome, n) in guard.audit().counts_by_rule() {
+        m.sample(
+            "lockguard_rule_terminations_total",
+            &[
+                ("rule", rule.as_str()),
+                ("trigger", trigger.as_str()),
+                ("outcome", outcome.as_str()),
+            ],
+            n,
+        );
     }
 }
 

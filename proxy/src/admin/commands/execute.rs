@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use guard_core::policy::TriggerKind;
+use guard_core::policy::{TriggerKind, Who};
 use guard_core::{AuditEvent, GuardError, Outcome, SessionId, SessionRecord};
 use lockguard_config::{AdminRole, GuardConfig};
 
@@ -124,6 +124,7 @@ impl Admin {
             Command::ShowStats => self.stats_rows(),
             Command::ShowConfig => config_rows(&self.config()),
             Command::ShowVersion => vec![vec![Value::text(version())]],
+            Command::ShowRules => self.rule_rows().await,
             Command::Kill(target) => vec![self.kill(*target, login).await?.row()],
             Command::Reload => self.reload().await?.iter().map(ConfigChange::row).collect(),
             Command::SetDryRun(on) => vec![self.set_dry_run(*on)?],
@@ -235,15 +236,24 @@ impl Admin {
             )
         })?;
         // The guard follows the configuration in force, and SHOW CONFIG shows it: one store.
+        // The switch covers every rule: a rule's own `dry_run` gives way to the flat key until
+        // the next RELOAD restores the file's.
         let changed = self.in_force.change(|running| -> Result<_, AdminError> {
-            Ok(if running.guard.dry_run == on {
-                Change::Unchanged
-            } else {
-                Change::Guard(GuardConfig {
-                    dry_run: on,
-                    ..running.guard.clone()
-                })
-            })
+            let guard = &running.guard;
+            Ok(
+                if guard.dry_run == on && guard.rules.iter().all(|r| r.dry_run.is_none()) {
+                    Change::Unchanged
+                } else {
+                    let mut next = GuardConfig {
+                        dry_run: on,
+                        ..guard.clone()
+                    };
+                    for rule in &mut next.rules {
+                        rule.dry_run = None;
+                    }
+                    Change::Guard(next)
+                },
+            )
         })?;
         let previous = changed.before.guard.dry_run;
         if previous != on {
@@ -301,6 +311,74 @@ impl Admin {
                     Value::opt_int(facts.map(|f| f.locks.len())),
                     Value::opt_int(facts.map(|f| f.waiters.len())),
                     Value::text(s.last_statement()),
+                ]
+            })
+            .collect()
+    }
+
+    /// `SHOW RULES`: each rule with its settings, the sessions its matchers select (and do
+    /// not exempt), and the sessions the probe finds holding a lock it governs.
+    async fn rule_rows(&self) -> Vec<Vec<Value>> {
+        let Some(guard) = &self.guard else {
+            return Vec::new();
+        };
+        let settings = guard.settings();
+        let sessions = self.registry.snapshot();
+        let probed = self.probe(&sessions).await;
+        let list = |items: Vec<String>| (!items.is_empty()).then(|| items.join(", "));
+        let globs =
+            |g: &[lockguard_config::NameGlob]| list(g.iter().map(ToString::to_string).collect());
+        let duration = |d: Duration| humantime::format_duration(d).to_string();
+        settings
+            .rules
+            .all()
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let selected = sessions
+                    .iter()
+                    .filter(|s| {
+                        let w = who(s);
+                        rule.matches_session(w.database, w.user, w.application)
+                            && !rule.exempts(w.user, w.application)
+                    })
+                    .count();
+                let holding = sessions
+                    .iter()
+                    .filter(|s| {
+                        let facts = s.backend_pid().and_then(|pid| probed.get(&pid));
+                        facts.is_some_and(|f| {
+                            f.locks.iter().any(|l| {
+                                settings
+                                    .rules
+                                    .governing(who(s), &l.schema, &l.table)
+                                    .is_some_and(|r| r.name == rule.name)
+                            })
+                        })
+                    })
+                    .count();
+                vec![
+                    Value::int(i + 1),
+                    Value::text(&rule.name),
+                    Value::opt_text(list(rule.tables.iter().map(ToString::to_string).collect())),
+                    Value::opt_text(globs(&rule.databases)),
+                    Value::opt_text(globs(&rule.users)),
+                    Value::opt_text(globs(&rule.applications)),
+                    Value::opt_text(globs(&rule.exempt_users)),
+                    Value::opt_text(globs(&rule.exempt_applications)),
+                    Value::text(duration(rule.idle_in_transaction_timeout)),
+                    Value::text(duration(rule.failed_transaction_timeout)),
+                    Value::text(match rule.on_client_loss {
+                        lockguard_config::ClientLossAction::Terminate => "terminate",
+                        lockguard_config::ClientLossAction::Log => "log",
+                    }),
+                    Value::text(duration(rule.inflight_grace)),
+                    Value::Bool(rule.require_waiters),
+                    Value::Bool(rule.dry_run),
+                    Value::opt_text(rule.max_blocking.map(duration)),
+                    Value::opt_text(rule.max_blocking.map(|_| rule.blocking_action.as_str())),
+                    Value::int(selected),
+                    Value::int(holding),
                 ]
             })
             .collect()
@@ -409,4 +487,13 @@ fn config_rows(config: &lockguard_config::Config) -> Vec<Vec<Value>> {
             vec![Value::Text(key), Value::Text(value), Value::Bool(live)]
         })
         .collect()
+}
+
+/// Who `s` is, for the guard rules' matchers.
+fn who(s: &SessionRecord) -> Who<'_> {
+    Who {
+        database: &s.client.database,
+        user: &s.client.user,
+        application: &s.client.application_name,
+    }
 }

@@ -9,7 +9,7 @@ use super::error::AdminError;
 
 /// The hint of every syntax error: all commands, as an operator types them.
 pub const COMMANDS_HINT: &str = "admin commands: SHOW CLIENTS | SHOW LOCKS | SHOW EVENTS | \
-SHOW STATS | SHOW CONFIG | SHOW VERSION | KILL <client_id> | KILL PID <backend_pid> | RELOAD | \
+SHOW STATS | SHOW CONFIG | SHOW VERSION | SHOW RULES | KILL <client_id> | KILL PID <backend_pid> | RELOAD | \
 SET dry_run = on|off";
 
 /// Longest piece of an unknown command quoted back in the error, in characters.
@@ -24,6 +24,8 @@ pub enum Command {
     ShowStats,
     ShowConfig,
     ShowVersion,
+    /// `SHOW RULES`: the guard's rules in match order.
+    ShowRules,
     Kill(KillTarget),
     Reload,
     SetDryRun(bool),
@@ -126,11 +128,12 @@ impl Command {
             "STATS" => Command::ShowStats,
             "CONFIG" => Command::ShowConfig,
             "VERSION" => Command::ShowVersion,
+            "RULES" => Command::ShowRules,
             _ => {
                 return Err(syntax(format!(
-                    "unknown SHOW {:?}; SHOW CLIENTS, LOCKS, EVENTS, STATS, CONFIG or VERSION",
-                    echo(what)
-                )))
+                "unknown SHOW {:?}; SHOW CLIENTS, LOCKS, EVENTS, STATS, CONFIG, VERSION or RULES",
+                echo(what)
+            )))
             }
         };
         Ok(command)
@@ -145,6 +148,7 @@ impl Command {
             Command::ShowStats => "SHOW STATS",
             Command::ShowConfig => "SHOW CONFIG",
             Command::ShowVersion => "SHOW VERSION",
+            Command::ShowRules => "SHOW RULES",
             Command::Kill(_) => "KILL",
             Command::Reload => "RELOAD",
             Command::SetDryRun(_) => "SET",

@@ -76,6 +76,30 @@ pub const EVENTS: &[Column] = &[
     col("summary", Text),
 ];
 
+/// `SHOW RULES` and `GET /api/rules`: every guard rule in match order (the flat `[guard]`
+/// keys' `default` last), its settings, the live sessions it selects and those holding a
+/// protected lock it governs.
+pub const RULES: &[Column] = &[
+    col("position", Int4),
+    col("name", Text),
+    col("tables", Text),
+    col("databases", Text),
+    col("users", Text),
+    col("applications", Text),
+    col("exempt_users", Text),
+    col("exempt_applications", Text),
+    col("idle_in_transaction_timeout", Text),
+    col("failed_transaction_timeout", Text),
+    col("on_client_loss", Text),
+    col("inflight_grace", Text),
+    col("require_waiters", Bool),
+    col("dry_run", Bool),
+    col("max_blocking", Text),
+    col("blocking_action", Text),
+    col("sessions", Int4),
+    col("holding", Int4),
+];
+
 /// `SHOW STATS`: one counter per row.
 pub const STATS: &[Column] = &[col("name", Text), col("value", Int8)];
 
@@ -200,6 +224,7 @@ impl Command {
             Command::ShowStats => STATS,
             Command::ShowConfig => CONFIG,
             Command::ShowVersion => VERSION,
+            Command::ShowRules => RULES,
             Command::Kill(_) => KILL,
             Command::Reload => RELOAD,
             Command::SetDryRun(_) => SET,

@@ -5,132 +5,23 @@
 //! Nothing here touches the network or the clock, so every rule is unit tested; the guard
 //! gathers the facts and carries the verdict out.
 
-use std::fmt;
+mod rules;
+mod ruling;
+mod trigger;
+mod verdict;
+
 use std::time::Duration;
 
-use lockguard_config::{ClientLossAction, GuardConfig};
+pub use rules::{RuleSet, Rules, Who};
+pub use ruling::{decide_by_rules, Ruling};
+pub use trigger::{
+    Trigger, TriggerKind, SERVER_IDLE_IN_FAILED_TRANSACTION, SERVER_IDLE_IN_TRANSACTION,
+};
+pub use verdict::{LeaveReason, Verdict};
+
+use lockguard_config::ClientLossAction;
 
 use crate::session::TxnState;
-
-/// `pg_stat_activity.state` of a backend idle inside a transaction.
-pub const SERVER_IDLE_IN_TRANSACTION: &str = "idle in transaction";
-/// `pg_stat_activity.state` of a backend idle inside a failed transaction.
-pub const SERVER_IDLE_IN_FAILED_TRANSACTION: &str = "idle in transaction (aborted)";
-
-/// What made the guard look at a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trigger {
-    /// The client vanished, or said Terminate with a statement in flight (the client-loss rules:
-    /// at once when idle in a transaction, after `inflight_grace` when busy); `cause` says how,
-    /// for the audit.
-    ClientLoss { cause: String },
-    /// The sweep found the session idle in a transaction past the timeout (the idle-in-transaction rule).
-    IdleInTransaction,
-    /// The sweep found the session idle in a failed transaction past the timeout (the failed-transaction rule).
-    FailedTransaction,
-    /// An operator asked for the kill on the admin port.
-    Operator { reason: String },
-}
-
-/// Which kind of [`Trigger`] it is, without its free text: what counters and tables are
-/// keyed by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TriggerKind {
-    ClientLoss,
-    IdleInTransaction,
-    FailedTransaction,
-    Operator,
-}
-
-impl TriggerKind {
-    /// Every kind, in a stable order (so counters list zeros too).
-    pub const ALL: [TriggerKind; 4] = [
-        TriggerKind::ClientLoss,
-        TriggerKind::IdleInTransaction,
-        TriggerKind::FailedTransaction,
-        TriggerKind::Operator,
-    ];
-
-    /// Stable name used in audit events, logs and metrics labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            TriggerKind::ClientLoss => "client_loss",
-            TriggerKind::IdleInTransaction => "idle_in_transaction",
-            TriggerKind::FailedTransaction => "failed_transaction",
-            TriggerKind::Operator => "operator",
-        }
-    }
-}
-
-impl Trigger {
-    /// Which kind of trigger this is.
-    pub fn kind(&self) -> TriggerKind {
-        match self {
-            Trigger::ClientLoss { .. } => TriggerKind::ClientLoss,
-            Trigger::IdleInTransaction => TriggerKind::IdleInTransaction,
-            Trigger::FailedTransaction => TriggerKind::FailedTransaction,
-            Trigger::Operator { .. } => TriggerKind::Operator,
-        }
-    }
-
-    /// Stable name used in audit events and logs.
-    pub fn name(&self) -> &'static str {
-        self.kind().name()
-    }
-
-    /// The free-text part: how the client was lost, or the operator's reason.
-    pub fn detail(&self) -> Option<&str> {
-        match self {
-            Trigger::ClientLoss { cause } => Some(cause),
-            Trigger::Operator { reason } => Some(reason),
-            _ => None,
-        }
-    }
-
-    /// The `pg_stat_activity.state` the backend must still be in for the kill to be right, if
-    /// the trigger depends on it (the idle rules: a session that just started a statement is
-    /// not idle any more).
-    pub fn required_server_state(&self) -> Option<&'static str> {
-        match self {
-            Trigger::IdleInTransaction => Some(SERVER_IDLE_IN_TRANSACTION),
-            Trigger::FailedTransaction => Some(SERVER_IDLE_IN_FAILED_TRANSACTION),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Trigger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.detail() {
-            Some(detail) => write!(f, "{} ({detail})", self.name()),
-            None => f.write_str(self.name()),
-        }
-    }
-}
-
-/// The configured rules, copied out of [`GuardConfig`] so the policy needs nothing else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rules {
-    pub on_client_loss: ClientLossAction,
-    /// 0 = the idle-in-transaction rule is off.
-    pub idle_in_transaction_timeout: Duration,
-    /// 0 = the failed-transaction rule is off.
-    pub failed_transaction_timeout: Duration,
-    pub require_waiters: bool,
-    pub dry_run: bool,
-}
-
-impl From<&GuardConfig> for Rules {
-    fn from(c: &GuardConfig) -> Self {
-        Rules {
-            on_client_loss: c.on_client_loss,
-            idle_in_transaction_timeout: c.idle_in_transaction_timeout,
-            failed_transaction_timeout: c.failed_transaction_timeout,
-            require_waiters: c.require_waiters,
-            dry_run: c.dry_run,
-        }
-    }
-}
 
 /// What the proxy and the probe know about the session at decision time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,81 +42,6 @@ pub struct Facts<'a> {
     /// Sessions blocked behind this backend.
     pub waiters: usize,
 }
-
-/// The guard's decision for one session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Terminate the backend (verified by the enforcer).
-    Terminate,
-    /// Would terminate, but `dry_run` is on: record only.
-    DryRun,
-    /// Would terminate, but `on_client_loss = "log"`: record only.
-    LogOnly,
-    /// Nothing to do.
-    Leave(LeaveReason),
-}
-
-/// Why the guard left a backend alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaveReason {
-    /// No BackendKeyData seen yet.
-    NoBackend,
-    /// No transaction open and nothing in flight: PostgreSQL holds nothing for it.
-    NoTransaction,
-    /// The backend is not in `pg_stat_activity` any more.
-    BackendGone,
-    /// The pid now belongs to another connection.
-    NotOurBackend,
-    /// It holds no lock on a protected table: only those are worth a kill.
-    NoProtectedLock,
-    /// `require_waiters` is on and nobody waits behind it.
-    NoWaiters,
-    /// The rule for this trigger is switched off (timeout 0).
-    RuleOff,
-    /// The proxy's view changed since the session was picked (it sent a statement, or the
-    /// transaction ended).
-    StateChanged(TxnState),
-    /// Not idle for longer than the timeout.
-    NotIdleLongEnough,
-    /// PostgreSQL says the backend is not idle in the expected way (it just started work).
-    ServerState(String),
-    /// Another kill of this session is already under way.
-    KillInProgress,
-}
-
-impl fmt::Display for LeaveReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LeaveReason::NoBackend => f.write_str("no backend pid known"),
-            LeaveReason::NoTransaction => f.write_str("no transaction open"),
-            LeaveReason::BackendGone => f.write_str("backend already gone"),
-            LeaveReason::NotOurBackend => f.write_str("backend pid belongs to another connection"),
-            LeaveReason::NoProtectedLock => f.write_str("holds no lock on a protected table"),
-            LeaveReason::NoWaiters => f.write_str("nobody is waiting (require_waiters)"),
-            LeaveReason::RuleOff => f.write_str("rule switched off"),
-            LeaveReason::StateChanged(s) => write!(f, "session is now {s}"),
-            LeaveReason::NotIdleLongEnough => f.write_str("not idle long enough"),
-            LeaveReason::ServerState(s) => write!(f, "server reports the backend as {s:?}"),
-            LeaveReason::KillInProgress => f.write_str("a kill is already under way"),
-        }
-    }
-}
-
-impl LeaveReason {
-    /// Whether the same answer will hold for as long as the session stays in its current
-    /// state, so the sweep need not ask again until the state changes. Waiters can appear at
-    /// any time, and a server/proxy disagreement is a race, so those are asked again.
-    pub fn stable_while_idle(&self) -> bool {
-        matches!(
-            self,
-            LeaveReason::BackendGone
-                | LeaveReason::NotOurBackend
-                | LeaveReason::NoProtectedLock
-                | LeaveReason::RuleOff
-        )
-    }
-}
-
 /// Applies the guard's rules to one session.
 pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
     let act = if rules.dry_run {
@@ -234,8 +50,9 @@ pub fn decide(trigger: &Trigger, facts: &Facts<'_>, rules: &Rules) -> Verdict {
         Verdict::Terminate
     };
     match trigger {
-        // The operator decides; the enforcer still verifies identity.
-        Trigger::Operator { .. } => act,
+        // The operator decides; the enforcer still verifies identity. The blocking budget
+        // has judged the wait already (and chooses between cancel and terminate itself).
+        Trigger::Operator { .. } | Trigger::BlockingBudget { .. } => act,
         Trigger::ClientLoss { .. } => {
             // The in-flight rule is the pump's part: after the grace, a statement still in
             // flight (Active) may hold locks even outside a transaction block, so it is judged
@@ -325,6 +142,8 @@ fn idle_rule(
 
 #[cfg(test)]
 mod tests {
+    use lockguard_config::GuardConfig;
+
     use super::*;
 
     fn rules() -> Rules {
@@ -339,7 +158,7 @@ mod tests {
 
     /// A backend that holds one protected lock and blocks one session, idle in transaction for
     /// two minutes on both sides of the proxy.
-    fn holder() -> Facts<'static> {
+    pub(super) fn holder() -> Facts<'static> {
         Facts {
             state: TxnState::IdleInTransaction,
             state_age: Duration::from_secs(120),
@@ -351,7 +170,7 @@ mod tests {
         }
     }
 
-    fn lost() -> Trigger {
+    pub(super) fn lost() -> Trigger {
         Trigger::ClientLoss {
             cause: "eof without Terminate".into(),
         }

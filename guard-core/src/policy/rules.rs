@@ -1,0 +1,185 @@
+//! The configured rules: what one rule asks for ([`Rules`]) and the ordered set of them the
+//! guard matches each lock against ([`RuleSet`]).
+
+use std::time::Duration;
+
+use lockguard_config::{ClientLossAction, EffectiveRule, GuardConfig};
+
+/// The configured rules, copied out of [`GuardConfig`] so the policy needs nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub on_client_loss: ClientLossAction,
+    /// 0 = the idle-in-transaction rule is off.
+    pub idle_in_transaction_timeout: Duration,
+    /// 0 = the failed-transaction rule is off.
+    pub failed_transaction_timeout: Duration,
+    pub require_waiters: bool,
+    pub dry_run: bool,
+}
+
+impl From<&GuardConfig> for Rules {
+    fn from(c: &GuardConfig) -> Self {
+        Rules {
+            on_client_loss: c.on_client_loss,
+            idle_in_transaction_timeout: c.idle_in_transaction_timeout,
+            failed_transaction_timeout: c.failed_transaction_timeout,
+            require_waiters: c.require_waiters,
+            dry_run: c.dry_run,
+        }
+    }
+}
+
+impl From<&EffectiveRule> for Rules {
+    fn from(r: &EffectiveRule) -> Self {
+        Rules {
+            on_client_loss: r.on_client_loss,
+            idle_in_transaction_timeout: r.idle_in_transaction_timeout,
+            failed_transaction_timeout: r.failed_transaction_timeout,
+            require_waiters: r.require_waiters,
+            dry_run: r.dry_run,
+        }
+    }
+}
+
+/// Who a session is, as far as the rules' matchers care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Who<'a> {
+    pub database: &'a str,
+    pub user: &'a str,
+    pub application: &'a str,
+}
+
+/// Every rule in match order, the flat `[guard]` keys' catch-all last. A lock on a table
+/// belongs to the first rule whose tables and session matchers select it (as pg_hba lines);
+/// if that rule exempts the session, no rule judges the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSet {
+    rules: Vec<EffectiveRule>,
+}
+
+impl RuleSet {
+    /// The rules of `config`.
+    pub fn from_config(config: &GuardConfig) -> RuleSet {
+        RuleSet {
+            rules: config.effective_rules(),
+        }
+    }
+
+    /// Every rule, in match order (the catch-all last).
+    pub fn all(&self) -> &[EffectiveRule] {
+        &self.rules
+    }
+
+    /// The flat keys' rule: what an operator kill and `SET dry_run` go by.
+    pub fn catch_all(&self) -> &EffectiveRule {
+        // `effective_rules` always ends with it; an empty set is only a default value.
+        self.rules
+            .last()
+            .unwrap_or_else(|| unreachable!("a rule set has its catch-all"))
+    }
+
+    /// Whether no rule names any table: then nothing can be protected.
+    pub fn protects_nothing(&self) -> bool {
+        self.rules.iter().all(|r| r.tables.is_empty())
+    }
+
+    /// The rule that governs the lock on `schema.table` of session `who`: the first that
+    /// selects both. `None` when no rule does, or when that rule exempts the session.
+    pub fn governing(&self, who: Who<'_>, schema: &str, table: &str) -> Option<&EffectiveRule> {
+        let rule = self.rules.iter().find(|r| {
+            r.covers_table(schema, table)
+                && r.matches_session(who.database, who.user, who.application)
+        })?;
+        (!rule.exempts(who.user, who.application)).then_some(rule)
+    }
+
+    /// The rules that could govern some lock of `who` (its session matchers select it and
+    /// it is not exempt): what the sweep uses to pick the sessions worth probing.
+    pub fn for_session<'s>(&'s self, who: Who<'s>) -> impl Iterator<Item = &'s EffectiveRule> {
+        self.rules.iter().filter(move |r| {
+            !r.tables.is_empty()
+                && r.matches_session(who.database, who.user, who.application)
+                && !r.exempts(who.user, who.application)
+        })
+    }
+
+    /// Whether any rule has a blocking budget.
+    pub fn has_budget(&self) -> bool {
+        self.rules.iter().any(|r| r.max_blocking.is_some())
+    }
+
+    /// The longest `inflight_grace` of the rules that could govern `who`'s locks (the flat
+    /// value when none could).
+    pub fn inflight_grace_for(&self, who: Who<'_>) -> Duration {
+        self.for_session(who)
+            .map(|r| r.inflight_grace)
+            .max()
+            .unwrap_or(self.catch_all().inflight_grace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(text: &str) -> RuleSet {
+        let config = lockguard_config::Config::from_toml_str(text).expect("config");
+        RuleSet::from_config(&config.guard)
+    }
+
+    const WHO: Who<'static> = Who {
+        database: "shop",
+        user: "web",
+        application: "api",
+    };
+
+    #[test]
+    fn the_first_rule_selecting_table_and_session_governs_the_lock() {
+        let rules = set(r#"
+            [guard]
+            protected_tables = ["app.*"]
+            [[guard.rules]]
+            name = "login"
+            tables = ["app.user_sessions"]
+            users = ["web"]
+            [[guard.rules]]
+            name = "billing"
+            tables = ["billing.*"]
+        "#);
+        let name = |who, s, t| rules.governing(who, s, t).map(|r| r.name.clone());
+        assert_eq!(name(WHO, "app", "user_sessions").as_deref(), Some("login"));
+        assert_eq!(name(WHO, "billing", "invoices").as_deref(), Some("billing"));
+        assert_eq!(name(WHO, "app", "orders").as_deref(), Some("default"));
+        assert_eq!(name(WHO, "public", "notes"), None);
+        // Another user's lock on the login table falls through to the catch-all.
+        let other = Who {
+            user: "batch",
+            ..WHO
+        };
+        assert_eq!(
+            name(other, "app", "user_sessions").as_deref(),
+            Some("default")
+        );
+    }
+
+    #[test]
+    fn an_exempt_session_is_judged_by_no_later_rule() {
+        let rules = set(r#"
+            [guard]
+            protected_tables = ["app.*"]
+            [[guard.rules]]
+            name = "login"
+            tables = ["app.user_sessions"]
+            exempt_applications = ["migrat*"]
+        "#);
+        let migration = Who {
+            application: "migrate-42",
+            ..WHO
+        };
+        assert!(rules.governing(migration, "app", "user_sessions").is_none());
+        // Its locks on other tables are still the catch-all's.
+        assert!(rules.governing(migration, "app", "orders").is_some());
+        assert_eq!(rules.for_session(migration).count(), 1);
+        assert_eq!(rules.for_session(WHO).count(), 2);
+    }
+}
