@@ -90,7 +90,7 @@ pub enum Change {
     /// A whole new configuration, its views included.
     Whole(Box<Prepared>),
     /// A new `[guard]` section, the rest as it is: no view the proxy holds derives from it.
-    Guard(GuardConfig),
+    Guard(Box<GuardConfig>),
     /// Nothing to change: the configuration in force stays the same snapshot, so nothing
     /// derived from it is computed again.
     Unchanged,
@@ -155,7 +155,7 @@ impl InForce {
                 prepared.config
             }
             Change::Guard(guard) => Config {
-                guard,
+                guard: *guard,
                 ..Config::clone(&before)
             },
         };
@@ -180,10 +180,10 @@ mod tests {
 
         let changed = in_force
             .change(|running| {
-                Ok::<_, ()>(Change::Guard(GuardConfig {
+                Ok::<_, ()>(Change::Guard(Box::new(GuardConfig {
                     dry_run: true,
                     ..running.guard.clone()
-                }))
+                })))
             })
             .expect("a guard change");
         assert!(Arc::ptr_eq(&changed.before, &start));

@@ -251,7 +251,7 @@ impl Admin {
                     for rule in &mut next.rules {
                         rule.dry_run = None;
                     }
-                    Change::Guard(next)
+                    Change::Guard(Box::new(next))
                 },
             )
         })?;
