@@ -2,80 +2,31 @@
 //! PostgreSQL started with ssl=on, SCRAM works across the TLS termination, certificates reload
 //! without dropping sessions, and broken handshakes hurt nobody else.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guard_core::{Guard, Registry};
-use lockguard::Proxy;
-use lockguard_config::{ClientTlsMode, Config, GuardConfig, TlsConfig, Upstream, UpstreamTlsMode};
-use lockguard_tests::certs::{hand_to_postgres, CertFiles, TestCa};
+use lockguard_config::{ClientTlsMode, GuardConfig, TlsConfig, Upstream, UpstreamTlsMode};
+use lockguard_tests::certs::TestCa;
 use lockguard_tests::cluster::{
     TestCluster, GUARD_USER, MD5_PASSWORD, MD5_USER, PG_HBA, SCRAM_PASSWORD, SCRAM_USER,
 };
 use lockguard_tests::guard_support::{guard_config, guard_role};
-use lockguard_tests::proxy::{config_for, http_get, init_test_logging, TestProxy};
+use lockguard_tests::proxy::{config_for, http_get, TestProxy};
+use lockguard_tests::tls::{trusting, AnyCertificate, Pki, ServerTls};
 use lockguard_tests::{psql, raw};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
-use tokio_util::sync::CancellationToken;
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A rustls client configuration trusting only `ca`.
-fn trusting(ca: &Path) -> ClientConfig {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
-    }
-    ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
-}
-
-/// A proxy started in-process, with its TLS handle for reloads.
-struct RunningProxy {
-    addr: std::net::SocketAddr,
-    tls: Arc<lockguard::tls::Tls>,
-    stop: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.hard_stop.cancel();
-    }
-}
-
-async fn start(config: Config) -> RunningProxy {
-    init_test_logging();
-    let proxy = Proxy::bind(config).await.expect("bind proxy");
-    let running = RunningProxy {
-        addr: proxy.local_addr().expect("addr"),
-        tls: proxy.tls(),
-        stop: proxy.shutdown_token(),
-        hard_stop: proxy.hard_stop_token(),
-    };
-    tokio::spawn(proxy.run());
-    running
-}
 
 /// Connects through `proxy` over TLS, trusting `ca`.
 async fn connect_tls(
-    proxy: &RunningProxy,
+    proxy: &TestProxy,
     ca: &Path,
     user: &str,
     password: Option<&str>,
@@ -87,7 +38,7 @@ async fn connect_tls(
 /// `connect_tls` with a choice of channel binding (tokio-postgres' default is `Prefer`, which on
 /// TLS makes SCRAM announce binding support, like libpq).
 async fn connect_tls_binding(
-    proxy: &RunningProxy,
+    proxy: &TestProxy,
     ca: &Path,
     user: &str,
     password: Option<&str>,
@@ -141,44 +92,12 @@ fn authorization_refusal(err: &tokio_postgres::Error) -> &str {
     db_err.message()
 }
 
-/// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: TestCa,
-    ca_file: PathBuf,
-    proxy_cert: CertFiles,
-}
-
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = TestCa::new("lockguard test CA");
-    let ca_file = ca.write_ca(dir.path(), "ca.crt");
-    let proxy_cert = ca.issue(dir.path(), "proxy", &["127.0.0.1", "localhost"]);
-    Pki {
-        dir,
-        ca,
-        ca_file,
-        proxy_cert,
-    }
-}
-
-fn with_client_tls(mut config: Config, pki: &Pki, mode: ClientTlsMode) -> Config {
-    config.tls.client_cert = Some(pki.proxy_cert.cert.clone());
-    config.tls.client_key = Some(pki.proxy_cert.key.clone());
-    config.tls.client_mode = mode;
-    config
-}
-
 #[tokio::test]
 async fn tls_clients_work_and_required_tls_refuses_plaintext() {
     let cluster = TestCluster::shared();
-    let pki = pki();
-    let proxy = start(with_client_tls(
-        config_for(cluster),
-        &pki,
-        ClientTlsMode::Require,
-    ))
-    .await;
+    let pki = Pki::new("lockguard test CA");
+    let proxy =
+        TestProxy::start_with(pki.client_tls(config_for(cluster), ClientTlsMode::Require)).await;
     let su = cluster.superuser();
 
     let client = connect_tls(&proxy, &pki.ca_file, su, None, "postgres")
@@ -239,24 +158,9 @@ fn tls_cluster(pki: &Pki) -> (TestCluster, tempfile::TempDir) {
 
 /// [`tls_cluster`] with its own `pg_hba.conf`, trusting client certificates `pki.ca` signed.
 fn tls_cluster_with_hba(pki: &Pki, hba: &str) -> (TestCluster, tempfile::TempDir) {
-    let server_dir = tempfile::tempdir().expect("temp dir");
-    let server = pki.ca.issue(server_dir.path(), "server", &["localhost"]);
-    let ca = pki.ca.write_ca(server_dir.path(), "client-ca.crt");
-    hand_to_postgres(server_dir.path());
-    let cert = server.cert.to_string_lossy().into_owned();
-    let key = server.key.to_string_lossy().into_owned();
-    let ca = ca.to_string_lossy().into_owned();
-    let cluster = TestCluster::start_with_hba(
-        &[
-            ("ssl", "on"),
-            ("ssl_cert_file", &cert),
-            ("ssl_key_file", &key),
-            ("ssl_ca_file", &ca),
-        ],
-        hba,
-    )
-    .expect("start a cluster with ssl=on");
-    (cluster, server_dir)
+    ServerTls::signed_by(pki)
+        .trusting_clients_of(pki)
+        .start(&[], hba)
 }
 
 /// The guard role may log in only over TLS and only with a client certificate naming it
@@ -300,11 +204,11 @@ async fn guard_connection_ssl(guard: &Guard, admin: &Client) -> Result<bool, Str
 /// the secret work through it.
 #[tokio::test]
 async fn the_guards_connection_follows_upstream_tls_and_a_hostssl_only_guard_role_works() {
-    let pki = pki();
+    let pki = Pki::new("lockguard test CA");
     let (cluster, _server_dir) = tls_cluster_with_hba(&pki, &guard_hostssl_only_hba());
     let guard_cert = pki.ca.issue(pki.dir.path(), GUARD_USER, &[]);
     let admin = cluster.connect_admin().await;
-    let mut config = with_client_tls(config_for(&cluster), &pki, ClientTlsMode::Allow);
+    let mut config = pki.client_tls(config_for(&cluster), ClientTlsMode::Allow);
     config.proxy.upstream = Upstream::Tcp {
         host: "localhost".to_owned(),
         port: cluster.port(),
@@ -365,7 +269,7 @@ async fn the_guards_connection_follows_upstream_tls_and_a_hostssl_only_guard_rol
 /// `sslrootcert`, `sslcert`, `sslkey`.
 #[tokio::test]
 async fn the_dsn_sslmode_decides_the_guards_tls_over_the_tls_section() {
-    let pki = pki();
+    let pki = Pki::new("lockguard test CA");
     let (cluster, _server_dir) = tls_cluster_with_hba(&pki, &guard_hostssl_only_hba());
     let guard_cert = pki.ca.issue(pki.dir.path(), GUARD_USER, &[]);
     let other_ca = TestCa::new("somebody else's CA").write_ca(pki.dir.path(), "other-ca.crt");
@@ -466,7 +370,7 @@ async fn the_dsn_sslmode_decides_the_guards_tls_over_the_tls_section() {
 /// words, and `/readyz` names the reason.
 #[tokio::test]
 async fn verify_full_against_a_wrong_ca_fails_clearly_and_readyz_says_why() {
-    let pki = pki();
+    let pki = Pki::new("lockguard test CA");
     let (cluster, _server_dir) = tls_cluster(&pki);
     let other_ca = TestCa::new("somebody else's CA").write_ca(pki.dir.path(), "other-ca.crt");
     let mut config = config_for(&cluster);
@@ -495,7 +399,7 @@ async fn verify_full_against_a_wrong_ca_fails_clearly_and_readyz_says_why() {
 
 #[tokio::test]
 async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified() {
-    let pki = pki();
+    let pki = Pki::new("lockguard test CA");
     let (cluster, _server_dir) = tls_cluster(&pki);
     if !cluster.is_owned() {
         eprintln!("skipped: needs an owned cluster");
@@ -503,7 +407,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     }
     let db = "postgres";
     let upstream_tls = |host: &str, mode: UpstreamTlsMode| {
-        let mut config = with_client_tls(config_for(&cluster), &pki, ClientTlsMode::Allow);
+        let mut config = pki.client_tls(config_for(&cluster), ClientTlsMode::Allow);
         config.proxy.upstream = Upstream::Tcp {
             host: host.to_owned(),
             port: cluster.port(),
@@ -523,7 +427,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     };
 
     // verify-full against the name in the certificate.
-    let proxy = start(upstream_tls("localhost", UpstreamTlsMode::VerifyFull)).await;
+    let proxy = TestProxy::start_with(upstream_tls("localhost", UpstreamTlsMode::VerifyFull)).await;
     for (user, password) in [(SCRAM_USER, SCRAM_PASSWORD), (MD5_USER, MD5_PASSWORD)] {
         let client = connect_tls(&proxy, &pki.ca_file, user, Some(password), db)
             .await
@@ -598,7 +502,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     // it gets a clear refusal saying what to do, and a client not offering binding still works.
     let mut no_guard = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
     no_guard.guard = Default::default();
-    let proxy = start(no_guard).await;
+    let proxy = TestProxy::start_with(no_guard).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect_err("binding-capable client without a guard");
@@ -622,7 +526,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     let mut no_secret = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
     no_secret.guard.auth_query =
         "SELECT lockguard.scram_verifier($1::pg_catalog.text) WHERE false".to_owned();
-    let proxy = start(no_secret).await;
+    let proxy = TestProxy::start_with(no_secret).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect_err("no stored secret");
@@ -630,7 +534,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     drop(proxy);
     let mut broken_query = upstream_tls("localhost", UpstreamTlsMode::VerifyFull);
     broken_query.guard.auth_query = "SELECT no_such_column FROM pg_catalog.pg_authid".to_owned();
-    let proxy = start(broken_query).await;
+    let proxy = TestProxy::start_with(broken_query).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect_err("auth_query fails");
@@ -642,7 +546,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     drop(proxy);
 
     // verify-full against an address the certificate does not name: a clear error.
-    let proxy = start(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyFull)).await;
+    let proxy = TestProxy::start_with(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyFull)).await;
     let err = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect_err("wrong upstream name refused");
@@ -657,7 +561,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
     drop(proxy);
 
     // verify-ca checks the chain, not the name.
-    let proxy = start(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyCa)).await;
+    let proxy = TestProxy::start_with(upstream_tls("127.0.0.1", UpstreamTlsMode::VerifyCa)).await;
     let client = connect_tls(&proxy, &pki.ca_file, SCRAM_USER, Some(SCRAM_PASSWORD), db)
         .await
         .expect("verify-ca ignores the name");
@@ -669,7 +573,7 @@ async fn passwords_work_through_client_and_upstream_tls_and_names_are_verified()
 /// `disable` does not, and `prefer` falls back to plaintext when the server has no TLS.
 #[tokio::test]
 async fn upstream_modes_decide_whether_the_server_connection_is_tls() {
-    let pki = pki();
+    let pki = Pki::new("lockguard test CA");
     let (tls_cluster, _server_dir) = tls_cluster(&pki);
     let plain_cluster = TestCluster::shared();
     if !tls_cluster.is_owned() || !plain_cluster.is_owned() {
@@ -685,7 +589,7 @@ async fn upstream_modes_decide_whether_the_server_connection_is_tls() {
     for (cluster, mode, expect_tls) in cases {
         let mut config = config_for(cluster);
         config.tls.upstream_mode = mode;
-        let proxy = start(config).await;
+        let proxy = TestProxy::start_with(config).await;
         let (client, connection) = tokio_postgres::Config::new()
             .host("127.0.0.1")
             .port(proxy.addr.port())
@@ -717,50 +621,6 @@ async fn upstream_modes_decide_whether_the_server_connection_is_tls() {
     }
 }
 
-/// Records the certificate the server presented.
-#[derive(Debug, Default)]
-struct RecordingVerifier {
-    seen: Mutex<Option<Vec<u8>>>,
-}
-
-impl ServerCertVerifier for RecordingVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().expect("lock") = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// The certificate lockguard presents to a new client.
 async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
@@ -768,26 +628,20 @@ async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
         raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
         b'S'
     );
-    let verifier = Arc::new(RecordingVerifier::default());
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
+    let verifier = Arc::new(AnyCertificate::default());
+    let config = AnyCertificate::client_config(Arc::clone(&verifier));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from("localhost").expect("name");
     let _tls = connector.connect(name, tcp).await.expect("handshake");
-    let seen = verifier.seen.lock().expect("lock").clone();
-    seen.expect("a certificate was presented")
+    verifier.seen().expect("a certificate was presented")
 }
 
 #[tokio::test]
 async fn reloading_certificates_affects_new_connections_only() {
     let cluster = TestCluster::shared();
-    let pki = pki();
-    let config = with_client_tls(config_for(cluster), &pki, ClientTlsMode::Allow);
-    let proxy = start(config.clone()).await;
+    let pki = Pki::new("lockguard test CA");
+    let config = pki.client_tls(config_for(cluster), ClientTlsMode::Allow);
+    let proxy = TestProxy::start_with(config.clone()).await;
     assert_eq!(presented_certificate(proxy.addr).await, pki.proxy_cert.der);
     let existing = connect_tls(&proxy, &pki.ca_file, cluster.superuser(), None, "postgres")
         .await
@@ -797,7 +651,7 @@ async fn reloading_certificates_affects_new_connections_only() {
     let renewed = pki.ca.issue(pki.dir.path(), "renewed", &["127.0.0.1"]);
     std::fs::copy(&renewed.cert, &pki.proxy_cert.cert).expect("replace cert");
     std::fs::copy(&renewed.key, &pki.proxy_cert.key).expect("replace key");
-    proxy.tls.reload(&config.tls).expect("reload");
+    proxy.tls().reload(&config.tls).expect("reload");
 
     assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
     assert_eq!(
@@ -807,17 +661,17 @@ async fn reloading_certificates_affects_new_connections_only() {
 
     // A broken file is refused and the working certificate kept.
     std::fs::write(&pki.proxy_cert.key, "not a key").expect("break key");
-    assert!(proxy.tls.reload(&config.tls).is_err());
+    assert!(proxy.tls().reload(&config.tls).is_err());
     assert_eq!(presented_certificate(proxy.addr).await, renewed.der);
 }
 
 #[tokio::test]
 async fn broken_and_stalled_handshakes_are_cut_without_hurting_others() {
     let cluster = TestCluster::shared();
-    let pki = pki();
-    let mut config = with_client_tls(config_for(cluster), &pki, ClientTlsMode::Allow);
+    let pki = Pki::new("lockguard test CA");
+    let mut config = pki.client_tls(config_for(cluster), ClientTlsMode::Allow);
     config.proxy.startup_timeout = Duration::from_secs(1);
-    let proxy = start(config).await;
+    let proxy = TestProxy::start_with(config).await;
     let healthy = connect_tls(&proxy, &pki.ca_file, cluster.superuser(), None, "postgres")
         .await
         .expect("healthy TLS session");
