@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use guard_core::HealthStatus;
 use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
 use lockguard_tests::cluster::{TestCluster, PG_HBA, SCRAM_PASSWORD, SCRAM_USER};
-use lockguard_tests::guard_support::guard_config;
+use lockguard_tests::guard_support::{guard_config, wait_for};
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::tls::{provider, trusting, AnyCertificate, Pki, ServerTls};
 use lockguard_tests::{logs, raw};
@@ -44,6 +44,62 @@ fn lockguard_config(
     config.tls.upstream_mode = mode;
     config.guard = guard_config(cluster, &[]);
     config
+}
+
+/// What every test here starts from: lockguard's log captured, a CA, and a private PostgreSQL
+/// with ssl=on serving a certificate it signed.
+struct TlsSetup {
+    pki: Pki,
+    cluster: TestCluster,
+    _server_dir: tempfile::TempDir,
+}
+
+impl TlsSetup {
+    /// `None` (the test is skipped) where the harness cannot start a private cluster.
+    fn start(settings: &[(&str, &str)]) -> Option<TlsSetup> {
+        Self::serving(ServerTls::signed_by, settings)
+    }
+
+    /// [`TlsSetup::start`] with the server's TLS files made by `server`.
+    fn serving(
+        server: impl FnOnce(&Pki) -> ServerTls,
+        settings: &[(&str, &str)],
+    ) -> Option<TlsSetup> {
+        logs::capture();
+        let pki = Pki::new("lockguard auth test CA");
+        let (cluster, server_dir) = server(&pki).start(settings, PG_HBA);
+        if !cluster.is_owned() {
+            eprintln!("skipped: needs an owned cluster");
+            return None;
+        }
+        Some(TlsSetup {
+            pki,
+            cluster,
+            _server_dir: server_dir,
+        })
+    }
+
+    /// lockguard in front of `upstream_port` (the cluster, or a relay), TLS required upstream.
+    async fn lockguard(&self, upstream_port: u16) -> TestProxy {
+        let config = lockguard_config(
+            &self.cluster,
+            &self.pki,
+            upstream_port,
+            UpstreamTlsMode::Require,
+        );
+        TestProxy::start_with(config).await
+    }
+
+    /// [`login`] through `proxy`, trusting this setup's CA.
+    async fn login(
+        &self,
+        proxy: &TestProxy,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> (Result<Client, tokio_postgres::Error>, SocketAddr) {
+        login(proxy, &self.pki.ca_file, user, password, db).await
+    }
 }
 
 /// Logs in through lockguard over TLS with channel binding `prefer` (so the client announces
@@ -228,49 +284,22 @@ fn read_transcript(from_lockguard: &[u8], from_server: &[u8]) -> Transcript {
 /// the one PostgreSQL expects.
 #[tokio::test]
 async fn a_relay_with_its_own_certificate_cannot_take_over_a_login_lockguard_completes() {
-    logs::capture();
-    let pki = Pki::new("lockguard auth test CA");
-    let (cluster, _server_dir) = ServerTls::signed_by(&pki).start(&[], PG_HBA);
-    if !cluster.is_owned() {
-        eprintln!("skipped: needs an owned cluster");
+    let Some(setup) = TlsSetup::start(&[]) else {
         return;
-    }
-
-    let direct = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (client, _) = login(
-        &direct,
-        &pki.ca_file,
-        SCRAM_USER,
-        SCRAM_PASSWORD,
-        "postgres",
-    )
-    .await;
+    };
+    let direct = setup.lockguard(setup.cluster.port()).await;
+    let (client, _) = setup
+        .login(&direct, SCRAM_USER, SCRAM_PASSWORD, "postgres")
+        .await;
     let client = client.expect("the login succeeds without a relay in between");
     assert_eq!(current_user(&client).await, SCRAM_USER);
     drop(client);
 
-    let (relay_addr, relay) = man_in_the_middle(cluster.port()).await;
-    let behind_relay = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        relay_addr.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (attempt, _) = login(
-        &behind_relay,
-        &pki.ca_file,
-        SCRAM_USER,
-        SCRAM_PASSWORD,
-        "postgres",
-    )
-    .await;
+    let (relay_addr, relay) = man_in_the_middle(setup.cluster.port()).await;
+    let behind_relay = setup.lockguard(relay_addr.port()).await;
+    let (attempt, _) = setup
+        .login(&behind_relay, SCRAM_USER, SCRAM_PASSWORD, "postgres")
+        .await;
     if let Ok(client) = &attempt {
         // What the relay could now do in the user's name.
         let _ = client.simple_query("SELECT 'through the relay'").await;
@@ -304,34 +333,25 @@ async fn a_relay_with_its_own_certificate_cannot_take_over_a_login_lockguard_com
 /// login succeeds.
 #[tokio::test]
 async fn channel_binding_matches_postgres_for_a_sha384_certificate() {
-    logs::capture();
-    let pki = Pki::new("lockguard auth test CA");
-    let server_dir = tempfile::tempdir().expect("temp dir");
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("self-signed P-384 certificate");
-    let (cert_file, key_file) = (
-        server_dir.path().join("server.crt"),
-        server_dir.path().join("server.key"),
-    );
-    std::fs::write(&cert_file, cert.pem()).expect("write certificate");
-    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
-    let (cluster, _server_dir) =
-        ServerTls::from_files(server_dir, cert_file, key_file).start(&[], PG_HBA);
-    if !cluster.is_owned() {
-        eprintln!("skipped: needs an owned cluster");
+    let p384 = |_: &Pki| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("self-signed P-384 certificate");
+        let (cert_file, key_file) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::write(&cert_file, cert.pem()).expect("write certificate");
+        std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+        ServerTls::from_files(dir, cert_file, key_file)
+    };
+    let Some(setup) = TlsSetup::serving(p384, &[]) else {
         return;
-    }
-    let proxy = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (client, _) = login(&proxy, &pki.ca_file, SCRAM_USER, SCRAM_PASSWORD, "postgres").await;
+    };
+    let proxy = setup.lockguard(setup.cluster.port()).await;
+    let (client, _) = setup
+        .login(&proxy, SCRAM_USER, SCRAM_PASSWORD, "postgres")
+        .await;
     let client = client.expect("bound login with a SHA-384 server certificate");
     assert_eq!(current_user(&client).await, SCRAM_USER);
 }
@@ -346,34 +366,22 @@ const AUTH_DELAY: Duration = Duration::from_millis(2000);
 /// log names the user, and lockguard warns with the user and the client's address.
 #[tokio::test]
 async fn wrong_passwords_lockguard_detects_still_reach_postgres_as_failed_logins() {
-    logs::capture();
-    let pki = Pki::new("lockguard auth test CA");
     let delay_ms = AUTH_DELAY.as_millis().to_string();
-    let (cluster, _server_dir) = ServerTls::signed_by(&pki).start(
-        &[
-            ("shared_preload_libraries", "auth_delay"),
-            ("auth_delay.milliseconds", delay_ms.as_str()),
-        ],
-        PG_HBA,
-    );
-    let Some(server_log) = cluster.log_path().map(Path::to_path_buf) else {
-        eprintln!("skipped: needs an owned cluster");
+    let Some(setup) = TlsSetup::start(&[
+        ("shared_preload_libraries", "auth_delay"),
+        ("auth_delay.milliseconds", delay_ms.as_str()),
+    ]) else {
         return;
     };
-    let proxy = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
+    let server_log = setup.cluster.log_path().expect("an owned cluster's log");
+    let proxy = setup.lockguard(setup.cluster.port()).await;
 
     const GUESSES: u32 = 3;
     let started = Instant::now();
     let mut clients = Vec::new();
     for i in 0..GUESSES {
         let guess = format!("guess-{i}");
-        let (attempt, local) = login(&proxy, &pki.ca_file, SCRAM_USER, &guess, "postgres").await;
+        let (attempt, local) = setup.login(&proxy, SCRAM_USER, &guess, "postgres").await;
         let err = attempt.expect_err("a wrong password is refused");
         assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
         clients.push(local);
@@ -386,19 +394,19 @@ async fn wrong_passwords_lockguard_detects_still_reach_postgres_as_failed_logins
     );
 
     let failure = format!("password authentication failed for user \"{SCRAM_USER}\"");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = std::fs::read_to_string(&server_log).unwrap_or_default();
-        let seen = log.matches(&failure).count();
-        if seen >= GUESSES as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server logged {seen} of {GUESSES} failed logins; log:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let failed_logins = || {
+        let log = std::fs::read_to_string(server_log).unwrap_or_default();
+        log.matches(&failure).count()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        &format!("the server to log {GUESSES} failed logins"),
+        || {
+            let logged = failed_logins() >= GUESSES as usize;
+            async move { logged }
+        },
+    )
+    .await;
 
     for client in clients {
         let client = client.to_string();
@@ -435,19 +443,16 @@ async fn require_scram_for_names_db(cluster: &TestCluster, probe_role: &str) {
         .batch_execute("SELECT pg_catalog.pg_reload_conf()")
         .await
         .expect("reload");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster
-        .pg_config(probe_role, None, NAMES_DB)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "pg_hba.conf was not reloaded in time"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let scram_required = || async {
+        let login = cluster.pg_config(probe_role, None, NAMES_DB);
+        login.connect(tokio_postgres::NoTls).await.is_err()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "pg_hba.conf to be reloaded",
+        scram_required,
+    )
+    .await;
 }
 
 /// A client may send a user name longer than PostgreSQL's 63-byte names. PostgreSQL cuts it
@@ -456,13 +461,10 @@ async fn require_scram_for_names_db(cluster: &TestCluster, probe_role: &str) {
 /// lookup never fails on the length ("identifier too long") nor degrades the guard.
 #[tokio::test]
 async fn an_overlong_user_name_is_looked_up_as_postgres_truncates_it() {
-    logs::capture();
-    let pki = Pki::new("lockguard auth test CA");
-    let (cluster, _server_dir) = ServerTls::signed_by(&pki).start(&[], PG_HBA);
-    if !cluster.is_owned() {
-        eprintln!("skipped: needs an owned cluster");
+    let Some(setup) = TlsSetup::start(&[]) else {
         return;
-    }
+    };
+    let cluster = &setup.cluster;
     // 63 bytes: "a" and 31 two-byte characters.
     let role: String = std::iter::once('a')
         .chain(std::iter::repeat_n('é', 31))
@@ -485,27 +487,21 @@ async fn an_overlong_user_name_is_looked_up_as_postgres_truncates_it() {
     ] {
         admin.batch_execute(&statement).await.expect(&statement);
     }
-    require_scram_for_names_db(&cluster, &role).await;
+    require_scram_for_names_db(cluster, &role).await;
 
-    let proxy = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (client, _) = login(&proxy, &pki.ca_file, &long_name, "name_pass", NAMES_DB).await;
+    let proxy = setup.lockguard(cluster.port()).await;
+    let (client, _) = setup.login(&proxy, &long_name, "name_pass", NAMES_DB).await;
     let client = client.expect("a 100-byte name logs in as the role of its first 63 bytes");
     assert_eq!(current_user(&client).await, role);
     drop(client);
 
-    let (attempt, _) = login(&proxy, &pki.ca_file, &long_name, "wrong", NAMES_DB).await;
+    let (attempt, _) = setup.login(&proxy, &long_name, "wrong", NAMES_DB).await;
     let err = attempt.expect_err("a wrong password is refused");
     assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
 
     // PostgreSQL looks up the cut bytes, finds no role and refuses as for a wrong password;
     // lockguard does not look such a name up at all.
-    let (attempt, _) = login(&proxy, &pki.ca_file, &cut_mid_character, "x", NAMES_DB).await;
+    let (attempt, _) = setup.login(&proxy, &cut_mid_character, "x", NAMES_DB).await;
     let err = attempt.expect_err("no such role");
     assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
 
