@@ -4,6 +4,7 @@ pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod cluster;
+pub mod direct_guard;
 pub mod guard_support;
 pub mod http;
 pub mod logs;
