@@ -12,6 +12,7 @@ pub mod pgbouncer;
 pub mod prometheus;
 pub mod proxy;
 pub mod psql;
+pub mod query;
 pub mod raw;
 pub mod resources;
 pub mod tls;

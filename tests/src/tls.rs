@@ -1,14 +1,19 @@
 //! TLS for the tests: a CA with lockguard's certificate, clients that trust it, a verifier that
 //! accepts (and records) any certificate, and PostgreSQL clusters serving TLS.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lockguard_config::{ClientTlsMode, Config};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::config::{ChannelBinding, SslMode};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::certs::{hand_to_postgres, CertFiles, TestCa};
 use crate::cluster::TestCluster;
@@ -29,6 +34,33 @@ pub fn trusting(ca: &Path) -> ClientConfig {
         .expect("protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth()
+}
+
+/// Connects to the proxy at `addr` with sslmode=require, trusting only `ca`, and `binding` as
+/// the client's channel binding (tokio-postgres' default is `Prefer`, which on TLS makes SCRAM
+/// announce binding support, like libpq). The connection task is spawned.
+pub async fn connect(
+    addr: SocketAddr,
+    ca: &Path,
+    (user, password): (&str, Option<&str>),
+    db: &str,
+    binding: ChannelBinding,
+) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(addr.port())
+        .user(user)
+        .dbname(db)
+        .ssl_mode(SslMode::Require)
+        .channel_binding(binding)
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(password) = password {
+        config.password(password);
+    }
+    let (client, connection) = config.connect(MakeRustlsConnect::new(trusting(ca))).await?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1 and

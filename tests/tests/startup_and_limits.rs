@@ -9,19 +9,12 @@ use std::time::{Duration, Instant};
 use lockguard_config::Upstream;
 use lockguard_tests::cluster::{TestCluster, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER};
 use lockguard_tests::proxy::{config_for, TestProxy};
+use lockguard_tests::query::ask;
 use lockguard_tests::raw::{self, PROTOCOL_3_0};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_postgres::error::{DbError, Severity, SqlState};
 use tokio_postgres::{Client, NoTls};
-
-async fn ask(client: &Client, sql: &str) -> String {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
 
 #[tokio::test]
 async fn md5_and_scram_users_log_in_and_wrong_passwords_get_postgres_error() {

@@ -9,18 +9,11 @@ use std::time::{Duration, Instant};
 use lockguard_config::Upstream;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::proxy::{config_for, TestProxy};
+use lockguard_tests::query::ask;
 use lockguard_tests::raw::{self, PROTOCOL_3_0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_postgres::Client;
 
-async fn ask(client: &Client, sql: &str) -> String {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
 #[tokio::test]
 async fn hostile_input_is_refused_while_a_normal_client_keeps_working() {
     let cluster = TestCluster::shared();
