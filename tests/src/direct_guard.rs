@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use guard_core::{Decision, Guard, GuardConnection, HeldLock, ManualClock, Registry};
+use guard_core::{
+    Decision, Guard, GuardConnection, HeldLock, ManualClock, Registration, Registry, TxnStatus,
+};
 use lockguard_config::GuardConfig;
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
+use tokio_postgres::{Client, NoTls};
 
 use crate::cluster::TestCluster;
-use crate::guard_support::{guard_config, guard_role, DirectSession};
+use crate::guard_support::{connect, guard_config, guard_role, guard_test_database, DirectSession};
 
 pub const LOCK_ROW: &str = "BEGIN; SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE";
 pub const PROTECTED: &[&str] = &["app.user_sessions"];
@@ -102,4 +104,40 @@ pub fn acted(decision: Decision) -> guard_core::AuditEvent {
         Decision::Acted(event) => *event,
         other => panic!("expected the guard to act, got {other:?}"),
     }
+}
+
+/// Where most of these tests start: a fresh guard test database on the shared cluster and a
+/// superuser connection to it for looking at what PostgreSQL says.
+pub struct Scene {
+    pub cluster: &'static TestCluster,
+    pub db: String,
+    pub admin: Client,
+}
+
+impl Scene {
+    /// `prefix` names the database.
+    pub async fn new(prefix: &str) -> Scene {
+        let cluster = TestCluster::shared();
+        let db = guard_test_database(cluster, prefix).await;
+        let admin = connect(cluster, &db).await;
+        Scene { cluster, db, admin }
+    }
+}
+
+/// A direct session on `db`, registered with `registry` as the proxy would, that has run `sql`
+/// and is now in `status` (e.g. [`LOCK_ROW`] and in a transaction).
+pub async fn registered(
+    cluster: &TestCluster,
+    registry: &Arc<Registry>,
+    db: &str,
+    sql: &str,
+    status: TxnStatus,
+) -> (DirectSession, Registration) {
+    let session = DirectSession::tcp(cluster, db).await;
+    let registration = session.register(registry, db);
+    session
+        .run(registration.record(), sql, status)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    (session, registration)
 }

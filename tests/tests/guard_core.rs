@@ -15,9 +15,7 @@ use guard_core::{Decision, Guard, HealthStatus, Outcome, Registry, TxnStatus};
 use lockguard_config::GuardConfig;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::direct_guard::*;
-use lockguard_tests::guard_support::{
-    backend_alive, connect, guard_config, guard_test_database, wait_for, DirectSession,
-};
+use lockguard_tests::guard_support::{backend_alive, guard_config, wait_for};
 
 /// The audit log holds client addresses and statements: a new file is owner-only, one
 /// readable by others is tightened, and a symlink planted at the path is refused, its target
@@ -86,15 +84,11 @@ async fn the_audit_log_is_owner_only_and_a_planted_symlink_is_refused() {
 
 #[tokio::test]
 async fn operator_kill_terminates_without_protected_locks_and_tells_the_client() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_operator").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_operator").await;
     let (guard, registry) = build_guard(&guard_config(cluster, PROTECTED));
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) = registered(cluster, &registry, &db, "SELECT 1", TxnStatus::Idle).await;
     let record = registration.record();
-    a.run(record, "SELECT 1", TxnStatus::Idle).await.unwrap();
 
     let event = guard
         .kill_session(record, "requested by ops")
@@ -125,17 +119,12 @@ async fn operator_kill_terminates_without_protected_locks_and_tells_the_client()
 
 #[tokio::test]
 async fn guard_reconnects_after_its_own_backend_is_terminated() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_reconnect").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_reconnect").await;
     let (guard, registry) = build_guard(&guard_config(cluster, PROTECTED));
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = registration.record();
-    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
     let guard_pid = |guard: &Guard| {
         guard
             .health()
@@ -203,9 +192,7 @@ async fn guard_reconnects_after_its_own_backend_is_terminated() {
 
 #[tokio::test]
 async fn unreachable_guard_database_degrades_fast_and_touches_nothing() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_down").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_down").await;
     // A port nobody listens on: the guard's connections fail, the session does not care.
     let closed_port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -220,12 +207,9 @@ async fn unreachable_guard_database_degrades_fast_and_touches_nothing() {
     };
     let (guard, registry) = build_guard(&config);
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = registration.record();
-    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
 
     let started = Instant::now();
     let decision = guard.on_client_lost(record, "connection reset").await;

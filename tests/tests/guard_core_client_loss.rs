@@ -6,18 +6,12 @@ use std::time::{Duration, Instant};
 
 use guard_core::{Decision, LeaveReason, Outcome, TxnStatus};
 use lockguard_config::GuardConfig;
-use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::direct_guard::*;
-use lockguard_tests::guard_support::{
-    backend_alive, connect, guard_config, guard_test_database, wait_for, wait_until_waiting,
-    DirectSession,
-};
+use lockguard_tests::guard_support::{backend_alive, guard_config, wait_for, wait_until_waiting};
 
 #[tokio::test]
 async fn lost_client_holding_a_protected_row_lock_is_terminated_and_the_waiter_proceeds() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_lost").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_lost").await;
     let audit_dir = tempfile::tempdir().unwrap();
     let audit_path = audit_dir.path().join("audit.jsonl");
     let config = GuardConfig {
@@ -26,12 +20,9 @@ async fn lost_client_holding_a_protected_row_lock_is_terminated_and_the_waiter_p
     };
     let (guard, registry) = build_guard(&config);
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = registration.record();
-    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
@@ -82,23 +73,20 @@ async fn lost_client_holding_a_protected_row_lock_is_terminated_and_the_waiter_p
 
 #[tokio::test]
 async fn lost_client_without_a_protected_lock_is_left_alone() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_unprot").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_unprot").await;
     let config = clocked_config(cluster);
     let (guard, registry, clock) = build_guard_with_clock(&config);
 
     // A row lock on an unprotected table, with someone waiting for it.
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
-    let record = registration.record();
-    a.run(
-        record,
+    let (a, registration) = registered(
+        cluster,
+        &registry,
+        &db,
         "BEGIN; SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE",
         TxnStatus::InTransaction,
     )
-    .await
-    .unwrap();
+    .await;
+    let record = registration.record();
     let decision = guard.on_client_lost(record, "connection reset").await;
     assert_eq!(decision, Decision::Left(LeaveReason::NoProtectedLock));
     assert!(backend_alive(&admin, a.pid).await);

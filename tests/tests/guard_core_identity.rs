@@ -17,9 +17,7 @@ use lockguard_tests::guard_support::{
 
 #[tokio::test]
 async fn probe_finds_a_row_lock_on_a_protected_table_and_the_session_waiting_behind_it() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_probe").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_probe").await;
     let (guard, _) = build_guard(&guard_config(cluster, PROTECTED));
 
     let a = DirectSession::tcp(cluster, &db).await;
@@ -79,9 +77,7 @@ async fn probe_finds_a_row_lock_on_a_protected_table_and_the_session_waiting_beh
 // step needs the same backend, still holding its lock, that the previous step left alive.
 #[tokio::test]
 async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_terminates() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_enforce").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_enforce").await;
     let conn = enforcer_connection(cluster, &db).await;
 
     let a = DirectSession::tcp(cluster, &db).await;
@@ -206,9 +202,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
 /// proof enough: the newer backend started after our session connected, so it is not ours.
 #[tokio::test]
 async fn a_tcp_record_that_outlived_its_backend_never_matches_a_newer_backend() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_outlived").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_outlived").await;
     let (guard, registry) = build_guard(&guard_config(cluster, PROTECTED));
 
     // The newer backend, with the pid and port the stale record names.

@@ -7,30 +7,22 @@ use std::time::Duration;
 
 use guard_core::{LeaveReason, Outcome, TxnStatus};
 use lockguard_config::GuardConfig;
-use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::direct_guard::*;
-use lockguard_tests::guard_support::{
-    backend_alive, connect, guard_test_database, wait_for, wait_until_waiting, DirectSession,
-};
+use lockguard_tests::guard_support::{backend_alive, wait_for, wait_until_waiting, DirectSession};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_dry").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_dry").await;
     let config = GuardConfig {
         dry_run: true,
         ..clocked_config(cluster)
     };
     let (guard, registry, clock) = build_guard_with_clock(&config);
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = registration.record();
-    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
 
     let event = acted(guard.on_client_lost(record, "eof without Terminate").await);
     assert_eq!(event.outcome, Outcome::DryRun);
@@ -72,18 +64,13 @@ async fn dry_run_records_a_would_be_kill_once_and_kills_nothing() {
 
 #[tokio::test]
 async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_sweep").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_sweep").await;
     let config = clocked_config(cluster);
     let (guard, registry, clock) = build_guard_with_clock(&config);
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = Arc::clone(registration.record());
-    a.run(&record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
     let (b_pid, b) = blocked_update(cluster, &db).await;
     wait_until_waiting(&admin, b_pid).await;
 
@@ -134,21 +121,16 @@ async fn sweep_terminates_a_session_idle_in_transaction_and_tells_its_client() {
 
 #[tokio::test]
 async fn require_waiters_spares_an_idle_holder_until_someone_waits() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_waiters").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_waiters").await;
     let config = GuardConfig {
         require_waiters: true,
         ..clocked_config(cluster)
     };
     let (guard, registry, clock) = build_guard_with_clock(&config);
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = registration.record();
-    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
     clock.advance(past(config.idle_in_transaction_timeout));
 
     for _ in 0..3 {
@@ -177,21 +159,16 @@ async fn require_waiters_spares_an_idle_holder_until_someone_waits() {
 
 #[tokio::test]
 async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_failed").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_failed").await;
     let config = GuardConfig {
         idle_in_transaction_timeout: Duration::ZERO,
         ..clocked_config(cluster)
     };
     let (guard, registry, clock) = build_guard_with_clock(&config);
 
-    let a = DirectSession::tcp(cluster, &db).await;
-    let registration = a.register(&registry, &db);
+    let (a, registration) =
+        registered(cluster, &registry, &db, LOCK_ROW, TxnStatus::InTransaction).await;
     let record = registration.record();
-    a.run(record, LOCK_ROW, TxnStatus::InTransaction)
-        .await
-        .unwrap();
     // An error after a savepoint leaves the outer transaction's locks held in state E.
     let err = a
         .run(record, "SAVEPOINT s; SELECT 1 / 0", TxnStatus::Failed)
@@ -224,9 +201,7 @@ async fn sweep_terminates_a_failed_subtransaction_that_keeps_its_locks() {
 
 #[tokio::test]
 async fn sweep_leaves_a_backend_that_is_busy_or_not_ours() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "guard_busy").await;
-    let admin = connect(cluster, &db).await;
+    let Scene { cluster, db, admin } = Scene::new("guard_busy").await;
     let config = clocked_config(cluster);
     let (guard, registry, clock) = build_guard_with_clock(&config);
 
