@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use guard_core::enforcer::{self, RequiredState, START_AFTER};
-use guard_core::{HeldLock, Identity, Outcome, Registry, Termination};
+use guard_core::{GuardConnection, HeldLock, Identity, Outcome, Registry, Termination};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::direct_guard::*;
 use lockguard_tests::guard_support::{
@@ -73,6 +73,27 @@ async fn probe_finds_a_row_lock_on_a_protected_table_and_the_session_waiting_beh
     assert_proceeds(b, Duration::from_secs(5)).await;
 }
 
+/// The enforcer's verified kill of `pid`, as it answered.
+async fn kill(
+    conn: &GuardConnection,
+    pid: i32,
+    identity: &Identity,
+    probed_start: Option<SystemTime>,
+    required: Option<RequiredState<'_>>,
+) -> Termination {
+    enforcer::terminate_verified(conn, pid, identity, probed_start, required)
+        .await
+        .expect("the enforcer's query")
+}
+
+/// The idle rule's refusal: the backend is no longer idle in a failed transaction.
+fn no_longer_idle() -> Termination {
+    Termination {
+        outcome: Outcome::NoLongerIdle,
+        detail: Some("idle in transaction".into()),
+    }
+}
+
 // Long because it walks one backend through every refusal before the kill that succeeds: each
 // step needs the same backend, still holding its lock, that the previous step left alive.
 #[tokio::test]
@@ -86,9 +107,7 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     let other_port = if port == u16::MAX { port - 1 } else { port + 1 };
     let stale = Identity::connected(i32::from(other_port), SystemTime::now());
 
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &stale, None, None)
-        .await
-        .unwrap();
+    let outcome = kill(&conn, a.pid, &stale, None, None).await;
     assert_eq!(outcome.outcome, Outcome::IdentityMismatch);
     assert_eq!(outcome.outcome.to_string(), "identity_mismatch");
     // Not signalled: the backend is there, its transaction still open and holding the row.
@@ -112,22 +131,15 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
     // The right port, but the idle rule's state check fails: the backend is idle in a
     // transaction, not in a failed one.
     let right = Identity::connected(i32::from(port), SystemTime::now());
-    let outcome = enforcer::terminate_verified(
+    let outcome = kill(
         &conn,
         a.pid,
         &right,
         None,
         Some(RequiredState::state("idle in transaction (aborted)")),
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        outcome,
-        Termination {
-            outcome: Outcome::NoLongerIdle,
-            detail: Some("idle in transaction".into())
-        }
-    );
+    .await;
+    assert_eq!(outcome, no_longer_idle());
     assert!(backend_alive(&admin, a.pid).await);
 
     // The probe saw one transaction; the session then committed it and opened another, idle
@@ -142,16 +154,8 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         state: "idle in transaction",
         since: probed,
     };
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, None, Some(since_old))
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome,
-        Termination {
-            outcome: Outcome::NoLongerIdle,
-            detail: Some("idle in transaction".into())
-        }
-    );
+    let outcome = kill(&conn, a.pid, &right, None, Some(since_old)).await;
+    assert_eq!(outcome, no_longer_idle());
     assert!(backend_alive(&admin, a.pid).await);
     let probe = guard.probe(&db, &[a.pid]).await.unwrap()[&a.pid].clone();
     let since_now = RequiredState {
@@ -165,16 +169,11 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
         .backend_start
         .expect("the guard role sees backend_start");
     let later = Some(probed_start + Duration::from_micros(1));
-    let outcome = enforcer::terminate_verified(&conn, a.pid, &right, later, Some(since_now))
-        .await
-        .unwrap();
+    let outcome = kill(&conn, a.pid, &right, later, Some(since_now)).await;
     assert_eq!(outcome.outcome, Outcome::IdentityMismatch);
     assert!(backend_alive(&admin, a.pid).await);
 
-    let outcome =
-        enforcer::terminate_verified(&conn, a.pid, &right, Some(probed_start), Some(since_now))
-            .await
-            .unwrap();
+    let outcome = kill(&conn, a.pid, &right, Some(probed_start), Some(since_now)).await;
     assert_eq!(outcome.outcome, Outcome::Terminated);
     // terminate_verified waits for the backend to exit.
     assert!(!backend_alive(&admin, a.pid).await);
@@ -182,17 +181,11 @@ async fn enforcer_with_a_stale_client_port_signals_nothing_and_the_right_port_te
 
     // Killing it again finds nothing; so does a pid that never existed.
     assert_eq!(
-        enforcer::terminate_verified(&conn, a.pid, &right, None, None)
-            .await
-            .unwrap()
-            .outcome,
+        kill(&conn, a.pid, &right, None, None).await.outcome,
         Outcome::AlreadyGone
     );
     assert_eq!(
-        enforcer::terminate_verified(&conn, 0x3fff_fff0, &right, None, None)
-            .await
-            .unwrap()
-            .outcome,
+        kill(&conn, 0x3fff_fff0, &right, None, None).await.outcome,
         Outcome::AlreadyGone
     );
 }
