@@ -17,6 +17,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::certs::{hand_to_postgres, CertFiles, TestCa};
 use crate::cluster::TestCluster;
+use crate::proxy::TestProxy;
 
 /// The crypto provider lockguard uses (ring).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -61,6 +62,17 @@ pub async fn connect(
     let (client, connection) = config.connect(MakeRustlsConnect::new(trusting(ca))).await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// Connects through `proxy` over TLS, trusting `ca`, with channel binding `prefer` (as libpq).
+pub async fn connect_tls(
+    proxy: &TestProxy,
+    ca: &Path,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    connect(proxy.addr, ca, (user, password), db, ChannelBinding::Prefer).await
 }
 
 /// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1 and

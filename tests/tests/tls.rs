@@ -2,7 +2,6 @@
 //! is required), certificates reload without dropping sessions, and broken handshakes hurt
 //! nobody else. lockguard's own TLS towards PostgreSQL is in `tls_upstream.rs`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,25 +9,13 @@ use lockguard_config::ClientTlsMode;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::query::ask;
-use lockguard_tests::tls::{self, AnyCertificate, Pki};
+use lockguard_tests::tls::{connect_tls, AnyCertificate, Pki};
 use lockguard_tests::{psql, raw};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_postgres::config::{ChannelBinding, SslMode};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
-
-/// Connects through `proxy` over TLS, trusting `ca`, with channel binding `prefer` (as libpq).
-async fn connect_tls(
-    proxy: &TestProxy,
-    ca: &Path,
-    user: &str,
-    password: Option<&str>,
-    db: &str,
-) -> Result<Client, tokio_postgres::Error> {
-    tls::connect(proxy.addr, ca, (user, password), db, ChannelBinding::Prefer).await
-}
 
 #[tokio::test]
 async fn tls_clients_work_and_required_tls_refuses_plaintext() {

@@ -2,7 +2,6 @@
 //! work across the TLS termination, `upstream_mode` and the certificate checks decide what is
 //! accepted, and the guard's own connection follows the same settings (or its dsn's).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,21 +15,10 @@ use lockguard_tests::guard_support::{guard_config, guard_role};
 use lockguard_tests::proxy::{config_for, http_get, TestProxy};
 use lockguard_tests::psql;
 use lockguard_tests::query::ask;
-use lockguard_tests::tls::{self, Pki, ServerTls};
+use lockguard_tests::tls::{self, connect_tls, Pki, ServerTls};
 use tokio_postgres::config::ChannelBinding;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-
-/// Connects through `proxy` over TLS, trusting `ca`, with channel binding `prefer` (as libpq).
-async fn connect_tls(
-    proxy: &TestProxy,
-    ca: &Path,
-    user: &str,
-    password: Option<&str>,
-    db: &str,
-) -> Result<Client, tokio_postgres::Error> {
-    tls::connect(proxy.addr, ca, (user, password), db, ChannelBinding::Prefer).await
-}
 
 /// The message of lockguard's FATAL 28000 refusal that ended a login.
 fn authorization_refusal(err: &tokio_postgres::Error) -> &str {
@@ -333,6 +321,23 @@ impl UpstreamTls<'_> {
         ));
         config
     }
+
+    /// lockguard (see [`UpstreamTls::config`]) whose guard looks secrets up with `auth_query`.
+    async fn with_auth_query(&self, auth_query: &str) -> TestProxy {
+        let mut config = self.config("localhost", UpstreamTlsMode::VerifyFull);
+        config.guard.auth_query = auth_query.to_owned();
+        TestProxy::start_with(config).await
+    }
+
+    /// A SCRAM login through `proxy` with channel binding `binding`.
+    async fn scram_login(
+        &self,
+        proxy: &TestProxy,
+        binding: ChannelBinding,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let login = (SCRAM_USER, Some(SCRAM_PASSWORD));
+        tls::connect(proxy.addr, &self.pki.ca_file, login, "postgres", binding).await
+    }
 }
 
 /// SCRAM and MD5 logins over TLS both ways (verify-full against the certificate's name);
@@ -391,15 +396,10 @@ async fn logins_work_over_tls_both_ways(setup: &UpstreamTls<'_>) {
         }
         // The same with tokio-postgres: no SCRAM-SHA-256-PLUS is offered, so the client
         // refuses before sending a proof.
-        let err = tls::connect(
-            proxy.addr,
-            &setup.pki.ca_file,
-            (SCRAM_USER, Some(SCRAM_PASSWORD)),
-            db,
-            ChannelBinding::Require,
-        )
-        .await
-        .expect_err("a client requiring channel binding");
+        let err = setup
+            .scram_login(&proxy, ChannelBinding::Require)
+            .await
+            .expect_err("a client requiring channel binding");
         assert_eq!(err.to_string(), "authentication error", "{err:?}");
         let cause = std::error::Error::source(&err).map(ToString::to_string);
         assert_eq!(
@@ -412,67 +412,44 @@ async fn logins_work_over_tls_both_ways(setup: &UpstreamTls<'_>) {
 
 /// Without a guard, a binding-capable SCRAM client is refused saying what to do.
 async fn binding_capable_clients_need_the_guard(setup: &UpstreamTls<'_>) {
-    let db = "postgres";
     // Without a guard there is no stored secret to check a binding-capable SCRAM client with:
     // it gets a clear refusal saying what to do, and a client not offering binding still works.
     let mut no_guard = setup.config("localhost", UpstreamTlsMode::VerifyFull);
     no_guard.guard = Default::default();
     let proxy = TestProxy::start_with(no_guard).await;
-    let err = connect_tls(
-        &proxy,
-        &setup.pki.ca_file,
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        db,
-    )
-    .await
-    .expect_err("binding-capable client without a guard");
+    let err = setup
+        .scram_login(&proxy, ChannelBinding::Prefer)
+        .await
+        .expect_err("binding-capable client without a guard");
     let message = authorization_refusal(&err);
     assert!(message.contains("channel_binding=disable"), "{message}");
-    let client = tls::connect(
-        proxy.addr,
-        &setup.pki.ca_file,
-        (SCRAM_USER, Some(SCRAM_PASSWORD)),
-        db,
-        ChannelBinding::Disable,
-    )
-    .await
-    .expect("SCRAM without binding is relayed");
+    let client = setup
+        .scram_login(&proxy, ChannelBinding::Disable)
+        .await
+        .expect("SCRAM without binding is relayed");
     assert_eq!(ask(&client, "SELECT current_user::text").await, SCRAM_USER);
 }
 
 /// A missing secret looks like a wrong password; a failing auth_query says nothing of why.
 async fn failed_secret_lookups_tell_the_client_nothing(setup: &UpstreamTls<'_>) {
-    let db = "postgres";
     // A role without a SCRAM secret gets the same answer as a wrong password (mock
     // authentication), and a failing auth_query tells the client nothing about why.
-    let mut no_secret = setup.config("localhost", UpstreamTlsMode::VerifyFull);
-    no_secret.guard.auth_query =
-        "SELECT lockguard.scram_verifier($1::pg_catalog.text) WHERE false".to_owned();
-    let proxy = TestProxy::start_with(no_secret).await;
-    let err = connect_tls(
-        &proxy,
-        &setup.pki.ca_file,
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        db,
-    )
-    .await
-    .expect_err("no stored secret");
+    let proxy = setup
+        .with_auth_query("SELECT lockguard.scram_verifier($1::pg_catalog.text) WHERE false")
+        .await;
+    let err = setup
+        .scram_login(&proxy, ChannelBinding::Prefer)
+        .await
+        .expect_err("no stored secret");
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
     drop(proxy);
-    let mut broken_query = setup.config("localhost", UpstreamTlsMode::VerifyFull);
-    broken_query.guard.auth_query = "SELECT no_such_column FROM pg_catalog.pg_authid".to_owned();
-    let proxy = TestProxy::start_with(broken_query).await;
-    let err = connect_tls(
-        &proxy,
-        &setup.pki.ca_file,
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        db,
-    )
-    .await
-    .expect_err("auth_query fails");
+    let proxy = setup
+        .with_auth_query("SELECT no_such_column FROM pg_catalog.pg_authid")
+        .await;
+    let err = setup
+        .scram_login(&proxy, ChannelBinding::Prefer)
+        .await
+        .expect_err("auth_query fails");
     let message = authorization_refusal(&err);
     assert!(
         !message.contains("no_such_column") && !message.contains("pg_authid"),
@@ -483,18 +460,12 @@ async fn failed_secret_lookups_tell_the_client_nothing(setup: &UpstreamTls<'_>) 
 
 /// verify-full checks the name, verify-ca only the chain.
 async fn the_server_certificate_is_verified(setup: &UpstreamTls<'_>) {
-    let db = "postgres";
     // verify-full against an address the certificate does not name: a clear error.
     let proxy = TestProxy::start_with(setup.config("127.0.0.1", UpstreamTlsMode::VerifyFull)).await;
-    let err = connect_tls(
-        &proxy,
-        &setup.pki.ca_file,
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        db,
-    )
-    .await
-    .expect_err("wrong upstream name refused");
+    let err = setup
+        .scram_login(&proxy, ChannelBinding::Prefer)
+        .await
+        .expect_err("wrong upstream name refused");
     let db_err = err.as_db_error().expect("an ErrorResponse from lockguard");
     assert_eq!(db_err.code(), &SqlState::CONNECTION_FAILURE);
     assert!(
@@ -507,15 +478,10 @@ async fn the_server_certificate_is_verified(setup: &UpstreamTls<'_>) {
 
     // verify-ca checks the chain, not the name.
     let proxy = TestProxy::start_with(setup.config("127.0.0.1", UpstreamTlsMode::VerifyCa)).await;
-    let client = connect_tls(
-        &proxy,
-        &setup.pki.ca_file,
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        db,
-    )
-    .await
-    .expect("verify-ca ignores the name");
+    let client = setup
+        .scram_login(&proxy, ChannelBinding::Prefer)
+        .await
+        .expect("verify-ca ignores the name");
     assert_eq!(ask(&client, "SELECT 'ca ok'::text").await, "ca ok");
 }
 
