@@ -75,6 +75,19 @@ pub async fn connect_tls(
     connect(proxy.addr, ca, (user, password), db, ChannelBinding::Prefer).await
 }
 
+/// Whether the backend serving `client` was reached over TLS (through lockguard: whether
+/// lockguard's upstream connection is TLS), as `pg_stat_ssl` says.
+pub async fn upstream_is_tls(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT ssl FROM pg_catalog.pg_stat_ssl WHERE pid = pg_catalog.pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
 /// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1 and
 /// localhost, in a temp dir that lives as long as this.
 pub struct Pki {

@@ -16,7 +16,7 @@ use lockguard_tests::guard_support::wait_for;
 use lockguard_tests::logs;
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw;
-use lockguard_tests::tls::{trusting, Pki, ServerTls};
+use lockguard_tests::tls::{self, trusting, Pki, ServerTls};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -280,14 +280,7 @@ async fn upstream_negotiation_direct_starts_tls_at_once_with_a_postgres_17_serve
         .await
         .expect("a plaintext client through lockguard");
     tokio::spawn(connection);
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .expect("pg_stat_ssl")
-        .get(0);
+    let ssl: bool = tls::upstream_is_tls(&client).await;
     assert!(ssl, "lockguard's connection to the server is not TLS");
     // The server says how: a direct handshake, no SSLRequest.
     let log_path = cluster.log_path().expect("an owned cluster").to_owned();

@@ -351,14 +351,7 @@ async fn logins_work_over_tls_both_ways(setup: &UpstreamTls<'_>) {
             .await
             .unwrap_or_else(|e| panic!("{user} over TLS both ways: {e:?}"));
         assert_eq!(ask(&client, "SELECT current_user::text").await, user);
-        let upstream_ssl: bool = client
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
-            .await
-            .expect("pg_stat_ssl")
-            .get(0);
+        let upstream_ssl: bool = tls::upstream_is_tls(&client).await;
         assert!(upstream_ssl, "the proxy's upstream connection is not TLS");
 
         let err = connect_tls(&proxy, &setup.pki.ca_file, user, Some("wrong"), db)
@@ -517,14 +510,7 @@ async fn upstream_modes_decide_whether_the_server_connection_is_tls() {
             .await
             .unwrap_or_else(|e| panic!("{mode:?}: {e:?}"));
         tokio::spawn(connection);
-        let upstream_ssl: bool = client
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
-            .await
-            .expect("pg_stat_ssl")
-            .get(0);
+        let upstream_ssl: bool = tls::upstream_is_tls(&client).await;
         assert_eq!(
             upstream_ssl,
             expect_tls,
