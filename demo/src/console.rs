@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use lockguard_sandbox::pg_error;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use lockguard_sandbox::{named_rows, pg_error};
+use tokio_postgres::Client;
 
 use crate::sessions::connect;
 use crate::EVENT_WAIT;
@@ -27,22 +27,13 @@ impl Console {
             .simple_query(command)
             .await
             .map_err(|e| anyhow!("admin console {command}: {}", pg_error(&e)))?;
-        Ok(messages
-            .iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(row) => Some(
-                    row.columns()
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            (
-                                c.name().to_owned(),
-                                row.get(i).unwrap_or_default().to_owned(),
-                            )
-                        })
-                        .collect(),
-                ),
-                _ => None,
+        // NULL shows as an empty value, as psql shows it.
+        Ok(named_rows(&messages)
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|(name, value)| (name, value.unwrap_or_default()))
+                    .collect()
             })
             .collect())
     }

@@ -60,7 +60,7 @@ use setup::{free_port, make_temp_dir, PORT_ATTEMPTS};
 pub use discovery::{
     installed_major, server_binaries, DEFAULT_PG_ROOT, ENV_PG_BIN, ENV_PG_MAJOR, ENV_PG_ROOT,
 };
-pub use sql::{pg_error, run_sql_blocking};
+pub use sql::{named_rows, pg_error, run_sql_blocking};
 
 /// Superuser of a sandbox (`initdb -U postgres`).
 pub const SUPERUSER: &str = "postgres";

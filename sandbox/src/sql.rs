@@ -1,8 +1,8 @@
-//! Running SQL on a sandbox from blocking code.
+//! Running SQL on a sandbox from blocking code, and reading simple-query answers.
 
 use std::io;
 
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 use crate::ctx;
 
@@ -41,4 +41,22 @@ pub fn pg_error(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{e}: {} (SQLSTATE {})", db.message(), db.code().code()),
         None => e.to_string(),
     }
+}
+
+/// The rows of a simple-query answer, each as (column name, text value) pairs in column
+/// order; `None` for NULL.
+pub fn named_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<(String, Option<String>)>> {
+    messages
+        .iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, column)| (column.name().to_owned(), row.get(i).map(str::to_owned)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use lockguard::admin::{Admin, ConfigSource};
 use lockguard_config::{AdminRole, AdminUser, Config};
+use lockguard_sandbox::named_rows;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -167,34 +168,30 @@ pub async fn console_at(
 
 // ---- reading answers --------------------------------------------------------------------
 
-/// The rows of a simple query as column name → text (NULL absent).
-pub async fn rows(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
-    let messages = client
+/// The answer to a simple query; panics with the statement if it fails.
+async fn answer(client: &Client, sql: &str) -> Vec<SimpleQueryMessage> {
+    client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                row.columns()
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, c)| Some((c.name().to_owned(), row.get(i)?.to_owned())))
-                    .collect(),
-            ),
-            _ => None,
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+}
+
+/// The rows of a simple query as column name → text (NULL absent).
+pub async fn rows(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
+    named_rows(&answer(client, sql).await)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .filter_map(|(name, value)| Some((name, value?)))
+                .collect()
         })
         .collect()
 }
 
 /// The column names of `sql`'s answer as the console describes them (also with no rows).
 pub async fn column_names(client: &Client, sql: &str) -> Vec<String> {
-    let messages = client
-        .simple_query(sql)
+    answer(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    messages
         .iter()
         .find_map(|m| match m {
             SimpleQueryMessage::RowDescription(columns) => {

@@ -11,6 +11,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -18,6 +19,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::certs::{hand_to_postgres, CertFiles, TestCa};
 use crate::cluster::TestCluster;
 use crate::proxy::TestProxy;
+use crate::raw;
 
 /// The crypto provider lockguard uses (ring).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -86,6 +88,24 @@ pub async fn upstream_is_tls(client: &Client) -> bool {
         .await
         .expect("pg_stat_ssl")
         .get(0)
+}
+
+/// The certificate the server at `addr` presents in a TLS handshake after an SSLRequest, to a
+/// client with `config` asking for `name`.
+pub async fn presented_certificate(addr: SocketAddr, config: ClientConfig, name: &str) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(
+        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
+        b'S',
+        "TLS offered"
+    );
+    let name = ServerName::try_from(name.to_owned()).expect("server name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (_, session) = tls.get_ref();
+    session.peer_certificates().expect("a certificate")[0].to_vec()
 }
 
 /// Certificates for one test: a CA, and lockguard's own certificate for 127.0.0.1 and

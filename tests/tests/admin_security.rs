@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use lockguard::Proxy;
 use lockguard_config::{AdminRole, AdminUser, Config};
@@ -12,9 +11,7 @@ use lockguard_tests::certs::{CertFiles, TestCa};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::http::Request;
 use lockguard_tests::proxy::{config_for, TestProxy};
-use lockguard_tests::{psql, raw};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use lockguard_tests::{psql, raw, tls};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
@@ -332,32 +329,7 @@ async fn reload_errors_name_the_line_and_key_of_a_broken_secret_but_not_its_valu
 
 /// The certificate a TLS handshake after an SSLRequest to `addr` presents.
 async fn presented_certificate(addr: SocketAddr, ca: &Path) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(
-        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
-        b'S',
-        "TLS offered"
-    );
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(trusting(ca)))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
-    let (_, session) = tls.get_ref();
-    session.peer_certificates().expect("a certificate")[0].to_vec()
-}
-
-/// A rustls client configuration trusting only `ca`.
-fn trusting(ca: &Path) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    tls::presented_certificate(addr, tls::trusting(ca), "127.0.0.1").await
 }
 
 /// A console session over TLS verified against `ca`.
@@ -370,7 +342,7 @@ async fn console_over_tls(addr: SocketAddr, ca: &Path) -> Client {
         .dbname("lockguard")
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(WAIT)
-        .connect(MakeRustlsConnect::new(trusting(ca)))
+        .connect(MakeRustlsConnect::new(tls::trusting(ca)))
         .await
         .expect("console login over TLS");
     tokio::spawn(conn);

@@ -9,9 +9,8 @@ use lockguard_config::ClientTlsMode;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::query::ask;
-use lockguard_tests::tls::{connect_tls, AnyCertificate, Pki};
+use lockguard_tests::tls::{self, connect_tls, AnyCertificate, Pki};
 use lockguard_tests::{psql, raw};
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::config::SslMode;
@@ -78,17 +77,8 @@ async fn tls_clients_work_and_required_tls_refuses_plaintext() {
 
 /// The certificate lockguard presents to a new client.
 async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(
-        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
-        b'S'
-    );
-    let verifier = Arc::new(AnyCertificate::default());
-    let config = AnyCertificate::client_config(Arc::clone(&verifier));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from("localhost").expect("name");
-    let _tls = connector.connect(name, tcp).await.expect("handshake");
-    verifier.seen().expect("a certificate was presented")
+    let config = AnyCertificate::client_config(Arc::default());
+    tls::presented_certificate(addr, config, "localhost").await
 }
 
 #[tokio::test]
