@@ -35,24 +35,10 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     );
 }
 
-/// Aggregations, functions' keywords and set operators: PromQL words that are not series.
+/// Aggregations, functions' keywords and set operators: PromQL words that are not series
+/// (besides the [`LABEL_LISTS`] words).
 const PROMQL_WORDS: &[&str] = &[
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "count",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
+    "sum", "min", "max", "avg", "count", "and", "or", "unless", "bool", "offset",
 ];
 /// Words followed by a parenthesised list of label names.
 const LABEL_LISTS: &[&str] = &[
@@ -108,7 +94,10 @@ fn series_names(expr: &str) -> BTreeSet<String> {
             if LABEL_LISTS.contains(&word.as_str()) && next == Some(&'(') {
                 let open = i + chars[i..].iter().position(|c| *c == '(').unwrap_or(0);
                 i = skip_to(open + 1, ')');
-            } else if next != Some(&'(') && !PROMQL_WORDS.contains(&word.as_str()) {
+            } else if next != Some(&'(')
+                && !PROMQL_WORDS.contains(&word.as_str())
+                && !LABEL_LISTS.contains(&word.as_str())
+            {
                 names.insert(word);
             }
         } else {
