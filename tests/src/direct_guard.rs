@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guard_core::{
-    Decision, Guard, GuardConnection, HeldLock, ManualClock, Registration, Registry, TxnStatus,
+    Decision, Guard, GuardConnection, HeldLock, KillNotice, ManualClock, Registration, Registry,
+    TxnStatus,
 };
 use lockguard_config::GuardConfig;
 use tokio::task::JoinHandle;
@@ -140,4 +141,11 @@ pub async fn registered(
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     (session, registration)
+}
+
+/// The client was told of its termination as PostgreSQL tells it (57P01), in a message that
+/// starts with `prefix`.
+pub fn assert_told(notice: &KillNotice, prefix: &str) {
+    assert_eq!(notice.sqlstate, "57P01", "{notice:?}");
+    assert!(notice.message.starts_with(prefix), "{}", notice.message);
 }
