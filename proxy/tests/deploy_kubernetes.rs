@@ -153,6 +153,7 @@ fn the_configmaps_config_passes_check_config() {
 /// Cross-checks that no schema can make: probes, ports and secrets against the configuration,
 /// the grace period against shutdown_timeout, selectors against labels, the pod's user against
 /// the image's, and the PodMonitor (which has no offline schema) field by field.
+// Long because it is a list of independent cross-checks over the same parsed manifests.
 #[test]
 fn the_kubernetes_manifests_agree_with_each_other_and_the_config() {
     let config = Config::from_toml_str(&configmap_config()).expect("the ConfigMap's config");

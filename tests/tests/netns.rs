@@ -179,6 +179,7 @@ fn client_netns_or_skip() -> Option<ClientNetns> {
     }
 }
 
+// Long because one namespace and link carry the story: lock, wait, link down, kill, event.
 #[tokio::test]
 async fn a_client_whose_link_goes_down_is_detected_by_keepalive_and_its_backend_terminated() {
     let Some(netns) = client_netns_or_skip() else {

@@ -110,6 +110,7 @@ async fn worker(
     }
 }
 
+// Long because one restart under one traffic run is observed phase by phase, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_under_traffic_gives_errors_not_hangs_and_everything_recovers() {
     let cluster = Arc::new(

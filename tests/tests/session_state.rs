@@ -23,6 +23,7 @@ async fn settles_to(record: &guard_core::SessionRecord, want: TxnState) {
     .await;
 }
 
+// Long because it walks one session through every state, each step where the last ended.
 #[tokio::test]
 async fn registry_tracks_pid_identity_and_transaction_state() {
     let cluster = TestCluster::shared();

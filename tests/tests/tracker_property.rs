@@ -331,6 +331,7 @@ impl Model {
     }
 }
 
+// Long because each random case drives one raw session and compares after every server message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tracker_follows_the_server_through_random_message_sequences() {
     let seed = std::env::var("LOCKGUARD_TRACKER_SEED")
