@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use guard_core::{AuditEvent, Outcome, TxnState};
 use lockguard::GuardHandle;
 use lockguard_config::{Config, Upstream};
+use lockguard_sandbox::named_rows;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{self, app_role, wait_for, BlockedLogin};
 use lockguard_tests::logs;
@@ -198,21 +199,13 @@ async fn rows(
     client: &Client,
     sql: &str,
 ) -> Vec<std::collections::HashMap<String, Option<String>>> {
-    client
+    let answer = client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    named_rows(&answer)
         .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                row.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_owned(), row.get(i).map(str::to_owned)))
-                    .collect(),
-            ),
-            _ => None,
-        })
+        .map(|row| row.into_iter().collect())
         .collect()
 }
 
