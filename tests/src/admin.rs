@@ -7,32 +7,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockguard::admin::{Admin, ConfigSource};
-use lockguard::Proxy;
 use lockguard_config::{AdminRole, AdminUser, Config};
+use lockguard_sandbox::named_rows;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
-use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::cluster::TestCluster;
 use crate::guard_support;
 use crate::http::Request;
 use crate::prometheus;
-use crate::proxy::{config_for, init_test_logging};
+use crate::proxy::{config_for, TestProxy};
 
 pub const OPS: (&str, &str) = ("ops", "ops-secret");
 pub const WATCHER: (&str, &str) = ("watcher", "watch-secret");
 pub const API_TOKEN: &str = "test-api-token";
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A proxy started in-process with its admin port; dropping it stops everything.
+/// A proxy started in-process with its admin port (console and HTTP both on); dropping it
+/// stops everything.
 pub struct Running {
     pub addr: SocketAddr,
     pub console: SocketAddr,
     pub http: SocketAddr,
     pub admin: Arc<Admin>,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
+    pub proxy: TestProxy,
 }
 
 impl Running {
@@ -52,28 +51,25 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.hard_stop.cancel();
+impl From<TestProxy> for Running {
+    fn from(proxy: TestProxy) -> Running {
+        Running {
+            addr: proxy.addr,
+            console: proxy.console.expect("console enabled"),
+            http: proxy.http.expect("HTTP enabled"),
+            admin: Arc::clone(proxy.admin()),
+            proxy,
+        }
     }
 }
 
 pub async fn start(config: Config, source: Option<ConfigSource>) -> Running {
-    init_test_logging();
-    let proxy = Proxy::bind_with_source(config, source)
-        .await
-        .expect("bind the proxy");
-    let running = Running {
-        addr: proxy.local_addr().expect("proxy address"),
-        console: proxy.admin_console_addr().expect("console enabled"),
-        http: proxy.admin_http_addr().expect("HTTP enabled"),
-        admin: proxy.admin(),
-        shutdown: proxy.shutdown_token(),
-        hard_stop: proxy.hard_stop_token(),
+    let options = TestProxy::options(config);
+    let options = match source {
+        Some(source) => options.source(source),
+        None => options,
     };
-    tokio::spawn(proxy.run());
-    running
+    options.start().await.into()
 }
 
 pub fn user(name: &str, password: &str, role: AdminRole) -> AdminUser {
@@ -131,12 +127,7 @@ pub fn config_text(protected: &str, extra: &str) -> String {
 
 /// Starts a proxy from `file`, RELOAD re-reading it.
 pub async fn start_from_file(file: &std::path::Path) -> Running {
-    let source = ConfigSource {
-        path: Some(file.to_owned()),
-        overrides: Default::default(),
-    };
-    let config = source.load().expect("config file loads");
-    start(config, Some(source)).await
+    TestProxy::start_from_file(file).await.into()
 }
 
 /// A fresh database with the guard tests' tables (`app.user_sessions`, `app.scratch`).
@@ -152,11 +143,19 @@ pub async fn direct(db: &str) -> Client {
 /// A console session; the error is returned so refusals can be checked.
 pub async fn console(
     running: &Running,
+    login: (&str, &str),
+) -> Result<Client, tokio_postgres::Error> {
+    console_at(running.console, login).await
+}
+
+/// A console session over plaintext to the console at `addr`.
+pub async fn console_at(
+    addr: SocketAddr,
     (name, password): (&str, &str),
 ) -> Result<Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::Config::new()
         .host("127.0.0.1")
-        .port(running.console.port())
+        .port(addr.port())
         .user(name)
         .password(password)
         .dbname("lockguard")
@@ -169,34 +168,30 @@ pub async fn console(
 
 // ---- reading answers --------------------------------------------------------------------
 
-/// The rows of a simple query as column name → text (NULL absent).
-pub async fn rows(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
-    let messages = client
+/// The answer to a simple query; panics with the statement if it fails.
+async fn answer(client: &Client, sql: &str) -> Vec<SimpleQueryMessage> {
+    client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                row.columns()
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, c)| Some((c.name().to_owned(), row.get(i)?.to_owned())))
-                    .collect(),
-            ),
-            _ => None,
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+}
+
+/// The rows of a simple query as column name → text (NULL absent).
+pub async fn rows(client: &Client, sql: &str) -> Vec<HashMap<String, String>> {
+    named_rows(&answer(client, sql).await)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .filter_map(|(name, value)| Some((name, value?)))
+                .collect()
         })
         .collect()
 }
 
 /// The column names of `sql`'s answer as the console describes them (also with no rows).
 pub async fn column_names(client: &Client, sql: &str) -> Vec<String> {
-    let messages = client
-        .simple_query(sql)
+    answer(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    messages
         .iter()
         .find_map(|m| match m {
             SimpleQueryMessage::RowDescription(columns) => {

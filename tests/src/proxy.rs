@@ -1,10 +1,13 @@
 //! Starts lockguard in-process, in front of a test cluster, on a free port.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use guard_core::{Registry, SessionRecord};
+use lockguard::admin::{Admin, ConfigSource};
+use lockguard::tls::Tls;
 use lockguard::{GuardHandle, Proxy};
 use lockguard_config::{Config, Upstream};
 use tokio::task::JoinHandle;
@@ -21,6 +24,8 @@ pub struct TestProxy {
     /// The admin HTTP endpoint, when enabled (it is in [`config_for`]).
     pub http: Option<SocketAddr>,
     registry: Arc<Registry>,
+    admin: Arc<Admin>,
+    tls: Arc<Tls>,
     guard: Option<GuardHandle>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
@@ -40,6 +45,41 @@ pub fn config_for(cluster: &TestCluster) -> Config {
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config
+}
+
+/// How to start a [`TestProxy`]: [`TestProxy::options`], then what differs, then `start`.
+#[must_use]
+pub struct ProxyOptions {
+    config: Config,
+    source: Option<ConfigSource>,
+    capture_logs: bool,
+}
+
+impl ProxyOptions {
+    /// RELOAD (and SIGHUP) re-read `source`.
+    pub fn source(mut self, source: ConfigSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The proxy's log goes to [`crate::logs`] (for the whole test binary: the first proxy
+    /// started decides where logging goes).
+    pub fn capture_logs(mut self) -> Self {
+        self.capture_logs = true;
+        self
+    }
+
+    pub async fn start(self) -> TestProxy {
+        if self.capture_logs {
+            crate::logs::capture();
+        } else {
+            init_test_logging();
+        }
+        let proxy = Proxy::bind_with_source(self.config, self.source)
+            .await
+            .expect("bind the proxy");
+        TestProxy::run(proxy)
+    }
 }
 
 /// Logs of the proxy go to the test output when `RUST_LOG` is set.
@@ -63,12 +103,36 @@ impl TestProxy {
 
     /// A proxy with `config` (see [`config_for`]).
     pub async fn start_with(config: Config) -> TestProxy {
-        init_test_logging();
-        let proxy = Proxy::bind(config).await.expect("bind the proxy");
+        Self::options(config).start().await
+    }
+
+    /// A proxy with `config` and more to say about how it starts (see [`ProxyOptions`]).
+    pub fn options(config: Config) -> ProxyOptions {
+        ProxyOptions {
+            config,
+            source: None,
+            capture_logs: false,
+        }
+    }
+
+    /// A proxy started from the configuration file `file`, RELOAD re-reading it.
+    pub async fn start_from_file(file: &Path) -> TestProxy {
+        let source = ConfigSource {
+            path: Some(file.to_owned()),
+            overrides: Default::default(),
+        };
+        let config = source.load().expect("config file loads");
+        Self::options(config).source(source).start().await
+    }
+
+    /// Runs a bound proxy in the background.
+    fn run(proxy: Proxy) -> TestProxy {
         let addr = proxy.local_addr().expect("proxy address");
         let console = proxy.admin_console_addr();
         let http = proxy.admin_http_addr();
         let registry = proxy.registry();
+        let admin = proxy.admin();
+        let tls = proxy.tls();
         let guard = proxy.guard();
         let shutdown = proxy.shutdown_token();
         let hard_stop = proxy.hard_stop_token();
@@ -78,11 +142,23 @@ impl TestProxy {
             console,
             http,
             registry,
+            admin,
+            tls,
             guard,
             shutdown,
             hard_stop,
             task: Some(task),
         }
+    }
+
+    /// The admin state (configuration in force, RELOAD).
+    pub fn admin(&self) -> &Arc<Admin> {
+        &self.admin
+    }
+
+    /// The TLS state, for certificate reloads.
+    pub fn tls(&self) -> &Arc<Tls> {
+        &self.tls
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

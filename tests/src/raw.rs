@@ -208,3 +208,13 @@ pub async fn login(stream: &mut TcpStream, user: &str, database: &str) -> Vec<Re
         }
     }
 }
+
+/// The backend pid in the BackendKeyData of a [`login`]'s answer.
+pub fn backend_pid(login: &[Received]) -> i32 {
+    let key = login
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
+    let pid = key.body.get(..4).expect("a pid in BackendKeyData");
+    i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]])
+}

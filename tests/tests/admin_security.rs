@@ -3,83 +3,25 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use lockguard::admin::{Admin, ConfigSource};
 use lockguard::Proxy;
 use lockguard_config::{AdminRole, AdminUser, Config};
+use lockguard_tests::admin::{console_at, user, OPS, WAIT};
 use lockguard_tests::certs::{CertFiles, TestCa};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::http::Request;
-use lockguard_tests::proxy::{config_for, init_test_logging};
-use lockguard_tests::{psql, raw};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use lockguard_tests::proxy::{config_for, TestProxy};
+use lockguard_tests::{psql, raw, tls};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
-use tokio_util::sync::CancellationToken;
-
-const OPS: (&str, &str) = ("ops", "ops-secret");
-const WAIT: Duration = Duration::from_secs(10);
 
 // ---- setting up -------------------------------------------------------------------------
 
-/// A proxy started in-process with its admin port; dropping it stops everything.
-struct Running {
-    addr: SocketAddr,
-    console: Option<SocketAddr>,
-    http: Option<SocketAddr>,
-    #[allow(dead_code)]
-    admin: Arc<Admin>,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.hard_stop.cancel();
-    }
-}
-
-async fn start(config: Config, source: Option<ConfigSource>) -> Running {
-    init_test_logging();
-    let proxy = Proxy::bind_with_source(config, source)
-        .await
-        .expect("bind the proxy");
-    let running = Running {
-        addr: proxy.local_addr().expect("proxy address"),
-        console: proxy.admin_console_addr(),
-        http: proxy.admin_http_addr(),
-        admin: proxy.admin(),
-        shutdown: proxy.shutdown_token(),
-        hard_stop: proxy.hard_stop_token(),
-    };
-    tokio::spawn(proxy.run());
-    running
-}
-
-/// Starts a proxy from `file`, RELOAD re-reading it.
-async fn start_from_file(file: &Path) -> Running {
-    let source = ConfigSource {
-        path: Some(file.to_owned()),
-        overrides: Default::default(),
-    };
-    let config = source.load().expect("config file loads");
-    start(config, Some(source)).await
-}
-
 fn ops_user() -> AdminUser {
-    AdminUser {
-        name: OPS.0.to_owned(),
-        password: Some(OPS.1.to_owned()),
-        password_env: None,
-        role: AdminRole::Admin,
-    }
+    user(OPS.0, OPS.1, AdminRole::Admin)
 }
 
 /// A config file for the test cluster: admin on free ports with the `ops` user, plus `extra`.
@@ -94,24 +36,6 @@ fn config_text(extra: &str) -> String {
         host = cluster.host(),
         port = cluster.port(),
     )
-}
-
-/// A console session over plaintext; the error is returned so refusals can be checked.
-async fn console(
-    addr: SocketAddr,
-    (name, password): (&str, &str),
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(addr.port())
-        .user(name)
-        .password(password)
-        .dbname("lockguard")
-        .connect_timeout(WAIT)
-        .connect(NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(client)
 }
 
 /// The text rows of a simple query, as `key` → `value` pairs of its first two columns
@@ -177,7 +101,7 @@ async fn without_a_token_the_http_api_answers_only_requests_addressed_to_an_ip_o
     let cluster = TestCluster::shared();
     let config = config_for(cluster);
     assert!(config.admin.api_token.is_none());
-    let running = start(config, None).await;
+    let running = TestProxy::start_with(config).await;
     let http = running.http.expect("HTTP enabled");
     let mut app = TcpStream::connect(running.addr).await.expect("connect");
     raw::login(&mut app, cluster.superuser(), "postgres").await;
@@ -231,7 +155,7 @@ async fn with_a_token_the_host_is_not_checked() {
     const TOKEN: &str = "a-token-for-the-host-test";
     let mut config = config_for(TestCluster::shared());
     config.admin.api_token = Some(TOKEN.to_owned());
-    let running = start(config, None).await;
+    let running = TestProxy::start_with(config).await;
     let http = running.http.expect("HTTP enabled");
     let (status, body) = http_with_host(
         http,
@@ -307,7 +231,7 @@ async fn an_empty_secret_variable_stops_the_start_naming_it() {
             let _stop = proxy.hard_stop_token().drop_guard();
             let _shutdown = proxy.shutdown_token().drop_guard();
             tokio::spawn(proxy.run());
-            let empty_login = console(console_addr, ("intruder", "")).await.is_ok();
+            let empty_login = console_at(console_addr, ("intruder", "")).await.is_ok();
             panic!(
                 "{key}: started with an empty secret (login with an empty password: {empty_login})"
             );
@@ -328,9 +252,9 @@ async fn reload_refuses_an_empty_secret_variable_and_keeps_the_running_config() 
     set_env(empty, "");
     let file = tempfile::NamedTempFile::new().expect("temp config file");
     std::fs::write(file.path(), config_text("")).expect("write config");
-    let running = start_from_file(file.path()).await;
+    let running = TestProxy::start_from_file(file.path()).await;
     let console_addr = running.console.expect("console");
-    let ops = console(console_addr, OPS).await.expect("ops logs in");
+    let ops = console_at(console_addr, OPS).await.expect("ops logs in");
 
     for extra in [
         format!(
@@ -351,7 +275,7 @@ async fn reload_refuses_an_empty_secret_variable_and_keeps_the_running_config() 
         assert!(message.contains("empty"), "{message}");
     }
     assert!(
-        console(console_addr, ("intruder", "")).await.is_err(),
+        console_at(console_addr, ("intruder", "")).await.is_err(),
         "a user with an empty password logged in"
     );
     let config = pairs(&ops, "SHOW CONFIG").await;
@@ -374,8 +298,8 @@ async fn reload_errors_name_the_line_and_key_of_a_broken_secret_but_not_its_valu
     const SECRET: &str = "s3cr3t-reload-token";
     let file = tempfile::NamedTempFile::new().expect("temp config file");
     std::fs::write(file.path(), config_text("")).expect("write config");
-    let running = start_from_file(file.path()).await;
-    let ops = console(running.console.expect("console"), OPS)
+    let running = TestProxy::start_from_file(file.path()).await;
+    let ops = console_at(running.console.expect("console"), OPS)
         .await
         .expect("ops logs in");
     for broken in [
@@ -405,32 +329,7 @@ async fn reload_errors_name_the_line_and_key_of_a_broken_secret_but_not_its_valu
 
 /// The certificate a TLS handshake after an SSLRequest to `addr` presents.
 async fn presented_certificate(addr: SocketAddr, ca: &Path) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(
-        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
-        b'S',
-        "TLS offered"
-    );
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(trusting(ca)))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
-    let (_, session) = tls.get_ref();
-    session.peer_certificates().expect("a certificate")[0].to_vec()
-}
-
-/// A rustls client configuration trusting only `ca`.
-fn trusting(ca: &Path) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    tls::presented_certificate(addr, tls::trusting(ca), "127.0.0.1").await
 }
 
 /// A console session over TLS verified against `ca`.
@@ -443,7 +342,7 @@ async fn console_over_tls(addr: SocketAddr, ca: &Path) -> Client {
         .dbname("lockguard")
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(WAIT)
-        .connect(MakeRustlsConnect::new(trusting(ca)))
+        .connect(MakeRustlsConnect::new(tls::trusting(ca)))
         .await
         .expect("console login over TLS");
     tokio::spawn(conn);
@@ -473,7 +372,7 @@ async fn psql_uses_the_console_over_tls_and_require_tls_refuses_plaintext() {
     config.admin.require_tls = true;
     config.admin.tls_cert = Some(files.cert.clone());
     config.admin.tls_key = Some(files.key.clone());
-    let running = start(config, None).await;
+    let running = TestProxy::start_with(config).await;
     let console_addr = running.console.expect("console");
     assert_eq!(
         presented_certificate(console_addr, &ca_file).await,
@@ -492,7 +391,7 @@ async fn psql_uses_the_console_over_tls_and_require_tls_refuses_plaintext() {
     let (code, message) = reply.first().expect("an ErrorResponse").error_fields();
     assert_eq!((reply[0].tag, code.as_str()), (b'E', "28000"), "{message}");
     assert!(message.contains("TLS is required"), "{message}");
-    let e = console(console_addr, OPS)
+    let e = console_at(console_addr, OPS)
         .await
         .expect_err("plaintext login refused");
     assert!(message_of(&e).contains("TLS is required"), "{e:?}");
@@ -567,7 +466,7 @@ async fn the_console_certificate_follows_the_config_and_reload() {
         .expect("write config");
     };
     write("");
-    let running = start_from_file(file.path()).await;
+    let running = TestProxy::start_from_file(file.path()).await;
     let console_addr = running.console.expect("console");
     assert_eq!(
         presented_certificate(console_addr, &ca_file).await,

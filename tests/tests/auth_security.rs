@@ -6,21 +6,19 @@
 //! clients are tokio-postgres over TLS with channel binding `prefer`, as libpq's default is.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guard_core::HealthStatus;
 use lockguard_config::{ClientTlsMode, Config, Upstream, UpstreamTlsMode};
-use lockguard_tests::certs::{hand_to_postgres, TestCa};
-use lockguard_tests::cluster::{TestCluster, SCRAM_PASSWORD, SCRAM_USER};
-use lockguard_tests::guard_support::guard_config;
+use lockguard_tests::cluster::{TestCluster, PG_HBA, SCRAM_PASSWORD, SCRAM_USER};
+use lockguard_tests::guard_support::{guard_config, wait_for};
 use lockguard_tests::proxy::{config_for, TestProxy};
-use lockguard_tests::raw;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use lockguard_tests::tls::{provider, trusting, AnyCertificate, Pki, ServerTls};
+use lockguard_tests::{logs, raw};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_postgres::config::{ChannelBinding, SslMode};
@@ -28,101 +26,6 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Everything lockguard logs, for the tests that check what it says. Installed before the
-/// first proxy starts (the harness's own logging then stands aside).
-fn captured_logs() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("lockguard=info"))
-            .with_ansi(false)
-            .with_writer(move || LogSink(logs))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("install the log capture");
-        logs
-    })
-}
-
-struct LogSink(&'static Mutex<Vec<u8>>);
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn log_lines_with(needles: &[&str]) -> Vec<String> {
-    let logs = captured_logs().lock().unwrap_or_else(|e| e.into_inner());
-    String::from_utf8_lossy(&logs)
-        .lines()
-        .filter(|line| needles.iter().all(|n| line.contains(n)))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Certificates for one test: a CA that signs lockguard's and PostgreSQL's certificates.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: TestCa,
-    ca_file: PathBuf,
-    proxy_cert: PathBuf,
-    proxy_key: PathBuf,
-}
-
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = TestCa::new("lockguard auth test CA");
-    let ca_file = ca.write_ca(dir.path(), "ca.crt");
-    let proxy = ca.issue(dir.path(), "proxy", &["127.0.0.1", "localhost"]);
-    Pki {
-        _dir: dir,
-        ca,
-        ca_file,
-        proxy_cert: proxy.cert,
-        proxy_key: proxy.key,
-    }
-}
-
-/// A private PostgreSQL with ssl=on, its certificate signed by `pki`'s CA; `settings` go to
-/// postgresql.conf as well.
-fn tls_cluster(pki: &Pki, settings: &[(&str, &str)]) -> (TestCluster, tempfile::TempDir) {
-    let server_dir = tempfile::tempdir().expect("temp dir");
-    let server = pki.ca.issue(server_dir.path(), "server", &["localhost"]);
-    hand_to_postgres(server_dir.path());
-    start_tls_cluster(&server.cert, &server.key, settings, server_dir)
-}
-
-fn start_tls_cluster(
-    cert: &Path,
-    key: &Path,
-    settings: &[(&str, &str)],
-    dir: tempfile::TempDir,
-) -> (TestCluster, tempfile::TempDir) {
-    let cert = cert.to_string_lossy().into_owned();
-    let key = key.to_string_lossy().into_owned();
-    let mut all = vec![
-        ("ssl", "on"),
-        ("ssl_cert_file", cert.as_str()),
-        ("ssl_key_file", key.as_str()),
-    ];
-    all.extend_from_slice(settings);
-    let cluster = TestCluster::start(&all).expect("start a cluster with ssl=on");
-    (cluster, dir)
-}
 
 /// lockguard with TLS towards its clients, `upstream_mode` towards `upstream_port` on
 /// 127.0.0.1 (the cluster itself, or a relay in front of it), and a guard reading SCRAM
@@ -133,10 +36,7 @@ fn lockguard_config(
     upstream_port: u16,
     mode: UpstreamTlsMode,
 ) -> Config {
-    let mut config = config_for(cluster);
-    config.tls.client_cert = Some(pki.proxy_cert.clone());
-    config.tls.client_key = Some(pki.proxy_key.clone());
-    config.tls.client_mode = ClientTlsMode::Allow;
+    let mut config = pki.client_tls(config_for(cluster), ClientTlsMode::Allow);
     config.proxy.upstream = Upstream::Tcp {
         host: "127.0.0.1".to_owned(),
         port: upstream_port,
@@ -146,17 +46,60 @@ fn lockguard_config(
     config
 }
 
-/// A rustls client configuration trusting only `ca`.
-fn trusting(ca: &Path) -> ClientConfig {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
+/// What every test here starts from: lockguard's log captured, a CA, and a private PostgreSQL
+/// with ssl=on serving a certificate it signed.
+struct TlsSetup {
+    pki: Pki,
+    cluster: TestCluster,
+    _server_dir: tempfile::TempDir,
+}
+
+impl TlsSetup {
+    /// `None` (the test is skipped) where the harness cannot start a private cluster.
+    fn start(settings: &[(&str, &str)]) -> Option<TlsSetup> {
+        Self::serving(ServerTls::signed_by, settings)
     }
-    ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+
+    /// [`TlsSetup::start`] with the server's TLS files made by `server`.
+    fn serving(
+        server: impl FnOnce(&Pki) -> ServerTls,
+        settings: &[(&str, &str)],
+    ) -> Option<TlsSetup> {
+        logs::capture();
+        let pki = Pki::new("lockguard auth test CA");
+        let (cluster, server_dir) = server(&pki).start(settings, PG_HBA);
+        if !cluster.is_owned() {
+            eprintln!("skipped: needs an owned cluster");
+            return None;
+        }
+        Some(TlsSetup {
+            pki,
+            cluster,
+            _server_dir: server_dir,
+        })
+    }
+
+    /// lockguard in front of `upstream_port` (the cluster, or a relay), TLS required upstream.
+    async fn lockguard(&self, upstream_port: u16) -> TestProxy {
+        let config = lockguard_config(
+            &self.cluster,
+            &self.pki,
+            upstream_port,
+            UpstreamTlsMode::Require,
+        );
+        TestProxy::start_with(config).await
+    }
+
+    /// [`login`] through `proxy`, trusting this setup's CA.
+    async fn login(
+        &self,
+        proxy: &TestProxy,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> (Result<Client, tokio_postgres::Error>, SocketAddr) {
+        login(proxy, &self.pki.ca_file, user, password, db).await
+    }
 }
 
 /// Logs in through lockguard over TLS with channel binding `prefer` (so the client announces
@@ -219,47 +162,6 @@ struct Transcript {
     queries: usize,
 }
 
-/// Accepts everything (the relay is the attacker; it does not care whom it talks to).
-#[derive(Debug)]
-struct AcceptAnyCertificate;
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A TLS-terminating relay in front of the server on `server_port`: it answers lockguard's
 /// SSLRequest with `S`, shows its own self-signed certificate, opens its own TLS connection to
 /// PostgreSQL and passes the decrypted bytes both ways, as an attacker on the network path
@@ -274,12 +176,7 @@ async fn man_in_the_middle(server_port: u16) -> (SocketAddr, tokio::task::JoinHa
         .with_single_cert(vec![own.cert.der().clone()], key)
         .expect("relay certificate");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_side));
-    let client_side = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate))
-        .with_no_client_auth();
+    let client_side = AnyCertificate::client_config(Arc::default());
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_side));
 
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
@@ -387,49 +284,22 @@ fn read_transcript(from_lockguard: &[u8], from_server: &[u8]) -> Transcript {
 /// the one PostgreSQL expects.
 #[tokio::test]
 async fn a_relay_with_its_own_certificate_cannot_take_over_a_login_lockguard_completes() {
-    captured_logs();
-    let pki = pki();
-    let (cluster, _server_dir) = tls_cluster(&pki, &[]);
-    if !cluster.is_owned() {
-        eprintln!("skipped: needs an owned cluster");
+    let Some(setup) = TlsSetup::start(&[]) else {
         return;
-    }
-
-    let direct = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (client, _) = login(
-        &direct,
-        &pki.ca_file,
-        SCRAM_USER,
-        SCRAM_PASSWORD,
-        "postgres",
-    )
-    .await;
+    };
+    let direct = setup.lockguard(setup.cluster.port()).await;
+    let (client, _) = setup
+        .login(&direct, SCRAM_USER, SCRAM_PASSWORD, "postgres")
+        .await;
     let client = client.expect("the login succeeds without a relay in between");
     assert_eq!(current_user(&client).await, SCRAM_USER);
     drop(client);
 
-    let (relay_addr, relay) = man_in_the_middle(cluster.port()).await;
-    let behind_relay = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        relay_addr.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (attempt, _) = login(
-        &behind_relay,
-        &pki.ca_file,
-        SCRAM_USER,
-        SCRAM_PASSWORD,
-        "postgres",
-    )
-    .await;
+    let (relay_addr, relay) = man_in_the_middle(setup.cluster.port()).await;
+    let behind_relay = setup.lockguard(relay_addr.port()).await;
+    let (attempt, _) = setup
+        .login(&behind_relay, SCRAM_USER, SCRAM_PASSWORD, "postgres")
+        .await;
     if let Ok(client) = &attempt {
         // What the relay could now do in the user's name.
         let _ = client.simple_query("SELECT 'through the relay'").await;
@@ -463,34 +333,25 @@ async fn a_relay_with_its_own_certificate_cannot_take_over_a_login_lockguard_com
 /// login succeeds.
 #[tokio::test]
 async fn channel_binding_matches_postgres_for_a_sha384_certificate() {
-    captured_logs();
-    let pki = pki();
-    let server_dir = tempfile::tempdir().expect("temp dir");
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("self-signed P-384 certificate");
-    let (cert_file, key_file) = (
-        server_dir.path().join("server.crt"),
-        server_dir.path().join("server.key"),
-    );
-    std::fs::write(&cert_file, cert.pem()).expect("write certificate");
-    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
-    hand_to_postgres(server_dir.path());
-    let (cluster, _server_dir) = start_tls_cluster(&cert_file, &key_file, &[], server_dir);
-    if !cluster.is_owned() {
-        eprintln!("skipped: needs an owned cluster");
+    let p384 = |_: &Pki| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("self-signed P-384 certificate");
+        let (cert_file, key_file) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::write(&cert_file, cert.pem()).expect("write certificate");
+        std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+        ServerTls::from_files(dir, cert_file, key_file)
+    };
+    let Some(setup) = TlsSetup::serving(p384, &[]) else {
         return;
-    }
-    let proxy = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (client, _) = login(&proxy, &pki.ca_file, SCRAM_USER, SCRAM_PASSWORD, "postgres").await;
+    };
+    let proxy = setup.lockguard(setup.cluster.port()).await;
+    let (client, _) = setup
+        .login(&proxy, SCRAM_USER, SCRAM_PASSWORD, "postgres")
+        .await;
     let client = client.expect("bound login with a SHA-384 server certificate");
     assert_eq!(current_user(&client).await, SCRAM_USER);
 }
@@ -505,34 +366,22 @@ const AUTH_DELAY: Duration = Duration::from_millis(2000);
 /// log names the user, and lockguard warns with the user and the client's address.
 #[tokio::test]
 async fn wrong_passwords_lockguard_detects_still_reach_postgres_as_failed_logins() {
-    captured_logs();
-    let pki = pki();
     let delay_ms = AUTH_DELAY.as_millis().to_string();
-    let (cluster, _server_dir) = tls_cluster(
-        &pki,
-        &[
-            ("shared_preload_libraries", "auth_delay"),
-            ("auth_delay.milliseconds", delay_ms.as_str()),
-        ],
-    );
-    let Some(server_log) = cluster.log_path().map(Path::to_path_buf) else {
-        eprintln!("skipped: needs an owned cluster");
+    let Some(setup) = TlsSetup::start(&[
+        ("shared_preload_libraries", "auth_delay"),
+        ("auth_delay.milliseconds", delay_ms.as_str()),
+    ]) else {
         return;
     };
-    let proxy = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
+    let server_log = setup.cluster.log_path().expect("an owned cluster's log");
+    let proxy = setup.lockguard(setup.cluster.port()).await;
 
     const GUESSES: u32 = 3;
     let started = Instant::now();
     let mut clients = Vec::new();
     for i in 0..GUESSES {
         let guess = format!("guess-{i}");
-        let (attempt, local) = login(&proxy, &pki.ca_file, SCRAM_USER, &guess, "postgres").await;
+        let (attempt, local) = setup.login(&proxy, SCRAM_USER, &guess, "postgres").await;
         let err = attempt.expect_err("a wrong password is refused");
         assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
         clients.push(local);
@@ -545,27 +394,27 @@ async fn wrong_passwords_lockguard_detects_still_reach_postgres_as_failed_logins
     );
 
     let failure = format!("password authentication failed for user \"{SCRAM_USER}\"");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = std::fs::read_to_string(&server_log).unwrap_or_default();
-        let seen = log.matches(&failure).count();
-        if seen >= GUESSES as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server logged {seen} of {GUESSES} failed logins; log:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let failed_logins = || {
+        let log = std::fs::read_to_string(server_log).unwrap_or_default();
+        log.matches(&failure).count()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        &format!("the server to log {GUESSES} failed logins"),
+        || {
+            let logged = failed_logins() >= GUESSES as usize;
+            async move { logged }
+        },
+    )
+    .await;
 
     for client in clients {
         let client = client.to_string();
-        let warnings = log_lines_with(&["WARN", &client, SCRAM_USER]);
+        let warnings = logs::lines_with(&["WARN", &client, SCRAM_USER]);
         assert!(
             !warnings.is_empty(),
             "no warning names {SCRAM_USER} and {client}; lockguard logged:\n{}",
-            log_lines_with(&[&client]).join("\n")
+            logs::lines_with(&[&client]).join("\n")
         );
     }
 }
@@ -594,19 +443,16 @@ async fn require_scram_for_names_db(cluster: &TestCluster, probe_role: &str) {
         .batch_execute("SELECT pg_catalog.pg_reload_conf()")
         .await
         .expect("reload");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster
-        .pg_config(probe_role, None, NAMES_DB)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "pg_hba.conf was not reloaded in time"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let scram_required = || async {
+        let login = cluster.pg_config(probe_role, None, NAMES_DB);
+        login.connect(tokio_postgres::NoTls).await.is_err()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "pg_hba.conf to be reloaded",
+        scram_required,
+    )
+    .await;
 }
 
 /// A client may send a user name longer than PostgreSQL's 63-byte names. PostgreSQL cuts it
@@ -615,13 +461,10 @@ async fn require_scram_for_names_db(cluster: &TestCluster, probe_role: &str) {
 /// lookup never fails on the length ("identifier too long") nor degrades the guard.
 #[tokio::test]
 async fn an_overlong_user_name_is_looked_up_as_postgres_truncates_it() {
-    captured_logs();
-    let pki = pki();
-    let (cluster, _server_dir) = tls_cluster(&pki, &[]);
-    if !cluster.is_owned() {
-        eprintln!("skipped: needs an owned cluster");
+    let Some(setup) = TlsSetup::start(&[]) else {
         return;
-    }
+    };
+    let cluster = &setup.cluster;
     // 63 bytes: "a" and 31 two-byte characters.
     let role: String = std::iter::once('a')
         .chain(std::iter::repeat_n('é', 31))
@@ -644,27 +487,21 @@ async fn an_overlong_user_name_is_looked_up_as_postgres_truncates_it() {
     ] {
         admin.batch_execute(&statement).await.expect(&statement);
     }
-    require_scram_for_names_db(&cluster, &role).await;
+    require_scram_for_names_db(cluster, &role).await;
 
-    let proxy = TestProxy::start_with(lockguard_config(
-        &cluster,
-        &pki,
-        cluster.port(),
-        UpstreamTlsMode::Require,
-    ))
-    .await;
-    let (client, _) = login(&proxy, &pki.ca_file, &long_name, "name_pass", NAMES_DB).await;
+    let proxy = setup.lockguard(cluster.port()).await;
+    let (client, _) = setup.login(&proxy, &long_name, "name_pass", NAMES_DB).await;
     let client = client.expect("a 100-byte name logs in as the role of its first 63 bytes");
     assert_eq!(current_user(&client).await, role);
     drop(client);
 
-    let (attempt, _) = login(&proxy, &pki.ca_file, &long_name, "wrong", NAMES_DB).await;
+    let (attempt, _) = setup.login(&proxy, &long_name, "wrong", NAMES_DB).await;
     let err = attempt.expect_err("a wrong password is refused");
     assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
 
     // PostgreSQL looks up the cut bytes, finds no role and refuses as for a wrong password;
     // lockguard does not look such a name up at all.
-    let (attempt, _) = login(&proxy, &pki.ca_file, &cut_mid_character, "x", NAMES_DB).await;
+    let (attempt, _) = setup.login(&proxy, &cut_mid_character, "x", NAMES_DB).await;
     let err = attempt.expect_err("no such role");
     assert_eq!(sqlstate(&err), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
 

@@ -7,146 +7,38 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lockguard::Proxy;
 use lockguard_config::{ClientTlsMode, Config, UpstreamNegotiation, UpstreamTlsMode};
-use lockguard_tests::certs::{hand_to_postgres, CertFiles, TestCa};
 use lockguard_tests::cluster::{installed_major_at_least, TestCluster};
 use lockguard_tests::guard_support::wait_for;
-use lockguard_tests::proxy::config_for;
+use lockguard_tests::logs;
+use lockguard_tests::proxy::{config_for, TestProxy};
 use lockguard_tests::raw;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use lockguard_tests::tls::{self, trusting, Pki, ServerTls};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-// ---- lockguard's log, captured ----------------------------------------------------------
+// ---- setting up -------------------------------------------------------------------------
 
-/// Everything the proxies of this test binary logged.
-static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct LogWriter;
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOG.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_writer(|| LogWriter)
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .try_init();
-    });
+/// A proxy whose log the tests read.
+async fn start(config: Config) -> TestProxy {
+    TestProxy::options(config).capture_logs().start().await
 }
 
 /// Waits for a log line about `client` containing `needle`, and returns it.
 async fn log_line(client: SocketAddr, needle: &str) -> String {
-    let client = client.to_string();
-    let find = || {
-        let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
-        String::from_utf8_lossy(&log)
-            .lines()
-            .find(|line| line.contains(&client) && line.contains(needle))
-            .map(str::to_owned)
-    };
-    wait_for(
-        WAIT,
-        &format!("a log line about {client}: {needle}"),
-        || {
-            let found = find().is_some();
-            async move { found }
-        },
-    )
-    .await;
-    find().expect("found above")
-}
-
-// ---- setting up -------------------------------------------------------------------------
-
-struct Running {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.hard_stop.cancel();
-    }
-}
-
-async fn start(config: Config) -> Running {
-    capture_logs();
-    let proxy = Proxy::bind(config).await.expect("bind the proxy");
-    let running = Running {
-        addr: proxy.local_addr().expect("proxy address"),
-        shutdown: proxy.shutdown_token(),
-        hard_stop: proxy.hard_stop_token(),
-    };
-    tokio::spawn(proxy.run());
-    running
-}
-
-/// A CA and lockguard's certificate for 127.0.0.1, in a temp dir.
-struct Pki {
-    /// Holds the files until the test ends.
-    _dir: tempfile::TempDir,
-    ca: TestCa,
-    ca_file: PathBuf,
-    proxy_cert: CertFiles,
-}
-
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = TestCa::new("lockguard direct TLS test CA");
-    let ca_file = ca.write_ca(dir.path(), "ca.crt");
-    let proxy_cert = ca.issue(dir.path(), "proxy", &["127.0.0.1", "localhost"]);
-    Pki {
-        _dir: dir,
-        ca,
-        ca_file,
-        proxy_cert,
-    }
-}
-
-fn with_client_tls(mut config: Config, pki: &Pki) -> Config {
-    config.tls.client_cert = Some(pki.proxy_cert.cert.clone());
-    config.tls.client_key = Some(pki.proxy_cert.key.clone());
-    config.tls.client_mode = ClientTlsMode::Allow;
-    config
+    logs::line_about(client, needle, WAIT).await
 }
 
 /// A rustls client trusting `ca` that offers `alpn` (nothing when empty).
 fn client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
-    }
-    let mut config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut config = trusting(ca);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
@@ -207,8 +99,8 @@ async fn libpq_18_with_sslnegotiation_direct_connects_through_lockguard() {
         return;
     };
     let cluster = TestCluster::shared();
-    let pki = pki();
-    let proxy = start(with_client_tls(config_for(cluster), &pki)).await;
+    let pki = Pki::new("lockguard direct TLS test CA");
+    let proxy = start(pki.client_tls(config_for(cluster), ClientTlsMode::Allow)).await;
     let conninfo = format!(
         "host=127.0.0.1 port={} user={} dbname=postgres sslmode=verify-full sslrootcert={} \
          sslnegotiation=direct max_protocol_version=3.2",
@@ -269,8 +161,8 @@ async fn raw_direct_login(
 #[tokio::test]
 async fn a_direct_client_hello_without_alpn_postgresql_is_refused() {
     let cluster = TestCluster::shared();
-    let pki = pki();
-    let proxy = start(with_client_tls(config_for(cluster), &pki)).await;
+    let pki = Pki::new("lockguard direct TLS test CA");
+    let proxy = start(pki.client_tls(config_for(cluster), ClientTlsMode::Allow)).await;
 
     // With ALPN postgresql the same handshake leads to a session: the refusals below are
     // about ALPN, not about direct TLS as such.
@@ -317,7 +209,7 @@ async fn a_direct_client_hello_without_alpn_postgresql_is_refused() {
 #[tokio::test]
 async fn without_a_certificate_a_direct_client_hello_is_closed_unanswered_and_logged() {
     let cluster = TestCluster::shared();
-    let pki = pki();
+    let pki = Pki::new("lockguard direct TLS test CA");
     let proxy = start(config_for(cluster)).await;
     let hello = client_hello(&pki.ca_file, &[b"postgresql"]);
     assert_eq!(hello[0], 0x16, "a TLS handshake record");
@@ -348,23 +240,14 @@ async fn without_a_certificate_a_direct_client_hello_is_closed_unanswered_and_lo
 /// A cluster of `major` with ssl=on (certificate for `localhost`) that logs how each TLS
 /// connection was negotiated.
 fn tls_cluster(major: u32, pki: &Pki) -> (TestCluster, tempfile::TempDir) {
-    let server_dir = tempfile::tempdir().expect("temp dir");
-    let server = pki.ca.issue(server_dir.path(), "server", &["localhost"]);
-    hand_to_postgres(server_dir.path());
-    let cert = server.cert.to_string_lossy().into_owned();
-    let key = server.key.to_string_lossy().into_owned();
-    let mut settings = vec![
-        ("ssl", "on"),
-        ("ssl_cert_file", cert.as_str()),
-        ("ssl_key_file", key.as_str()),
-    ];
-    if major >= 17 {
-        settings.push(("trace_connection_negotiation", "on"));
-    }
-    let cluster = TestCluster::start_major(major, &settings)
+    let negotiation: &[(&str, &str)] = if major >= 17 {
+        &[("trace_connection_negotiation", "on")]
+    } else {
+        &[]
+    };
+    ServerTls::signed_by(pki)
+        .start_major(major, negotiation)
         .expect("an installed major")
-        .unwrap_or_else(|e| panic!("starting PostgreSQL {major} with ssl=on: {e}"));
-    (cluster, server_dir)
 }
 
 fn direct_upstream(cluster: &TestCluster, pki: &Pki) -> Config {
@@ -384,7 +267,7 @@ async fn upstream_negotiation_direct_starts_tls_at_once_with_a_postgres_17_serve
     let Some(major) = installed_major_at_least(17, "upstream_negotiation = \"direct\"") else {
         return;
     };
-    let pki = pki();
+    let pki = Pki::new("lockguard direct TLS test CA");
     let (cluster, _server_dir) = tls_cluster(major, &pki);
     let proxy = start(direct_upstream(&cluster, &pki)).await;
     let (client, connection) = tokio_postgres::Config::new()
@@ -397,14 +280,7 @@ async fn upstream_negotiation_direct_starts_tls_at_once_with_a_postgres_17_serve
         .await
         .expect("a plaintext client through lockguard");
     tokio::spawn(connection);
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .expect("pg_stat_ssl")
-        .get(0);
+    let ssl: bool = tls::upstream_is_tls(&client).await;
     assert!(ssl, "lockguard's connection to the server is not TLS");
     // The server says how: a direct handshake, no SSLRequest.
     let log_path = cluster.log_path().expect("an owned cluster").to_owned();

@@ -216,11 +216,7 @@ async fn a_client_that_stops_reading_a_huge_result_is_held_back_not_buffered() {
 
     let mut greedy = TcpStream::connect(proxy.addr).await.expect("connect");
     let login = raw::login(&mut greedy, cluster.superuser(), "postgres").await;
-    let key = login
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let pid = raw::backend_pid(&login);
     let record = proxy.session_of(pid).await;
     greedy
         .write_all(&raw::query(GREEDY_QUERY))

@@ -176,6 +176,7 @@ async fn run_client(mut client: Client, id: i32, until: Instant) -> Tally {
     tally
 }
 
+// Long because one expensive load run feeds every check: errors, commits, sockets, sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_clients_run_short_transactions_without_errors_or_lost_commits() {
     let duration = load_duration();

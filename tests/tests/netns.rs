@@ -179,6 +179,7 @@ fn client_netns_or_skip() -> Option<ClientNetns> {
     }
 }
 
+// Long because one namespace and link carry the story: lock, wait, link down, kill, event.
 #[tokio::test]
 async fn a_client_whose_link_goes_down_is_detected_by_keepalive_and_its_backend_terminated() {
     let Some(netns) = client_netns_or_skip() else {
@@ -208,11 +209,7 @@ async fn a_client_whose_link_goes_down_is_detected_by_keepalive_and_its_backend_
     std_stream.set_nonblocking(true).expect("non-blocking");
     let mut app = TcpStream::from_std(std_stream).expect("tokio stream");
     let login = raw::login(&mut app, guard_support::app_role(cluster), &db).await;
-    let key = login
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    let app_pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let app_pid = raw::backend_pid(&login);
     for sql in [
         "BEGIN",
         "SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE",

@@ -10,105 +10,38 @@
 //! Skipped with a message when PgBouncer is not installed, except under `CI=true`.
 
 use std::collections::BTreeSet;
-use std::io;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-use guard_core::{AuditEvent, Outcome, Registry, TxnState};
-use lockguard::{GuardHandle, Proxy};
+use guard_core::{AuditEvent, Outcome, TxnState};
+use lockguard::GuardHandle;
 use lockguard_config::{Config, Upstream};
+use lockguard_sandbox::named_rows;
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{self, app_role, wait_for, BlockedLogin};
+use lockguard_tests::logs;
 use lockguard_tests::pgbouncer::{self, PgBouncer, PgBouncerOptions, PoolMode};
-use lockguard_tests::proxy::config_for;
+use lockguard_tests::proxy::{config_for, TestProxy};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 const PROTECTED: &str = "app.user_sessions";
 const INFLIGHT_GRACE: Duration = Duration::from_millis(500);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
-// ---- the log, captured -------------------------------------------------------------------
-
-/// Every WARN (and worse) line any lockguard of this test binary logged.
-static CAPTURED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct CaptureWriter;
-
-impl io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        captured().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn captured() -> std::sync::MutexGuard<'static, Vec<u8>> {
-    CAPTURED.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Installs this binary's log subscriber: warnings into [`CAPTURED`], and, with `RUST_LOG`
-/// set, everything it selects to the test output.
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let capture = tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .with_writer(|| CaptureWriter)
-            .with_filter(tracing_subscriber::filter::LevelFilter::WARN);
-        let console = std::env::var_os("RUST_LOG").map(|_| {
-            tracing_subscriber::fmt::layer()
-                .with_test_writer()
-                .with_filter(tracing_subscriber::EnvFilter::from_default_env())
-        });
-        tracing_subscriber::registry()
-            .with(capture)
-            .with(console)
-            .init();
-    });
-}
-
-/// The captured lines that contain every one of `needles`.
-fn log_lines_with(needles: &[&str]) -> Vec<String> {
-    String::from_utf8_lossy(&captured())
-        .lines()
-        .filter(|line| needles.iter().all(|n| line.contains(n)))
-        .map(str::to_owned)
-        .collect()
-}
-
 // ---- the chain ---------------------------------------------------------------------------
 
-/// lockguard started in-process with its console; stopped on drop.
+/// lockguard started in-process with its console, its log captured; stopped on drop.
 struct Lockguard {
-    addr: SocketAddr,
+    proxy: TestProxy,
     console: SocketAddr,
-    registry: Arc<Registry>,
     guard: GuardHandle,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-impl Drop for Lockguard {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.hard_stop.cancel();
-    }
 }
 
 impl Lockguard {
     /// lockguard forwarding to `upstream`, its guard (connected to the test cluster itself)
     /// protecting [`PROTECTED`], its console open to loopback logins.
     async fn start(upstream: Upstream) -> Lockguard {
-        capture_logs();
         let cluster = TestCluster::shared();
         let mut config: Config = config_for(cluster);
         config.proxy.upstream = upstream;
@@ -121,17 +54,12 @@ impl Lockguard {
         config.guard.sweep_interval = Duration::from_millis(100);
         config.admin.trust_loopback = true;
         config.admin.http_enabled = false;
-        let proxy = Proxy::bind(config).await.expect("bind lockguard");
-        let lockguard = Lockguard {
-            addr: proxy.local_addr().expect("lockguard address"),
-            console: proxy.admin_console_addr().expect("console enabled"),
-            registry: proxy.registry(),
-            guard: proxy.guard().expect("guard configured"),
-            shutdown: proxy.shutdown_token(),
-            hard_stop: proxy.hard_stop_token(),
-        };
-        tokio::spawn(proxy.run());
-        lockguard
+        let proxy = TestProxy::options(config).capture_logs().start().await;
+        Lockguard {
+            console: proxy.console.expect("console enabled"),
+            guard: proxy.guard().expect("guard configured").clone(),
+            proxy,
+        }
     }
 
     /// `SHOW CLIENTS` on the console, as (column → value) maps.
@@ -183,7 +111,7 @@ impl Chain {
             port: cluster.port(),
         })
         .await;
-        let bouncer = start_pgbouncer(binary, lockguard.addr, mode).await;
+        let bouncer = start_pgbouncer(binary, lockguard.proxy.addr, mode).await;
         Some(Chain {
             db,
             observer,
@@ -271,21 +199,13 @@ async fn rows(
     client: &Client,
     sql: &str,
 ) -> Vec<std::collections::HashMap<String, Option<String>>> {
-    client
+    let answer = client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    named_rows(&answer)
         .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                row.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_owned(), row.get(i).map(str::to_owned)))
-                    .collect(),
-            ),
-            _ => None,
-        })
+        .map(|row| row.into_iter().collect())
         .collect()
 }
 
@@ -363,7 +283,8 @@ async fn killed_app_mid_statement(test: &str, mode: PoolMode) {
     // lockguard knows PgBouncer's server connection by its real backend.
     let session = chain
         .lockguard
-        .registry
+        .proxy
+        .registry()
         .find_by_pid(holder)
         .unwrap_or_else(|| panic!("lockguard has no session for backend {holder}"));
     assert_eq!(session.state(), TxnState::Active);
@@ -612,13 +533,13 @@ async fn in_front_of_pgbouncer_lockguard_logs_that_it_cannot_map_backends() {
         port: bouncer.port(),
     })
     .await;
-    let app = connect_app(lockguard.addr, &db).await;
+    let app = connect_app(lockguard.proxy.addr, &db).await;
     let real_pid: i32 = app
         .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
         .await
         .expect("the app's backend pid")
         .get(0);
-    let sessions = lockguard.registry.snapshot();
+    let sessions = lockguard.proxy.registry().snapshot();
     let [session] = sessions.as_slice() else {
         panic!("one session expected, got {}", sessions.len());
     };
@@ -636,14 +557,14 @@ async fn in_front_of_pgbouncer_lockguard_logs_that_it_cannot_map_backends() {
     ];
     lockguard.show_clients().await;
     assert_eq!(
-        log_lines_with(&needles).len(),
+        logs::lines_with(&needles).len(),
         1,
         "captured log:\n{}",
-        String::from_utf8_lossy(&captured())
+        logs::all()
     );
     // Once per session: the next probe (SHOW CLIENTS waits for a fresh one) says nothing new.
     lockguard.show_clients().await;
-    assert_eq!(log_lines_with(&needles).len(), 1);
+    assert_eq!(logs::lines_with(&needles).len(), 1);
     drop(app);
 }
 

@@ -23,6 +23,7 @@ async fn settles_to(record: &guard_core::SessionRecord, want: TxnState) {
     .await;
 }
 
+// Long because it walks one session through every state, each step where the last ended.
 #[tokio::test]
 async fn registry_tracks_pid_identity_and_transaction_state() {
     let cluster = TestCluster::shared();
@@ -270,11 +271,7 @@ async fn stray_copy_end_keeps_the_statement_in_flight(prefix: &str, stray: &[Vec
     let cluster = TestCluster::shared();
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
     let login = raw::login(&mut app, app_role(cluster), &db).await;
-    let key = login
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let pid = raw::backend_pid(&login);
     let record = proxy.session_of(pid).await;
 
     let mut bytes = extended_round(LOCK_AND_SLEEP);
@@ -365,11 +362,7 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
     let proxy = TestProxy::start(cluster).await;
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
     let login = raw::login(&mut app, app_role(cluster), &db).await;
-    let key = login
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let pid = raw::backend_pid(&login);
     let record = proxy.session_of(pid).await;
     // Created directly: an ordinary role may not create tables in `public` (PostgreSQL 15+).
     let owner = guard_support::connect(cluster, &db).await;
@@ -422,11 +415,7 @@ async fn copy_in_ended_every_way_leaves_the_session_idle() {
 async fn raw_session(proxy: &TestProxy, db: &str) -> (TcpStream, i32) {
     let mut app = TcpStream::connect(proxy.addr).await.expect("connect");
     let login = raw::login(&mut app, app_role(TestCluster::shared()), db).await;
-    let key = login
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let pid = raw::backend_pid(&login);
     (app, pid)
 }
 

@@ -331,6 +331,7 @@ impl Model {
     }
 }
 
+// Long because each random case drives one raw session and compares after every server message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tracker_follows_the_server_through_random_message_sequences() {
     let seed = std::env::var("LOCKGUARD_TRACKER_SEED")
@@ -362,11 +363,7 @@ async fn the_tracker_follows_the_server_through_random_message_sequences() {
     // Pieces are written as they come, not held back for an acknowledgement.
     stream.set_nodelay(true).expect("TCP_NODELAY");
     let login = raw::login(&mut stream, app_role(cluster), &db).await;
-    let key = login
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    let pid = i32::from_be_bytes([key.body[0], key.body[1], key.body[2], key.body[3]]);
+    let pid = raw::backend_pid(&login);
     let session = proxy.session_of(pid).await.id;
 
     let (mut read, write) = stream.into_split();
