@@ -8,8 +8,8 @@
   const CONFIRM_MS = 4000;
   const SVG = "http://www.w3.org/2000/svg";
 
-  const NODE_W = 270;
-  const NODE_H = 92;
+  const NODE_W = 300;
+  const NODE_H = 108;
   const COL_GAP = 150;
   const ROW_GAP = 22;
   const PAD = 16;
@@ -159,13 +159,14 @@
     if (n.kind === "outside") {
       return [
         ["title", "not proxied · pid " + n.backend_pid],
-        ["muted", "a direct connection to " + (n.database || "the server")],
+        ["muted", cut("a direct connection to " + (n.database || "the server"), 40)],
         ["", "waiting for a lock"],
       ];
     }
     const lines = [
       ["title", "#" + n.client_id + " " + cut(n.application_name || "(no application)", 26)],
-      ["muted", cut(n.user + "@" + n.database + " · " + n.client_addr + " · pid " + (n.backend_pid ?? "–"), 44)],
+      ["", "pid " + (n.backend_pid ?? "–") + " · " + n.client_addr],
+      ["muted", cut(n.user + "@" + n.database, 44)],
       ["", cut(n.state + " " + duration(n.state_age_s) + (n.xact_age_s !== null ? " · xact " + duration(n.xact_age_s) : ""), 44)],
     ];
     if (n.locks.length) {
@@ -173,7 +174,7 @@
     }
     if (n.due) {
       const verb = n.due.action === "dry_run" ? "would terminate (dry run)" : n.due.action;
-      lines.push(["due", cut("⏱ " + verb + " in " + duration(n.due.in_s) + " · rule " + n.due.rule, 44)]);
+      lines.push(["due", cut("due: " + verb + " in " + duration(n.due.in_s) + " · rule " + n.due.rule, 44)]);
     }
     return lines;
   }
@@ -229,8 +230,8 @@
       }));
       const lx = mid;
       const ly = (y1 + y2) / 2 - 6;
-      g.appendChild(svg("text", { x: lx, y: ly, "text-anchor": "middle" }, cut(e.table, 34)));
-      g.appendChild(svg("text", { x: lx, y: ly + 14, "text-anchor": "middle" }, cut(e.mode, 34)));
+      g.appendChild(svg("text", { x: lx, y: ly - 8, "text-anchor": "middle" }, cut(e.table, 34)));
+      g.appendChild(svg("text", { x: lx, y: ly + 6, "text-anchor": "middle" }, cut(e.mode, 34)));
       edges.appendChild(g);
     }
     root.replaceChild(edges, $("graph-edges"));
@@ -258,7 +259,7 @@
     ["xact_age_s", (c) => duration(c.xact_age_s), "num"],
     ["protected_locks", (c) => (c.protected_locks === null ? "" : String(c.protected_locks)), "num"],
     ["waiters", (c) => (c.waiters === null ? "" : String(c.waiters)), "num"],
-    ["last_statement", (c) => c.last_statement, "statement"],
+    ["last_statement", (c) => cut(c.last_statement, 60), "statement"],
   ];
 
   function sortValue(c, key) {

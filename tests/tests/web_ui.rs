@@ -1,0 +1,485 @@
+//! The operator's web page (`/ui`) in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver, started here on a free port) against lockguard in front of the test cluster.
+//! An incident is staged — a proxied session holds a row of the protected table in an open
+//! transaction, a direct session waits for it — and the page must draw the wait, kill the
+//! holder with the token the operator types, and show the event; without a token it is
+//! read-only. The page's HTTP answers (security headers, the Host check) are checked too.
+//!
+//! Chromium and chromedriver are not optional: without them the test fails and says which
+//! Debian packages to install (`.ci/run` installs them).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client as Browser, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use lockguard_tests::admin::{admin_config, database, direct, start, Running, API_TOKEN};
+use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::guard_support::{app_role, backend_alive, wait_for, BlockedLogin};
+use lockguard_tests::http::Request;
+use tokio_postgres::NoTls;
+
+/// The page must show a new wait within this long (it refreshes every 1.5 s).
+const SHOWN_WITHIN: Duration = Duration::from_secs(3);
+/// How long the other page updates and the kill may take.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---- the browser --------------------------------------------------------------------------
+
+/// A chromedriver process (in its own process group, with the Chromium it starts), killed
+/// on drop.
+struct Chromedriver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        // The whole group: chromedriver and the browser it started.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds `name` on `PATH` (or the path in `$env_var`), failing with the package to install.
+fn tool(name: &str, env_var: &str, package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var) {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the web page tests need {name}, which is not on PATH: install the Debian \
+                 package {package} (apt-get install chromium chromium-driver; .ci/run does), \
+                 or set {env_var}"
+            )
+        })
+}
+
+impl Chromedriver {
+    /// Starts chromedriver on a free port and waits until it accepts connections.
+    async fn start() -> Chromedriver {
+        let driver = tool("chromedriver", "CHROMEDRIVER", "chromium-driver");
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            listener.local_addr().expect("its address").port()
+        };
+        let log = output_dir().join(format!("chromedriver-{port}.log"));
+        let mut command = Command::new(&driver);
+        command
+            .arg(format!("--port={port}"))
+            .arg(format!("--log-path={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", driver.display()));
+        let chromedriver = Chromedriver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for(WAIT, "chromedriver to listen", || async move {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        chromedriver
+    }
+
+    /// A new headless Chromium session.
+    async fn browser(&self) -> Browser {
+        let chromium = tool("chromium", "CHROMIUM", "chromium");
+        let capabilities = serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": chromium,
+                // As root (CI) Chromium needs --no-sandbox; /dev/shm is small in containers.
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-dev-shm-usage",
+                    "--disable-gpu",
+                    "--window-size=1400,1000",
+                ],
+            }
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!("a JSON object");
+        };
+        ClientBuilder::new(HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("a Chromium session from chromedriver: {e}"))
+    }
+}
+
+/// Where screenshots and logs go: `target/web-ui/`.
+fn output_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("web-ui");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+/// Waits for an element matching `css` (the page redraws on its own timer).
+async fn shown(browser: &Browser, css: &str, within: Duration) -> fantoccini::elements::Element {
+    match browser
+        .wait()
+        .at_most(within)
+        .every(Duration::from_millis(50))
+        .for_element(Locator::Css(css))
+        .await
+    {
+        Ok(element) => element,
+        Err(e) => {
+            let status = page_text(browser, "#status").await;
+            panic!("the page did not show {css} within {within:?} ({e}); its status line: {status:?}")
+        }
+    }
+}
+
+async fn page_text(browser: &Browser, css: &str) -> String {
+    match browser.find(Locator::Css(css)).await {
+        Ok(element) => element.text().await.unwrap_or_default(),
+        Err(e) => format!("<{css} not found: {e}>"),
+    }
+}
+
+// ---- the incident -------------------------------------------------------------------------
+
+/// A proxied application session, through tokio-postgres so it names its application.
+async fn proxied(running: &Running, db: &str, application: &str) -> (tokio_postgres::Client, i32) {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(running.addr.port())
+        .user(app_role(TestCluster::shared()))
+        .dbname(db)
+        .application_name(application)
+        .connect_timeout(WAIT)
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting through the proxy: {e:?}"));
+    tokio::spawn(connection);
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the backend pid")
+        .get(0);
+    (client, pid)
+}
+
+/// A proxied session that holds row 1 of `app.user_sessions` in an open transaction, and its
+/// client id; a bystander session that holds nothing.
+async fn blocker(running: &Running, db: &str) -> (tokio_postgres::Client, i32, u64) {
+    let (client, pid) = proxied(running, db, "billing-worker").await;
+    client
+        .batch_execute("BEGIN; UPDATE app.user_sessions SET token = 'held' WHERE id = 1")
+        .await
+        .expect("the holder's update");
+    let id = running
+        .admin
+        .registry()
+        .find_by_pid(pid)
+        .expect("the holder is a registered session")
+        .id;
+    (client, pid, id)
+}
+
+/// The token-protected endpoint: the operator types the token, the page draws the wait (the
+/// holder marked with the idle rule's countdown), the kill button ends the holder, the waiter
+/// proceeds and the event appears; a screenshot of the incident goes to
+/// `target/web-ui/incident.png`.
+#[tokio::test]
+async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
+    let cluster = TestCluster::shared();
+    let db = database("webui_kill").await;
+    let mut config = admin_config(&["app.user_sessions"]);
+    // Long enough that only the operator acts; the page shows the countdown.
+    config.guard.idle_in_transaction_timeout = Duration::from_secs(600);
+    let running = start(config, None).await;
+    let observer = direct(&db).await;
+    let (_holder, holder_pid, holder_id) = blocker(&running, &db).await;
+    let (bystander, _) = proxied(&running, &db, "report-job").await;
+    bystander.execute("SELECT 1", &[]).await.expect("a query");
+
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("http://{}/ui", running.http))
+        .await
+        .expect("open the page");
+    // No token yet: read-only, and this endpoint does not even answer reads.
+    let mode = shown(&browser, "#mode.read-only", WAIT).await;
+    assert!(mode.text().await.expect("text").contains("read-only"));
+    shown(&browser, "#status.error", WAIT).await;
+    assert!(page_text(&browser, "#status").await.contains("token"));
+
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .expect("the token field")
+        .send_keys(API_TOKEN)
+        .await
+        .expect("type the token");
+    browser
+        .find(Locator::Id("token-use"))
+        .await
+        .expect("the Use button")
+        .click()
+        .await
+        .expect("click Use");
+    shown(&browser, "#mode.armed", WAIT).await;
+    let holder_node = format!("#graph g.node[data-node=\"client:{holder_id}\"]");
+    shown(&browser, &holder_node, WAIT).await;
+
+    let login = BlockedLogin::start(cluster, &db, &observer).await;
+    let waiting_since = Instant::now();
+    let edge = format!(
+        "#graph g.edge[data-waiter=\"pid:{}\"][data-holder=\"client:{holder_id}\"]",
+        login.pid
+    );
+    shown(&browser, &edge, SHOWN_WITHIN).await;
+    assert!(waiting_since.elapsed() <= SHOWN_WITHIN + Duration::from_millis(500));
+    let label = page_text(&browser, &edge).await;
+    assert!(label.contains("app.user_sessions"), "{label}");
+    assert!(label.contains("RowExclusiveLock"), "{label}");
+    // The holder: its application, backend, state, and the idle rule counting down on it.
+    let holder_text = shown(&browser, &format!("{holder_node}.holder.due"), WAIT)
+        .await
+        .text()
+        .await
+        .expect("the holder's text");
+    for part in [
+        "billing-worker",
+        &format!("pid {holder_pid}"),
+        "idle in transaction",
+        "terminate in",
+        "rule default",
+    ] {
+        assert!(holder_text.contains(part), "{part:?} in {holder_text:?}");
+    }
+    let outside = page_text(
+        &browser,
+        &format!("#graph g.node.outside[data-node=\"pid:{}\"]", login.pid),
+    )
+    .await;
+    assert!(outside.contains("not proxied"), "{outside}");
+    // The clients table lists both sessions; the holder's row is marked.
+    shown(
+        &browser,
+        &format!("#clients-body tr.holder[data-client=\"{holder_id}\"]"),
+        WAIT,
+    )
+    .await;
+    let screenshot = browser.screenshot().await.expect("a screenshot");
+    let path = output_dir().join("incident.png");
+    std::fs::write(&path, screenshot).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    // Kill asks once more; the second click ends the holder's backend.
+    let kill = format!("#clients-body button.kill[data-client=\"{holder_id}\"]");
+    let button = shown(&browser, &kill, WAIT).await;
+    assert!(button.is_enabled().await.expect("enabled?"));
+    button.click().await.expect("click Kill");
+    shown(&browser, &format!("{kill}.confirm"), WAIT)
+        .await
+        .click()
+        .await
+        .expect("click Confirm kill");
+    login.proceeds(WAIT).await;
+    assert!(!backend_alive(&observer, holder_pid).await);
+    let event = shown(
+        &browser,
+        &format!(
+            "#events li[data-client=\"{holder_id}\"][data-trigger=\"operator\"][data-outcome=\"terminated\"]"
+        ),
+        WAIT,
+    )
+    .await
+    .text()
+    .await
+    .expect("the event's text");
+    assert!(event.contains(&holder_pid.to_string()), "{event}");
+    assert!(event.contains("app.user_sessions"), "{event}");
+    // The graph lets go of the wait and of the holder.
+    wait_for(WAIT, "the wait to leave the graph", || {
+        let browser = browser.clone();
+        let edge = edge.clone();
+        async move { browser.find(Locator::Css(&edge)).await.is_err() }
+    })
+    .await;
+    browser.close().await.expect("close the browser");
+}
+
+/// Without an API token configured the page shows the incident to anyone on a loopback or
+/// IP address, but is read-only: it says so and every kill button is disabled.
+#[tokio::test]
+async fn without_a_token_the_page_is_read_only_and_its_kill_buttons_are_disabled() {
+    let cluster = TestCluster::shared();
+    let db = database("webui_read_only").await;
+    let mut config = admin_config(&["app.user_sessions"]);
+    config.admin.api_token = None;
+    let running = start(config, None).await;
+    let observer = direct(&db).await;
+    let (_holder, holder_pid, holder_id) = blocker(&running, &db).await;
+
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("http://{}/ui", running.http))
+        .await
+        .expect("open the page");
+    let login = BlockedLogin::start(cluster, &db, &observer).await;
+    shown(
+        &browser,
+        &format!(
+            "#graph g.edge[data-waiter=\"pid:{}\"][data-holder=\"client:{holder_id}\"]",
+            login.pid
+        ),
+        SHOWN_WITHIN,
+    )
+    .await;
+    let button = shown(
+        &browser,
+        &format!("#clients-body button.kill[data-client=\"{holder_id}\"]"),
+        WAIT,
+    )
+    .await;
+    assert!(!button.is_enabled().await.expect("enabled?"));
+    assert!(page_text(&browser, "#mode").await.contains("read-only"));
+    // Clicking a disabled button does nothing: the holder is still there.
+    let _ = button.click().await;
+    assert!(backend_alive(&observer, holder_pid).await);
+    browser.close().await.expect("close the browser");
+}
+
+// ---- the page's HTTP answers --------------------------------------------------------------
+
+const SECURITY_HEADERS: [(&str, &str); 2] = [
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+];
+
+fn assert_security_headers(what: &str, response: &lockguard_tests::http::Response) {
+    for (name, value) in SECURITY_HEADERS {
+        assert_eq!(
+            response.headers.get(name).map(String::as_str),
+            Some(value),
+            "{name} on {what}: {:?}",
+            response.headers
+        );
+    }
+    let csp = response
+        .headers
+        .get("content-security-policy")
+        .unwrap_or_else(|| panic!("no Content-Security-Policy on {what}"));
+    for directive in ["default-src 'self'", "script-src 'self'", "frame-ancestors 'none'"] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+}
+
+/// The page, its assets, the API and the refusals all carry the CSP (own script and style
+/// only), X-Frame-Options DENY and nosniff; the page needs no inline code to work under it.
+#[tokio::test]
+async fn every_answer_carries_the_security_headers_and_the_page_has_no_inline_code() {
+    let running = start(admin_config(&["app.user_sessions"]), None).await;
+    for (path, token, status, content_type) in [
+        ("/ui", None, 200, "text/html"),
+        ("/ui/app.js", None, 200, "text/javascript"),
+        ("/ui/style.css", None, 200, "text/css"),
+        ("/api/locks", Some(API_TOKEN), 200, "application/json"),
+        ("/api/locks", None, 401, "application/json"),
+        ("/api/clients", Some("wrong"), 403, "application/json"),
+        ("/healthz", None, 200, "application/json"),
+    ] {
+        let response = Request::get(path).token(token).send(running.http).await;
+        assert_eq!(response.status, status, "{path}: {}", response.body);
+        assert!(
+            response
+                .headers
+                .get("content-type")
+                .is_some_and(|t| t.starts_with(content_type)),
+            "{path}: {:?}",
+            response.headers
+        );
+        assert_security_headers(path, &response);
+    }
+    let root = Request::get("/").send(running.http).await;
+    assert!((300..400).contains(&root.status), "{}", root.status);
+    assert_eq!(root.headers.get("location").map(String::as_str), Some("/ui"));
+    assert_security_headers("/", &root);
+
+    let page = Request::get("/ui").send(running.http).await.body;
+    let lower = page.to_ascii_lowercase();
+    assert!(!lower.contains("<style"), "inline style element");
+    assert!(!lower.contains(" style="), "inline style attribute");
+    assert!(!lower.contains("javascript:"), "javascript: URL");
+    // Every script is an external file of the endpoint's own.
+    assert_eq!(
+        lower.matches("<script").count(),
+        lower.matches("<script src=\"/ui/").count(),
+        "inline script"
+    );
+    // No inline event handler attribute (onclick=, onload=, ...).
+    let handler = lower
+        .split(|c: char| c.is_whitespace())
+        .find(|word| word.starts_with("on") && word.contains('='));
+    assert_eq!(handler, None, "inline event handler");
+    // No external resource: every src/href is the endpoint's own.
+    for attribute in ["src=\"", "href=\""] {
+        for value in lower.split(attribute).skip(1) {
+            assert!(value.starts_with('/'), "{attribute}{value:.40}");
+        }
+    }
+
+    let locks = Request::get("/api/locks")
+        .token(Some(API_TOKEN))
+        .send(running.http)
+        .await
+        .json();
+    assert!(locks["nodes"].is_array() && locks["edges"].is_array(), "{locks}");
+    assert_eq!(locks["guard_enabled"], true, "{locks}");
+}
+
+/// Without a token the page and the lock graph are under the Host check like the rest of the
+/// API: a DNS-rebinding page (a name that is not an IP literal or localhost) gets 421, with
+/// the security headers; by IP or as localhost they answer.
+#[tokio::test]
+async fn without_a_token_the_page_answers_only_requests_addressed_by_ip_or_localhost() {
+    let mut config = admin_config(&["app.user_sessions"]);
+    config.admin.api_token = None;
+    let running = start(config, None).await;
+    for path in ["/", "/ui", "/ui/app.js", "/ui/style.css", "/api/locks"] {
+        for host in ["attacker.example", "attacker.example:9930", "localhost.attacker.example"] {
+            let response = Request::get(path).host(host).send(running.http).await;
+            assert_eq!(response.status, 421, "{path} for {host}: {}", response.body);
+            assert_security_headers(path, &response);
+        }
+        let localhost = format!("localhost:{}", running.http.port());
+        for host in [running.http.to_string(), localhost] {
+            let response = Request::get(path).host(&host).send(running.http).await;
+            assert!(
+                response.status == 200 || (path == "/" && response.status < 400),
+                "{path} for {host}: {} {}",
+                response.status,
+                response.body
+            );
+        }
+    }
+}
