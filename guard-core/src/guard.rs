@@ -20,6 +20,7 @@ use crate::enforcer::{self, Identity, RequiredState, Termination};
 use crate::error::GuardError;
 use crate::latency::ProbeTimer;
 pub use crate::latency::{ProbeLatency, PROBE_BUCKETS};
+use crate::lock_graph;
 use crate::policy::{LeaveReason, Rules, Trigger};
 use crate::probe::{self, BackendFacts};
 use crate::registry::Registry;
@@ -45,7 +46,12 @@ const SWEEP_REPORTS: usize = 64;
 
 /// The statements every guard connection prepares when it opens: the probe and the kill with
 /// its lookup, so each is one round trip. Their SQL lives with the modules that run it.
-pub const STATEMENTS: &[&str] = &[probe::PROBE_SQL, enforcer::KILL_SQL, enforcer::LOOKUP_SQL];
+pub const STATEMENTS: &[&str] = &[
+    probe::PROBE_SQL,
+    enforcer::KILL_SQL,
+    enforcer::LOOKUP_SQL,
+    lock_graph::LOCK_GRAPH_SQL,
+];
 
 /// What the guard did about one session. The policy's [`Verdict`](crate::policy::Verdict)
 /// says what the rules ask for; this says what came of it, with the recorded event (whose

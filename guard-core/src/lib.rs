@@ -7,6 +7,8 @@
 //!   reconnected with backoff;
 //! - [`probe`]: granted locks on protected tables, waiters and `pg_stat_activity` facts of a
 //!   set of backends, in one round trip;
+//! - [`lock_graph`]: the database's wait-for graph (waiters, their blockers, since when),
+//!   which the blocking budget judges;
 //! - [`policy`]: the rules, as a pure function from facts to a verdict;
 //! - [`enforcer`]: `pg_terminate_backend` verified against the session's identity in the
 //!   same statement;
@@ -37,6 +39,7 @@ pub mod error;
 pub mod guard;
 mod judge;
 pub mod latency;
+pub mod lock_graph;
 pub mod policy;
 pub mod probe;
 pub mod registry;
@@ -54,6 +57,7 @@ pub use enforcer::{Identity, RequiredState, Termination};
 pub use error::GuardError;
 pub use guard::{Decision, Guard, GuardHealth, HealthStatus, SweepReport, KILL_SQLSTATE};
 pub use latency::ProbeLatency;
+pub use lock_graph::{GraphBackend, LockGraph, RelationLock, Wait};
 pub use policy::{LeaveReason, Trigger, Verdict};
 pub use probe::{BackendFacts, HeldLock};
 pub use registry::{Registration, Registry};
