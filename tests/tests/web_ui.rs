@@ -279,7 +279,9 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
         &format!("#graph g.node.outside[data-node=\"pid:{}\"]", login.pid),
     )
     .await;
+    // The waiter is not lockguard's: drawn as an outside node, with how long it has waited.
     assert!(outside.contains("not proxied"), "{outside}");
+    assert!(outside.contains("waiting"), "{outside}");
     // The clients table lists both sessions; the holder's row is marked.
     shown(
         &browser,

@@ -320,7 +320,7 @@ async fn api_events(State(admin): Shared, headers: HeaderMap) -> Response {
 
 async fn api_locks(State(admin): Shared, headers: HeaderMap) -> Response {
     match authorize(&admin, &headers) {
-        Ok(_) => Json(admin.lock_graph().await).into_response(),
+        Ok(_) => Json(admin.locks_view().await).into_response(),
         Err(refusal) => refusal.into_response(),
     }
 }

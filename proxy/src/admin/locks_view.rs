@@ -1,23 +1,28 @@
 //! `GET /api/locks`: the wait-for graph of the protected tables, for the web page and for
-//! scripts. Every proxied session is a node; every wait behind a proxied session's lock on a
-//! protected table is an edge from the waiter to the holder, and a waiter that is not a
-//! proxied session (psql on the server, a cron job) is an "outside" node, so the picture
-//! shows who is stuck, not only who is guilty. Each holder carries the action the guard's
-//! rules will take on it and when, computed from the settings in force.
+//! scripts. Every proxied session is a node; every wait for a lock on a protected table is an
+//! edge from the waiter to its blocker (`pg_blocking_pids`), and a backend in such a wait that
+//! is not a proxied session (psql on the server, a cron job) is an "outside" node, so the
+//! picture shows who is stuck, not only who is guilty. Each proxied holder carries the action
+//! the guard's rules will take on it and when, computed from the settings in force.
 //!
-//! The edges come from the same shared, rate-limited probe as SHOW CLIENTS ([`super::probes`]),
-//! so a page refreshing every second costs no more than any other reader.
+//! The sessions' own facts come from the shared, rate-limited probe of SHOW CLIENTS
+//! ([`super::probes`]); the waits from the guard's wait-for graph of each database
+//! ([`guard_core::lock_graph`]), read at most once per [`MIN_PROBE_INTERVAL`] per database
+//! whoever asks, so a page refreshing every second costs no more than any other reader and
+//! never queues reads ahead of a kill on the guard's connection.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
 use guard_core::policy::{Rules, TriggerKind};
-use guard_core::{HeldLock, SessionRecord, TxnState};
+use guard_core::{GraphBackend, Guard, HeldLock, Identity, SessionRecord, TxnState};
+use lockguard_config::TablePattern;
 use serde::Serialize;
+use tokio::time::Instant;
 
-use super::probes::Probed;
+use super::probes::{Probed, MIN_PROBE_INTERVAL};
 use super::Admin;
 
 /// The name a holder's due action is reported under while the guard has one set of rules:
@@ -26,7 +31,7 @@ pub const DEFAULT_RULE: &str = "default";
 
 /// The whole answer of `GET /api/locks`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct LockGraph {
+pub struct LocksView {
     /// Whether the guard is configured (without it there are no probes: no edges, no locks).
     pub guard_enabled: bool,
     /// Whether dry-run is on: due actions would only be recorded.
@@ -57,6 +62,9 @@ pub struct Node {
     pub locks: Vec<LockLabel>,
     /// What the guard will do to it and when, if a rule is counting down on it.
     pub due: Option<DueAction>,
+    /// How long it has waited for a lock on a protected table (PostgreSQL 14+ says since
+    /// when), if it waits.
+    pub waited_s: Option<f64>,
 }
 
 /// A lock on a protected table.
@@ -139,103 +147,244 @@ fn client_node_id(session: &SessionRecord) -> String {
     format!("client:{}", session.id)
 }
 
+fn outside_node_id(pid: i32) -> String {
+    format!("pid:{pid}")
+}
+
+/// One database's wait-for graph as the guard read it, with the server's clock then.
+type DatabaseGraph = Arc<(guard_core::LockGraph, SystemTime)>;
+
+/// One gate per database for the wait-for graph reads, as [`super::probes::ProbeGates`] has
+/// for the probes: one read at a time, at most one per [`MIN_PROBE_INTERVAL`], every reader
+/// waiting shares the next read's answer, and no answer is older than its request.
+#[derive(Default)]
+pub struct GraphGates {
+    gates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(Instant, DatabaseGraph)>>>>>,
+}
+
+impl GraphGates {
+    async fn read(&self, guard: &Guard, database: &str) -> Option<DatabaseGraph> {
+        let asked = Instant::now();
+        let gate = {
+            let mut gates = match self.gates.lock() {
+                Ok(gates) => gates,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            Arc::clone(gates.entry(database.to_owned()).or_default())
+        };
+        let mut last = gate.lock().await;
+        if let Some((started, graph)) = last.as_ref() {
+            if *started >= asked {
+                return Some(Arc::clone(graph));
+            }
+            tokio::time::sleep_until(*started + MIN_PROBE_INTERVAL).await;
+        }
+        let started = Instant::now();
+        match guard.wait_for_graph(database).await {
+            Ok(graph) => {
+                let graph = Arc::new(graph);
+                *last = Some((started, Arc::clone(&graph)));
+                Some(graph)
+            }
+            Err(e) => {
+                tracing::debug!(database, error = %e, "wait-for graph read failed");
+                *last = None;
+                None
+            }
+        }
+    }
+
+    /// Forgets the gates of databases no session uses any more (none is in use by a reader).
+    fn retain(&self, in_use: &HashSet<&str>) {
+        let mut gates = match self.gates.lock() {
+            Ok(gates) => gates,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        gates.retain(|database, gate| {
+            in_use.contains(database.as_str()) || Arc::strong_count(gate) > 1
+        });
+    }
+}
+
+/// A wait for a lock on a protected table, by pid: `waiter` is blocked behind `holder`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PidWait {
+    pub waiter: i32,
+    pub holder: i32,
+    /// `schema.table`.
+    pub table: String,
+    /// The mode the holder holds the table in, else the mode the waiter asks for.
+    pub mode: String,
+}
+
+/// The waits of `graph` that are about protected tables: a waiter whose wanted tables
+/// ([`GraphBackend::wanted_tables`]) include one `patterns` protect, behind each of its
+/// blockers. The table named is one the blocker holds too when there is one (a row-lock
+/// waiter waits on the holder's transaction id, which names no table).
+pub fn protected_waits(graph: &guard_core::LockGraph, patterns: &[TablePattern]) -> Vec<PidWait> {
+    let mut out = Vec::new();
+    for waiter in graph.waiters() {
+        let Some(wait) = &waiter.waiting else {
+            continue;
+        };
+        let protected: Vec<(String, String)> = waiter
+            .wanted_tables()
+            .into_iter()
+            .filter(|(schema, table)| patterns.iter().any(|p| p.matches(schema, table)))
+            .collect();
+        let Some(first) = protected.first() else {
+            continue;
+        };
+        for &blocker in &wait.blockers {
+            let holder = graph.backends.get(&blocker);
+            let held = |(schema, table): &(String, String)| {
+                holder.and_then(|h| h.held_mode(schema, table))
+            };
+            let (schema, table) = protected.iter().find(|t| held(t).is_some()).unwrap_or(first);
+            let mode = held(&(schema.clone(), table.clone())).unwrap_or(&wait.mode);
+            out.push(PidWait {
+                waiter: waiter.pid,
+                holder: blocker,
+                table: format!("{schema}.{table}"),
+                mode: mode.to_owned(),
+            });
+        }
+    }
+    out
+}
+
 impl Admin {
-    /// The wait-for graph as it is now: one probe per database in use (shared with the other
-    /// readers), the databases concurrently.
-    pub async fn lock_graph(&self) -> LockGraph {
+    /// The wait-for graph as it is now: per database in use, the shared probe and the
+    /// wait-for graph read (both rate-limited), the databases concurrently.
+    pub async fn locks_view(&self) -> LocksView {
         let sessions = self.registry.snapshot();
         let Some(guard) = &self.guard else {
-            return build_graph(&sessions, &Probed::new(), None);
+            return build_view(&sessions, &Probed::new(), &[], None, &[]);
         };
         let databases: HashSet<&str> = sessions
             .iter()
             .filter(|s| s.backend_pid().is_some())
             .map(|s| s.client.database.as_str())
             .collect();
-        let probes = databases
-            .iter()
-            .map(|database| self.probes.probe(guard, &self.registry, database));
+        self.wait_graphs.retain(&databases);
+        let reads = databases.iter().map(|database| async move {
+            let (facts, graph) = tokio::join!(
+                self.probes.probe(guard, &self.registry, database),
+                self.wait_graphs.read(guard, database),
+            );
+            (facts, graph.map(|graph| (*database, graph)))
+        });
         let mut probed = Probed::new();
-        for facts in join_all(probes).await {
+        let mut graphs = Vec::new();
+        for (facts, graph) in join_all(reads).await {
             probed.extend(facts.iter().map(|(pid, f)| (*pid, f.clone())));
+            graphs.extend(graph);
         }
         let settings = guard.settings();
-        build_graph(&sessions, &probed, Some(&settings.rules))
+        build_view(
+            &sessions,
+            &probed,
+            &graphs,
+            Some(&settings.rules),
+            &settings.patterns,
+        )
     }
 }
 
-/// The graph of `sessions` from what the probe saw; `rules` is `None` without a guard.
-fn build_graph(
+/// The view of `sessions` from what the probes and the graphs saw; `rules` is `None` without
+/// a guard.
+fn build_view(
     sessions: &[Arc<SessionRecord>],
     probed: &Probed,
+    graphs: &[(&str, DatabaseGraph)],
     rules: Option<&Rules>,
-) -> LockGraph {
+    patterns: &[TablePattern],
+) -> LocksView {
     let by_pid: HashMap<i32, &Arc<SessionRecord>> = sessions
         .iter()
         .filter_map(|s| Some((s.backend_pid()?, s)))
         .collect();
-    let mut nodes = Vec::with_capacity(sessions.len());
     let mut edges = Vec::new();
-    // Outside waiters, once each however many holders they wait for; sorted for a stable page.
+    let mut waited: HashMap<String, f64> = HashMap::new();
+    // Backends in a protected wait that are not proxied sessions, once each.
     let mut outside: BTreeMap<i32, Node> = BTreeMap::new();
-    for session in sessions {
-        let facts = session.backend_pid().and_then(|pid| probed.get(&pid));
-        let locks: Vec<LockLabel> = facts
-            .map(|f| f.locks.iter().map(LockLabel::from).collect())
-            .unwrap_or_default();
-        let waiters = facts.map_or(0, |f| f.waiters.len());
-        let due = rules.and_then(|rules| {
-            due_action(
-                DEFAULT_RULE,
-                rules,
-                session.state(),
-                session.state_age(),
-                locks.len(),
-                waiters,
-            )
-        });
-        let id = client_node_id(session);
-        if let Some(facts) = facts.filter(|f| !f.locks.is_empty()) {
-            // The label: what the holder has on the protected tables (a row-lock waiter waits
-            // on the holder's transaction id, which names no table).
-            let table = join(facts.locks.iter().map(HeldLock::qualified_table));
-            let mode = join(facts.locks.iter().map(|l| l.mode.clone()));
-            for &waiter_pid in &facts.waiters {
-                let waiter = match by_pid.get(&waiter_pid) {
-                    Some(waiter) => client_node_id(waiter),
-                    None => {
-                        outside
-                            .entry(waiter_pid)
-                            .or_insert_with(|| outside_node(waiter_pid, &session.client.database));
-                        format!("pid:{waiter_pid}")
-                    }
-                };
-                edges.push(Edge {
-                    waiter,
-                    holder: id.clone(),
-                    table: table.clone(),
-                    mode: mode.clone(),
-                });
+    for (database, graph) in graphs {
+        let (graph, server_now) = &**graph;
+        let mut id_of = |backend: Option<&GraphBackend>, pid: i32| -> String {
+            let proxied = by_pid.get(&pid).filter(|s| {
+                // The pid is this session's backend unless PostgreSQL shows another
+                // connection under it (when the guard may read `client_port` at all).
+                backend.is_none_or(|b| {
+                    b.client_port.is_none()
+                        || Identity::of(s).matches(b.client_port, b.backend_start)
+                })
+            });
+            match proxied {
+                Some(session) => client_node_id(session),
+                None => {
+                    outside
+                        .entry(pid)
+                        .or_insert_with(|| outside_node(pid, database, backend));
+                    outside_node_id(pid)
+                }
             }
+        };
+        for wait in protected_waits(graph, patterns) {
+            let waiter_backend = graph.backends.get(&wait.waiter);
+            let waiter = id_of(waiter_backend, wait.waiter);
+            let holder = id_of(graph.backends.get(&wait.holder), wait.holder);
+            if let Some(d) = waiter_backend.and_then(|b| b.waited(*server_now)) {
+                waited.insert(waiter.clone(), seconds(d));
+            }
+            edges.push(Edge {
+                waiter,
+                holder,
+                table: wait.table,
+                mode: wait.mode,
+            });
         }
-        nodes.push(Node {
-            id,
-            kind: "client",
-            client_id: Some(session.id),
-            backend_pid: session.backend_pid(),
-            client_addr: Some(session.client.addr.to_string()),
-            user: Some(session.client.user.clone()),
-            database: Some(session.client.database.clone()),
-            application_name: Some(session.client.application_name.clone()),
-            state: Some(session.state().as_str().to_owned()),
-            state_age_s: Some(seconds(session.state_age())),
-            xact_age_s: session.xact_age().map(seconds),
-            locks,
-            due,
-        });
     }
-    nodes.extend(outside.into_values());
-    LockGraph {
+    let mut nodes: Vec<Node> = sessions
+        .iter()
+        .map(|session| {
+            let facts = session.backend_pid().and_then(|pid| probed.get(&pid));
+            let locks: Vec<LockLabel> = facts
+                .map(|f| f.locks.iter().map(LockLabel::from).collect())
+                .unwrap_or_default();
+            let due = rules.and_then(|rules| {
+                due_action(
+                    DEFAULT_RULE,
+                    rules,
+                    session.state(),
+                    session.state_age(),
+                    locks.len(),
+                    facts.map_or(0, |f| f.waiters.len()),
+                )
+            });
+            let id = client_node_id(session);
+            Node {
+                waited_s: waited.get(&id).copied(),
+                id,
+                kind: "client",
+                client_id: Some(session.id),
+                backend_pid: session.backend_pid(),
+                client_addr: Some(session.client.addr.to_string()),
+                user: Some(session.client.user.clone()),
+                database: Some(session.client.database.clone()),
+                application_name: Some(session.client.application_name.clone()),
+                state: Some(session.state().as_str().to_owned()),
+                state_age_s: Some(seconds(session.state_age())),
+                xact_age_s: session.xact_age().map(seconds),
+                locks,
+                due,
+            }
+        })
+        .collect();
+    nodes.extend(outside.into_values().map(|mut node| {
+        node.waited_s = waited.get(&node.id).copied();
+        node
+    }));
+    LocksView {
         guard_enabled: rules.is_some(),
         dry_run: rules.is_some_and(|r| r.dry_run),
         nodes,
@@ -243,39 +392,134 @@ fn build_graph(
     }
 }
 
-fn outside_node(pid: i32, database: &str) -> Node {
+/// A backend that is not a proxied session, with what `pg_stat_activity` says of it.
+fn outside_node(pid: i32, database: &str, backend: Option<&GraphBackend>) -> Node {
     Node {
-        id: format!("pid:{pid}"),
+        id: outside_node_id(pid),
         kind: "outside",
         client_id: None,
         backend_pid: Some(pid),
         client_addr: None,
-        user: None,
+        user: backend.and_then(|b| b.user.clone()),
         database: Some(database.to_owned()),
-        application_name: None,
-        state: None,
+        application_name: backend.and_then(|b| b.application.clone()),
+        state: backend.and_then(|b| b.state.clone()),
         state_age_s: None,
         xact_age_s: None,
         locks: Vec::new(),
         due: None,
+        waited_s: None,
     }
-}
-
-/// Distinct values in first-seen order, comma-separated.
-fn join(values: impl Iterator<Item = String>) -> String {
-    let mut seen: Vec<String> = Vec::new();
-    for value in values {
-        if !seen.contains(&value) {
-            seen.push(value);
-        }
-    }
-    seen.join(", ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use lockguard_config::ClientLossAction;
+    use guard_core::{RelationLock, Wait};
+
+    fn backend(pid: i32, relations: &[(&str, &str, bool)], wait: Option<Wait>) -> GraphBackend {
+        GraphBackend {
+            pid,
+            user: None,
+            application: None,
+            state: None,
+            state_change: None,
+            backend_start: None,
+            client_port: None,
+            relations: relations
+                .iter()
+                .map(|(table, mode, granted)| RelationLock {
+                    schema: "app".into(),
+                    table: (*table).into(),
+                    mode: (*mode).into(),
+                    granted: *granted,
+                })
+                .collect(),
+            waiting: wait,
+        }
+    }
+
+    fn waits_on(locktype: &str, table: Option<&str>, blockers: Vec<i32>) -> Option<Wait> {
+        Some(Wait {
+            locktype: locktype.into(),
+            mode: "ShareLock".into(),
+            since: None,
+            blockers,
+            table: table.map(|t| ("app".into(), t.into())),
+        })
+    }
+
+    fn graph(list: Vec<GraphBackend>) -> guard_core::LockGraph {
+        guard_core::LockGraph {
+            backends: list.into_iter().map(|b| (b.pid, b)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_row_wait_on_a_protected_table_is_labelled_with_the_table_and_the_holders_mode() {
+        let patterns: Vec<TablePattern> = vec!["app.user_sessions".parse().unwrap()];
+        let g = graph(vec![
+            backend(1, &[("user_sessions", "RowExclusiveLock", true)], None),
+            // Waits on 1's transaction id; holds its own RowExclusiveLock on the table.
+            backend(
+                2,
+                &[
+                    ("scratch", "AccessShareLock", true),
+                    ("user_sessions", "RowExclusiveLock", true),
+                ],
+                waits_on("transactionid", None, vec![1]),
+            ),
+            // Waits for a table nobody protects.
+            backend(
+                3,
+                &[("scratch", "AccessExclusiveLock", false)],
+                waits_on("relation", Some("scratch"), vec![1]),
+            ),
+        ]);
+        assert_eq!(
+            protected_waits(&g, &patterns),
+            vec![PidWait {
+                waiter: 2,
+                holder: 1,
+                table: "app.user_sessions".into(),
+                mode: "RowExclusiveLock".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_chain_gives_one_edge_per_link_and_a_table_wait_keeps_the_awaited_mode() {
+        let patterns: Vec<TablePattern> = vec!["app.*".parse().unwrap()];
+        let g = graph(vec![
+            backend(1, &[("user_sessions", "RowExclusiveLock", true)], None),
+            // 2 wants the whole table; 1 holds it in a weaker mode it reports.
+            backend(
+                2,
+                &[("user_sessions", "AccessExclusiveLock", false)],
+                waits_on("relation", Some("user_sessions"), vec![1]),
+            ),
+            // 3 queues behind 2 (and 1); 9 is a blocker the graph does not know.
+            backend(
+                3,
+                &[("user_sessions", "AccessShareLock", false)],
+                waits_on("relation", Some("user_sessions"), vec![1, 2, 9]),
+            ),
+        ]);
+        let edges: Vec<(i32, i32, String)> = protected_waits(&g, &patterns)
+            .into_iter()
+            .map(|w| (w.waiter, w.holder, w.mode))
+            .collect();
+        assert_eq!(
+            edges,
+            vec![
+                (2, 1, "RowExclusiveLock".into()),
+                (3, 1, "RowExclusiveLock".into()),
+                (3, 2, "ShareLock".into()),
+                (3, 9, "ShareLock".into()),
+            ]
+        );
+    }
 
     fn rules() -> Rules {
         Rules {

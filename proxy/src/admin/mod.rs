@@ -170,6 +170,8 @@ pub struct Admin {
     reload_lock: tokio::sync::Mutex<()>,
     /// The readers' probes, shared so that a flood of them cannot crowd out the guard.
     probes: probes::ProbeGates,
+    /// The wait-for graph reads of `GET /api/locks`, shared the same way.
+    wait_graphs: locks_view::GraphGates,
     /// The last readiness check and when it started; see [`Admin::readiness`].
     last_readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, commands::Readiness)>>,
 }
@@ -200,6 +202,7 @@ impl Admin {
             log_reloader: std::sync::Mutex::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
             probes: probes::ProbeGates::default(),
+            wait_graphs: locks_view::GraphGates::default(),
             last_readiness: tokio::sync::Mutex::new(None),
         })
     }

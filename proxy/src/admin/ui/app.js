@@ -9,7 +9,7 @@
   const SVG = "http://www.w3.org/2000/svg";
 
   const NODE_W = 300;
-  const NODE_H = 108;
+  const NODE_H = 124;
   const COL_GAP = 150;
   const ROW_GAP = 22;
   const PAD = 16;
@@ -156,11 +156,13 @@
   }
 
   function nodeLines(n) {
+    const waiting = n.waited_s !== null && n.waited_s !== undefined ? "waiting " + duration(n.waited_s) + " for a lock" : null;
     if (n.kind === "outside") {
       return [
         ["title", "not proxied · pid " + n.backend_pid],
-        ["muted", cut("a direct connection to " + (n.database || "the server"), 40)],
-        ["", "waiting for a lock"],
+        ["muted", cut((n.user || "?") + "@" + (n.database || "?") + (n.application_name ? " · " + n.application_name : ""), 40)],
+        ["", cut(n.state || "", 40)],
+        ["", waiting || ""],
       ];
     }
     const lines = [
@@ -169,6 +171,7 @@
       ["muted", cut(n.user + "@" + n.database, 44)],
       ["", cut(n.state + " " + duration(n.state_age_s) + (n.xact_age_s !== null ? " · xact " + duration(n.xact_age_s) : ""), 44)],
     ];
+    if (waiting) lines.push(["", waiting]);
     if (n.locks.length) {
       lines.push(["muted", cut(n.locks.map((l) => l.table + " " + l.mode).join(", "), 44)]);
     }
@@ -230,8 +233,8 @@
       }));
       const lx = mid;
       const ly = (y1 + y2) / 2 - 6;
-      g.appendChild(svg("text", { x: lx, y: ly - 8, "text-anchor": "middle" }, cut(e.table, 34)));
-      g.appendChild(svg("text", { x: lx, y: ly + 6, "text-anchor": "middle" }, cut(e.mode, 34)));
+      g.appendChild(svg("text", { x: lx, y: ly - 20, "text-anchor": "middle" }, cut(e.table, 34)));
+      g.appendChild(svg("text", { x: lx, y: ly - 6, "text-anchor": "middle" }, cut(e.mode, 34)));
       edges.appendChild(g);
     }
     root.replaceChild(edges, $("graph-edges"));
@@ -281,12 +284,13 @@
     let tr = rows.get(id);
     if (tr) return tr;
     tr = el("tr", { "data-client": String(id) });
-    for (const [, , cls] of COLUMNS) tr.appendChild(el("td", cls ? { class: cls } : {}));
+    // The button first: the statement column may run past the window's edge.
     const td = el("td");
     const button = el("button", { type: "button", class: "kill", "data-client": String(id) }, "Kill");
     button.addEventListener("click", () => kill(id, button));
     td.appendChild(button);
     tr.appendChild(td);
+    for (const [, , cls] of COLUMNS) tr.appendChild(el("td", cls ? { class: cls } : {}));
     rows.set(id, tr);
     return tr;
   }
@@ -305,9 +309,10 @@
       const tr = row(c.id);
       tr.classList.toggle("holder", (c.waiters || 0) > 0 && (c.protected_locks || 0) > 0);
       COLUMNS.forEach(([, render], i) => {
+        const cell = tr.cells[i + 1];
         const text = render(c) ?? "";
-        if (tr.cells[i].textContent !== text) tr.cells[i].textContent = text;
-        if (i === COLUMNS.length - 1) tr.cells[i].title = c.last_statement || "";
+        if (cell.textContent !== text) cell.textContent = text;
+        if (i === COLUMNS.length - 1) cell.title = c.last_statement || "";
       });
       const button = tr.querySelector("button.kill");
       const confirming = armed && armed.id === c.id;
