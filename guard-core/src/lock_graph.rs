@@ -276,7 +276,11 @@ impl crate::guard::Guard {
     ) -> Result<(LockGraph, SystemTime), crate::GuardError> {
         let graph = self
             .connections
-            .run(database, VIEW_DEADLINE, |conn| async move { read(&conn).await })
+            .run(
+                database,
+                VIEW_DEADLINE,
+                |conn| async move { read(&conn).await },
+            )
             .await?;
         let server_now = self
             .connections

@@ -51,7 +51,13 @@ impl Drop for Chromedriver {
 /// Finds `name` on `PATH` (or the path in `$env_var`), failing with the package to install.
 fn tool(name: &str, env_var: &str, package: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(env_var) {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "{env_var}={} is not a file: install the Debian package {package} or fix {env_var}",
+            path.display()
+        );
+        return path;
     }
     std::env::var_os("PATH")
         .and_then(|paths| {
@@ -149,7 +155,9 @@ async fn shown(browser: &Browser, css: &str, within: Duration) -> fantoccini::el
         Ok(element) => element,
         Err(e) => {
             let status = page_text(browser, "#status").await;
-            panic!("the page did not show {css} within {within:?} ({e}); its status line: {status:?}")
+            panic!(
+                "the page did not show {css} within {within:?} ({e}); its status line: {status:?}"
+            )
         }
     }
 }
@@ -390,7 +398,11 @@ fn assert_security_headers(what: &str, response: &lockguard_tests::http::Respons
         .headers
         .get("content-security-policy")
         .unwrap_or_else(|| panic!("no Content-Security-Policy on {what}"));
-    for directive in ["default-src 'self'", "script-src 'self'", "frame-ancestors 'none'"] {
+    for directive in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
         assert!(csp.contains(directive), "{directive} in {csp}");
     }
     assert!(!csp.contains("unsafe"), "{csp}");
@@ -424,7 +436,10 @@ async fn every_answer_carries_the_security_headers_and_the_page_has_no_inline_co
     }
     let root = Request::get("/").send(running.http).await;
     assert!((300..400).contains(&root.status), "{}", root.status);
-    assert_eq!(root.headers.get("location").map(String::as_str), Some("/ui"));
+    assert_eq!(
+        root.headers.get("location").map(String::as_str),
+        Some("/ui")
+    );
     assert_security_headers("/", &root);
 
     let page = Request::get("/ui").send(running.http).await.body;
@@ -455,7 +470,10 @@ async fn every_answer_carries_the_security_headers_and_the_page_has_no_inline_co
         .send(running.http)
         .await
         .json();
-    assert!(locks["nodes"].is_array() && locks["edges"].is_array(), "{locks}");
+    assert!(
+        locks["nodes"].is_array() && locks["edges"].is_array(),
+        "{locks}"
+    );
     assert_eq!(locks["guard_enabled"], true, "{locks}");
 }
 
@@ -468,7 +486,11 @@ async fn without_a_token_the_page_answers_only_requests_addressed_by_ip_or_local
     config.admin.api_token = None;
     let running = start(config, None).await;
     for path in ["/", "/ui", "/ui/app.js", "/ui/style.css", "/api/locks"] {
-        for host in ["attacker.example", "attacker.example:9930", "localhost.attacker.example"] {
+        for host in [
+            "attacker.example",
+            "attacker.example:9930",
+            "localhost.attacker.example",
+        ] {
             let response = Request::get(path).host(host).send(running.http).await;
             assert_eq!(response.status, 421, "{path} for {host}: {}", response.body);
             assert_security_headers(path, &response);
@@ -484,4 +506,95 @@ async fn without_a_token_the_page_answers_only_requests_addressed_by_ip_or_local
             );
         }
     }
+}
+
+// ---- the lock graph behind the page -------------------------------------------------------
+
+/// `GET /api/locks` for a chain: proxied A holds the row, proxied B's UPDATE waits for A, a
+/// direct session C queues behind them. B → A is an edge between two clients labelled with
+/// the table and A's mode; C is an outside node (its user and how long it has waited) with an
+/// edge into the chain; A, idle in its transaction, carries the idle rule's countdown, B
+/// (busy) none.
+#[tokio::test]
+async fn the_lock_graph_shows_a_chain_its_outside_waiter_and_the_holders_due_action() {
+    let cluster = TestCluster::shared();
+    let db = database("webui_chain").await;
+    let mut config = admin_config(&["app.user_sessions"]);
+    config.guard.idle_in_transaction_timeout = Duration::from_secs(600);
+    let running = start(config, None).await;
+    let observer = direct(&db).await;
+    let (_a, _, a_id) = blocker(&running, &db).await;
+    let (b, b_pid) = proxied(&running, &db, "second-writer").await;
+    let b_id = running
+        .admin
+        .registry()
+        .find_by_pid(b_pid)
+        .expect("B is a registered session")
+        .id;
+    let b_update = tokio::spawn(async move {
+        b.execute("UPDATE app.user_sessions SET token = 'b' WHERE id = 1", &[])
+            .await
+    });
+    lockguard_tests::guard_support::wait_until_waiting(&observer, b_pid).await;
+    let c = BlockedLogin::start(cluster, &db, &observer).await;
+
+    let view = Request::get("/api/locks")
+        .token(Some(API_TOKEN))
+        .send(running.http)
+        .await
+        .json();
+    let edges = view["edges"].as_array().expect("edges");
+    let (a, b, c_node) = (
+        format!("client:{a_id}"),
+        format!("client:{b_id}"),
+        format!("pid:{}", c.pid),
+    );
+    let edge = |waiter: &str, holder: &str| {
+        edges
+            .iter()
+            .find(|e| e["waiter"] == waiter && e["holder"] == holder)
+            .cloned()
+    };
+    let b_to_a = edge(&b, &a).unwrap_or_else(|| panic!("no edge {b} -> {a}: {view}"));
+    assert_eq!(b_to_a["table"], "app.user_sessions", "{view}");
+    assert_eq!(b_to_a["mode"], "RowExclusiveLock", "{view}");
+    assert!(
+        edge(&c_node, &a).is_some() || edge(&c_node, &b).is_some(),
+        "no edge from {c_node} into the chain: {view}"
+    );
+    let node = |id: &str| {
+        view["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {id}: {view}"))
+    };
+    let outside = node(&c_node);
+    assert_eq!(outside["kind"], "outside", "{outside}");
+    assert_eq!(outside["user"], cluster.superuser(), "{outside}");
+    assert!(outside["waited_s"].as_f64().is_some(), "{outside}");
+    let holder = node(&a);
+    assert_eq!(holder["due"]["rule"], "default", "{holder}");
+    assert_eq!(holder["due"]["action"], "terminate", "{holder}");
+    assert_eq!(holder["due"]["trigger"], "idle_in_transaction", "{holder}");
+    let left = holder["due"]["in_s"].as_f64().expect("time left");
+    assert!(left > 500.0 && left <= 600.0, "{holder}");
+    let busy = node(&b);
+    assert!(busy["due"].is_null(), "{busy}");
+    assert_eq!(busy["state"], "active", "{busy}");
+    assert!(busy["waited_s"].as_f64().is_some(), "{busy}");
+
+    // Free the chain: the operator kills A; B and then C go through.
+    let killed = Request::new("POST", &format!("/api/clients/{a_id}/kill"))
+        .token(Some(API_TOKEN))
+        .send(running.http)
+        .await;
+    assert_eq!(killed.status, 200, "{}", killed.body);
+    b_update
+        .await
+        .expect("B's task")
+        .expect("B's update went through");
+    c.proceeds(WAIT).await;
 }

@@ -134,7 +134,11 @@ pub fn due_action(
     Some(DueAction {
         rule: rule.to_owned(),
         trigger: trigger.name(),
-        action: if rules.dry_run { "dry_run" } else { "terminate" },
+        action: if rules.dry_run {
+            "dry_run"
+        } else {
+            "terminate"
+        },
         in_s: seconds(timeout.saturating_sub(state_age)),
     })
 }
@@ -154,12 +158,16 @@ fn outside_node_id(pid: i32) -> String {
 /// One database's wait-for graph as the guard read it, with the server's clock then.
 type DatabaseGraph = Arc<(guard_core::LockGraph, SystemTime)>;
 
+/// A database's last wait-for graph read and when it started; locked while a read runs, so
+/// readers queue (tokio's mutex is fair) and then find the read they can share.
+type GraphGate = tokio::sync::Mutex<Option<(Instant, DatabaseGraph)>>;
+
 /// One gate per database for the wait-for graph reads, as [`super::probes::ProbeGates`] has
 /// for the probes: one read at a time, at most one per [`MIN_PROBE_INTERVAL`], every reader
 /// waiting shares the next read's answer, and no answer is older than its request.
 #[derive(Default)]
 pub struct GraphGates {
-    gates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(Instant, DatabaseGraph)>>>>>,
+    gates: std::sync::Mutex<HashMap<String, Arc<GraphGate>>>,
 }
 
 impl GraphGates {
@@ -240,7 +248,10 @@ pub fn protected_waits(graph: &guard_core::LockGraph, patterns: &[TablePattern])
             let held = |(schema, table): &(String, String)| {
                 holder.and_then(|h| h.held_mode(schema, table))
             };
-            let (schema, table) = protected.iter().find(|t| held(t).is_some()).unwrap_or(first);
+            let (schema, table) = protected
+                .iter()
+                .find(|t| held(t).is_some())
+                .unwrap_or(first);
             let mode = held(&(schema.clone(), table.clone())).unwrap_or(&wait.mode);
             out.push(PidWait {
                 waiter: waiter.pid,
@@ -415,8 +426,8 @@ fn outside_node(pid: i32, database: &str, backend: Option<&GraphBackend>) -> Nod
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lockguard_config::ClientLossAction;
     use guard_core::{RelationLock, Wait};
+    use lockguard_config::ClientLossAction;
 
     fn backend(pid: i32, relations: &[(&str, &str, bool)], wait: Option<Wait>) -> GraphBackend {
         GraphBackend {

@@ -33,7 +33,10 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { Redirect::to(PAGE_PATH) }))
-        .route(PAGE_PATH, get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            PAGE_PATH,
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/ui/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
