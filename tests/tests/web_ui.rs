@@ -333,6 +333,22 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
         async move { browser.find(Locator::Css(&edge)).await.is_err() }
     })
     .await;
+    let after = browser.screenshot().await.expect("a screenshot");
+    let path = output_dir().join("after-kill.png");
+    std::fs::write(&path, after).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    // The token lived in the script's memory only: no storage, no cookie, and a reload
+    // forgets it.
+    let stored = browser
+        .execute(
+            "return [localStorage.length, sessionStorage.length, document.cookie];",
+            vec![],
+        )
+        .await
+        .expect("read the page's storage");
+    assert_eq!(stored, serde_json::json!([0, 0, ""]));
+    browser.refresh().await.expect("reload the page");
+    shown(&browser, "#mode.read-only", WAIT).await;
     browser.close().await.expect("close the browser");
 }
 

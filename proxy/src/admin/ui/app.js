@@ -192,6 +192,8 @@
     const waiters = new Set(graph.edges.map((e) => e.waiter));
 
     const nodes = svg("g", { id: "graph-nodes" });
+    // Each box as tall as its lines; the arrows meet it halfway down.
+    const heights = new Map();
     if (bandTop !== null) {
       nodes.appendChild(svg("text", { class: "band-label", x: PAD, y: bandTop }, "not waiting, nobody waiting for them"));
     }
@@ -206,8 +208,11 @@
         n.due ? "due" : "",
       ].filter(Boolean).join(" ");
       const g = svg("g", { class: kind, "data-node": n.id, transform: "translate(" + p.x + "," + p.y + ")" });
-      g.appendChild(svg("rect", { width: NODE_W, height: NODE_H, rx: 5 }));
-      nodeLines(n).forEach(([cls, text], i) => {
+      const lines = nodeLines(n).filter(([, text]) => text);
+      const h = Math.min(NODE_H, 12 + lines.length * 16);
+      heights.set(n.id, h);
+      g.appendChild(svg("rect", { width: NODE_W, height: h, rx: 5 }));
+      lines.forEach(([cls, text], i) => {
         g.appendChild(svg("text", { class: cls, x: 10, y: 18 + i * 16 }, text));
       });
       const title = svg("title", {}, n.kind === "outside" ? "backend " + n.backend_pid : "client " + n.client_id + ", backend " + n.backend_pid);
@@ -222,9 +227,9 @@
       if (!a || !b) continue;
       // From the waiter's left side to the holder's right side.
       const x1 = a.x;
-      const y1 = a.y + NODE_H / 2;
+      const y1 = a.y + heights.get(e.waiter) / 2;
       const x2 = b.x + NODE_W;
-      const y2 = b.y + NODE_H / 2;
+      const y2 = b.y + heights.get(e.holder) / 2;
       const mid = (x1 + x2) / 2;
       const g = svg("g", { class: "edge", "data-waiter": e.waiter, "data-holder": e.holder });
       g.appendChild(svg("path", {
