@@ -391,6 +391,49 @@ async fn without_a_token_the_page_is_read_only_and_its_kill_buttons_are_disabled
     // Clicking a disabled button does nothing: the holder is still there.
     let _ = button.click().await;
     assert!(backend_alive(&observer, holder_pid).await);
+
+    // The clients table: longest in its state first, the order flips on a click, and the
+    // application filter hides the holder.
+    let (bystander, _) = proxied(&running, &db, "report-job").await;
+    bystander.execute("SELECT 1", &[]).await.expect("a query");
+    let order = || async {
+        let rows = browser
+            .find_all(Locator::Css("#clients-body tr"))
+            .await
+            .expect("the rows");
+        let mut ids = Vec::new();
+        for row in rows {
+            ids.push(
+                row.attr("data-client")
+                    .await
+                    .expect("attr")
+                    .unwrap_or_default(),
+            );
+        }
+        ids
+    };
+    shown(&browser, "#clients-body tr:nth-child(2)", WAIT).await;
+    let first = order().await;
+    assert_eq!(first[0], holder_id.to_string(), "{first:?}");
+    browser
+        .find(Locator::Css("th button.sort[data-key=\"state_age_s\"]"))
+        .await
+        .expect("the in-state header")
+        .click()
+        .await
+        .expect("sort");
+    let flipped = order().await;
+    assert_eq!(flipped.last(), Some(&holder_id.to_string()), "{flipped:?}");
+    browser
+        .find(Locator::Id("filter-application"))
+        .await
+        .expect("the application filter")
+        .send_keys("report")
+        .await
+        .expect("type a filter");
+    let filtered = order().await;
+    assert_eq!(filtered.len(), 1, "{filtered:?}");
+    assert_ne!(filtered[0], holder_id.to_string(), "{filtered:?}");
     browser.close().await.expect("close the browser");
 }
 
