@@ -657,3 +657,45 @@ async fn the_lock_graph_shows_a_chain_its_outside_waiter_and_the_holders_due_act
         .expect("B's update went through");
     c.proceeds(WAIT).await;
 }
+
+/// A flood of anonymous `GET /api/locks` (a page left open in many tabs, or a script) shares
+/// the wait-for graph reads: as many concurrent readers as the endpoint serves at once all get
+/// the graph, yet cost at most one read per 250 ms of the flood (plus the first), never one
+/// each on the guard's connection.
+#[tokio::test]
+async fn a_flood_of_lock_graph_readers_shares_a_few_reads() {
+    const READERS: usize = lockguard::admin::http::MAX_HTTP_CONNECTIONS;
+    lockguard_tests::resources::raise_open_files_limit(4096).expect("open-files limit");
+    let db = database("webui_flood").await;
+    let mut config = admin_config(&["app.user_sessions"]);
+    config.admin.api_token = None;
+    let running = start(config, None).await;
+    let (_holder, _, holder_id) = blocker(&running, &db).await;
+    let before = running.admin.wait_graph_reads();
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..READERS).map(|_| Request::get("/api/locks").send(running.http)),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let reads = running.admin.wait_graph_reads() - before;
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let view = answer.json();
+        let holder = view["nodes"]
+            .as_array()
+            .and_then(|nodes| {
+                nodes
+                    .iter()
+                    .find(|n| n["id"] == format!("client:{holder_id}"))
+            })
+            .unwrap_or_else(|| panic!("the holder is a node: {view}"));
+        // Probed: its protected lock is listed.
+        assert_eq!(holder["locks"][0]["table"], "app.user_sessions", "{holder}");
+    }
+    let allowed = 2 + elapsed.as_millis() as u64 / 250;
+    assert!(
+        (1..=allowed).contains(&reads),
+        "{READERS} readers in {elapsed:?} ran {reads} graph reads (at most {allowed} allowed)"
+    );
+}

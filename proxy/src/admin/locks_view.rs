@@ -168,6 +168,8 @@ type GraphGate = tokio::sync::Mutex<Option<(Instant, DatabaseGraph)>>;
 #[derive(Default)]
 pub struct GraphGates {
     gates: std::sync::Mutex<HashMap<String, Arc<GraphGate>>>,
+    /// Reads started so far, for the tests that check the sharing.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl GraphGates {
@@ -188,6 +190,8 @@ impl GraphGates {
             tokio::time::sleep_until(*started + MIN_PROBE_INTERVAL).await;
         }
         let started = Instant::now();
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match guard.wait_for_graph(database).await {
             Ok(graph) => {
                 let graph = Arc::new(graph);
@@ -265,6 +269,13 @@ pub fn protected_waits(graph: &guard_core::LockGraph, patterns: &[TablePattern])
 }
 
 impl Admin {
+    /// How many wait-for graph reads `GET /api/locks` has started (all databases).
+    pub fn wait_graph_reads(&self) -> u64 {
+        self.wait_graphs
+            .reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The wait-for graph as it is now: per database in use, the shared probe and the
     /// wait-for graph read (both rate-limited), the databases concurrently.
     pub async fn locks_view(&self) -> LocksView {
