@@ -281,7 +281,7 @@ impl Admin {
     pub async fn locks_view(&self) -> LocksView {
         let sessions = self.registry.snapshot();
         let Some(guard) = &self.guard else {
-            return build_view(&sessions, &Probed::new(), &[], None, &[]);
+            return build_view(&sessions, &Probed::new(), &[], &[], None);
         };
         let databases: HashSet<&str> = sessions
             .iter()
@@ -303,24 +303,49 @@ impl Admin {
             graphs.extend(graph);
         }
         let settings = guard.settings();
+        // The one place that knows how the rules are organised: which rule judges a
+        // session's protected locks, and what it will do.
+        let due = |session: &SessionRecord, locks: &[HeldLock], waiters: usize| {
+            due_action(
+                DEFAULT_RULE,
+                &settings.rules,
+                session.state(),
+                session.state_age(),
+                locks.len(),
+                waiters,
+            )
+        };
+        let guard_view = GuardView {
+            dry_run: settings.rules.dry_run,
+            due: &due,
+        };
         build_view(
             &sessions,
             &probed,
             &graphs,
-            Some(&settings.rules),
             &settings.patterns,
+            Some(guard_view),
         )
     }
 }
 
-/// The view of `sessions` from what the probes and the graphs saw; `rules` is `None` without
+/// A holder's due action from its session, its protected locks and how many wait behind it.
+type DueFor<'a> = &'a dyn Fn(&SessionRecord, &[HeldLock], usize) -> Option<DueAction>;
+
+/// What the view needs of the guard's settings.
+struct GuardView<'a> {
+    dry_run: bool,
+    due: DueFor<'a>,
+}
+
+/// The view of `sessions` from what the probes and the graphs saw; `guard` is `None` without
 /// a guard.
 fn build_view(
     sessions: &[Arc<SessionRecord>],
     probed: &Probed,
     graphs: &[(&str, DatabaseGraph)],
-    rules: Option<&Rules>,
     patterns: &[TablePattern],
+    guard: Option<GuardView<'_>>,
 ) -> LocksView {
     let by_pid: HashMap<i32, &Arc<SessionRecord>> = sessions
         .iter()
@@ -373,15 +398,9 @@ fn build_view(
             let locks: Vec<LockLabel> = facts
                 .map(|f| f.locks.iter().map(LockLabel::from).collect())
                 .unwrap_or_default();
-            let due = rules.and_then(|rules| {
-                due_action(
-                    DEFAULT_RULE,
-                    rules,
-                    session.state(),
-                    session.state_age(),
-                    locks.len(),
-                    facts.map_or(0, |f| f.waiters.len()),
-                )
+            let due = guard.as_ref().and_then(|g| match facts {
+                Some(f) => (g.due)(session, &f.locks, f.waiters.len()),
+                None => (g.due)(session, &[], 0),
             });
             let id = client_node_id(session);
             Node {
@@ -407,8 +426,8 @@ fn build_view(
         node
     }));
     LocksView {
-        guard_enabled: rules.is_some(),
-        dry_run: rules.is_some_and(|r| r.dry_run),
+        guard_enabled: guard.is_some(),
+        dry_run: guard.is_some_and(|g| g.dry_run),
         nodes,
         edges,
     }
