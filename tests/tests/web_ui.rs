@@ -33,6 +33,8 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Chromedriver {
     child: Child,
     url: String,
+    /// Its log, kept when the test fails.
+    log: PathBuf,
 }
 
 impl Drop for Chromedriver {
@@ -45,6 +47,9 @@ impl Drop for Chromedriver {
             }
         }
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
@@ -97,6 +102,7 @@ impl Chromedriver {
         let chromedriver = Chromedriver {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            log,
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_for(WAIT, "chromedriver to listen", || async move {
