@@ -177,6 +177,9 @@ async fn page_text(browser: &Browser, css: &str) -> String {
 
 // ---- the incident -------------------------------------------------------------------------
 
+/// An application name that is markup: the page must show it, never parse it.
+const HOSTILE_APPLICATION: &str = "<b id=\"injected\">report-job</b>";
+
 /// A proxied application session, through tokio-postgres so it names its application.
 async fn proxied(running: &Running, db: &str, application: &str) -> (tokio_postgres::Client, i32) {
     let (client, connection) = tokio_postgres::Config::new()
@@ -397,11 +400,27 @@ async fn without_a_token_the_page_is_read_only_and_its_kill_buttons_are_disabled
     // Clicking a disabled button does nothing: the holder is still there.
     let _ = button.click().await;
     assert!(backend_alive(&observer, holder_pid).await);
+    browser.close().await.expect("close the browser");
+}
 
-    // The clients table: longest in its state first, the order flips on a click, and the
-    // application filter hides the holder.
-    let (bystander, _) = proxied(&running, &db, "report-job").await;
+/// The clients table lists the longest in its state first, flips the order on a click and
+/// filters by application; a client's application name that is markup (any client may send
+/// one) is shown as text, in the table and the graph, never parsed.
+#[tokio::test]
+async fn the_clients_table_sorts_and_filters_and_shows_client_names_as_text() {
+    let db = database("webui_table").await;
+    let mut config = admin_config(&["app.user_sessions"]);
+    config.admin.api_token = None;
+    let running = start(config, None).await;
+    let (_holder, _, holder_id) = blocker(&running, &db).await;
+    let (bystander, _) = proxied(&running, &db, HOSTILE_APPLICATION).await;
     bystander.execute("SELECT 1", &[]).await.expect("a query");
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("http://{}/ui", running.http))
+        .await
+        .expect("open the page");
     let order = || async {
         let rows = browser
             .find_all(Locator::Css("#clients-body tr"))
@@ -440,6 +459,14 @@ async fn without_a_token_the_page_is_read_only_and_its_kill_buttons_are_disabled
     let filtered = order().await;
     assert_eq!(filtered.len(), 1, "{filtered:?}");
     assert_ne!(filtered[0], holder_id.to_string(), "{filtered:?}");
+    let table = page_text(&browser, "#clients-body").await;
+    assert!(table.contains(HOSTILE_APPLICATION), "{table}");
+    let graph = page_text(&browser, "#graph").await;
+    assert!(graph.contains("<b id=\"injected\">"), "{graph}");
+    assert!(
+        browser.find(Locator::Id("injected")).await.is_err(),
+        "a client's application name became markup"
+    );
     browser.close().await.expect("close the browser");
 }
 
