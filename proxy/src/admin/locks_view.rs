@@ -158,9 +158,10 @@ fn outside_node_id(pid: i32) -> String {
 /// One database's wait-for graph as the guard read it, with the server's clock then.
 type DatabaseGraph = Arc<(guard_core::LockGraph, SystemTime)>;
 
-/// A database's last wait-for graph read and when it started; locked while a read runs, so
-/// readers queue (tokio's mutex is fair) and then find the read they can share.
-type GraphGate = tokio::sync::Mutex<Option<(Instant, DatabaseGraph)>>;
+/// A database's last wait-for graph read (`None` when it failed) and when it started; locked
+/// while a read runs, so readers queue (tokio's mutex is fair) and then find the read they
+/// can share.
+type GraphGate = tokio::sync::Mutex<Option<(Instant, Option<DatabaseGraph>)>>;
 
 /// One gate per database for the wait-for graph reads, as [`super::probes::ProbeGates`] has
 /// for the probes: one read at a time, at most one per [`MIN_PROBE_INTERVAL`], every reader
@@ -185,25 +186,24 @@ impl GraphGates {
         let mut last = gate.lock().await;
         if let Some((started, graph)) = last.as_ref() {
             if *started >= asked {
-                return Some(Arc::clone(graph));
+                return graph.clone();
             }
             tokio::time::sleep_until(*started + MIN_PROBE_INTERVAL).await;
         }
         let started = Instant::now();
         self.reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match guard.wait_for_graph(database).await {
-            Ok(graph) => {
-                let graph = Arc::new(graph);
-                *last = Some((started, Arc::clone(&graph)));
-                Some(graph)
-            }
+        // A failed read counts against the rate like any other: readers of a database the
+        // guard cannot reach get no edges, not a read each.
+        let graph = match guard.wait_for_graph(database).await {
+            Ok(graph) => Some(Arc::new(graph)),
             Err(e) => {
                 tracing::debug!(database, error = %e, "wait-for graph read failed");
-                *last = None;
                 None
             }
-        }
+        };
+        *last = Some((started, graph.clone()));
+        graph
     }
 
     /// Forgets the gates of databases no session uses any more (none is in use by a reader).
