@@ -263,6 +263,33 @@ pub async fn read(conn: &GuardConnection) -> Result<LockGraph, tokio_postgres::E
     Ok(LockGraph { backends })
 }
 
+/// How long an operator's read of the graph may take on the guard's connection.
+const VIEW_DEADLINE: Duration = Duration::from_secs(2);
+
+impl crate::guard::Guard {
+    /// The wait-for graph of `database`, read over the guard's own connection to it (with
+    /// its forced `search_path`), and the server's clock at that moment for the waits'
+    /// ages: what an operator's view of the waits draws.
+    pub async fn wait_for_graph(
+        &self,
+        database: &str,
+    ) -> Result<(LockGraph, SystemTime), crate::GuardError> {
+        let graph = self
+            .connections
+            .run(
+                database,
+                VIEW_DEADLINE,
+                |conn| async move { read(&conn).await },
+            )
+            .await?;
+        let server_now = self
+            .connections
+            .clock_offset(database)
+            .to_server(SystemTime::now());
+        Ok((graph, server_now))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,13 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn readyz_reports_the_guard_connection() {
     let cluster = TestCluster::shared();
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        listener.local_addr().expect("address").port()
-    };
+    // Bound but never listening: connections to it are refused, and no other test's
+    // listener can take the port while this test runs.
+    let reserved = tokio::net::TcpSocket::new_v4().expect("socket");
+    reserved
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("free port");
+    let closed_port = reserved.local_addr().expect("address").port();
     let mut broken = admin_config(&[]);
     broken.guard.dsn = Some(guard_dsn(cluster, closed_port));
     let broken = start(broken, None).await;

@@ -6,7 +6,9 @@
 //! - `GET /readyz` — upstream reachable and guard connected, else 503 with the reason;
 //! - `GET /api/clients`, `GET /api/events`, `GET /api/rules` — `SHOW CLIENTS` / `SHOW
 //!   EVENTS` / `SHOW RULES` as JSON;
-//! - `POST /api/clients/{id}/kill` — `KILL <id>`.
+//! - `POST /api/clients/{id}/kill` — `KILL <id>`;
+//! - `GET /api/locks` — the wait-for graph of the protected tables ([`super::locks_view`]);
+//! - `GET /ui` (and `/`, redirected) — the operator's web page over this API ([`super::ui`]).
 //!
 //! With `admin.api_token` set, every `/api/` request needs `Authorization: Bearer <token>`
 //! (401 without one, 403 with a wrong one). Without a token the API is read-only: kill is 403,
@@ -36,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::accept::{serve_connections, Admission};
 use super::commands::{AdminError, Command, KillResult, KillTarget};
-use super::{metrics, Admin, Login};
+use super::{metrics, ui, Admin, Login};
 
 type Shared = State<Arc<Admin>>;
 
@@ -51,10 +53,14 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/events", get(api_events))
         .route("/api/rules", get(api_rules))
         .route("/api/clients/{id}/kill", post(api_kill))
+        .route("/api/locks", get(api_locks))
+        .merge(ui::routes())
         .layer(middleware::from_fn_with_state(
             Arc::clone(&admin),
             check_host,
         ))
+        // Outermost, so refusals carry the headers too.
+        .layer(middleware::from_fn(ui::security_headers))
         .with_state(admin)
 }
 
@@ -316,6 +322,13 @@ async fn api_events(State(admin): Shared, headers: HeaderMap) -> Response {
 
 async fn api_rules(State(admin): Shared, headers: HeaderMap) -> Response {
     show(&admin, &headers, Command::ShowRules).await
+}
+
+async fn api_locks(State(admin): Shared, headers: HeaderMap) -> Response {
+    match authorize(&admin, &headers) {
+        Ok(_) => Json(admin.locks_view().await).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 async fn api_kill(State(admin): Shared, headers: HeaderMap, Path(id): Path<u64>) -> Response {

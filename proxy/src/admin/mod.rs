@@ -11,7 +11,9 @@
 //! - [`auth`]: SCRAM-SHA-256 and MD5 password checks for the console;
 //! - [`framing`]: the length limits on what a console client sends;
 //! - [`metrics`]: the Prometheus text rendering;
-//! - [`probes`]: the readers' lock probes, shared and rate-limited per database.
+//! - [`probes`]: the readers' lock probes, shared and rate-limited per database;
+//! - [`locks_view`]: the wait-for graph behind `GET /api/locks`;
+//! - [`ui`]: the web page over the HTTP API.
 
 pub mod accept;
 pub mod auth;
@@ -20,9 +22,11 @@ pub mod config_view;
 pub mod console;
 pub mod framing;
 pub mod http;
+pub mod locks_view;
 pub mod metrics;
 pub mod probes;
 pub mod reload;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -158,6 +162,8 @@ pub struct Admin {
     reload_lock: tokio::sync::Mutex<()>,
     /// The readers' probes, shared so that a flood of them cannot crowd out the guard.
     probes: probes::ProbeGates,
+    /// The wait-for graph reads of `GET /api/locks`, shared the same way.
+    wait_graphs: locks_view::GraphGates,
     /// The last readiness check and when it started; see [`Admin::readiness`].
     last_readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, commands::Readiness)>>,
 }
@@ -180,6 +186,7 @@ impl Admin {
             log_reloader: std::sync::Mutex::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
             probes: probes::ProbeGates::default(),
+            wait_graphs: locks_view::GraphGates::default(),
             last_readiness: tokio::sync::Mutex::new(None),
         }
     }
