@@ -73,35 +73,67 @@ fn past(d: Duration) -> Duration {
     d + Duration::from_millis(1)
 }
 
+/// One test's world: its database, a superuser client on it, and a guard over `config` with a
+/// registry and a clock the test moves.
+struct Scene {
+    cluster: &'static TestCluster,
+    db: String,
+    admin: tokio_postgres::Client,
+    registry: Arc<Registry>,
+    clock: ManualClock,
+    guard: Arc<Guard>,
+}
+
+async fn scene(prefix: &str, config: impl FnOnce(&TestCluster) -> GuardConfig) -> Scene {
+    let cluster = TestCluster::shared();
+    let db = guard_test_database(cluster, prefix).await;
+    let admin = connect(cluster, &db).await;
+    let registry = Arc::new(Registry::new());
+    let clock = ManualClock::new();
+    let guard = Guard::with_clock(&config(cluster), None, Arc::clone(&registry), clock.clock())
+        .expect("building the guard");
+    Scene {
+        cluster,
+        db,
+        admin,
+        registry,
+        clock,
+        guard,
+    }
+}
+
 const LOGIN_ROW: &str = "BEGIN; SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE";
 const LOGIN_ROW_2: &str = "BEGIN; SELECT * FROM app.user_sessions WHERE id = 2 FOR UPDATE";
 const SCRATCH_ROW: &str = "BEGIN; SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE";
 
 #[tokio::test]
 async fn two_rules_terminate_each_holder_at_its_own_time_and_spare_the_exempt_application() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "rules_two").await;
-    let admin = connect(cluster, &db).await;
-    let config = config_with_rules(
+    let Scene {
         cluster,
-        &[],
-        r#"
-        [[guard.rules]]
-        name = "login"
-        tables = ["app.user_sessions"]
-        idle_in_transaction_timeout = "5s"
-        exempt_applications = ["migrat*"]
+        db,
+        admin,
+        registry,
+        clock,
+        guard,
+    } = scene("rules_two", |cluster| {
+        config_with_rules(
+            cluster,
+            &[],
+            r#"
+            [[guard.rules]]
+            name = "login"
+            tables = ["app.user_sessions"]
+            idle_in_transaction_timeout = "5s"
+            exempt_applications = ["migrat*"]
 
-        [[guard.rules]]
-        name = "scratch"
-        tables = ["app.scratch"]
-        idle_in_transaction_timeout = "60s"
-        "#,
-    );
-    let registry = Arc::new(Registry::new());
-    let clock = ManualClock::new();
-    let guard = Guard::with_clock(&config, None, Arc::clone(&registry), clock.clock())
-        .expect("building the guard");
+            [[guard.rules]]
+            name = "scratch"
+            tables = ["app.scratch"]
+            idle_in_transaction_timeout = "60s"
+            "#,
+        )
+    })
+    .await;
 
     let (login, login_reg) = holder(cluster, &registry, &db, "web", LOGIN_ROW).await;
     let (scratch, scratch_reg) = holder(cluster, &registry, &db, "web", SCRATCH_ROW).await;
@@ -158,29 +190,32 @@ async fn two_rules_terminate_each_holder_at_its_own_time_and_spare_the_exempt_ap
 
 #[tokio::test]
 async fn a_session_under_two_rules_is_judged_by_each_and_the_due_one_acts() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "rules_both").await;
-    let admin = connect(cluster, &db).await;
-    let config = config_with_rules(
+    let Scene {
         cluster,
-        &[],
-        r#"
-        [[guard.rules]]
-        name = "login"
-        tables = ["app.user_sessions"]
-        idle_in_transaction_timeout = "5s"
-        dry_run = true
+        db,
+        admin,
+        registry,
+        clock,
+        guard,
+    } = scene("rules_both", |cluster| {
+        config_with_rules(
+            cluster,
+            &[],
+            r#"
+            [[guard.rules]]
+            name = "login"
+            tables = ["app.user_sessions"]
+            idle_in_transaction_timeout = "5s"
+            dry_run = true
 
-        [[guard.rules]]
-        name = "scratch"
-        tables = ["app.scratch"]
-        idle_in_transaction_timeout = "60s"
-        "#,
-    );
-    let registry = Arc::new(Registry::new());
-    let clock = ManualClock::new();
-    let guard = Guard::with_clock(&config, None, Arc::clone(&registry), clock.clock())
-        .expect("building the guard");
+            [[guard.rules]]
+            name = "scratch"
+            tables = ["app.scratch"]
+            idle_in_transaction_timeout = "60s"
+            "#,
+        )
+    })
+    .await;
     let both = "BEGIN; SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE; \
                 SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE";
     let (session, _reg) = holder(cluster, &registry, &db, "web", both).await;
@@ -206,14 +241,16 @@ async fn a_session_under_two_rules_is_judged_by_each_and_the_due_one_acts() {
 
 #[tokio::test]
 async fn reload_adds_changes_and_removes_a_rule_while_sessions_are_open() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "rules_reload").await;
-    let admin = connect(cluster, &db).await;
-    let flat = config_with_rules(cluster, &["app.user_sessions"], "");
-    let registry = Arc::new(Registry::new());
-    let clock = ManualClock::new();
-    let guard = Guard::with_clock(&flat, None, Arc::clone(&registry), clock.clock())
-        .expect("building the guard");
+    let flat = |cluster: &TestCluster| config_with_rules(cluster, &["app.user_sessions"], "");
+    let Scene {
+        cluster,
+        db,
+        admin,
+        registry,
+        clock,
+        guard,
+    } = scene("rules_reload", flat).await;
+    let flat = flat(cluster);
     let (first, _first_reg) = holder(cluster, &registry, &db, "web", LOGIN_ROW).await;
     clock.advance(Duration::from_secs(10));
     assert!(guard.sweep_once().await.events.is_empty());
