@@ -330,10 +330,6 @@ mod tests {
             pid,
             user: Some("web".into()),
             application: Some("api".into()),
-            state: None,
-            state_change: None,
-            backend_start: None,
-            client_port: None,
             relations: relations
                 .iter()
                 .map(|table| RelationLock {
@@ -344,6 +340,7 @@ mod tests {
                 })
                 .collect(),
             waiting: wait,
+            ..GraphBackend::default()
         }
     }
 

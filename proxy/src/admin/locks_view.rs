@@ -484,12 +484,6 @@ mod tests {
     fn backend(pid: i32, relations: &[(&str, &str, bool)], wait: Option<Wait>) -> GraphBackend {
         GraphBackend {
             pid,
-            user: None,
-            application: None,
-            state: None,
-            state_change: None,
-            backend_start: None,
-            client_port: None,
             relations: relations
                 .iter()
                 .map(|(table, mode, granted)| RelationLock {
@@ -500,6 +494,7 @@ mod tests {
                 })
                 .collect(),
             waiting: wait,
+            ..GraphBackend::default()
         }
     }
 
