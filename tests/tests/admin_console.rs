@@ -11,8 +11,7 @@ use lockguard_tests::admin::*;
 use lockguard_tests::guard_support::{backend_alive, wait_until_waiting};
 use lockguard_tests::http::json;
 use lockguard_tests::psql;
-use lockguard_tests::raw::{self};
-use tokio::net::TcpStream;
+use lockguard_tests::tls;
 use tokio_postgres::error::SqlState;
 
 /// The operator's view and kill, end to end: SHOW CLIENTS lists both proxied sessions with their real
@@ -568,31 +567,7 @@ async fn reload_demotes_and_removes_logged_in_console_users() {
 }
 
 async fn presented_certificate(addr: SocketAddr, ca: &std::path::Path) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(
-        raw::encryption_request(&mut tcp, raw::SSL_REQUEST).await,
-        b'S',
-        "TLS offered"
-    );
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
-    let (_, session) = tls.get_ref();
-    session.peer_certificates().expect("a certificate")[0].to_vec()
+    tls::presented_certificate(addr, tls::trusting(ca), "127.0.0.1").await
 }
 
 /// Certificate rotation through the admin port: RELOAD re-reads certificate files replaced in place; new
