@@ -134,7 +134,11 @@ pub(crate) fn output_dir() -> PathBuf {
 }
 
 /// Waits for an element matching `css` (the page redraws on its own timer).
-pub(crate) async fn shown(browser: &Browser, css: &str, within: Duration) -> fantoccini::elements::Element {
+pub(crate) async fn shown(
+    browser: &Browser,
+    css: &str,
+    within: Duration,
+) -> fantoccini::elements::Element {
     match browser
         .wait()
         .at_most(within)
