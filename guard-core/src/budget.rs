@@ -13,7 +13,7 @@ use lockguard_config::{BlockingAction, EffectiveRule};
 
 use crate::audit::{AuditEvent, BlockingEvidence, LockEvidence, Outcome};
 use crate::claim::KillClaim;
-use crate::enforcer::{self, Identity, RequiredState, Termination};
+use crate::enforcer::{self, Identity, RequiredState, Signal, Termination};
 use crate::guard::{Guard, Settings, KILL_SQLSTATE, QUERY_DEADLINE};
 use crate::judge::{millis, who};
 use crate::lock_graph::{self, GraphBackend, LockGraph};
@@ -272,7 +272,9 @@ impl Guard {
                 let result = self
                     .connections
                     .run(database, QUERY_DEADLINE, |conn| async move {
-                        enforcer::cancel_verified(&conn, pid, &identity, start, required).await
+                        let cancel = Signal::Cancel;
+                        enforcer::signal_verified(&conn, cancel, pid, &identity, start, required)
+                            .await
                     })
                     .await;
                 let (outcome, error) = outcome_of(result);

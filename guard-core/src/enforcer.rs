@@ -199,28 +199,19 @@ pub async fn terminate_verified(
     .await
 }
 
-/// [`terminate_verified`]'s twin for the blocking budget: cancels `pid`'s running statement if,
-/// at that moment, it is the backend `identity` describes in the `required` state (`active`
-/// since the probed `state_change`: that very statement). A signalled cancel is
-/// [`Outcome::Cancelled`]; the session lives on, and its client gets the server's 57014.
-pub async fn cancel_verified(
-    conn: &GuardConnection,
-    pid: i32,
-    identity: &Identity,
-    probed_start: Option<SystemTime>,
-    required: Option<RequiredState<'_>>,
-) -> Result<Termination, tokio_postgres::Error> {
-    signal_verified(conn, Signal::Cancel, pid, identity, probed_start, required).await
-}
-
 /// Which signal a verified statement sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Signal {
+pub(crate) enum Signal {
     Terminate,
+    /// For the blocking budget: cancels the running statement if, at that moment, the
+    /// backend is the one `identity` describes in the `required` state (`active` since the
+    /// probed `state_change`: that very statement). A signalled cancel is
+    /// [`Outcome::Cancelled`]; the session lives on, and its client gets the server's 57014.
     Cancel,
 }
 
-async fn signal_verified(
+/// [`terminate_verified`] with the choice of signal.
+pub(crate) async fn signal_verified(
     conn: &GuardConnection,
     signal: Signal,
     pid: i32,
