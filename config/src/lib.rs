@@ -466,4 +466,8 @@ fn invalid(
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_admin;
+#[cfg(test)]
 mod tests_rules;
+#[cfg(test)]
+mod tests_secrets;
