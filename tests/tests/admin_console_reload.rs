@@ -257,7 +257,8 @@ async fn set_dry_run_changes_what_show_config_shows_and_what_the_guard_does() {
 
 /// RELOAD swaps the one configuration in force: after a file that protects another table in
 /// dry-run, SHOW CONFIG, the HTTP API's events and the guard's own decisions all agree; a
-/// file whose certificate cannot be read changes none of them.
+/// file whose certificate cannot be read changes none of them. One test on purpose: the
+/// failed reload must leave exactly the state the good one made.
 #[tokio::test]
 async fn reload_changes_config_and_guard_together_and_a_failed_reload_changes_neither() {
     let db = database("admin_one_config").await;

@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[path = "web_ui/browser.rs"]
 mod browser;
-use browser::{open_page, output_dir, page_text, shown};
+use browser::{open_page, page_text, save_screenshot, shown, use_token};
 
 // ---- the incident -------------------------------------------------------------------------
 
@@ -72,7 +72,8 @@ async fn blocker(running: &Running, db: &str) -> (tokio_postgres::Client, i32, u
 /// The token-protected endpoint: the operator types the token, the page draws the wait (the
 /// holder marked with the idle rule's countdown), the kill button ends the holder, the waiter
 /// proceeds and the event appears; a screenshot of the incident goes to
-/// `target/web-ui/incident.png`.
+/// `target/web-ui/incident.png`. One test on purpose, longer than most: each step acts on the
+/// page the previous one left (the token typed, the wait drawn, the kill, its event).
 #[tokio::test]
 async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
     let cluster = TestCluster::shared();
@@ -93,20 +94,7 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
     shown(&browser, "#status.error", WAIT).await;
     assert!(page_text(&browser, "#status").await.contains("token"));
 
-    browser
-        .find(Locator::Id("token"))
-        .await
-        .expect("the token field")
-        .send_keys(API_TOKEN)
-        .await
-        .expect("type the token");
-    browser
-        .find(Locator::Id("token-use"))
-        .await
-        .expect("the Use button")
-        .click()
-        .await
-        .expect("click Use");
+    use_token(&browser, API_TOKEN).await;
     shown(&browser, "#mode.armed", WAIT).await;
     let holder_node = format!("#graph g.node[data-node=\"client:{holder_id}\"]");
     shown(&browser, &holder_node, WAIT).await;
@@ -152,9 +140,7 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
         WAIT,
     )
     .await;
-    let screenshot = browser.screenshot().await.expect("a screenshot");
-    let path = output_dir().join("incident.png");
-    std::fs::write(&path, screenshot).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    save_screenshot(&browser, "incident.png").await;
 
     // Kill asks once more; the second click ends the holder's backend.
     let kill = format!("#clients-body button.kill[data-client=\"{holder_id}\"]");
@@ -188,9 +174,7 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
         async move { browser.find(Locator::Css(&edge)).await.is_err() }
     })
     .await;
-    let after = browser.screenshot().await.expect("a screenshot");
-    let path = output_dir().join("after-kill.png");
-    std::fs::write(&path, after).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    save_screenshot(&browser, "after-kill.png").await;
 
     // The token lived in the script's memory only: no storage, no cookie, and a reload
     // forgets it.

@@ -124,7 +124,7 @@ impl Chromedriver {
 }
 
 /// Where screenshots and logs go: `target/web-ui/`.
-pub(crate) fn output_dir() -> PathBuf {
+fn output_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("target")
@@ -170,4 +170,29 @@ pub(crate) async fn open_page(url: &str) -> (Chromedriver, Browser) {
     let browser = driver.browser().await;
     browser.goto(url).await.expect("open the page");
     (driver, browser)
+}
+
+/// Saves a screenshot of the page as `target/web-ui/<name>`.
+pub(crate) async fn save_screenshot(browser: &Browser, name: &str) {
+    let screenshot = browser.screenshot().await.expect("a screenshot");
+    let path = output_dir().join(name);
+    std::fs::write(&path, screenshot).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Types `token` into the page's token field and presses Use, as the operator does.
+pub(crate) async fn use_token(browser: &Browser, token: &str) {
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .expect("the token field")
+        .send_keys(token)
+        .await
+        .expect("type the token");
+    browser
+        .find(Locator::Id("token-use"))
+        .await
+        .expect("the Use button")
+        .click()
+        .await
+        .expect("click Use");
 }
