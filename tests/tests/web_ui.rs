@@ -125,14 +125,18 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
     ] {
         assert!(holder_text.contains(part), "{part:?} in {holder_text:?}");
     }
-    let outside = page_text(
-        &browser,
-        &format!("#graph g.node.outside[data-node=\"pid:{}\"]", login.pid),
-    )
+    // The waiter is not lockguard's: drawn as an outside node, with how long it has waited
+    // (once the server reports when the wait began: pg_locks.waitstart can lag the wait,
+    // and a redraw without it shows no duration yet).
+    let outside_node = format!("#graph g.node.outside[data-node=\"pid:{}\"]", login.pid);
+    wait_for(WAIT, "the outside waiter drawn with its wait", || {
+        let browser = browser.clone();
+        let css = outside_node.clone();
+        async move { page_text(&browser, &css).await.contains("waiting") }
+    })
     .await;
-    // The waiter is not lockguard's: drawn as an outside node, with how long it has waited.
+    let outside = page_text(&browser, &outside_node).await;
     assert!(outside.contains("not proxied"), "{outside}");
-    assert!(outside.contains("waiting"), "{outside}");
     // The clients table lists both sessions; the holder's row is marked.
     shown(
         &browser,
