@@ -363,30 +363,6 @@ impl GuardConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn globs_match_runs_single_characters_and_exact_names() {
-        let g = NameGlob::new("migrat*");
-        assert!(g.matches("migrate") && g.matches("migrations") && !g.matches("Migrate"));
-        assert!(NameGlob::new("app?").matches("app1") && !NameGlob::new("app?").matches("app"));
-        assert!(NameGlob::new("*").matches(""));
-        assert!(NameGlob::new("a*b*c").matches("aXbYc") && !NameGlob::new("a*b*c").matches("ab"));
-    }
-
-    #[test]
-    fn glob_cover_is_conservative() {
-        let star = NameGlob::new("*");
-        assert!(star.covers(&NameGlob::new("anything*")));
-        assert!(NameGlob::new("app*").covers(&NameGlob::new("app-web")));
-        assert!(NameGlob::new("app*").covers(&NameGlob::new("app-*")));
-        assert!(!NameGlob::new("app-web").covers(&NameGlob::new("app*")));
-        assert!(!NameGlob::new("a?c").covers(&NameGlob::new("a*c")));
-    }
-}
-
 /// The first empty matcher list or empty pattern of `rule`, as (key, index, message).
 fn matcher_violation(rule: &GuardRule) -> Option<(&'static str, Option<usize>, String)> {
     let matchers = [
@@ -420,4 +396,28 @@ fn matcher_violation(rule: &GuardRule) -> Option<(&'static str, Option<usize>, S
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_runs_single_characters_and_exact_names() {
+        let g = NameGlob::new("migrat*");
+        assert!(g.matches("migrate") && g.matches("migrations") && !g.matches("Migrate"));
+        assert!(NameGlob::new("app?").matches("app1") && !NameGlob::new("app?").matches("app"));
+        assert!(NameGlob::new("*").matches(""));
+        assert!(NameGlob::new("a*b*c").matches("aXbYc") && !NameGlob::new("a*b*c").matches("ab"));
+    }
+
+    #[test]
+    fn glob_cover_is_conservative() {
+        let star = NameGlob::new("*");
+        assert!(star.covers(&NameGlob::new("anything*")));
+        assert!(NameGlob::new("app*").covers(&NameGlob::new("app-web")));
+        assert!(NameGlob::new("app*").covers(&NameGlob::new("app-*")));
+        assert!(!NameGlob::new("app-web").covers(&NameGlob::new("app*")));
+        assert!(!NameGlob::new("a?c").covers(&NameGlob::new("a*c")));
+    }
 }
