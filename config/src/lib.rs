@@ -131,136 +131,25 @@ impl Config {
         }
     }
 
-    /// The first broken rule, as (key path, message).
+    /// The first broken rule, as (key path, message), section by section in file order.
     fn first_violation(&self) -> Option<(Vec<Seg>, String)> {
-        let key = |section: &str, name: &str| vec![Seg::from(section), Seg::from(name)];
-        let positive = "must be greater than 0".to_owned();
-        let (p, l, g, t) = (&self.proxy, &self.log, &self.guard, &self.tls);
+        self.proxy
+            .violation()
+            .or_else(|| self.log_violation())
+            .or_else(|| self.guard.violation())
+            .or_else(|| self.tls.violation())
+            .or_else(|| self.admin_violation())
+    }
 
-        if p.connect_timeout.is_zero() {
-            return Some((key("proxy", "connect_timeout"), positive));
-        }
-        if p.startup_timeout.is_zero() {
-            return Some((key("proxy", "startup_timeout"), positive));
-        }
-        if p.max_clients == 0 {
-            return Some((key("proxy", "max_clients"), positive));
-        }
-        if p.max_startup_clients == 0 {
-            return Some((key("proxy", "max_startup_clients"), positive));
-        }
-        if p.client_keepalive_idle.is_zero() {
-            return Some((key("proxy", "client_keepalive_idle"), positive));
-        }
-        if p.client_keepalive_interval.is_zero() {
-            return Some((key("proxy", "client_keepalive_interval"), positive));
-        }
-        if p.client_keepalive_count == 0 {
-            return Some((key("proxy", "client_keepalive_count"), positive));
-        }
+    fn log_violation(&self) -> Option<(Vec<Seg>, String)> {
+        let l = &self.log;
         if l.level.trim().is_empty() {
             return Some((
                 key("log", "level"),
                 "must not be empty (e.g. \"info\" or \"info,lockguard=debug\")".to_owned(),
             ));
         }
-        if g.dsn.as_deref().is_some_and(|d| d.trim().is_empty()) {
-            return Some((
-                key("guard", "dsn"),
-                "must not be empty; remove the key to disable the guard".to_owned(),
-            ));
-        }
-        if g.password_env
-            .as_deref()
-            .is_some_and(|v| v.trim().is_empty())
-        {
-            return Some((
-                key("guard", "password_env"),
-                "must name an environment variable; remove the key if unused".to_owned(),
-            ));
-        }
-        for (i, pattern) in g.protected_tables.iter().enumerate() {
-            if let Err(e) = pattern.parse::<TablePattern>() {
-                let mut path = key("guard", "protected_tables");
-                path.push(Seg::Index(i));
-                return Some((path, e.to_string()));
-            }
-        }
-        if let Some((i, name, sub, message)) = g.rule_violation() {
-            let mut path = vec![
-                Seg::from("guard"),
-                Seg::from("rules"),
-                Seg::Index(i),
-                Seg::from(name),
-            ];
-            path.extend(sub.map(Seg::Index));
-            return Some((path, message));
-        }
-        if g.sweep_interval.is_zero() {
-            return Some((key("guard", "sweep_interval"), positive));
-        }
-        if g.audit_log
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Some((
-                key("guard", "audit_log"),
-                "must be a file path; remove the key to disable the audit log".to_owned(),
-            ));
-        }
-        if t.client_cert.is_some() != t.client_key.is_some() {
-            let missing = if t.client_cert.is_some() {
-                "client_key"
-            } else {
-                "client_cert"
-            };
-            return Some((
-                key("tls", missing),
-                "client_cert and client_key must be set together".to_owned(),
-            ));
-        }
-        if t.client_mode == ClientTlsMode::Require && !t.serves_clients() {
-            return Some((
-                key("tls", "client_mode"),
-                "\"require\" needs client_cert and client_key".to_owned(),
-            ));
-        }
-        if matches!(
-            t.upstream_mode,
-            UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull
-        ) && t.upstream_ca.is_none()
-        {
-            return Some((
-                key("tls", "upstream_ca"),
-                "must be set when upstream_mode is verify-ca or verify-full".to_owned(),
-            ));
-        }
-        if t.upstream_negotiation == UpstreamNegotiation::Direct
-            && matches!(
-                t.upstream_mode,
-                UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer
-            )
-        {
-            // Like libpq: a direct handshake has no plaintext fallback to prefer, and a
-            // server without TLS would only see garbage.
-            return Some((
-                key("tls", "upstream_negotiation"),
-                "\"direct\" needs upstream_mode \"require\", \"verify-ca\" or \"verify-full\""
-                    .to_owned(),
-            ));
-        }
-        if t.upstream_cert.is_some() != t.upstream_key.is_some() {
-            let missing = if t.upstream_cert.is_some() {
-                "upstream_key"
-            } else {
-                "upstream_cert"
-            };
-            return Some((
-                key("tls", missing),
-                "upstream_cert and upstream_key must be set together".to_owned(),
-            ));
-        }
-        self.admin_violation()
+        None
     }
 
     /// The rules of `[admin]`.
@@ -343,50 +232,10 @@ impl Config {
                 "must name an environment variable; remove the key if unused".to_owned(),
             ));
         }
-        for (i, user) in a.users.iter().enumerate() {
-            let at = |name: &str| {
-                vec![
-                    Seg::from("admin"),
-                    Seg::from("users"),
-                    Seg::Index(i),
-                    Seg::from(name),
-                ]
-            };
-            if user.name.trim().is_empty() {
-                return Some((at("name"), "must not be empty".to_owned()));
-            }
-            if a.users[..i].iter().any(|u| u.name == user.name) {
-                return Some((at("name"), format!("user {:?} is listed twice", user.name)));
-            }
-            match (&user.password, &user.password_env) {
-                (Some(_), Some(_)) => {
-                    return Some((
-                        at("password_env"),
-                        "set either password or password_env, not both".to_owned(),
-                    ))
-                }
-                (None, None) => {
-                    return Some((
-                        at("password"),
-                        "each admin user needs password or password_env".to_owned(),
-                    ))
-                }
-                (Some(p), None) if is_empty_secret(p) => {
-                    return Some((
-                        at("password"),
-                        "must not be empty: an empty password would let anyone in".to_owned(),
-                    ))
-                }
-                (None, Some(v)) if v.trim().is_empty() => {
-                    return Some((
-                        at("password_env"),
-                        "must name an environment variable".to_owned(),
-                    ))
-                }
-                _ => {}
-            }
-        }
-        None
+        a.users
+            .iter()
+            .enumerate()
+            .find_map(|(i, user)| user_violation(&a.users[..i], i, user))
     }
 
     /// The effective configuration as TOML, every key present with defaults filled in, for
@@ -463,7 +312,208 @@ fn invalid(
     }
 }
 
+/// The first broken rule of `[[admin.users]]` entry `i`, `before` being the entries above it.
+fn user_violation(before: &[AdminUser], i: usize, user: &AdminUser) -> Option<(Vec<Seg>, String)> {
+    let at = |name: &str| {
+        vec![
+            Seg::from("admin"),
+            Seg::from("users"),
+            Seg::Index(i),
+            Seg::from(name),
+        ]
+    };
+    if user.name.trim().is_empty() {
+        return Some((at("name"), "must not be empty".to_owned()));
+    }
+    if before.iter().any(|u| u.name == user.name) {
+        return Some((at("name"), format!("user {:?} is listed twice", user.name)));
+    }
+    match (&user.password, &user.password_env) {
+        (Some(_), Some(_)) => {
+            return Some((
+                at("password_env"),
+                "set either password or password_env, not both".to_owned(),
+            ))
+        }
+        (None, None) => {
+            return Some((
+                at("password"),
+                "each admin user needs password or password_env".to_owned(),
+            ))
+        }
+        (Some(p), None) if is_empty_secret(p) => {
+            return Some((
+                at("password"),
+                "must not be empty: an empty password would let anyone in".to_owned(),
+            ))
+        }
+        (None, Some(v)) if v.trim().is_empty() => {
+            return Some((
+                at("password_env"),
+                "must name an environment variable".to_owned(),
+            ))
+        }
+        _ => {}
+    }
+    None
+}
+
+/// The path of `section.name`.
+fn key(section: &str, name: &str) -> Vec<Seg> {
+    vec![Seg::from(section), Seg::from(name)]
+}
+
+/// The message of a key that must be greater than 0.
+fn positive() -> String {
+    "must be greater than 0".to_owned()
+}
+
+impl ProxyConfig {
+    /// The first broken rule of `[proxy]`.
+    fn violation(&self) -> Option<(Vec<Seg>, String)> {
+        let p = self;
+        if p.connect_timeout.is_zero() {
+            return Some((key("proxy", "connect_timeout"), positive()));
+        }
+        if p.startup_timeout.is_zero() {
+            return Some((key("proxy", "startup_timeout"), positive()));
+        }
+        if p.max_clients == 0 {
+            return Some((key("proxy", "max_clients"), positive()));
+        }
+        if p.max_startup_clients == 0 {
+            return Some((key("proxy", "max_startup_clients"), positive()));
+        }
+        if p.client_keepalive_idle.is_zero() {
+            return Some((key("proxy", "client_keepalive_idle"), positive()));
+        }
+        if p.client_keepalive_interval.is_zero() {
+            return Some((key("proxy", "client_keepalive_interval"), positive()));
+        }
+        if p.client_keepalive_count == 0 {
+            return Some((key("proxy", "client_keepalive_count"), positive()));
+        }
+        None
+    }
+}
+
+impl GuardConfig {
+    /// The first broken rule of `[guard]`.
+    fn violation(&self) -> Option<(Vec<Seg>, String)> {
+        let g = self;
+        if g.dsn.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Some((
+                key("guard", "dsn"),
+                "must not be empty; remove the key to disable the guard".to_owned(),
+            ));
+        }
+        if g.password_env
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Some((
+                key("guard", "password_env"),
+                "must name an environment variable; remove the key if unused".to_owned(),
+            ));
+        }
+        for (i, pattern) in g.protected_tables.iter().enumerate() {
+            if let Err(e) = pattern.parse::<TablePattern>() {
+                let mut path = key("guard", "protected_tables");
+                path.push(Seg::Index(i));
+                return Some((path, e.to_string()));
+            }
+        }
+        if let Some((i, name, sub, message)) = g.rule_violation() {
+            let mut path = vec![
+                Seg::from("guard"),
+                Seg::from("rules"),
+                Seg::Index(i),
+                Seg::from(name),
+            ];
+            path.extend(sub.map(Seg::Index));
+            return Some((path, message));
+        }
+        if g.sweep_interval.is_zero() {
+            return Some((key("guard", "sweep_interval"), positive()));
+        }
+        if g.audit_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Some((
+                key("guard", "audit_log"),
+                "must be a file path; remove the key to disable the audit log".to_owned(),
+            ));
+        }
+        None
+    }
+}
+
+impl TlsConfig {
+    /// The first broken rule of `[tls]`.
+    fn violation(&self) -> Option<(Vec<Seg>, String)> {
+        let t = self;
+        if t.client_cert.is_some() != t.client_key.is_some() {
+            let missing = if t.client_cert.is_some() {
+                "client_key"
+            } else {
+                "client_cert"
+            };
+            return Some((
+                key("tls", missing),
+                "client_cert and client_key must be set together".to_owned(),
+            ));
+        }
+        if t.client_mode == ClientTlsMode::Require && !t.serves_clients() {
+            return Some((
+                key("tls", "client_mode"),
+                "\"require\" needs client_cert and client_key".to_owned(),
+            ));
+        }
+        if matches!(
+            t.upstream_mode,
+            UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull
+        ) && t.upstream_ca.is_none()
+        {
+            return Some((
+                key("tls", "upstream_ca"),
+                "must be set when upstream_mode is verify-ca or verify-full".to_owned(),
+            ));
+        }
+        if t.upstream_negotiation == UpstreamNegotiation::Direct
+            && matches!(
+                t.upstream_mode,
+                UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer
+            )
+        {
+            // Like libpq: a direct handshake has no plaintext fallback to prefer, and a
+            // server without TLS would only see garbage.
+            return Some((
+                key("tls", "upstream_negotiation"),
+                "\"direct\" needs upstream_mode \"require\", \"verify-ca\" or \"verify-full\""
+                    .to_owned(),
+            ));
+        }
+        if t.upstream_cert.is_some() != t.upstream_key.is_some() {
+            let missing = if t.upstream_cert.is_some() {
+                "upstream_key"
+            } else {
+                "upstream_cert"
+            };
+            return Some((
+                key("tls", missing),
+                "upstream_cert and upstream_key must be set together".to_owned(),
+            ));
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_admin;
+#[cfg(test)]
 mod tests_rules;
+#[cfg(test)]
+mod tests_secrets;

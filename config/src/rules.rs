@@ -326,38 +326,8 @@ impl GuardConfig {
                     return Some((i, "tables", Some(j), e.to_string()));
                 }
             }
-            let matchers = [
-                ("databases", rule.databases.as_deref(), "database"),
-                ("users", rule.users.as_deref(), "user"),
-                ("applications", rule.applications.as_deref(), "application"),
-            ];
-            for (key, list, what) in matchers {
-                match list {
-                    Some([]) => {
-                        return Some((
-                            i,
-                            key,
-                            None,
-                            format!(
-                            "an empty list matches nothing; remove the key to match every {what}"
-                        ),
-                        ))
-                    }
-                    Some(list) => {
-                        if let Some(j) = list.iter().position(|g| g.trim().is_empty()) {
-                            return Some((i, key, Some(j), "must not be empty".to_owned()));
-                        }
-                    }
-                    None => {}
-                }
-            }
-            for (key, list) in [
-                ("exempt_users", &rule.exempt_users),
-                ("exempt_applications", &rule.exempt_applications),
-            ] {
-                if let Some(j) = list.iter().position(|g| g.trim().is_empty()) {
-                    return Some((i, key, Some(j), "must not be empty".to_owned()));
-                }
+            if let Some((key, j, message)) = matcher_violation(rule) {
+                return Some((i, key, j, message));
             }
             if rule.max_blocking.is_some_and(|d| d.is_zero()) {
                 return Some((
@@ -391,6 +361,41 @@ impl GuardConfig {
         }
         None
     }
+}
+
+/// The first empty matcher list or empty pattern of `rule`, as (key, index, message).
+fn matcher_violation(rule: &GuardRule) -> Option<(&'static str, Option<usize>, String)> {
+    let matchers = [
+        ("databases", rule.databases.as_deref(), "database"),
+        ("users", rule.users.as_deref(), "user"),
+        ("applications", rule.applications.as_deref(), "application"),
+    ];
+    for (key, list, what) in matchers {
+        match list {
+            Some([]) => {
+                return Some((
+                    key,
+                    None,
+                    format!("an empty list matches nothing; remove the key to match every {what}"),
+                ))
+            }
+            Some(list) => {
+                if let Some(j) = list.iter().position(|g| g.trim().is_empty()) {
+                    return Some((key, Some(j), "must not be empty".to_owned()));
+                }
+            }
+            None => {}
+        }
+    }
+    for (key, list) in [
+        ("exempt_users", &rule.exempt_users),
+        ("exempt_applications", &rule.exempt_applications),
+    ] {
+        if let Some(j) = list.iter().position(|g| g.trim().is_empty()) {
+            return Some((key, Some(j), "must not be empty".to_owned()));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use lockguard_config::{BlockingAction, EffectiveRule};
 
 use crate::audit::{AuditEvent, BlockingEvidence, LockEvidence, Outcome};
 use crate::claim::KillClaim;
-use crate::enforcer::{self, Identity, RequiredState, Termination};
+use crate::enforcer::{self, Identity, RequiredState, Signal, Termination};
 use crate::guard::{Guard, Settings, KILL_SQLSTATE, QUERY_DEADLINE};
 use crate::judge::{millis, who};
 use crate::lock_graph::{self, GraphBackend, LockGraph};
@@ -195,31 +195,8 @@ impl Guard {
             waiter_pid: o.waiter.pid,
             waited: o.waited,
         };
-        let wait = o.waiter.waiting.as_ref();
-        let evidence = BlockingEvidence {
-            waiter_pid: o.waiter.pid,
-            waiter_user: o.waiter.user.clone(),
-            waiter_application: o.waiter.application.clone(),
-            waited_ms: millis(o.waited),
-            max_blocking_ms: millis(rule.max_blocking.unwrap_or_default()),
-            table: format!("{}.{}", o.table.0, o.table.1),
-            mode: wait.map_or_else(String::new, |w| format!("{} ({})", w.mode, w.locktype)),
-            holder_mode: o
-                .holder
-                .held_mode(&o.table.0, &o.table.1)
-                .map(str::to_owned),
-            action: if terminate { "terminate" } else { "cancel" }.to_owned(),
-        };
-        let locks: Vec<LockEvidence> = o
-            .holder
-            .relations
-            .iter()
-            .filter(|r| r.granted && r.schema == o.table.0 && r.table == o.table.1)
-            .map(|r| LockEvidence {
-                table: format!("{}.{}", r.schema, r.table),
-                mode: r.mode.clone(),
-            })
-            .collect();
+        let evidence = blocking_evidence(o, rule, terminate);
+        let locks = held_locks(o);
         let rules = [rule.name.clone()];
         let record = |outcome: Outcome, error: Option<String>| {
             self.event_with(
@@ -267,13 +244,8 @@ impl Guard {
                 }
                 event
             } else {
-                let start = o.holder.backend_start;
-                let pid = o.holder.pid;
                 let result = self
-                    .connections
-                    .run(database, QUERY_DEADLINE, |conn| async move {
-                        enforcer::cancel_verified(&conn, pid, &identity, start, required).await
-                    })
+                    .cancel_verified(database, o.holder, identity, required)
                     .await;
                 let (outcome, error) = outcome_of(result);
                 record(outcome, error)
@@ -285,6 +257,56 @@ impl Guard {
         self.audit().record(event.clone());
         BudgetVerdict::Acted(Box::new(event))
     }
+
+    /// Cancels `holder`'s running statement if it is still the backend `identity` describes
+    /// in the `required` state.
+    async fn cancel_verified(
+        &self,
+        database: &str,
+        holder: &GraphBackend,
+        identity: Identity,
+        required: Option<RequiredState<'_>>,
+    ) -> Result<Termination, crate::GuardError> {
+        let (pid, start) = (holder.pid, holder.backend_start);
+        self.connections
+            .run(database, QUERY_DEADLINE, |conn| async move {
+                let cancel = Signal::Cancel;
+                enforcer::signal_verified(&conn, cancel, pid, &identity, start, required).await
+            })
+            .await
+    }
+}
+
+/// What the audit event says about the wait that ran over its budget.
+fn blocking_evidence(o: &Overdue<'_>, rule: &EffectiveRule, terminate: bool) -> BlockingEvidence {
+    let wait = o.waiter.waiting.as_ref();
+    BlockingEvidence {
+        waiter_pid: o.waiter.pid,
+        waiter_user: o.waiter.user.clone(),
+        waiter_application: o.waiter.application.clone(),
+        waited_ms: millis(o.waited),
+        max_blocking_ms: millis(rule.max_blocking.unwrap_or_default()),
+        table: format!("{}.{}", o.table.0, o.table.1),
+        mode: wait.map_or_else(String::new, |w| format!("{} ({})", w.mode, w.locktype)),
+        holder_mode: o
+            .holder
+            .held_mode(&o.table.0, &o.table.1)
+            .map(str::to_owned),
+        action: if terminate { "terminate" } else { "cancel" }.to_owned(),
+    }
+}
+
+/// The holder's granted locks on the table the waiter waits for.
+fn held_locks(o: &Overdue<'_>) -> Vec<LockEvidence> {
+    o.holder
+        .relations
+        .iter()
+        .filter(|r| r.granted && r.schema == o.table.0 && r.table == o.table.1)
+        .map(|r| LockEvidence {
+            table: format!("{}.{}", r.schema, r.table),
+            mode: r.mode.clone(),
+        })
+        .collect()
 }
 
 fn outcome_of(result: Result<Termination, crate::GuardError>) -> (Outcome, Option<String>) {
@@ -330,10 +352,6 @@ mod tests {
             pid,
             user: Some("web".into()),
             application: Some("api".into()),
-            state: None,
-            state_change: None,
-            backend_start: None,
-            client_port: None,
             relations: relations
                 .iter()
                 .map(|table| RelationLock {
@@ -344,6 +362,7 @@ mod tests {
                 })
                 .collect(),
             waiting: wait,
+            ..GraphBackend::default()
         }
     }
 

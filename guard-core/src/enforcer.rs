@@ -11,6 +11,28 @@ use crate::clock::ClockOffset;
 use crate::connections::GuardConnection;
 use crate::session::{SessionRecord, UpstreamIdentity};
 
+/// The one statement behind [`KILL_SQL`] and [`CANCEL_SQL`]: `$function` (a `pg_catalog`
+/// signalling function) applied to the backend only if it is still the one the guard observed.
+macro_rules! signal_proven_backend_sql {
+    ($function:literal) => {
+        concat!(
+            "SELECT pg_catalog.",
+            $function,
+            "(a.pid)
+FROM pg_catalog.pg_stat_activity a
+WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4
+  AND a.client_port OPERATOR(pg_catalog.=) $2::pg_catalog.int4
+  AND a.backend_start OPERATOR(pg_catalog.>=) $3::pg_catalog.timestamptz
+  AND a.backend_start OPERATOR(pg_catalog.<=) $4::pg_catalog.timestamptz
+  AND ($5::pg_catalog.text IS NULL OR a.state OPERATOR(pg_catalog.=) $5::pg_catalog.text)
+  AND ($6::pg_catalog.timestamptz IS NULL
+       OR a.state_change OPERATOR(pg_catalog.=) $6::pg_catalog.timestamptz)
+  AND ($7::pg_catalog.timestamptz IS NULL
+       OR a.backend_start OPERATOR(pg_catalog.=) $7::pg_catalog.timestamptz)"
+        )
+    };
+}
+
 /// Kill a backend only if it is the one `Identity` describes: our upstream socket's local
 /// port as `client_port` (`-1` for a unix socket) and a `backend_start` inside the window
 /// around our session's connect. The optional state (and the time it began) makes the idle
@@ -20,33 +42,11 @@ use crate::session::{SessionRecord, UpstreamIdentity};
 ///
 /// Every function, operator and type is schema-qualified: the statement runs inside a
 /// database whose owner may have created look-alikes (see `connections::GUARD_OPTIONS`).
-pub(crate) const KILL_SQL: &str = "\
-SELECT pg_catalog.pg_terminate_backend(a.pid)
-FROM pg_catalog.pg_stat_activity a
-WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4
-  AND a.client_port OPERATOR(pg_catalog.=) $2::pg_catalog.int4
-  AND a.backend_start OPERATOR(pg_catalog.>=) $3::pg_catalog.timestamptz
-  AND a.backend_start OPERATOR(pg_catalog.<=) $4::pg_catalog.timestamptz
-  AND ($5::pg_catalog.text IS NULL OR a.state OPERATOR(pg_catalog.=) $5::pg_catalog.text)
-  AND ($6::pg_catalog.timestamptz IS NULL
-       OR a.state_change OPERATOR(pg_catalog.=) $6::pg_catalog.timestamptz)
-  AND ($7::pg_catalog.timestamptz IS NULL
-       OR a.backend_start OPERATOR(pg_catalog.=) $7::pg_catalog.timestamptz)";
+pub(crate) const KILL_SQL: &str = signal_proven_backend_sql!("pg_terminate_backend");
 
 /// [`KILL_SQL`] with `pg_cancel_backend`: the blocking budget's cancel of a holder's running
 /// statement, proven the same way (and pinned to the very statement by its `state_change`).
-pub(crate) const CANCEL_SQL: &str = "\
-SELECT pg_catalog.pg_cancel_backend(a.pid)
-FROM pg_catalog.pg_stat_activity a
-WHERE a.pid OPERATOR(pg_catalog.=) $1::pg_catalog.int4
-  AND a.client_port OPERATOR(pg_catalog.=) $2::pg_catalog.int4
-  AND a.backend_start OPERATOR(pg_catalog.>=) $3::pg_catalog.timestamptz
-  AND a.backend_start OPERATOR(pg_catalog.<=) $4::pg_catalog.timestamptz
-  AND ($5::pg_catalog.text IS NULL OR a.state OPERATOR(pg_catalog.=) $5::pg_catalog.text)
-  AND ($6::pg_catalog.timestamptz IS NULL
-       OR a.state_change OPERATOR(pg_catalog.=) $6::pg_catalog.timestamptz)
-  AND ($7::pg_catalog.timestamptz IS NULL
-       OR a.backend_start OPERATOR(pg_catalog.=) $7::pg_catalog.timestamptz)";
+pub(crate) const CANCEL_SQL: &str = signal_proven_backend_sql!("pg_cancel_backend");
 
 /// What a pid is now, to explain a kill that matched no row.
 pub(crate) const LOOKUP_SQL: &str = "\
@@ -199,28 +199,19 @@ pub async fn terminate_verified(
     .await
 }
 
-/// [`terminate_verified`]'s twin for the blocking budget: cancels `pid`'s running statement if,
-/// at that moment, it is the backend `identity` describes in the `required` state (`active`
-/// since the probed `state_change`: that very statement). A signalled cancel is
-/// [`Outcome::Cancelled`]; the session lives on, and its client gets the server's 57014.
-pub async fn cancel_verified(
-    conn: &GuardConnection,
-    pid: i32,
-    identity: &Identity,
-    probed_start: Option<SystemTime>,
-    required: Option<RequiredState<'_>>,
-) -> Result<Termination, tokio_postgres::Error> {
-    signal_verified(conn, Signal::Cancel, pid, identity, probed_start, required).await
-}
-
 /// Which signal a verified statement sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Signal {
+pub(crate) enum Signal {
     Terminate,
+    /// For the blocking budget: cancels the running statement if, at that moment, the
+    /// backend is the one `identity` describes in the `required` state (`active` since the
+    /// probed `state_change`: that very statement). A signalled cancel is
+    /// [`Outcome::Cancelled`]; the session lives on, and its client gets the server's 57014.
     Cancel,
 }
 
-async fn signal_verified(
+/// [`terminate_verified`] with the choice of signal.
+pub(crate) async fn signal_verified(
     conn: &GuardConnection,
     signal: Signal,
     pid: i32,

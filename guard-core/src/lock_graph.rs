@@ -111,8 +111,9 @@ pub struct Wait {
     pub table: Option<(String, String)>,
 }
 
-/// One backend of the graph: a waiter, a blocker, or both.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One backend of the graph: a waiter, a blocker, or both. (`Default` is a backend known by
+/// nothing but its pid, which the tests of every graph reader build on.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GraphBackend {
     pub pid: i32,
     /// `pg_stat_activity.usename`.
@@ -297,13 +298,6 @@ mod tests {
     fn backend(pid: i32, blockers: Option<Vec<i32>>) -> GraphBackend {
         GraphBackend {
             pid,
-            user: None,
-            application: None,
-            state: None,
-            state_change: None,
-            backend_start: None,
-            client_port: None,
-            relations: Vec::new(),
             waiting: blockers.map(|blockers| Wait {
                 locktype: "transactionid".into(),
                 mode: "ShareLock".into(),
@@ -311,6 +305,7 @@ mod tests {
                 blockers,
                 table: None,
             }),
+            ..GraphBackend::default()
         }
     }
 

@@ -224,21 +224,24 @@ pub async fn backend_alive(admin: &Client, pid: i32) -> bool {
         .is_some()
 }
 
+/// Whether `pid` waits for a lock now.
+pub async fn is_waiting(admin: &Client, pid: i32) -> bool {
+    admin
+        .query_opt(
+            "SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted",
+            &[&pid],
+        )
+        .await
+        .expect("reading pg_locks")
+        .is_some()
+}
+
 /// Waits until `pid` waits for a lock.
 pub async fn wait_until_waiting(admin: &Client, pid: i32) {
     wait_for(
         Duration::from_secs(10),
         "a backend to wait for a lock",
-        || async {
-            admin
-                .query_opt(
-                    "SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted",
-                    &[&pid],
-                )
-                .await
-                .expect("reading pg_locks")
-                .is_some()
-        },
+        || is_waiting(admin, pid),
     )
     .await;
 }
@@ -300,4 +303,18 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Polls `find` like [`wait_for`] until it finds something, and returns that.
+pub async fn wait_for_some<T, F>(limit: Duration, what: &str, mut find: F) -> T
+where
+    F: FnMut() -> Option<T>,
+{
+    let mut found = None;
+    wait_for(limit, what, || {
+        found = find();
+        std::future::ready(found.is_some())
+    })
+    .await;
+    found.expect("found by wait_for")
 }

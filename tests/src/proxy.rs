@@ -169,6 +169,21 @@ impl TestProxy {
         self.guard.as_ref()
     }
 
+    /// The guard's recent audit events about backend `pid` that `keep` accepts, oldest first.
+    pub fn audit_events(
+        &self,
+        pid: i32,
+        keep: impl Fn(&guard_core::AuditEvent) -> bool,
+    ) -> Vec<guard_core::AuditEvent> {
+        self.guard()
+            .expect("guard configured")
+            .audit()
+            .recent()
+            .into_iter()
+            .filter(|e| e.backend_pid == pid && keep(e))
+            .collect()
+    }
+
     /// Connection settings for `user` on `dbname` through the proxy.
     pub fn pg_config(
         &self,

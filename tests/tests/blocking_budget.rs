@@ -117,7 +117,7 @@ use std::time::Instant;
 use guard_core::{AuditEvent, BudgetVerdict, Outcome, SweepReport};
 use lockguard_config::Config;
 use lockguard_tests::app::App;
-use lockguard_tests::guard_support::{self, backend_alive, wait_for};
+use lockguard_tests::guard_support::{self, backend_alive};
 use lockguard_tests::proxy::{config_for, http_get, TestProxy};
 use lockguard_tests::raw;
 use tokio_postgres::Client;
@@ -178,27 +178,16 @@ async fn answer(app: &mut App, within: Duration) -> Vec<raw::Received> {
 fn budget_events(scene: &Scene, pid: i32) -> Vec<AuditEvent> {
     scene
         .proxy
-        .guard()
-        .expect("guard configured")
-        .audit()
-        .recent()
-        .into_iter()
-        .filter(|e| e.backend_pid == pid && e.trigger == "blocking_budget")
-        .collect()
+        .audit_events(pid, |e| e.trigger == "blocking_budget")
 }
 
 async fn wait_for_budget_event(scene: &Scene, pid: i32) -> AuditEvent {
-    let mut event = None;
-    wait_for(
+    guard_support::wait_for_some(
         Duration::from_secs(10),
         &format!("a blocking-budget event for backend {pid}"),
-        || {
-            event = budget_events(scene, pid).into_iter().next();
-            std::future::ready(event.is_some())
-        },
+        || budget_events(scene, pid).into_iter().next(),
     )
-    .await;
-    event.expect("found by wait_for")
+    .await
 }
 
 /// Waits for a sweep report whose budget part says something about `waiter`.
@@ -217,18 +206,6 @@ async fn budget_finding_for(
             return f.clone();
         }
     }
-}
-
-/// Whether `pid` still waits for a lock.
-async fn still_waiting(admin: &Client, pid: i32) -> bool {
-    admin
-        .query_opt(
-            "SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted",
-            &[&pid],
-        )
-        .await
-        .expect("reading pg_locks")
-        .is_some()
 }
 
 /// How long a waiter may take in all: its budget, a sweep, and half a second for the
@@ -414,7 +391,7 @@ async fn a_blocker_that_is_not_proxied_is_never_acted_on() {
     assert_eq!(finding.verdict, BudgetVerdict::NotOurs);
     assert!(finding.waited > BUDGET);
     assert!(backend_alive(&scene.admin, holder.pid).await);
-    assert!(still_waiting(&scene.admin, waiter).await);
+    assert!(guard_support::is_waiting(&scene.admin, waiter).await);
     assert!(budget_events(&scene, holder.pid).is_empty());
     holder
         .client
@@ -448,7 +425,7 @@ async fn recorded_only(prefix: &str, rule_extra: &str, expected: Outcome) {
     assert_eq!(finding.verdict, BudgetVerdict::AlreadyHandled);
     assert_eq!(budget_events(&scene, holder.pid).len(), 1);
     assert!(backend_alive(&scene.admin, holder.pid).await);
-    assert!(still_waiting(&scene.admin, waiter).await);
+    assert!(guard_support::is_waiting(&scene.admin, waiter).await);
     // The holder's statement was never cancelled: it is still running.
     let state: String = scene
         .admin

@@ -78,29 +78,16 @@ async fn wait_until_gone(admin: &Client, pid: i32, timeout: Duration) {
 }
 
 fn events_for(scene: &Scene, pid: i32) -> Vec<AuditEvent> {
-    scene
-        .proxy
-        .guard()
-        .expect("guard configured")
-        .audit()
-        .recent()
-        .into_iter()
-        .filter(|e| e.backend_pid == pid)
-        .collect()
+    scene.proxy.audit_events(pid, |_| true)
 }
 
 async fn wait_for_event(scene: &Scene, pid: i32, timeout: Duration) -> AuditEvent {
-    let mut event = None;
-    wait_for(
+    guard_support::wait_for_some(
         timeout,
         &format!("an audit event for backend {pid}"),
-        || {
-            event = events_for(scene, pid).into_iter().next();
-            std::future::ready(event.is_some())
-        },
+        || events_for(scene, pid).into_iter().next(),
     )
-    .await;
-    event.expect("found by wait_for")
+    .await
 }
 
 /// Waits until `pid` is running a statement that contains `text`.

@@ -51,26 +51,64 @@ fn register(
     registration
 }
 
-/// A session of `db` registered as `application`, idle in a transaction holding `sql`'s row
-/// lock.
-async fn holder(
-    cluster: &TestCluster,
-    registry: &Arc<Registry>,
-    db: &str,
-    application: &str,
-    sql: &str,
-) -> (DirectSession, Registration) {
-    let session = DirectSession::tcp(cluster, db).await;
-    let registration = register(registry, &session, db, application);
-    session
-        .run(registration.record(), sql, TxnStatus::InTransaction)
-        .await
-        .expect("taking the row lock");
-    (session, registration)
-}
-
 fn past(d: Duration) -> Duration {
     d + Duration::from_millis(1)
+}
+
+/// One test's world: its database, a superuser client on it, and a guard over `config` with a
+/// registry and a clock the test moves.
+struct Scene {
+    cluster: &'static TestCluster,
+    db: String,
+    admin: tokio_postgres::Client,
+    registry: Arc<Registry>,
+    clock: ManualClock,
+    guard: Arc<Guard>,
+}
+
+/// The scene of a test named `prefix`: its guard runs the test cluster's config with
+/// `protected` and `rules` (see [`config_with_rules`]).
+async fn scene(prefix: &str, protected: &[&str], rules: &str) -> Scene {
+    let cluster = TestCluster::shared();
+    let db = guard_test_database(cluster, prefix).await;
+    let admin = connect(cluster, &db).await;
+    let registry = Arc::new(Registry::new());
+    let clock = ManualClock::new();
+    let config = config_with_rules(cluster, protected, rules);
+    let guard = Guard::with_clock(&config, None, Arc::clone(&registry), clock.clock())
+        .expect("building the guard");
+    Scene {
+        cluster,
+        db,
+        admin,
+        registry,
+        clock,
+        guard,
+    }
+}
+
+impl Scene {
+    /// A session registered as `application`, idle in a transaction holding `sql`'s row lock.
+    async fn holder(&self, application: &str, sql: &str) -> (DirectSession, Registration) {
+        let session = DirectSession::tcp(self.cluster, &self.db).await;
+        let registration = register(&self.registry, &session, &self.db, application);
+        session
+            .run(registration.record(), sql, TxnStatus::InTransaction)
+            .await
+            .expect("taking the row lock");
+        (session, registration)
+    }
+}
+
+/// A "login" rule (5 s on `app.user_sessions`, with `login_extra` TOML lines) and a "scratch"
+/// rule (60 s on `app.scratch`).
+fn login_and_scratch_rules(login_extra: &str) -> String {
+    format!(
+        "[[guard.rules]]\nname = \"login\"\ntables = [\"app.user_sessions\"]\n\
+         idle_in_transaction_timeout = \"5s\"\n{login_extra}\n\
+         [[guard.rules]]\nname = \"scratch\"\ntables = [\"app.scratch\"]\n\
+         idle_in_transaction_timeout = \"60s\"\n"
+    )
 }
 
 const LOGIN_ROW: &str = "BEGIN; SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE";
@@ -79,38 +117,20 @@ const SCRATCH_ROW: &str = "BEGIN; SELECT * FROM app.scratch WHERE id = 1 FOR UPD
 
 #[tokio::test]
 async fn two_rules_terminate_each_holder_at_its_own_time_and_spare_the_exempt_application() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "rules_two").await;
-    let admin = connect(cluster, &db).await;
-    let config = config_with_rules(
-        cluster,
+    let s = scene(
+        "rules_two",
         &[],
-        r#"
-        [[guard.rules]]
-        name = "login"
-        tables = ["app.user_sessions"]
-        idle_in_transaction_timeout = "5s"
-        exempt_applications = ["migrat*"]
+        &login_and_scratch_rules(r#"exempt_applications = ["migrat*"]"#),
+    )
+    .await;
 
-        [[guard.rules]]
-        name = "scratch"
-        tables = ["app.scratch"]
-        idle_in_transaction_timeout = "60s"
-        "#,
-    );
-    let registry = Arc::new(Registry::new());
-    let clock = ManualClock::new();
-    let guard = Guard::with_clock(&config, None, Arc::clone(&registry), clock.clock())
-        .expect("building the guard");
-
-    let (login, login_reg) = holder(cluster, &registry, &db, "web", LOGIN_ROW).await;
-    let (scratch, scratch_reg) = holder(cluster, &registry, &db, "web", SCRATCH_ROW).await;
-    let (migration, migration_reg) =
-        holder(cluster, &registry, &db, "migrate-7", LOGIN_ROW_2).await;
+    let (login, login_reg) = s.holder("web", LOGIN_ROW).await;
+    let (scratch, scratch_reg) = s.holder("web", SCRATCH_ROW).await;
+    let (migration, migration_reg) = s.holder("migrate-7", LOGIN_ROW_2).await;
 
     // Past the login rule's 5 s: only its holder goes.
-    clock.advance(past(Duration::from_secs(5)));
-    let report = guard.sweep_once().await;
+    s.clock.advance(past(Duration::from_secs(5)));
+    let report = s.guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     let event = &report.events[0];
     assert_eq!(event.backend_pid, login.pid);
@@ -133,13 +153,13 @@ async fn two_rules_terminate_each_holder_at_its_own_time_and_spare_the_exempt_ap
     assert!(report
         .left
         .contains(&(scratch_reg.record().id, LeaveReason::NotIdleLongEnough)));
-    assert!(!backend_alive(&admin, login.pid).await);
-    assert!(backend_alive(&admin, scratch.pid).await);
-    assert!(backend_alive(&admin, migration.pid).await);
+    assert!(!backend_alive(&s.admin, login.pid).await);
+    assert!(backend_alive(&s.admin, scratch.pid).await);
+    assert!(backend_alive(&s.admin, migration.pid).await);
 
     // Past the scratch rule's 60 s: its holder goes; the exempt migration never does.
-    clock.advance(Duration::from_secs(55));
-    let report = guard.sweep_once().await;
+    s.clock.advance(Duration::from_secs(55));
+    let report = s.guard.sweep_once().await;
     let pids: Vec<i32> = report.events.iter().map(|e| e.backend_pid).collect();
     assert_eq!(pids, vec![scratch.pid], "{report:?}");
     assert_eq!(report.events[0].rules, vec!["scratch".to_owned()]);
@@ -149,111 +169,88 @@ async fn two_rules_terminate_each_holder_at_its_own_time_and_spare_the_exempt_ap
             .contains(&(migration_reg.record().id, LeaveReason::NoProtectedLock)),
         "{report:?}"
     );
-    assert!(!backend_alive(&admin, scratch.pid).await);
-    assert!(backend_alive(&admin, migration.pid).await);
-    clock.advance(HOUR);
-    assert!(guard.sweep_once().await.events.is_empty());
-    assert!(backend_alive(&admin, migration.pid).await);
+    assert!(!backend_alive(&s.admin, scratch.pid).await);
+    assert!(backend_alive(&s.admin, migration.pid).await);
+    s.clock.advance(HOUR);
+    assert!(s.guard.sweep_once().await.events.is_empty());
+    assert!(backend_alive(&s.admin, migration.pid).await);
 }
 
 #[tokio::test]
 async fn a_session_under_two_rules_is_judged_by_each_and_the_due_one_acts() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "rules_both").await;
-    let admin = connect(cluster, &db).await;
-    let config = config_with_rules(
-        cluster,
+    let s = scene(
+        "rules_both",
         &[],
-        r#"
-        [[guard.rules]]
-        name = "login"
-        tables = ["app.user_sessions"]
-        idle_in_transaction_timeout = "5s"
-        dry_run = true
-
-        [[guard.rules]]
-        name = "scratch"
-        tables = ["app.scratch"]
-        idle_in_transaction_timeout = "60s"
-        "#,
-    );
-    let registry = Arc::new(Registry::new());
-    let clock = ManualClock::new();
-    let guard = Guard::with_clock(&config, None, Arc::clone(&registry), clock.clock())
-        .expect("building the guard");
+        &login_and_scratch_rules(r#"dry_run = true"#),
+    )
+    .await;
     let both = "BEGIN; SELECT * FROM app.user_sessions WHERE id = 1 FOR UPDATE; \
                 SELECT * FROM app.scratch WHERE id = 1 FOR UPDATE";
-    let (session, _reg) = holder(cluster, &registry, &db, "web", both).await;
+    let (session, _reg) = s.holder("web", both).await;
 
     // Only the dry-run rule is due: a record, nothing killed.
-    clock.advance(past(Duration::from_secs(5)));
-    let report = guard.sweep_once().await;
+    s.clock.advance(past(Duration::from_secs(5)));
+    let report = s.guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     assert_eq!(report.events[0].outcome, Outcome::DryRun);
     assert_eq!(report.events[0].rules, vec!["login".to_owned()]);
-    assert!(backend_alive(&admin, session.pid).await);
+    assert!(backend_alive(&s.admin, session.pid).await);
 
     // Both due: the stricter verdict (terminate) wins and both rules are named.
-    clock.advance(Duration::from_secs(60));
-    let report = guard.sweep_once().await;
+    s.clock.advance(Duration::from_secs(60));
+    let report = s.guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     let event = &report.events[0];
     assert_eq!(event.outcome, Outcome::Terminated);
     assert_eq!(event.rules, vec!["scratch".to_owned(), "login".to_owned()]);
     assert_eq!(event.locks.len(), 2, "{event:?}");
-    assert!(!backend_alive(&admin, session.pid).await);
+    assert!(!backend_alive(&s.admin, session.pid).await);
 }
 
 #[tokio::test]
 async fn reload_adds_changes_and_removes_a_rule_while_sessions_are_open() {
-    let cluster = TestCluster::shared();
-    let db = guard_test_database(cluster, "rules_reload").await;
-    let admin = connect(cluster, &db).await;
-    let flat = config_with_rules(cluster, &["app.user_sessions"], "");
-    let registry = Arc::new(Registry::new());
-    let clock = ManualClock::new();
-    let guard = Guard::with_clock(&flat, None, Arc::clone(&registry), clock.clock())
-        .expect("building the guard");
-    let (first, _first_reg) = holder(cluster, &registry, &db, "web", LOGIN_ROW).await;
-    clock.advance(Duration::from_secs(10));
-    assert!(guard.sweep_once().await.events.is_empty());
+    let s = scene("rules_reload", &["app.user_sessions"], "").await;
+    let flat = config_with_rules(s.cluster, &["app.user_sessions"], "");
+    let (first, _first_reg) = s.holder("web", LOGIN_ROW).await;
+    s.clock.advance(Duration::from_secs(10));
+    assert!(s.guard.sweep_once().await.events.is_empty());
 
     // Added: a 5 s rule for the login table applies to the session already open.
     let fast = "[[guard.rules]]\nname = \"fast\"\ntables = [\"app.user_sessions\"]\n\
                 idle_in_transaction_timeout = \"5s\"\n";
     reload_guard(
-        &guard,
-        &config_with_rules(cluster, &["app.user_sessions"], fast),
+        &s.guard,
+        &config_with_rules(s.cluster, &["app.user_sessions"], fast),
     );
-    let report = guard.sweep_once().await;
+    let report = s.guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     assert_eq!(report.events[0].backend_pid, first.pid);
     assert_eq!(report.events[0].rules, vec!["fast".to_owned()]);
-    assert!(!backend_alive(&admin, first.pid).await);
+    assert!(!backend_alive(&s.admin, first.pid).await);
 
     // Changed to an hour: the next holder, already 10 s idle by the guard's clock, stays.
-    let (second, _second_reg) = holder(cluster, &registry, &db, "web", LOGIN_ROW).await;
+    let (second, _second_reg) = s.holder("web", LOGIN_ROW).await;
     reload_guard(
-        &guard,
+        &s.guard,
         &config_with_rules(
-            cluster,
+            s.cluster,
             &["app.user_sessions"],
             &fast.replace("\"5s\"", "\"1h\""),
         ),
     );
-    let report = guard.sweep_once().await;
+    let report = s.guard.sweep_once().await;
     assert!(report.events.is_empty(), "{report:?}");
-    assert!(backend_alive(&admin, second.pid).await);
+    assert!(backend_alive(&s.admin, second.pid).await);
 
     // Removed, with the flat timeout at 5 s: the catch-all acts, under its own name.
     reload_guard(
-        &guard,
+        &s.guard,
         &GuardConfig {
             idle_in_transaction_timeout: Duration::from_secs(5),
             ..flat.clone()
         },
     );
-    let report = guard.sweep_once().await;
+    let report = s.guard.sweep_once().await;
     assert_eq!(report.events.len(), 1, "{report:?}");
     assert_eq!(report.events[0].backend_pid, second.pid);
     assert_eq!(report.events[0].rules, vec!["default".to_owned()]);
@@ -262,7 +259,7 @@ async fn reload_adds_changes_and_removes_a_rule_while_sessions_are_open() {
         "{}",
         report.events[0].summary
     );
-    assert!(!backend_alive(&admin, second.pid).await);
+    assert!(!backend_alive(&s.admin, second.pid).await);
 }
 
 // ---- The rules on the admin port ---------------------------------------------------------

@@ -8,13 +8,9 @@
 //! Chromium and chromedriver are not optional: without them the test fails and says which
 //! Debian packages to install (`.ci/run` installs them).
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client as Browser, ClientBuilder, Locator};
-use hyper_util::client::legacy::connect::HttpConnector;
+use fantoccini::Locator;
 use lockguard_tests::admin::{admin_config, database, direct, start, Running, API_TOKEN};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support::{app_role, backend_alive, wait_for, BlockedLogin};
@@ -26,154 +22,9 @@ const SHOWN_WITHIN: Duration = Duration::from_secs(3);
 /// How long the other page updates and the kill may take.
 const WAIT: Duration = Duration::from_secs(10);
 
-// ---- the browser --------------------------------------------------------------------------
-
-/// A chromedriver process (in its own process group, with the Chromium it starts), killed
-/// on drop.
-struct Chromedriver {
-    child: Child,
-    url: String,
-    /// Its log, kept when the test fails.
-    log: PathBuf,
-}
-
-impl Drop for Chromedriver {
-    fn drop(&mut self) {
-        // The whole group: chromedriver and the browser it started.
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
-        }
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
-}
-
-/// Finds `name` on `PATH` (or the path in `$env_var`), failing with the package to install.
-fn tool(name: &str, env_var: &str, package: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(env_var) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "{env_var}={} is not a file: install the Debian package {package} or fix {env_var}",
-            path.display()
-        );
-        return path;
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|candidate| candidate.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "the web page tests need {name}, which is not on PATH: install the Debian \
-                 package {package} (apt-get install chromium chromium-driver; .ci/run does), \
-                 or set {env_var}"
-            )
-        })
-}
-
-impl Chromedriver {
-    /// Starts chromedriver on a free port and waits until it accepts connections.
-    async fn start() -> Chromedriver {
-        let driver = tool("chromedriver", "CHROMEDRIVER", "chromium-driver");
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            listener.local_addr().expect("its address").port()
-        };
-        let log = output_dir().join(format!("chromedriver-{port}.log"));
-        let mut command = Command::new(&driver);
-        command
-            .arg(format!("--port={port}"))
-            .arg(format!("--log-path={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", driver.display()));
-        let chromedriver = Chromedriver {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_for(WAIT, "chromedriver to listen", || async move {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await;
-        chromedriver
-    }
-
-    /// A new headless Chromium session.
-    async fn browser(&self) -> Browser {
-        let chromium = tool("chromium", "CHROMIUM", "chromium");
-        let capabilities = serde_json::json!({
-            "goog:chromeOptions": {
-                "binary": chromium,
-                // As root (CI) Chromium needs --no-sandbox; /dev/shm is small in containers.
-                "args": [
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-dev-shm-usage",
-                    "--disable-gpu",
-                    "--window-size=1400,1000",
-                ],
-            }
-        });
-        let serde_json::Value::Object(capabilities) = capabilities else {
-            unreachable!("a JSON object");
-        };
-        ClientBuilder::new(HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&self.url)
-            .await
-            .unwrap_or_else(|e| panic!("a Chromium session from chromedriver: {e}"))
-    }
-}
-
-/// Where screenshots and logs go: `target/web-ui/`.
-fn output_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("web-ui");
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    dir
-}
-
-/// Waits for an element matching `css` (the page redraws on its own timer).
-async fn shown(browser: &Browser, css: &str, within: Duration) -> fantoccini::elements::Element {
-    match browser
-        .wait()
-        .at_most(within)
-        .every(Duration::from_millis(50))
-        .for_element(Locator::Css(css))
-        .await
-    {
-        Ok(element) => element,
-        Err(e) => {
-            let status = page_text(browser, "#status").await;
-            panic!(
-                "the page did not show {css} within {within:?} ({e}); its status line: {status:?}"
-            )
-        }
-    }
-}
-
-async fn page_text(browser: &Browser, css: &str) -> String {
-    match browser.find(Locator::Css(css)).await {
-        Ok(element) => element.text().await.unwrap_or_default(),
-        Err(e) => format!("<{css} not found: {e}>"),
-    }
-}
+#[path = "web_ui/browser.rs"]
+mod browser;
+use browser::{open_page, page_text, save_screenshot, shown, use_token};
 
 // ---- the incident -------------------------------------------------------------------------
 
@@ -221,7 +72,8 @@ async fn blocker(running: &Running, db: &str) -> (tokio_postgres::Client, i32, u
 /// The token-protected endpoint: the operator types the token, the page draws the wait (the
 /// holder marked with the idle rule's countdown), the kill button ends the holder, the waiter
 /// proceeds and the event appears; a screenshot of the incident goes to
-/// `target/web-ui/incident.png`.
+/// `target/web-ui/incident.png`. One test on purpose, longer than most: each step acts on the
+/// page the previous one left (the token typed, the wait drawn, the kill, its event).
 #[tokio::test]
 async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
     let cluster = TestCluster::shared();
@@ -235,32 +87,14 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
     let (bystander, _) = proxied(&running, &db, "report-job").await;
     bystander.execute("SELECT 1", &[]).await.expect("a query");
 
-    let driver = Chromedriver::start().await;
-    let browser = driver.browser().await;
-    browser
-        .goto(&format!("http://{}/ui", running.http))
-        .await
-        .expect("open the page");
+    let (_driver, browser) = open_page(&format!("http://{}/ui", running.http)).await;
     // No token yet: read-only, and this endpoint does not even answer reads.
     let mode = shown(&browser, "#mode.read-only", WAIT).await;
     assert!(mode.text().await.expect("text").contains("read-only"));
     shown(&browser, "#status.error", WAIT).await;
     assert!(page_text(&browser, "#status").await.contains("token"));
 
-    browser
-        .find(Locator::Id("token"))
-        .await
-        .expect("the token field")
-        .send_keys(API_TOKEN)
-        .await
-        .expect("type the token");
-    browser
-        .find(Locator::Id("token-use"))
-        .await
-        .expect("the Use button")
-        .click()
-        .await
-        .expect("click Use");
+    use_token(&browser, API_TOKEN).await;
     shown(&browser, "#mode.armed", WAIT).await;
     let holder_node = format!("#graph g.node[data-node=\"client:{holder_id}\"]");
     shown(&browser, &holder_node, WAIT).await;
@@ -291,14 +125,18 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
     ] {
         assert!(holder_text.contains(part), "{part:?} in {holder_text:?}");
     }
-    let outside = page_text(
-        &browser,
-        &format!("#graph g.node.outside[data-node=\"pid:{}\"]", login.pid),
-    )
+    // The waiter is not lockguard's: drawn as an outside node, with how long it has waited
+    // (once the server reports when the wait began: pg_locks.waitstart can lag the wait,
+    // and a redraw without it shows no duration yet).
+    let outside_node = format!("#graph g.node.outside[data-node=\"pid:{}\"]", login.pid);
+    wait_for(WAIT, "the outside waiter drawn with its wait", || {
+        let browser = browser.clone();
+        let css = outside_node.clone();
+        async move { page_text(&browser, &css).await.contains("waiting") }
+    })
     .await;
-    // The waiter is not lockguard's: drawn as an outside node, with how long it has waited.
+    let outside = page_text(&browser, &outside_node).await;
     assert!(outside.contains("not proxied"), "{outside}");
-    assert!(outside.contains("waiting"), "{outside}");
     // The clients table lists both sessions; the holder's row is marked.
     shown(
         &browser,
@@ -306,9 +144,7 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
         WAIT,
     )
     .await;
-    let screenshot = browser.screenshot().await.expect("a screenshot");
-    let path = output_dir().join("incident.png");
-    std::fs::write(&path, screenshot).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    save_screenshot(&browser, "incident.png").await;
 
     // Kill asks once more; the second click ends the holder's backend.
     let kill = format!("#clients-body button.kill[data-client=\"{holder_id}\"]");
@@ -342,9 +178,7 @@ async fn the_page_draws_a_wait_and_its_kill_button_frees_the_waiter() {
         async move { browser.find(Locator::Css(&edge)).await.is_err() }
     })
     .await;
-    let after = browser.screenshot().await.expect("a screenshot");
-    let path = output_dir().join("after-kill.png");
-    std::fs::write(&path, after).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    save_screenshot(&browser, "after-kill.png").await;
 
     // The token lived in the script's memory only: no storage, no cookie, and a reload
     // forgets it.
@@ -373,12 +207,7 @@ async fn without_a_token_the_page_is_read_only_and_its_kill_buttons_are_disabled
     let observer = direct(&db).await;
     let (_holder, holder_pid, holder_id) = blocker(&running, &db).await;
 
-    let driver = Chromedriver::start().await;
-    let browser = driver.browser().await;
-    browser
-        .goto(&format!("http://{}/ui", running.http))
-        .await
-        .expect("open the page");
+    let (_driver, browser) = open_page(&format!("http://{}/ui", running.http)).await;
     let login = BlockedLogin::start(cluster, &db, &observer).await;
     shown(
         &browser,
@@ -415,12 +244,7 @@ async fn the_clients_table_sorts_and_filters_and_shows_client_names_as_text() {
     let (_holder, _, holder_id) = blocker(&running, &db).await;
     let (bystander, _) = proxied(&running, &db, HOSTILE_APPLICATION).await;
     bystander.execute("SELECT 1", &[]).await.expect("a query");
-    let driver = Chromedriver::start().await;
-    let browser = driver.browser().await;
-    browser
-        .goto(&format!("http://{}/ui", running.http))
-        .await
-        .expect("open the page");
+    let (_driver, browser) = open_page(&format!("http://{}/ui", running.http)).await;
     let order = || async {
         let rows = browser
             .find_all(Locator::Css("#clients-body tr"))

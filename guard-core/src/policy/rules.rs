@@ -122,8 +122,15 @@ impl RuleSet {
 mod tests {
     use super::*;
 
-    fn set(text: &str) -> RuleSet {
-        let config = lockguard_config::Config::from_toml_str(text).expect("config");
+    /// The rules of `login_rule_and_more` (TOML that goes on inside a `[[guard.rules]]` entry
+    /// named "login" for `app.user_sessions`) with every `app` table protected.
+    fn set(login_rule_and_more: &str) -> RuleSet {
+        let text = format!(
+            "[guard]\nprotected_tables = [\"app.*\"]\n\
+             [[guard.rules]]\nname = \"login\"\ntables = [\"app.user_sessions\"]\n\
+             {login_rule_and_more}"
+        );
+        let config = lockguard_config::Config::from_toml_str(&text).expect("config");
         RuleSet::from_config(&config.guard)
     }
 
@@ -136,11 +143,6 @@ mod tests {
     #[test]
     fn the_first_rule_selecting_table_and_session_governs_the_lock() {
         let rules = set(r#"
-            [guard]
-            protected_tables = ["app.*"]
-            [[guard.rules]]
-            name = "login"
-            tables = ["app.user_sessions"]
             users = ["web"]
             [[guard.rules]]
             name = "billing"
@@ -165,11 +167,6 @@ mod tests {
     #[test]
     fn an_exempt_session_is_judged_by_no_later_rule() {
         let rules = set(r#"
-            [guard]
-            protected_tables = ["app.*"]
-            [[guard.rules]]
-            name = "login"
-            tables = ["app.user_sessions"]
             exempt_applications = ["migrat*"]
         "#);
         let migration = Who {
