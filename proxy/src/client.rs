@@ -281,6 +281,9 @@ async fn run_session(
     );
     let record = registration.record();
     shared.stats.session_started();
+    // The session's span is entered only around what may log: the startup below and the
+    // session's end (`SessionContext::span`). Entering it on every poll of the pump cost a few
+    // hundred instructions per message at the default level, for events that never come.
     let span = tracing::info_span!("session", id = record.id, client = %addr);
     let ctx = SessionContext {
         guard: shared.guard.clone(),
@@ -289,8 +292,9 @@ async fn run_session(
         startup_timeout: shared.proxy.startup_timeout,
         shutdown: shared.shutdown.clone(),
         hard_stop: shared.hard_stop.clone(),
+        span: span.clone(),
     };
-    async {
+    let authenticated = async {
         debug!(
             user = %record.client.user,
             database = %record.client.database,
@@ -300,63 +304,69 @@ async fn run_session(
         );
         if let Err(e) = upstream.write_all(&startup.raw).await {
             warn!(error = %e, "could not send the startup packet upstream");
-            return;
+            return false;
         }
-        if let Some(binding) = upstream.channel_binding(upstream_tls.as_ref()) {
-            let login = auth::Login {
-                client: addr,
-                user: &record.client.user,
-                upstream: binding,
-            };
-            let relayed = tokio::time::timeout_at(
-                startup_deadline,
-                Box::pin(auth::relay_authentication(
-                    &mut client,
-                    &mut upstream,
-                    &login,
-                    || scram_secret(shared.guard.as_ref(), &record.client.user),
-                )),
-            )
-            .await;
-            match relayed {
-                Ok(Ok(AuthEnd::Authenticated)) => {}
-                Ok(Ok(AuthEnd::Refused)) => {
-                    debug!("authentication refused by the server");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    info!(error = %e, "authentication exchange failed");
-                    return;
-                }
-                Err(_) => {
-                    info!("client did not finish authentication within startup_timeout");
-                    return;
-                }
-            }
-        }
-        let (client_read, client_write) = client.into_split();
-        let client_write = handover.watch(client_write, record);
-        let (server_read, server_write) = upstream.into_split();
-        session::pump(
-            client_read,
-            client_write,
-            server_read,
-            server_write,
-            record,
-            &ctx,
+        let Some(binding) = upstream.channel_binding(upstream_tls.as_ref()) else {
+            return true;
+        };
+        let login = auth::Login {
+            client: addr,
+            user: &record.client.user,
+            upstream: binding,
+        };
+        let relayed = tokio::time::timeout_at(
+            startup_deadline,
+            Box::pin(auth::relay_authentication(
+                &mut client,
+                &mut upstream,
+                &login,
+                || scram_secret(shared.guard.as_ref(), &record.client.user),
+            )),
         )
         .await;
-        shared
-            .stats
-            .session_ended(record.bytes_from_client(), record.bytes_from_server());
+        match relayed {
+            Ok(Ok(AuthEnd::Authenticated)) => true,
+            Ok(Ok(AuthEnd::Refused)) => {
+                debug!("authentication refused by the server");
+                false
+            }
+            Ok(Err(e)) => {
+                info!(error = %e, "authentication exchange failed");
+                false
+            }
+            Err(_) => {
+                info!("client did not finish authentication within startup_timeout");
+                false
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    if !authenticated {
+        return;
+    }
+    let (client_read, client_write) = client.into_split();
+    let client_write = handover.watch(client_write, record);
+    let (server_read, server_write) = upstream.into_split();
+    session::pump(
+        client_read,
+        client_write,
+        server_read,
+        server_write,
+        record,
+        &ctx,
+    )
+    .await;
+    shared
+        .stats
+        .session_ended(record.bytes_from_client(), record.bytes_from_server());
+    span.in_scope(|| {
         debug!(
             bytes_from_client = record.bytes_from_client(),
             bytes_from_server = record.bytes_from_server(),
             "session ended"
         );
-    }
-    .instrument(span)
-    .await;
+    });
 }
 
 /// The stored SCRAM secret of `user`, read by the guard (see [`auth`] for when it is needed).
@@ -490,6 +500,7 @@ impl<W> SlotWatch<W> {
                 // FATAL at a message boundary and closes both sockets.
                 handover.stats.client_refused();
                 warn!(
+                    session = record.id,
                     client = %record.client.addr,
                     user = %record.client.user,
                     "refusing client after its startup: max_clients was reached meanwhile"

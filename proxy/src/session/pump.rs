@@ -15,6 +15,7 @@ use std::task::Poll;
 
 use guard_core::{SessionRecord, TxnState};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 use super::end::{finish, ClientEnd, ClientLoss, Ended, ServerEnd, SERVER_LAST_WORDS_TIMEOUT};
 use super::flow::{Flow, Stopped, Watch};
@@ -142,6 +143,7 @@ pub async fn pump<CR, CW, SR, SW>(
         &tracker,
         ctx,
     )
+    .instrument(ctx.span.clone())
     .await;
 }
 
