@@ -254,7 +254,7 @@ async fn run_session(
     let mut upstream = match connected {
         Ok(upstream) => upstream,
         Err(reason) => {
-            shared.stats.upstream_connect_failed(&reason);
+            shared.stats.upstream_connect_failed(reason.reason());
             warn!(client = %addr, user = %startup.user, database = %startup.database, "{reason}");
             let message = format!("lockguard: {reason}");
             farewell(&mut client, sqlstate::CONNECTION_FAILURE, &message).await;
@@ -409,7 +409,7 @@ async fn forward_cancel(packet: &[u8], shared: &Shared) {
     {
         Ok(upstream) => upstream,
         Err(reason) => {
-            shared.stats.upstream_connect_failed(&reason);
+            shared.stats.upstream_connect_failed(reason.reason());
             warn!("cancel request not delivered: {reason}");
             return;
         }
