@@ -79,7 +79,7 @@ pub(crate) async fn serve(
             let handover = SlotHandover {
                 startup,
                 clients: Arc::clone(&shared.clients),
-                refused_message: too_many_clients(&shared),
+                max_clients: shared.proxy.max_clients,
                 stats: Arc::clone(&shared.stats),
             };
             run_session(stream, addr, message, startup_deadline, &shared, handover).await;
@@ -89,10 +89,11 @@ pub(crate) async fn serve(
 
 /// What a client refused for `max_clients` is told.
 fn too_many_clients(shared: &Shared) -> String {
-    format!(
-        "lockguard: too many clients already (max_clients = {})",
-        shared.proxy.max_clients
-    )
+    too_many_clients_message(shared.proxy.max_clients)
+}
+
+fn too_many_clients_message(max_clients: usize) -> String {
+    format!("lockguard: too many clients already (max_clients = {max_clients})")
 }
 
 /// Refuses a connection over `max_startup_clients` at once: FATAL 53300, then close. It is
@@ -443,8 +444,9 @@ where
 pub(crate) struct SlotHandover {
     startup: OwnedSemaphorePermit,
     clients: Arc<Semaphore>,
-    /// What the client is told when `max_clients` filled up while it authenticated.
-    refused_message: String,
+    /// For what the client is told when `max_clients` filled up while it authenticated
+    /// (formatted then only: every connection carries this).
+    max_clients: usize,
     stats: Arc<ProxyStats>,
 }
 
@@ -508,7 +510,7 @@ impl<W> SlotWatch<W> {
                 if record.begin_kill() {
                     record.finish_kill(KillNotice {
                         sqlstate: sqlstate::TOO_MANY_CONNECTIONS,
-                        message: handover.refused_message,
+                        message: too_many_clients_message(handover.max_clients),
                     });
                 }
             }
