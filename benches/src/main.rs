@@ -81,8 +81,13 @@ struct Args {
     idle_sessions: usize,
     /// Transactions per client of the profile section's longer run (its shorter one has a
     /// sixth of them; the difference is what is counted).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 3000)]
     profile_transactions: u32,
+    /// pgbench clients of the profile section. One client makes every transaction cost the
+    /// same wake-ups (two per round trip), so the counts repeat from run to run; with several,
+    /// how many events each wake-up finds varies with the machine's timing.
+    #[arg(long, default_value_t = 1)]
+    profile_clients: u32,
     /// Keep the profile section's callgrind dumps here (for callgrind_annotate).
     #[arg(long)]
     profile_dir: Option<PathBuf>,
@@ -341,8 +346,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         let plan = profile::Plan {
             short: args.profile_transactions / 6,
             long: args.profile_transactions,
-            clients: args.clients,
-            threads: args.threads,
+            clients: args.profile_clients,
+            threads: 1,
         };
         if let Some(dir) = &args.profile_dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

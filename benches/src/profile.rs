@@ -31,14 +31,16 @@ pub struct Plan {
     pub threads: u32,
 }
 
+/// (syscall, calls per transaction), most frequent first.
+pub type SyscallCounts = Vec<(String, f64)>;
+
 /// One proxy's counts in one mode, per transaction (per connection under `-C`).
 #[derive(Debug, Clone)]
 pub struct Counts {
     pub proxy: &'static str,
     pub mode: &'static str,
     pub instructions: Option<f64>,
-    /// (syscall, calls per transaction), most frequent first.
-    pub syscalls: Vec<(String, f64)>,
+    pub syscalls: SyscallCounts,
 }
 
 impl Counts {
@@ -92,7 +94,7 @@ pub fn syscalls(
     server: &Server,
     modes: &[Mode],
     plan: Plan,
-) -> anyhow::Result<Vec<(&'static str, Vec<(String, f64)>)>> {
+) -> anyhow::Result<Vec<(&'static str, SyscallCounts)>> {
     let target = target_of(server);
     let mut out = Vec::new();
     for mode in modes {
@@ -104,7 +106,7 @@ pub fn syscalls(
             counts.push(strace.finish()?);
         }
         let extra = f64::from(plan.clients) * f64::from(plan.long - plan.short);
-        let mut per_txn: Vec<(String, f64)> = counts[1]
+        let mut per_txn: SyscallCounts = counts[1]
             .iter()
             .map(|(name, long)| {
                 let short = counts[0]
