@@ -12,6 +12,8 @@
 //! - [`scan`]: frame-scanner throughput over a realistic server stream ([`stream`]), also
 //!   benchmarked with divan in `benches/scanner.rs`.
 //!
+//! - [`profile`] (on request): instructions and syscalls per transaction of each proxy.
+//!
 //! [`procs`] starts and stops the proxies; [`report`] holds the statistics and table printing.
 
 pub mod budget;
@@ -19,6 +21,7 @@ pub mod memory;
 pub mod overhead;
 pub mod pgbench;
 pub mod procs;
+pub mod profile;
 pub mod release;
 pub mod report;
 pub mod scan;

@@ -18,7 +18,8 @@ use clap::Parser;
 use lockguard_benches::memory::{self, Footprint};
 use lockguard_benches::overhead::{self, Cell};
 use lockguard_benches::pgbench::{Pgbench, Target, MODES};
-use lockguard_benches::procs::{self, LockguardSettings, Server, Upstream};
+use lockguard_benches::procs::{self, LockguardSettings, Server, Upstream, Wrap};
+use lockguard_benches::profile;
 use lockguard_benches::release::{self, GuardTimings, Outcome};
 use lockguard_benches::report::Table;
 use lockguard_benches::scan::{self, Throughput};
@@ -46,8 +47,9 @@ struct Args {
     /// Length of each pgbench run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Sections to run, comma-separated: overhead, release, memory, scanner, budget (the
-    /// last only when asked for).
+    /// Sections to run, comma-separated: overhead, release, memory, scanner; budget and
+    /// profile (instructions and syscalls per transaction; needs valgrind and strace) only
+    /// when asked for.
     #[arg(
         long,
         value_delimiter = ',',
@@ -81,6 +83,18 @@ struct Args {
     /// Idle proxied sessions for the memory section.
     #[arg(long, default_value_t = 1000)]
     idle_sessions: usize,
+    /// Transactions per client of the profile section's longer run (its shorter one has a
+    /// sixth of them; the difference is what is counted).
+    #[arg(long, default_value_t = 3000)]
+    profile_transactions: u32,
+    /// pgbench clients of the profile section. One client makes every transaction cost the
+    /// same wake-ups (two per round trip), so the counts repeat from run to run; with several,
+    /// how many events each wake-up finds varies with the machine's timing.
+    #[arg(long, default_value_t = 1)]
+    profile_clients: u32,
+    /// Keep the profile section's callgrind dumps here (for callgrind_annotate).
+    #[arg(long)]
+    profile_dir: Option<PathBuf>,
     /// The lockguard binary; by default `cargo build --release -p lockguard` builds it.
     #[arg(long)]
     lockguard: Option<PathBuf>,
@@ -106,6 +120,7 @@ enum Section {
     Memory,
     Scanner,
     Budget,
+    Profile,
 }
 
 /// The lockguard configuration every section uses (guard on, the incident's table protected).
@@ -194,11 +209,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         (true, None) => bail!("--unix-upstream: the cluster has no unix socket directory"),
     };
     let settings = guard_settings();
-    let start_lockguard =
-        || procs::start_lockguard(&lockguard_bin, &upstream, cluster.port(), &user, &settings);
+    let start_lockguard_as = |wrap: Wrap| {
+        procs::start_lockguard(
+            &lockguard_bin,
+            &upstream,
+            cluster.port(),
+            &user,
+            &settings,
+            wrap,
+        )
+    };
+    let start_lockguard = || start_lockguard_as(Wrap::Native);
     // PgBouncer is a comparison, not the subject: if it will not start, say so and go on.
-    let start_pgbouncer = |bin: &Path, max_sessions: usize| -> Option<Server> {
-        match procs::start_pgbouncer(bin, &upstream, &user, max_sessions) {
+    let start_pgbouncer_as = |bin: &Path, max_sessions: usize, wrap: Wrap| -> Option<Server> {
+        match procs::start_pgbouncer(bin, &upstream, &user, max_sessions, wrap) {
             Ok(server) => Some(server),
             Err(e) => {
                 eprintln!("PgBouncer did not start, skipped: {e:#}");
@@ -206,6 +230,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     };
+    let start_pgbouncer =
+        |bin: &Path, max_sessions: usize| start_pgbouncer_as(bin, max_sessions, Wrap::Native);
     let lockguard = start_lockguard()?;
     let pgbouncer = pgbouncer_bin
         .as_deref()
@@ -244,10 +270,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         user: user.clone(),
         dbname: dbname.clone(),
     };
+    if wants(Section::Overhead) || wants(Section::Profile) {
+        eprintln!("pgbench -i -s {}", args.scale);
+        pgbench.init(cluster.port(), args.scale)?;
+    }
     let mut overhead_cells = Vec::new();
     if wants(Section::Overhead) {
-        eprintln!("overhead: pgbench -i -s {}", args.scale);
-        pgbench.init(cluster.port(), args.scale)?;
         let mut targets = vec![
             Target {
                 name: "direct",
@@ -307,6 +335,77 @@ fn run(args: Args) -> anyhow::Result<()> {
                 args.repetitions
             ),
             &overhead::table(&overhead_cells),
+        );
+        let ratios = overhead::cpu_ratios(&overhead_cells);
+        if !ratios.is_empty() {
+            section(
+                &mut report,
+                "Proxy CPU: lockguard's relative to PgBouncer's, a ratio per repetition (both ran in it); \
+                 per connection under -C (PgBouncer reuses its server connections there, lockguard starts a backend each time)",
+                &overhead::cpu_ratio_table(&ratios),
+            );
+        }
+    }
+
+    if wants(Section::Profile) {
+        let plan = profile::Plan {
+            short: args.profile_transactions / 6,
+            long: args.profile_transactions,
+            clients: args.profile_clients,
+            threads: 1,
+        };
+        if let Some(dir) = &args.profile_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut counts = Vec::new();
+        let mut proxies = vec![("lockguard", &lockguard)];
+        if let Some(pgbouncer) = &pgbouncer {
+            proxies.push(("pgbouncer", pgbouncer));
+        }
+        for (name, native) in proxies {
+            eprintln!("profile: {name} under callgrind");
+            let start_traced = || -> anyhow::Result<Server> {
+                if name == "lockguard" {
+                    start_lockguard_as(Wrap::Callgrind)
+                } else {
+                    pgbouncer_bin
+                        .as_deref()
+                        .and_then(|bin| {
+                            start_pgbouncer_as(bin, args.clients as usize, Wrap::Callgrind)
+                        })
+                        .context("PgBouncer under callgrind did not start")
+                }
+            };
+            let instructions = profile::instructions(
+                &pgbench,
+                &start_traced,
+                &MODES,
+                plan,
+                args.profile_dir.as_deref(),
+            )?;
+            eprintln!("profile: {name} under strace");
+            for (mode, syscalls) in profile::syscalls(&pgbench, native, &MODES, plan)? {
+                counts.push(profile::Counts {
+                    proxy: name,
+                    mode,
+                    instructions: instructions
+                        .iter()
+                        .find(|(m, _)| *m == mode)
+                        .map(|(_, n)| *n),
+                    syscalls,
+                });
+            }
+        }
+        counts.sort_by_key(|c| MODES.iter().position(|m| m.label == c.mode));
+        section(
+            &mut report,
+            &format!(
+                "Profile: per transaction (per connection under -C), user-space instructions \
+                 (callgrind) and syscalls (strace -c -f); difference of {} and {} transactions \
+                 per client, {} clients",
+                plan.short, plan.long, plan.clients
+            ),
+            &profile::table(&counts),
         );
     }
 
@@ -466,6 +565,21 @@ fn targets_table(
                 None => format!("{lockguard:.2}"),
             },
             verdict(lockguard >= wanted && beats).to_owned(),
+        ]);
+    }
+    for r in overhead::cpu_ratios(cells)
+        .iter()
+        .filter(|r| !r.per_connection())
+    {
+        table.row([
+            format!("{}: proxy CPU per transaction ≤ PgBouncer's", r.mode),
+            format!(
+                "{:.2} of PgBouncer's ({:.2}–{:.2})",
+                r.median(),
+                r.min(),
+                r.max()
+            ),
+            verdict(r.median() <= 1.0).to_owned(),
         ]);
     }
     for o in outcomes {

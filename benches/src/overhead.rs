@@ -156,3 +156,97 @@ pub fn table(cells: &[Cell]) -> Table {
     }
     table
 }
+
+/// lockguard's proxy CPU per transaction divided by PgBouncer's, in one mode: a ratio per
+/// repetition, taken between the two runs of that repetition (they ran minutes apart at most,
+/// on the same machine state), so a drift of the machine cancels out of each ratio.
+#[derive(Debug, Clone)]
+pub struct CpuRatio {
+    pub mode: &'static str,
+    /// Median µs of proxy CPU per transaction (per connection under `-C`).
+    pub lockguard_us: f64,
+    pub pgbouncer_us: f64,
+    /// One ratio per repetition, sorted.
+    pub ratios: Vec<f64>,
+}
+
+impl CpuRatio {
+    pub fn median(&self) -> f64 {
+        median(&self.ratios)
+    }
+
+    pub fn min(&self) -> f64 {
+        self.ratios.first().copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.ratios.last().copied().unwrap_or(f64::NAN)
+    }
+
+    /// True in the modes that open a connection per transaction.
+    pub fn per_connection(&self) -> bool {
+        self.mode.starts_with("-C")
+    }
+}
+
+/// The CPU ratios of every mode that ran through both proxies.
+pub fn cpu_ratios(cells: &[Cell]) -> Vec<CpuRatio> {
+    let mut out = Vec::new();
+    for cell in cells.iter().filter(|c| c.target == "lockguard") {
+        let Some(pgbouncer) = cells
+            .iter()
+            .find(|c| c.mode == cell.mode && c.target == "pgbouncer")
+        else {
+            continue;
+        };
+        // The runs of a cell are in repetition order, so equal indexes ran in the same one.
+        let mut ratios: Vec<f64> = cell
+            .runs
+            .iter()
+            .zip(&pgbouncer.runs)
+            .filter_map(|(l, p)| Some(l.proxy_cpu_us_per_tx? / p.proxy_cpu_us_per_tx?))
+            .filter(|r| r.is_finite())
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let (Some(lockguard_us), Some(pgbouncer_us)) =
+            (cell.proxy_cpu_us(), pgbouncer.proxy_cpu_us())
+        else {
+            continue;
+        };
+        out.push(CpuRatio {
+            mode: cell.mode,
+            lockguard_us,
+            pgbouncer_us,
+            ratios,
+        });
+    }
+    out
+}
+
+/// The table of [`cpu_ratios`]: per mode, each proxy's CPU per transaction (per connection
+/// under `-C`) and lockguard's ratio to PgBouncer's with its spread over the repetitions.
+pub fn cpu_ratio_table(ratios: &[CpuRatio]) -> Table {
+    let mut table = Table::new([
+        "mode",
+        "per",
+        "lockguard CPU µs",
+        "PgBouncer CPU µs",
+        "lockguard / PgBouncer (median)",
+        "min–max over repetitions",
+    ]);
+    for r in ratios {
+        table.row([
+            r.mode.to_owned(),
+            if r.per_connection() {
+                "connection".to_owned()
+            } else {
+                "transaction".to_owned()
+            },
+            format!("{:.1}", r.lockguard_us),
+            format!("{:.1}", r.pgbouncer_us),
+            format!("{:.2}", r.median()),
+            format!("{:.2}–{:.2}", r.min(), r.max()),
+        ]);
+    }
+    table
+}

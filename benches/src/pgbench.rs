@@ -148,6 +148,36 @@ impl Pgbench {
         })
     }
 
+    /// Runs `mode` for `per_client` transactions per client against `target` (no logs, no
+    /// figures: the profile section counts what the proxy did meanwhile).
+    pub fn run_transactions(
+        &self,
+        target: &Target,
+        mode: &Mode,
+        per_client: u32,
+        clients: u32,
+        threads: u32,
+    ) -> anyhow::Result<()> {
+        let output = self
+            .command(target.port)
+            .args(mode.args)
+            .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
+            .args(["-t", &per_client.to_string()])
+            .arg(&self.dbname)
+            .output()
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !output.status.success() {
+            bail!(
+                "pgbench {} -t {per_client} against {} failed ({}):\n{}",
+                mode.label,
+                target.name,
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
     fn command(&self, port: u16) -> Command {
         let mut command = Command::new(&self.bin);
         command

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 /// How long a proxy may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopped proxy may take to exit before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A running proxy process listening on `127.0.0.1:port`.
 pub struct Server {
@@ -26,7 +26,7 @@ pub struct Server {
     port: u16,
     log: PathBuf,
     /// Holds the configuration and log; removed on drop.
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -40,6 +40,13 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops the process (as dropping it does) and hands over its directory, which holds
+    /// what it wrote on its way out (callgrind's counts).
+    pub fn stop(mut self) -> Option<tempfile::TempDir> {
+        self.shutdown();
+        self.dir.take()
     }
 
     /// Resident set size from `/proc/PID/status` (`VmRSS`), in KiB.
@@ -80,7 +87,7 @@ impl Server {
             child,
             port,
             log,
-            _dir: dir,
+            dir: Some(dir),
         };
         server.wait_until_listening()?;
         Ok(server)
@@ -114,6 +121,13 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Server {
+    /// SIGTERM, then SIGKILL after [`STOP_GRACE`]; reaps the process.
+    fn shutdown(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
                 // SAFETY: `pid` is our unreaped child, so it cannot name another process.
@@ -129,6 +143,35 @@ impl Drop for Server {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+    }
+}
+
+/// How a proxy process is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrap {
+    /// As it is.
+    Native,
+    /// Under `valgrind --tool=callgrind`, which writes its counts to `callgrind.out` in the
+    /// process's directory when it exits.
+    Callgrind,
+}
+
+impl Wrap {
+    fn command(self, bin: &Path, dir: &Path) -> Command {
+        match self {
+            Wrap::Native => Command::new(bin),
+            Wrap::Callgrind => {
+                let mut command = Command::new("valgrind");
+                command
+                    .arg("--tool=callgrind")
+                    .arg(format!(
+                        "--callgrind-out-file={}",
+                        dir.join("callgrind.out").display()
+                    ))
+                    .arg(bin);
+                command
+            }
+        }
     }
 }
 
@@ -177,6 +220,7 @@ pub fn start_lockguard(
     pg_port: u16,
     pg_user: &str,
     settings: &LockguardSettings,
+    wrap: Wrap,
 ) -> anyhow::Result<Server> {
     let dir = tempfile::Builder::new()
         .prefix("lockguard-bench-")
@@ -209,7 +253,7 @@ pub fn start_lockguard(
     let config_path = dir.path().join("lockguard.toml");
     fs::write(&config_path, config)?;
     let log = dir.path().join("lockguard.log");
-    let mut command = Command::new(bin);
+    let mut command = wrap.command(bin, dir.path());
     command.arg("--config").arg(&config_path);
     Server::spawn("lockguard", command, port, dir, log)
 }
@@ -222,6 +266,7 @@ pub fn start_pgbouncer(
     upstream: &Upstream,
     pg_user: &str,
     max_sessions: usize,
+    wrap: Wrap,
 ) -> anyhow::Result<Server> {
     let run_as = postgres_account_if_root()?;
     let dir = tempfile::Builder::new()
@@ -252,7 +297,7 @@ pub fn start_pgbouncer(
     );
     let config_path = dir.path().join("pgbouncer.ini");
     fs::write(&config_path, config)?;
-    let mut command = Command::new(bin);
+    let mut command = wrap.command(bin, dir.path());
     command.arg(&config_path);
     if let Some((uid, gid)) = run_as {
         for path in [dir.path(), &userlist, &config_path] {

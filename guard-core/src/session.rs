@@ -4,6 +4,7 @@
 //! guard / admin (which read it). Everything the pump changes per message is an atomic, so the
 //! forwarding path never waits on a lock; the few fields set once per session use `OnceLock`.
 
+use std::ffi::CStr;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -148,9 +149,11 @@ pub struct SessionRecord {
     xact_since: AtomicU64,
     bytes_from_client: AtomicU64,
     bytes_from_server: AtomicU64,
-    /// Truncated text of the last Query / Parse. Written with `try_lock` by the pump (never
-    /// waits); readers copy it out.
-    last_statement: Mutex<String>,
+    /// The last Query's / Parse's statement as sent: up to [`MAX_STATEMENT_LEN`] raw bytes
+    /// from its start, its NUL terminator and what follows included. Written with `try_lock`
+    /// by the pump (never waits, never allocates: the capacity is reserved); the text is cut
+    /// out only when someone reads it, which is rare next to how often it is written.
+    last_statement: Mutex<Vec<u8>>,
     /// Set by whoever decides to end this session (guard, operator); read by the pump.
     kill_notice: OnceLock<KillNotice>,
     /// Wakes the pump once `kill_notice` is set and the backend has been dealt with.
@@ -178,7 +181,7 @@ impl SessionRecord {
             xact_since: AtomicU64::new(0),
             bytes_from_client: AtomicU64::new(0),
             bytes_from_server: AtomicU64::new(0),
-            last_statement: Mutex::new(String::with_capacity(MAX_STATEMENT_LEN + 4)),
+            last_statement: Mutex::new(Vec::with_capacity(MAX_STATEMENT_LEN)),
             kill_notice: OnceLock::new(),
             kill_wakeup: Notify::new(),
             kill_pending: AtomicBool::new(false),
@@ -236,20 +239,15 @@ impl SessionRecord {
         self.state_since.store(now, Ordering::Release);
     }
 
-    /// Remembers the statement text of a Query or Parse (truncated on a char boundary).
-    /// Never waits: if a reader holds the lock this very moment, this statement is skipped.
-    pub fn set_last_statement(&self, text: &[u8]) {
+    /// Remembers the statement of a Query or Parse: `raw` starts with its text, which ends at
+    /// the first NUL (or with `raw`). Only a prefix is kept; [`last_statement`] cuts the text
+    /// out. Never waits: if a reader holds the lock this very moment, this statement is skipped.
+    ///
+    /// [`last_statement`]: SessionRecord::last_statement
+    pub fn set_last_statement(&self, raw: &[u8]) {
         if let Ok(mut slot) = self.last_statement.try_lock() {
             slot.clear();
-            let text = &text[..text.len().min(MAX_STATEMENT_LEN)];
-            match std::str::from_utf8(text) {
-                Ok(s) => slot.push_str(s),
-                Err(e) => {
-                    let valid = &text[..e.valid_up_to()];
-                    // The tail is cut mid-character or is not UTF-8; keep the readable part.
-                    slot.push_str(std::str::from_utf8(valid).unwrap_or_default());
-                }
-            }
+            slot.extend_from_slice(&raw[..raw.len().min(MAX_STATEMENT_LEN)]);
         }
     }
 
@@ -341,12 +339,21 @@ impl SessionRecord {
         self.bytes_from_server.load(Ordering::Relaxed)
     }
 
-    /// A copy of the last statement text (may be empty).
+    /// A copy of the last statement text (may be empty): up to its NUL, at most
+    /// [`MAX_STATEMENT_LEN`] bytes, cut to the part that is valid UTF-8 (a tail cut
+    /// mid-character, or text that is not UTF-8, is left out).
     pub fn last_statement(&self) -> String {
-        match self.last_statement.lock() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        let raw = match self.last_statement.lock() {
+            Ok(raw) => raw,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let text = CStr::from_bytes_until_nul(&raw).map_or(&raw[..], CStr::to_bytes);
+        let valid = match std::str::from_utf8(text) {
+            Ok(s) => s,
+            // The prefix up to the error is valid UTF-8 by definition.
+            Err(e) => std::str::from_utf8(&text[..e.valid_up_to()]).unwrap_or_default(),
+        };
+        valid.to_owned()
     }
 
     /// Notes that PostgreSQL does not know this session's backend pid (as ours); true the
@@ -491,6 +498,19 @@ mod tests {
         text.push('é'); // two bytes, straddles the limit
         r.set_last_statement(text.as_bytes());
         assert_eq!(r.last_statement().len(), MAX_STATEMENT_LEN - 1);
+    }
+
+    #[test]
+    fn last_statement_ends_at_its_nul_and_skips_what_is_not_utf8() {
+        let r = record();
+        r.set_last_statement(b"SELECT 1\0\0\x01\0\0\0\x17");
+        assert_eq!(r.last_statement(), "SELECT 1");
+        r.set_last_statement(b"SELECT 'ok' \xff\xfe\0");
+        assert_eq!(r.last_statement(), "SELECT 'ok' ");
+        r.set_last_statement(b"no terminator in the prefix");
+        assert_eq!(r.last_statement(), "no terminator in the prefix");
+        r.set_last_statement(b"");
+        assert_eq!(r.last_statement(), "");
     }
 
     #[test]

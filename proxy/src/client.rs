@@ -79,7 +79,7 @@ pub(crate) async fn serve(
             let handover = SlotHandover {
                 startup,
                 clients: Arc::clone(&shared.clients),
-                refused_message: too_many_clients(&shared),
+                max_clients: shared.config().proxy.max_clients,
                 stats: Arc::clone(&shared.stats),
             };
             run_session(stream, addr, message, startup_deadline, &shared, handover).await;
@@ -89,10 +89,11 @@ pub(crate) async fn serve(
 
 /// What a client refused for `max_clients` is told.
 fn too_many_clients(shared: &Shared) -> String {
-    format!(
-        "lockguard: too many clients already (max_clients = {})",
-        shared.config().proxy.max_clients
-    )
+    too_many_clients_message(shared.config().proxy.max_clients)
+}
+
+fn too_many_clients_message(max_clients: usize) -> String {
+    format!("lockguard: too many clients already (max_clients = {max_clients})")
 }
 
 /// Refuses a connection over `max_startup_clients` at once: FATAL 53300, then close. It is
@@ -254,7 +255,7 @@ async fn run_session(
     let mut upstream = match connected {
         Ok(upstream) => upstream,
         Err(reason) => {
-            shared.stats.upstream_connect_failed(&reason);
+            shared.stats.upstream_connect_failed(reason.reason());
             warn!(client = %addr, user = %startup.user, database = %startup.database, "{reason}");
             let message = format!("lockguard: {reason}");
             farewell(&mut client, sqlstate::CONNECTION_FAILURE, &message).await;
@@ -281,6 +282,9 @@ async fn run_session(
     );
     let record = registration.record();
     shared.stats.session_started();
+    // The session's span is entered only around what may log: the startup below and the
+    // session's end (`SessionContext::span`). Entering it on every poll of the pump cost a few
+    // hundred instructions per message at the default level, for events that never come.
     let span = tracing::info_span!("session", id = record.id, client = %addr);
     let ctx = SessionContext {
         guard: shared.guard.clone(),
@@ -289,8 +293,9 @@ async fn run_session(
         startup_timeout: shared.config().proxy.startup_timeout,
         shutdown: shared.shutdown.clone(),
         hard_stop: shared.hard_stop.clone(),
+        span: span.clone(),
     };
-    async {
+    let authenticated = async {
         debug!(
             user = %record.client.user,
             database = %record.client.database,
@@ -300,63 +305,69 @@ async fn run_session(
         );
         if let Err(e) = upstream.write_all(&startup.raw).await {
             warn!(error = %e, "could not send the startup packet upstream");
-            return;
+            return false;
         }
-        if let Some(binding) = upstream.channel_binding(upstream_tls.as_ref()) {
-            let login = auth::Login {
-                client: addr,
-                user: &record.client.user,
-                upstream: binding,
-            };
-            let relayed = tokio::time::timeout_at(
-                startup_deadline,
-                Box::pin(auth::relay_authentication(
-                    &mut client,
-                    &mut upstream,
-                    &login,
-                    || scram_secret(shared.guard.as_ref(), &record.client.user),
-                )),
-            )
-            .await;
-            match relayed {
-                Ok(Ok(AuthEnd::Authenticated)) => {}
-                Ok(Ok(AuthEnd::Refused)) => {
-                    debug!("authentication refused by the server");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    info!(error = %e, "authentication exchange failed");
-                    return;
-                }
-                Err(_) => {
-                    info!("client did not finish authentication within startup_timeout");
-                    return;
-                }
-            }
-        }
-        let (client_read, client_write) = client.into_split();
-        let client_write = handover.watch(client_write, record);
-        let (server_read, server_write) = upstream.into_split();
-        session::pump(
-            client_read,
-            client_write,
-            server_read,
-            server_write,
-            record,
-            &ctx,
+        let Some(binding) = upstream.channel_binding(upstream_tls.as_ref()) else {
+            return true;
+        };
+        let login = auth::Login {
+            client: addr,
+            user: &record.client.user,
+            upstream: binding,
+        };
+        let relayed = tokio::time::timeout_at(
+            startup_deadline,
+            Box::pin(auth::relay_authentication(
+                &mut client,
+                &mut upstream,
+                &login,
+                || scram_secret(shared.guard.as_ref(), &record.client.user),
+            )),
         )
         .await;
-        shared
-            .stats
-            .session_ended(record.bytes_from_client(), record.bytes_from_server());
+        match relayed {
+            Ok(Ok(AuthEnd::Authenticated)) => true,
+            Ok(Ok(AuthEnd::Refused)) => {
+                debug!("authentication refused by the server");
+                false
+            }
+            Ok(Err(e)) => {
+                info!(error = %e, "authentication exchange failed");
+                false
+            }
+            Err(_) => {
+                info!("client did not finish authentication within startup_timeout");
+                false
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    if !authenticated {
+        return;
+    }
+    let (client_read, client_write) = client.into_split();
+    let client_write = handover.watch(client_write, record);
+    let (server_read, server_write) = upstream.into_split();
+    session::pump(
+        client_read,
+        client_write,
+        server_read,
+        server_write,
+        record,
+        &ctx,
+    )
+    .await;
+    shared
+        .stats
+        .session_ended(record.bytes_from_client(), record.bytes_from_server());
+    span.in_scope(|| {
         debug!(
             bytes_from_client = record.bytes_from_client(),
             bytes_from_server = record.bytes_from_server(),
             "session ended"
         );
-    }
-    .instrument(span)
-    .await;
+    });
 }
 
 /// The stored SCRAM secret of `user`, read by the guard (see [`auth`] for when it is needed).
@@ -400,7 +411,7 @@ async fn forward_cancel(packet: &[u8], shared: &Shared) {
     {
         Ok(upstream) => upstream,
         Err(reason) => {
-            shared.stats.upstream_connect_failed(&reason);
+            shared.stats.upstream_connect_failed(reason.reason());
             warn!("cancel request not delivered: {reason}");
             return;
         }
@@ -434,8 +445,9 @@ where
 pub(crate) struct SlotHandover {
     startup: OwnedSemaphorePermit,
     clients: Arc<Semaphore>,
-    /// What the client is told when `max_clients` filled up while it authenticated.
-    refused_message: String,
+    /// For what the client is told when `max_clients` filled up while it authenticated
+    /// (formatted then only: every connection carries this).
+    max_clients: usize,
     stats: Arc<ProxyStats>,
 }
 
@@ -491,6 +503,7 @@ impl<W> SlotWatch<W> {
                 // FATAL at a message boundary and closes both sockets.
                 handover.stats.client_refused();
                 warn!(
+                    session = record.id,
                     client = %record.client.addr,
                     user = %record.client.user,
                     "refusing client after its startup: max_clients was reached meanwhile"
@@ -498,7 +511,7 @@ impl<W> SlotWatch<W> {
                 if record.begin_kill() {
                     record.finish_kill(KillNotice {
                         sqlstate: sqlstate::TOO_MANY_CONNECTIONS,
-                        message: handover.refused_message,
+                        message: too_many_clients_message(handover.max_clients),
                     });
                 }
             }

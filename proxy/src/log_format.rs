@@ -57,7 +57,8 @@ impl Visit for EscapingVisitor<'_> {
             }
             self.first = false;
             if field.name() != "message" {
-                write!(self.writer, "{}=", field.name())?;
+                self.writer.write_str(field.name())?;
+                self.writer.write_char('=')?;
             }
             write!(Escaping(&mut self.writer), "{value:?}")
         })();
@@ -69,6 +70,10 @@ struct Escaping<'a, W: fmt::Write>(&'a mut W);
 
 impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        // The common case, printable ASCII (addresses, numbers, names), passes in one write.
+        if s.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return self.0.write_str(s);
+        }
         let mut rest = s;
         while let Some(at) = rest.find(needs_escape) {
             self.0.write_str(&rest[..at])?;

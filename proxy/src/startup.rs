@@ -225,13 +225,21 @@ async fn read_packet<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, St
             StartupError::Io(e)
         }
     };
-    let mut len_bytes = [0u8; 4];
-    client.read_exact(&mut len_bytes[..1]).await?;
-    client
-        .read_exact(&mut len_bytes[1..])
-        .await
-        .map_err(incomplete)?;
-    let len = u32::from_be_bytes(len_bytes) as usize;
+    // Every packet is at least its length and a code (8 bytes), so the first read takes up to
+    // 8 bytes at once without reading into the next packet (which, after an SSLRequest, may be
+    // a TLS ClientHello that is not ours to consume).
+    let mut header = [0u8; HEADER_LEN];
+    let first = client.read(&mut header).await?;
+    if first == 0 {
+        return Err(StartupError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    if first < 4 {
+        client
+            .read_exact(&mut header[first..4])
+            .await
+            .map_err(incomplete)?;
+    }
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if !(MIN_STARTUP_PACKET..=MAX_STARTUP_PACKET).contains(&len) {
         return Err(StartupError::Dropped(format!(
             "invalid startup packet length {len} (must be {MIN_STARTUP_PACKET} to \
@@ -239,10 +247,18 @@ async fn read_packet<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, St
         )));
     }
     let mut raw = vec![0u8; len];
-    raw[..4].copy_from_slice(&len_bytes);
-    client.read_exact(&mut raw[4..]).await.map_err(incomplete)?;
+    let have = first.max(4);
+    raw[..have].copy_from_slice(&header[..have]);
+    client
+        .read_exact(&mut raw[have..])
+        .await
+        .map_err(incomplete)?;
     Ok(raw)
 }
+
+/// What the first read of a packet takes at most: the length and the code.
+const HEADER_LEN: usize = 8;
+const _: () = assert!(MIN_STARTUP_PACKET >= HEADER_LEN);
 
 /// Extracts the parameters lockguard records from a StartupMessage (`name\0value\0 ... \0`).
 fn parse_startup(raw: Vec<u8>) -> Result<StartupMessage, StartupError> {

@@ -45,31 +45,6 @@ impl ConnectFailure {
             ConnectFailure::Other => "other",
         }
     }
-
-    /// Reads the reason from the text of `upstream::connect`'s error. That error is a `String`
-    /// today; when it becomes a typed error this becomes a match on its variants.
-    pub fn classify(error: &str) -> ConnectFailure {
-        // Only the cause: the upstream's own name ("tls-db:5432") must not decide.
-        let cause = error
-            .strip_prefix("could not connect to upstream ")
-            .and_then(|rest| rest.split_once(": "))
-            .map_or(error, |(_, cause)| cause);
-        let error = cause.to_ascii_lowercase();
-        if error.contains("timed out") {
-            ConnectFailure::Timeout
-        } else if error.contains("tls") || error.contains("sslrequest") {
-            ConnectFailure::Tls
-        } else if error.contains("connection refused") || error.contains("no such file") {
-            ConnectFailure::Refused
-        } else if error.contains("lookup address")
-            || error.contains("name or service not known")
-            || error.contains("name resolution")
-        {
-            ConnectFailure::Dns
-        } else {
-            ConnectFailure::Other
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -129,8 +104,8 @@ impl ProxyStats {
         bump(&self.startup_timeouts);
     }
     /// Counts a failed upstream connect under the reason its error names.
-    pub fn upstream_connect_failed(&self, error: &str) {
-        bump(&self.upstream_connect_errors[ConnectFailure::classify(error) as usize]);
+    pub fn upstream_connect_failed(&self, reason: ConnectFailure) {
+        bump(&self.upstream_connect_errors[reason as usize]);
     }
     pub fn cancel_forwarded(&self) {
         bump(&self.cancel_requests);
@@ -167,48 +142,6 @@ impl ProxyStats {
                 + live.iter().map(|s| s.bytes_from_client()).sum::<u64>(),
             bytes_from_servers: load(&self.ended_bytes_from_server)
                 + live.iter().map(|s| s.bytes_from_server()).sum::<u64>(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ConnectFailure;
-
-    #[test]
-    fn connect_errors_are_classified_by_what_their_text_names() {
-        let cases = [
-            (
-                "could not connect to upstream 127.0.0.1:1: Connection refused (os error 111)",
-                ConnectFailure::Refused,
-            ),
-            (
-                "could not connect to upstream /tmp/x/.s.PGSQL.5432: No such file or directory (os error 2)",
-                ConnectFailure::Refused,
-            ),
-            (
-                "could not connect to upstream 10.0.0.1:5432: timed out after 5.0s",
-                ConnectFailure::Timeout,
-            ),
-            (
-                "could not connect to upstream db:5432: TLS handshake failed: invalid peer certificate",
-                ConnectFailure::Tls,
-            ),
-            (
-                "could not connect to upstream db:5432: no answer to SSLRequest: early eof",
-                ConnectFailure::Tls,
-            ),
-            (
-                "could not connect to upstream nowhere.invalid:5432: failed to lookup address information: Name or service not known",
-                ConnectFailure::Dns,
-            ),
-            (
-                "could not connect to upstream tls-timed-out:5432: Network is unreachable (os error 101)",
-                ConnectFailure::Other,
-            ),
-        ];
-        for (text, reason) in cases {
-            assert_eq!(ConnectFailure::classify(text), reason, "{text}");
         }
     }
 }

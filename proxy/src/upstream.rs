@@ -2,6 +2,7 @@
 //! `[tls] upstream_mode` asks for it.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -26,6 +27,7 @@ use x509_cert::Certificate;
 
 use crate::net::{self, Liveness};
 use crate::protocol::{encryption_answer, frontend};
+use crate::stats::ConnectFailure;
 use crate::stream::UpstreamStream;
 use crate::tls::UpstreamTls;
 
@@ -172,42 +174,117 @@ fn pss_hash(parameters: Option<&Any>) -> Result<EndPointHash, String> {
     })
 }
 
+/// Why connecting to the upstream failed. The variant is the `reason` label of
+/// `lockguard_upstream_connect_errors_total` ([`ConnectError::reason`]); the text says where
+/// and why, ready to be shown to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Nothing listens there (or the socket file is missing).
+    #[error("could not connect to upstream {upstream}: {error}")]
+    Refused { upstream: String, error: io::Error },
+    /// No answer within `connect_timeout` (or the kernel gave up first).
+    #[error("could not connect to upstream {upstream}: {detail}")]
+    Timeout { upstream: String, detail: String },
+    /// The SSLRequest or the TLS handshake failed, or the server refused TLS.
+    #[error("could not connect to upstream {upstream}: {detail}")]
+    Tls { upstream: String, detail: String },
+    /// The upstream host name did not resolve.
+    #[error("could not connect to upstream {upstream}: {error}")]
+    Dns { upstream: String, error: io::Error },
+    #[error("could not connect to upstream {upstream}: {detail}")]
+    Other { upstream: String, detail: String },
+}
+
+impl ConnectError {
+    /// The metric's label for this failure.
+    pub fn reason(&self) -> ConnectFailure {
+        match self {
+            ConnectError::Refused { .. } => ConnectFailure::Refused,
+            ConnectError::Timeout { .. } => ConnectFailure::Timeout,
+            ConnectError::Tls { .. } => ConnectFailure::Tls,
+            ConnectError::Dns { .. } => ConnectFailure::Dns,
+            ConnectError::Other { .. } => ConnectFailure::Other,
+        }
+    }
+}
+
+/// A [`ConnectError`] before it is told which upstream it concerns.
+#[derive(Debug)]
+enum Cause {
+    Refused(io::Error),
+    Timeout(String),
+    Tls(String),
+    Dns(io::Error),
+    Other(String),
+}
+
+impl Cause {
+    /// A failed connect or socket call, by what the system said.
+    fn io(error: io::Error) -> Cause {
+        match error.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => Cause::Refused(error),
+            io::ErrorKind::TimedOut => Cause::Timeout(error.to_string()),
+            _ => Cause::Other(error.to_string()),
+        }
+    }
+
+    fn at(self, upstream: &Upstream) -> ConnectError {
+        let upstream = upstream.to_string();
+        match self {
+            Cause::Refused(error) => ConnectError::Refused { upstream, error },
+            Cause::Timeout(detail) => ConnectError::Timeout { upstream, detail },
+            Cause::Tls(detail) => ConnectError::Tls { upstream, detail },
+            Cause::Dns(error) => ConnectError::Dns { upstream, error },
+            Cause::Other(detail) => ConnectError::Other { upstream, detail },
+        }
+    }
+}
+
 /// Connects to `upstream` within `timeout`, negotiating TLS over TCP when `tls` is set (unix
-/// sockets stay plaintext, as with libpq). The error says where and why, ready to be shown to
-/// the client.
+/// sockets stay plaintext, as with libpq).
 pub async fn connect(
     upstream: &Upstream,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
-) -> Result<UpstreamStream, String> {
+) -> Result<UpstreamStream, ConnectError> {
     let attempt = async {
         match upstream {
             Upstream::Tcp { host, port } => {
-                let stream = TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                net::tune_tcp(&stream, &Liveness::UPSTREAM).map_err(|e| e.to_string())?;
+                let stream = match host.parse::<IpAddr>() {
+                    Ok(ip) => TcpStream::connect((ip, *port)).await,
+                    Err(_) => {
+                        // Resolved apart from the connect, so a name that does not resolve
+                        // is told from a server that does not answer.
+                        let addresses: Vec<SocketAddr> =
+                            tokio::net::lookup_host((host.as_str(), *port))
+                                .await
+                                .map_err(Cause::Dns)?
+                                .collect();
+                        TcpStream::connect(&addresses[..]).await
+                    }
+                }
+                .map_err(Cause::io)?;
+                net::tune_tcp(&stream, &Liveness::UPSTREAM).map_err(Cause::io)?;
                 match tls {
-                    Some(tls) => negotiate_tls(stream, host, tls).await,
+                    Some(tls) => negotiate_tls(stream, host, tls).await.map_err(Cause::Tls),
                     None => Ok(UpstreamStream::Tcp(stream)),
                 }
             }
             Upstream::Unix { .. } => {
                 let path = upstream
                     .socket_path()
-                    .ok_or("no socket path for a unix upstream")?;
-                let stream = UnixStream::connect(path).await.map_err(|e| e.to_string())?;
+                    .ok_or_else(|| Cause::Other("no socket path for a unix upstream".into()))?;
+                let stream = UnixStream::connect(path).await.map_err(Cause::io)?;
                 Ok(UpstreamStream::Unix(stream))
             }
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(format!("could not connect to upstream {upstream}: {e}")),
-        Err(_) => Err(format!(
-            "could not connect to upstream {upstream}: timed out after {:.1}s",
-            timeout.as_secs_f64()
-        )),
+        Ok(Err(cause)) => Err(cause.at(upstream)),
+        Err(_) => Err(
+            Cause::Timeout(format!("timed out after {:.1}s", timeout.as_secs_f64())).at(upstream),
+        ),
     }
 }
 
@@ -277,6 +354,108 @@ async fn direct_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `upstream_mode = "require"` over an SSLRequest.
+    fn require_tls() -> UpstreamTls {
+        let settings = crate::tls::ServerTlsSettings {
+            mode: UpstreamTlsMode::Require,
+            ca: None,
+            cert: None,
+            key: None,
+            ca_key: "tls.upstream_ca",
+        };
+        let config = crate::tls::client_config(&settings).expect("client config");
+        UpstreamTls {
+            mode: UpstreamTlsMode::Require,
+            negotiation: UpstreamNegotiation::Postgres,
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        }
+    }
+
+    fn tcp(host: &str, port: u16) -> Upstream {
+        Upstream::Tcp {
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_port_nobody_listens_on_is_a_refused_connect_named_in_the_error() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("address").port();
+        drop(closed);
+        let error = connect(&tcp("127.0.0.1", port), None, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("nothing listens there");
+        assert_eq!(error.reason(), ConnectFailure::Refused);
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("could not connect to upstream 127.0.0.1:{port}: ")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_file_is_a_refused_connect() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let upstream: Upstream = format!("{}:5432", dir.path().display())
+            .parse()
+            .expect("unix upstream");
+        let error = connect(&upstream, None, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("no socket there");
+        assert_eq!(error.reason(), ConnectFailure::Refused);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_the_ssl_request_is_a_timeout() {
+        // Accepts (the kernel does) but never answers: the connect deadline decides.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = silent.local_addr().expect("address").port();
+        let tls = require_tls();
+        let error = connect(
+            &tcp("127.0.0.1", port),
+            Some(&tls),
+            Duration::from_millis(200),
+        )
+        .await
+        .err()
+        .expect("no answer");
+        assert_eq!(error.reason(), ConnectFailure::Timeout);
+        assert!(
+            error.to_string().ends_with("timed out after 0.2s"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_declines_tls_when_it_is_required_is_a_tls_failure() {
+        let declining = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = declining.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = declining.accept().await.expect("accept");
+            let mut request = [0u8; 8];
+            socket.read_exact(&mut request).await.expect("SSLRequest");
+            socket
+                .write_all(&[encryption_answer::DECLINED])
+                .await
+                .expect("answer");
+            socket
+        });
+        let tls = require_tls();
+        let error = connect(&tcp("127.0.0.1", port), Some(&tls), Duration::from_secs(5))
+            .await
+            .err()
+            .expect("TLS refused");
+        assert_eq!(error.reason(), ConnectFailure::Tls);
+        drop(server.await.expect("server"));
+    }
 
     fn self_signed(algorithm: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
         let key = rcgen::KeyPair::generate_for(algorithm).expect("key");

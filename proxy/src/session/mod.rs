@@ -79,6 +79,9 @@ pub struct SessionContext {
     pub shutdown: CancellationToken,
     /// Cancelled when `shutdown_timeout` has passed: every session closes now.
     pub hard_stop: CancellationToken,
+    /// The session's span, entered only while the session ends (the forwarding itself logs
+    /// nothing, and entering a span on every poll is not free).
+    pub span: tracing::Span,
 }
 
 #[cfg(feature = "testing")]

@@ -15,6 +15,7 @@ use std::task::Poll;
 
 use guard_core::{SessionRecord, TxnState};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 use super::end::{finish, ClientEnd, ClientLoss, Ended, ServerEnd, SERVER_LAST_WORDS_TIMEOUT};
 use super::flow::{Flow, Stopped, Watch};
@@ -142,6 +143,7 @@ pub async fn pump<CR, CW, SR, SW>(
         &tracker,
         ctx,
     )
+    .instrument(ctx.span.clone())
     .await;
 }
 
@@ -249,12 +251,13 @@ pub fn on_client_message(
     goodbye: &mut Option<Goodbye>,
 ) {
     match m.tag {
-        frontend::QUERY => record.set_last_statement(until_nul(m.body_prefix)),
+        // The record finds the text's end (its NUL) only when someone reads it.
+        frontend::QUERY => record.set_last_statement(m.body_prefix),
         frontend::PARSE => {
             // Body: statement name, NUL, query text, NUL, parameter types.
             let name = until_nul(m.body_prefix);
             let after_name = m.body_prefix.get(name.len() + 1..).unwrap_or_default();
-            record.set_last_statement(until_nul(after_name));
+            record.set_last_statement(after_name);
         }
         frontend::TERMINATE if goodbye.is_none() => {
             *goodbye = Some(if tracker.in_flight() {
@@ -371,7 +374,7 @@ pub fn on_server_message(
 }
 
 /// The bytes before the first NUL (all of them if there is none). `CStr` finds the NUL a word
-/// at a time, which matters because every Query's text is searched.
+/// at a time; only a Parse's statement name (short) is searched on the forwarding path.
 fn until_nul(bytes: &[u8]) -> &[u8] {
     CStr::from_bytes_until_nul(bytes).map_or(bytes, CStr::to_bytes)
 }

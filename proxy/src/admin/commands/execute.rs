@@ -219,7 +219,7 @@ impl Admin {
             }
         };
         let (upstream, guard) = tokio::join!(upstream, guard);
-        let upstream_error = upstream.err();
+        let upstream_error = upstream.err().map(|e| e.to_string());
         let guard_error = guard.err();
         Readiness {
             ready: upstream_error.is_none() && guard_error.is_none(),
