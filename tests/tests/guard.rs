@@ -349,6 +349,32 @@ async fn a_client_that_vanishes_mid_statement_is_terminated_after_the_grace() {
     assert_protected_row_lock(&event);
 }
 
+/// The in-flight grace is the rule's: the flat one is an hour, the login table's rule gives a
+/// vanished client's statement 200 ms.
+#[tokio::test]
+async fn a_rules_inflight_grace_decides_how_long_a_vanished_clients_statement_may_run() {
+    let scene = scene("guard_rule_grace", |g| {
+        g.inflight_grace = Duration::from_secs(3600);
+        g.rules = vec![serde_json::from_value(serde_json::json!({
+            "name": "login",
+            "tables": [PROTECTED],
+            "inflight_grace": "200ms",
+        }))
+        .expect("a rule")];
+    })
+    .await;
+    let mut app = app(&scene).await;
+    app.lock_protected_row().await;
+    app.send("SELECT pg_sleep(60)").await;
+    wait_until_running(&scene.admin, app.pid, "pg_sleep").await;
+    drop(app.stream);
+
+    let event = wait_for_event(&scene, app.pid, Duration::from_secs(5)).await;
+    assert_eq!(event.outcome, Outcome::Terminated, "{event:?}");
+    assert_eq!(event.rules, vec!["login".to_owned()], "{event:?}");
+    wait_until_gone(&scene.admin, app.pid, Duration::from_secs(2)).await;
+}
+
 #[tokio::test]
 async fn a_pipelining_client_that_vanishes_before_its_sync_is_terminated() {
     let scene = scene("guard_pipeline", |_| {}).await;

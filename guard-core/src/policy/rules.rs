@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lockguard_config::{ClientLossAction, EffectiveRule, GuardConfig};
+use lockguard_config::{ClientLossAction, EffectiveRule, GuardConfig, NamePattern, TablePattern};
 
 /// The configured rules, copied out of [`GuardConfig`] so the policy needs nothing else.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,14 +108,43 @@ impl RuleSet {
         self.rules.iter().any(|r| r.max_blocking.is_some())
     }
 
-    /// The longest `inflight_grace` of the rules that could govern `who`'s locks (the flat
-    /// value when none could).
+    /// The longest `inflight_grace` of the rules that could govern some lock of `who` (the
+    /// flat value when none could). A rule whose every table an earlier rule selecting `who`
+    /// already takes can govern none of its locks, so its grace does not count: a login rule
+    /// with a short grace in front of a catch-all naming the same table is not lengthened by
+    /// the catch-all's.
     pub fn inflight_grace_for(&self, who: Who<'_>) -> Duration {
         self.for_session(who)
+            .filter(|rule| self.can_govern_some_table(rule, who))
             .map(|r| r.inflight_grace)
             .max()
             .unwrap_or(self.catch_all().inflight_grace)
     }
+
+    /// Whether some table of `rule` is left to it by the rules before it that select `who`
+    /// (first match wins, and an exempting rule takes a table too).
+    fn can_govern_some_table(&self, rule: &EffectiveRule, who: Who<'_>) -> bool {
+        let earlier: Vec<&TablePattern> = self
+            .rules
+            .iter()
+            .take_while(|r| !std::ptr::eq(*r, rule))
+            .filter(|r| r.matches_session(who.database, who.user, who.application))
+            .flat_map(|r| &r.tables)
+            .collect();
+        rule.tables
+            .iter()
+            .any(|pattern| !earlier.iter().any(|by| selects_all_of(by, pattern)))
+    }
+}
+
+/// Whether every table `pattern` selects, `by` selects too.
+fn selects_all_of(by: &TablePattern, pattern: &TablePattern) -> bool {
+    let side = |by: &NamePattern, pattern: &NamePattern| match (by, pattern) {
+        (NamePattern::Any, _) => true,
+        (NamePattern::Exact(a), NamePattern::Exact(b)) => a == b,
+        (NamePattern::Exact(_), NamePattern::Any) => false,
+    };
+    side(&by.schema, &pattern.schema) && side(&by.table, &pattern.table)
 }
 
 #[cfg(test)]
@@ -178,5 +207,30 @@ mod tests {
         assert!(rules.governing(migration, "app", "orders").is_some());
         assert_eq!(rules.for_session(migration).count(), 1);
         assert_eq!(rules.for_session(WHO).count(), 2);
+    }
+
+    #[test]
+    fn the_inflight_grace_is_the_longest_of_the_rules_that_can_still_govern_a_table() {
+        let grace = |protected: &str, login: &str| {
+            let text = format!(
+                "[guard]\nprotected_tables = [{protected}]\ninflight_grace = \"1h\"\n\
+                 [[guard.rules]]\nname = \"login\"\ntables = [\"app.user_sessions\"]\n\
+                 inflight_grace = \"200ms\"\n{login}"
+            );
+            let config = lockguard_config::Config::from_toml_str(&text).expect("config");
+            RuleSet::from_config(&config.guard).inflight_grace_for(WHO)
+        };
+        // The catch-all names only the login rule's table: it can govern nothing.
+        assert_eq!(
+            grace("\"app.user_sessions\"", ""),
+            Duration::from_millis(200)
+        );
+        // It has other tables too: its hour counts.
+        assert_eq!(grace("\"app.*\"", ""), Duration::from_secs(3600));
+        // The login rule does not select this session: the catch-all takes the table.
+        assert_eq!(
+            grace("\"app.user_sessions\"", "users = [\"admin\"]\n"),
+            Duration::from_secs(3600)
+        );
     }
 }

@@ -182,8 +182,13 @@ async fn after_client_loss<SR: AsyncRead + Unpin>(
     ctx: &SessionContext,
 ) {
     if tracker.in_flight() {
+        // The grace of the rules that could govern this session's locks, read now: RELOAD
+        // may have changed them since the session started.
+        let grace = ctx.guard.as_ref().map_or(ctx.inflight_grace, |guard| {
+            guard.inflight_grace_for(&record.client)
+        });
         let drained = tokio::time::timeout(
-            ctx.inflight_grace,
+            grace,
             discard_until_ready(server, server_read, record, tracker),
         )
         .await;
