@@ -63,6 +63,9 @@ async fn console_lists_clients_and_kill_ends_exactly_one_backend() {
     assert_eq!(bystander_row["protected_locks"], "0");
     assert!(holder_row.contains_key("xact_age_s") && !bystander_row.contains_key("xact_age_s"));
     assert!(holder_row["last_statement"].contains("UPDATE app.user_sessions"));
+    // The flat [guard] keys are the catch-all rule, `default`; no lock, no rule.
+    assert_eq!(holder_row["rules"], "default");
+    assert!(!bystander_row.contains_key("rules"), "{bystander_row:?}");
 
     let locks = rows(&ops, "SHOW LOCKS").await;
     assert_eq!(locks.len(), 1, "{locks:?}");
@@ -70,6 +73,7 @@ async fn console_lists_clients_and_kill_ends_exactly_one_backend() {
     assert_eq!(locks[0]["table"], "app.user_sessions");
     assert_eq!(locks[0]["mode"], "RowExclusiveLock");
     assert_eq!(locks[0]["waiters"], "1");
+    assert_eq!(locks[0]["rule"], "default");
 
     // The extended protocol, typed columns (binary results).
     let typed = ops
@@ -358,11 +362,19 @@ async fn every_command_answers_its_documented_columns() {
                 "protected_locks",
                 "waiters",
                 "last_statement",
+                "rules",
             ],
         ),
         (
             "SHOW LOCKS",
-            &["client_id", "backend_pid", "table", "mode", "waiters"],
+            &[
+                "client_id",
+                "backend_pid",
+                "table",
+                "mode",
+                "waiters",
+                "rule",
+            ],
         ),
         (
             "SHOW EVENTS",
@@ -385,6 +397,7 @@ async fn every_command_answers_its_documented_columns() {
                 "last_statement",
                 "error",
                 "summary",
+                "rules",
             ],
         ),
         ("SHOW STATS", &["name", "value"]),
@@ -429,7 +442,7 @@ async fn psql_runs_show_clients() {
         lines.next(),
         Some(
             "id|client_addr|client_port|user|database|application_name|backend_pid|state|\
-             xact_age_s|state_age_s|protected_locks|waiters|last_statement"
+             xact_age_s|state_age_s|protected_locks|waiters|last_statement|rules"
         ),
         "{stdout}"
     );

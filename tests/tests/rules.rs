@@ -302,6 +302,16 @@ async fn show_rules_and_api_rules_list_each_rule_its_settings_and_sessions_and_r
     assert!(!flat.contains_key("max_blocking"), "{flat:?}");
     assert_eq!(flat["holding"], "0");
     assert!(backend_alive(&admin::direct(&db).await, holder.pid).await);
+    // SHOW CLIENTS and SHOW LOCKS name the rule that governs the holder's lock.
+    let clients = admin::rows(&ops, "SHOW CLIENTS").await;
+    let holder_row = clients
+        .iter()
+        .find(|r| r["backend_pid"] == holder.pid.to_string())
+        .expect("the holder's row");
+    assert_eq!(holder_row["rules"], "login", "{holder_row:?}");
+    let locks = admin::rows(&ops, "SHOW LOCKS").await;
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0]["rule"], "login", "{locks:?}");
 
     let response = Request::get("/api/rules")
         .token(Some(admin::API_TOKEN))
@@ -333,6 +343,16 @@ async fn show_rules_and_api_rules_list_each_rule_its_settings_and_sessions_and_r
         let rules = admin::rows(&ops, "SHOW RULES").await;
         assert!(rules.iter().all(|r| r["dry_run"] == shown), "{rules:?}");
     }
+
+    // An operator's kill of the holder: SHOW EVENTS names the rule governing its lock.
+    admin::rows(&ops, "SET dry_run = off").await;
+    admin::rows(&ops, &format!("KILL {}", holder_row["id"])).await;
+    let events = admin::rows(&ops, "SHOW EVENTS").await;
+    let event = events
+        .iter()
+        .find(|e| e["backend_pid"] == holder.pid.to_string())
+        .expect("the kill's event");
+    assert_eq!(event["rules"], "login", "{event:?}");
 }
 
 /// What RELOAD does to the guard: puts `config` in force (the guard derives its rules from it).

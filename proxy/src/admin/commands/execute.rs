@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use guard_core::guard::Settings;
 use guard_core::policy::{TriggerKind, Who};
-use guard_core::{AuditEvent, GuardError, Outcome, SessionId, SessionRecord};
+use guard_core::{AuditEvent, GuardError, HeldLock, Outcome, SessionId, SessionRecord};
 use lockguard_config::{AdminRole, GuardConfig};
 
 use super::error::AdminError;
@@ -293,10 +294,23 @@ impl Admin {
     async fn clients_rows(&self) -> Vec<Vec<Value>> {
         let sessions = self.registry.snapshot();
         let probed = self.probe(&sessions).await;
+        let settings = self.guard.as_ref().map(|g| g.settings());
         sessions
             .iter()
             .map(|s| {
                 let facts = s.backend_pid().and_then(|pid| probed.get(&pid));
+                let rules = settings.as_ref().zip(facts).map(|(settings, facts)| {
+                    let mut names: Vec<&str> = Vec::new();
+                    for lock in &facts.locks {
+                        if let Some(rule) = governing(settings, s, lock) {
+                            if !names.contains(&rule) {
+                                names.push(rule);
+                            }
+                        }
+                    }
+                    names.join(", ")
+                });
+                let rules = rules.filter(|names| !names.is_empty());
                 vec![
                     Value::int(s.id),
                     Value::text(s.client.addr.ip().to_string()),
@@ -311,6 +325,7 @@ impl Admin {
                     Value::opt_int(facts.map(|f| f.locks.len())),
                     Value::opt_int(facts.map(|f| f.waiters.len())),
                     Value::text(s.last_statement()),
+                    Value::opt_text(rules),
                 ]
             })
             .collect()
@@ -387,6 +402,7 @@ impl Admin {
     async fn lock_rows(&self) -> Vec<Vec<Value>> {
         let sessions = self.registry.snapshot();
         let probed = self.probe(&sessions).await;
+        let settings = self.guard.as_ref().map(|g| g.settings());
         let mut rows = Vec::new();
         for s in &sessions {
             let Some(facts) = s.backend_pid().and_then(|pid| probed.get(&pid)) else {
@@ -399,6 +415,12 @@ impl Admin {
                     Value::text(lock.qualified_table()),
                     Value::text(&lock.mode),
                     Value::int(facts.waiters.len()),
+                    Value::opt_text(
+                        settings
+                            .as_ref()
+                            .and_then(|settings| governing(settings, s, lock))
+                            .map(str::to_owned),
+                    ),
                 ]);
             }
         }
@@ -476,6 +498,7 @@ fn event_row(e: &AuditEvent) -> Vec<Value> {
         Value::text(&e.last_statement),
         Value::opt_text(e.error.clone()),
         Value::text(&e.summary),
+        Value::text(e.rules.join(", ")),
     ]
 }
 
@@ -496,4 +519,13 @@ fn who(s: &SessionRecord) -> Who<'_> {
         user: &s.client.user,
         application: &s.client.application_name,
     }
+}
+
+/// The name of the rule that governs `lock` of session `s` (none when no rule selects it or
+/// the rule exempts the session).
+fn governing<'a>(settings: &'a Settings, s: &SessionRecord, lock: &HeldLock) -> Option<&'a str> {
+    settings
+        .rules
+        .governing(who(s), &lock.schema, &lock.table)
+        .map(|rule| rule.name.as_str())
 }

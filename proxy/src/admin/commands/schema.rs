@@ -43,6 +43,8 @@ pub const CLIENTS: &[Column] = &[
     col("protected_locks", Int4),
     col("waiters", Int4),
     col("last_statement", Text),
+    // Added last, so that scripts reading the columns by position keep working.
+    col("rules", Text),
 ];
 
 /// `SHOW LOCKS`: one row per protected lock held by a proxied session.
@@ -52,6 +54,7 @@ pub const LOCKS: &[Column] = &[
     col("table", Text),
     col("mode", Text),
     col("waiters", Int4),
+    col("rule", Text),
 ];
 
 /// `SHOW EVENTS` and `GET /api/events`: the audit ring, newest first.
@@ -74,6 +77,7 @@ pub const EVENTS: &[Column] = &[
     col("last_statement", Text),
     col("error", Text),
     col("summary", Text),
+    col("rules", Text),
 ];
 
 /// `SHOW RULES` and `GET /api/rules`: every guard rule in match order (the flat `[guard]`
