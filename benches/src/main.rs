@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use lockguard_benches::memory::{self, Footprint};
+use lockguard_benches::memory::Footprint;
 use lockguard_benches::overhead::{self, Cell};
-use lockguard_benches::pgbench::{Pgbench, Target, MODES};
+use lockguard_benches::pgbench::Pgbench;
 use lockguard_benches::procs::{self, LockguardSettings, Server, Upstream, Wrap};
-use lockguard_benches::profile;
-use lockguard_benches::release::{self, GuardTimings, Outcome};
+use lockguard_benches::release::Outcome;
 use lockguard_benches::report::Table;
-use lockguard_benches::scan::{self, Throughput};
+use lockguard_benches::scan::Throughput;
 use lockguard_tests::cluster::TestCluster;
+
+mod sections;
 
 /// The protected table of the incident scenario.
 const PROTECTED_TABLE: &str = "app.user_sessions";
@@ -140,6 +141,126 @@ fn main() {
     }
 }
 
+/// What every section shares: the options, the throwaway cluster and its database, the
+/// runtime, and how to start each proxy in front of the cluster.
+pub(crate) struct Bench {
+    args: Args,
+    cluster: TestCluster,
+    runtime: tokio::runtime::Runtime,
+    user: String,
+    dbname: String,
+    upstream: Upstream,
+    settings: LockguardSettings,
+    lockguard_bin: PathBuf,
+    pgbouncer_bin: Option<PathBuf>,
+    pgbench: Pgbench,
+}
+
+impl Bench {
+    /// Finds the programs, starts the cluster and creates the benchmark's database; returns
+    /// the server's version too, for the report's header.
+    fn prepare(args: Args) -> anyhow::Result<(Bench, String)> {
+        let lockguard_bin = match &args.lockguard {
+            Some(path) => path.clone(),
+            None => build_lockguard()?,
+        };
+        let pgbench_bin = match &args.pgbench {
+            Some(path) => path.clone(),
+            None => find_pgbench()
+                .context("pgbench not found: install postgresql-client or pass --pgbench")?,
+        };
+        let pgbouncer_bin = if args.no_pgbouncer {
+            None
+        } else {
+            args.pgbouncer
+                .clone()
+                .or_else(|| procs::find_program("pgbouncer", &["/usr/sbin", "/usr/local/sbin"]))
+        };
+        if pgbouncer_bin.is_none() && !args.no_pgbouncer {
+            eprintln!("PgBouncer not found (apt-get install pgbouncer): skipped");
+        }
+
+        eprintln!("starting a throwaway PostgreSQL cluster");
+        let max_connections = (args.idle_sessions + 100).max(300).to_string();
+        let cluster = TestCluster::start(&[
+            ("max_connections", max_connections.as_str()),
+            ("shared_buffers", "256MB"),
+        ])
+        .context("starting PostgreSQL")?;
+        let user = cluster.superuser().to_owned();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (dbname, server_version) = runtime.block_on(async {
+            let dbname = cluster.create_database("bench").await;
+            let admin = cluster.connect_admin().await;
+            let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
+            let (client, connection) = cluster
+                .pg_config(&user, None, &dbname)
+                .connect(tokio_postgres::NoTls)
+                .await?;
+            tokio::spawn(connection);
+            client.batch_execute(SCHEMA_SQL).await?;
+            anyhow::Ok((dbname, version))
+        })?;
+        let upstream = match (args.unix_upstream, cluster.socket_dir()) {
+            (false, _) => Upstream::Tcp(cluster.port()),
+            (true, Some(dir)) => Upstream::Unix {
+                dir: dir.to_owned(),
+                port: cluster.port(),
+            },
+            (true, None) => bail!("--unix-upstream: the cluster has no unix socket directory"),
+        };
+        let pgbench = Pgbench {
+            bin: pgbench_bin,
+            user: user.clone(),
+            dbname: dbname.clone(),
+        };
+        let bench = Bench {
+            args,
+            cluster,
+            runtime,
+            user,
+            dbname,
+            upstream,
+            settings: guard_settings(),
+            lockguard_bin,
+            pgbouncer_bin,
+            pgbench,
+        };
+        Ok((bench, server_version))
+    }
+
+    fn wants(&self, section: Section) -> bool {
+        self.args.sections.contains(&section)
+    }
+
+    /// A release lockguard in front of the cluster, guard on.
+    fn start_lockguard(&self, wrap: Wrap) -> anyhow::Result<Server> {
+        procs::start_lockguard(
+            &self.lockguard_bin,
+            &self.upstream,
+            self.cluster.port(),
+            &self.user,
+            &self.settings,
+            wrap,
+        )
+    }
+
+    /// PgBouncer in front of the cluster, when installed. It is a comparison, not the
+    /// subject: if it will not start, say so and go on.
+    fn start_pgbouncer(&self, max_sessions: usize, wrap: Wrap) -> Option<Server> {
+        let bin = self.pgbouncer_bin.as_deref()?;
+        match procs::start_pgbouncer(bin, &self.upstream, &self.user, max_sessions, wrap) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("PgBouncer did not start, skipped: {e:#}");
+                None
+            }
+        }
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let load_at_start = load_average();
@@ -154,362 +275,38 @@ fn run(args: Args) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => eprintln!("could not raise the open-files limit: {e}"),
     }
-    let wants = |s: Section| args.sections.contains(&s);
+    let (bench, server_version) = Bench::prepare(args)?;
+    let lockguard = bench.start_lockguard(Wrap::Native)?;
+    let pgbouncer = bench.start_pgbouncer(bench.args.clients as usize, Wrap::Native);
 
-    let lockguard_bin = match &args.lockguard {
-        Some(path) => path.clone(),
-        None => build_lockguard()?,
-    };
-    let pgbench_bin = match &args.pgbench {
-        Some(path) => path.clone(),
-        None => find_pgbench()
-            .context("pgbench not found: install postgresql-client or pass --pgbench")?,
-    };
-    let pgbouncer_bin = if args.no_pgbouncer {
-        None
-    } else {
-        args.pgbouncer
-            .clone()
-            .or_else(|| procs::find_program("pgbouncer", &["/usr/sbin", "/usr/local/sbin"]))
-    };
-    if pgbouncer_bin.is_none() && !args.no_pgbouncer {
-        eprintln!("PgBouncer not found (apt-get install pgbouncer): skipped");
-    }
-
-    eprintln!("starting a throwaway PostgreSQL cluster");
-    let max_connections = (args.idle_sessions + 100).max(300).to_string();
-    let cluster = TestCluster::start(&[
-        ("max_connections", max_connections.as_str()),
-        ("shared_buffers", "256MB"),
-    ])
-    .context("starting PostgreSQL")?;
-    let user = cluster.superuser().to_owned();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (dbname, server_version) = runtime.block_on(async {
-        let dbname = cluster.create_database("bench").await;
-        let admin = cluster.connect_admin().await;
-        let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
-        let (client, connection) = cluster
-            .pg_config(&user, None, &dbname)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        tokio::spawn(connection);
-        client.batch_execute(SCHEMA_SQL).await?;
-        anyhow::Ok((dbname, version))
-    })?;
-
-    let upstream = match (args.unix_upstream, cluster.socket_dir()) {
-        (false, _) => Upstream::Tcp(cluster.port()),
-        (true, Some(dir)) => Upstream::Unix {
-            dir: dir.to_owned(),
-            port: cluster.port(),
-        },
-        (true, None) => bail!("--unix-upstream: the cluster has no unix socket directory"),
-    };
-    let settings = guard_settings();
-    let start_lockguard_as = |wrap: Wrap| {
-        procs::start_lockguard(
-            &lockguard_bin,
-            &upstream,
-            cluster.port(),
-            &user,
-            &settings,
-            wrap,
-        )
-    };
-    let start_lockguard = || start_lockguard_as(Wrap::Native);
-    // PgBouncer is a comparison, not the subject: if it will not start, say so and go on.
-    let start_pgbouncer_as = |bin: &Path, max_sessions: usize, wrap: Wrap| -> Option<Server> {
-        match procs::start_pgbouncer(bin, &upstream, &user, max_sessions, wrap) {
-            Ok(server) => Some(server),
-            Err(e) => {
-                eprintln!("PgBouncer did not start, skipped: {e:#}");
-                None
-            }
-        }
-    };
-    let start_pgbouncer =
-        |bin: &Path, max_sessions: usize| start_pgbouncer_as(bin, max_sessions, Wrap::Native);
-    let lockguard = start_lockguard()?;
-    let pgbouncer = pgbouncer_bin
-        .as_deref()
-        .and_then(|bin| start_pgbouncer(bin, args.clients as usize));
-
-    let mut report = String::new();
-    writeln!(
-        report,
-        "{}",
-        machine_description(&pgbench_bin, pgbouncer_bin.as_deref(), &server_version)
-    )?;
-    writeln!(
-        report,
-        "Proxies reach PostgreSQL over {}; load average at the start: {load_at_start}",
-        if args.unix_upstream {
-            "its unix socket"
-        } else {
-            "TCP (127.0.0.1)"
-        }
-    )?;
-    if pgbouncer.is_none() {
-        writeln!(
-            report,
-            "PgBouncer: {}",
-            if args.no_pgbouncer {
-                "left out (--no-pgbouncer)"
-            } else {
-                "skipped (not installed or did not start; apt-get install pgbouncer)"
-            }
-        )?;
-    }
-    writeln!(report)?;
-
-    let pgbench = Pgbench {
-        bin: pgbench_bin,
-        user: user.clone(),
-        dbname: dbname.clone(),
-    };
-    if wants(Section::Overhead) || wants(Section::Profile) {
-        eprintln!("pgbench -i -s {}", args.scale);
-        pgbench.init(cluster.port(), args.scale)?;
+    let mut report = header(&bench, pgbouncer.is_some(), &server_version, &load_at_start)?;
+    if bench.wants(Section::Overhead) || bench.wants(Section::Profile) {
+        eprintln!("pgbench -i -s {}", bench.args.scale);
+        bench.pgbench.init(bench.cluster.port(), bench.args.scale)?;
     }
     let mut overhead_cells = Vec::new();
-    if wants(Section::Overhead) {
-        let mut targets = vec![
-            Target {
-                name: "direct",
-                port: cluster.port(),
-                proxy_pid: None,
-            },
-            Target {
-                name: "lockguard",
-                port: lockguard.port(),
-                proxy_pid: Some(lockguard.pid()),
-            },
-        ];
-        if let Some(pgbouncer) = &pgbouncer {
-            targets.push(Target {
-                name: "pgbouncer",
-                port: pgbouncer.port(),
-                proxy_pid: Some(pgbouncer.pid()),
-            });
-        }
-        let plan = overhead::Plan {
-            duration: args.duration,
-            repetitions: args.repetitions,
-            clients: args.clients,
-            threads: args.threads,
-        };
-        // A short warm-up so the first measured run does not pay for cold caches.
-        let warm_up = overhead::Plan {
-            duration: Duration::from_secs(2),
-            repetitions: 1,
-            ..plan
-        };
-        eprintln!("overhead: warm-up");
-        overhead::measure(
-            &pgbench,
-            &targets[..1],
-            &MODES[..1],
-            warm_up,
-            &std::env::temp_dir(),
-        )?;
-        eprintln!(
-            "overhead: {} modes x {} targets x {} repetitions of {}",
-            MODES.len(),
-            targets.len(),
-            args.repetitions,
-            humantime::format_duration(args.duration)
-        );
-        overhead_cells =
-            overhead::measure(&pgbench, &targets, &MODES, plan, &std::env::temp_dir())?;
-        section(
-            &mut report,
-            &format!(
-                "Overhead: pgbench scale {}, {} clients, {} threads, {} per run, median of {} interleaved runs",
-                args.scale,
-                args.clients,
-                args.threads,
-                humantime::format_duration(args.duration),
-                args.repetitions
-            ),
-            &overhead::table(&overhead_cells),
-        );
-        let ratios = overhead::cpu_ratios(&overhead_cells);
-        if !ratios.is_empty() {
-            section(
-                &mut report,
-                "Proxy CPU: lockguard's relative to PgBouncer's, a ratio per repetition (both ran in it); \
-                 per connection under -C (PgBouncer reuses its server connections there, lockguard starts a backend each time)",
-                &overhead::cpu_ratio_table(&ratios),
-            );
-        }
+    if bench.wants(Section::Overhead) {
+        overhead_cells = sections::overhead(&bench, &lockguard, pgbouncer.as_ref(), &mut report)?;
     }
-
-    if wants(Section::Profile) {
-        let plan = profile::Plan {
-            short: args.profile_transactions / 6,
-            long: args.profile_transactions,
-            clients: args.profile_clients,
-            threads: 1,
-        };
-        if let Some(dir) = &args.profile_dir {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let mut counts = Vec::new();
-        let mut proxies = vec![("lockguard", &lockguard)];
-        if let Some(pgbouncer) = &pgbouncer {
-            proxies.push(("pgbouncer", pgbouncer));
-        }
-        for (name, native) in proxies {
-            eprintln!("profile: {name} under callgrind");
-            let start_traced = || -> anyhow::Result<Server> {
-                if name == "lockguard" {
-                    start_lockguard_as(Wrap::Callgrind)
-                } else {
-                    pgbouncer_bin
-                        .as_deref()
-                        .and_then(|bin| {
-                            start_pgbouncer_as(bin, args.clients as usize, Wrap::Callgrind)
-                        })
-                        .context("PgBouncer under callgrind did not start")
-                }
-            };
-            let instructions = profile::instructions(
-                &pgbench,
-                &start_traced,
-                &MODES,
-                plan,
-                args.profile_dir.as_deref(),
-            )?;
-            eprintln!("profile: {name} under strace");
-            for (mode, syscalls) in profile::syscalls(&pgbench, native, &MODES, plan)? {
-                counts.push(profile::Counts {
-                    proxy: name,
-                    mode,
-                    instructions: instructions
-                        .iter()
-                        .find(|(m, _)| *m == mode)
-                        .map(|(_, n)| *n),
-                    syscalls,
-                });
-            }
-        }
-        counts.sort_by_key(|c| MODES.iter().position(|m| m.label == c.mode));
-        section(
-            &mut report,
-            &format!(
-                "Profile: per transaction (per connection under -C), user-space instructions \
-                 (callgrind) and syscalls (strace -c -f); difference of {} and {} transactions \
-                 per client, {} clients",
-                plan.short, plan.long, plan.clients
-            ),
-            &profile::table(&counts),
-        );
+    if bench.wants(Section::Profile) {
+        sections::profile(&bench, &lockguard, pgbouncer.as_ref(), &mut report)?;
     }
-
     let mut outcomes = Vec::new();
-    if wants(Section::Release) {
-        eprintln!("release: the orphaned-lock incident");
-        let setup = release::Setup {
-            pg_port: cluster.port(),
-            proxy_port: lockguard.port(),
-            user: user.clone(),
-            dbname: dbname.clone(),
-            table: PROTECTED_TABLE.to_owned(),
-        };
-        let timings = GuardTimings {
-            idle_in_transaction_timeout: settings.idle_in_transaction_timeout,
-            sweep_interval: settings.sweep_interval,
-            inflight_grace: settings.inflight_grace,
-        };
-        let plan = release::Plan {
-            iterations: args.release_iterations,
-            busy_iterations: args.busy_iterations,
-            idle_lanes: args.idle_lanes,
-            busy_statement: Duration::from_secs(3),
-        };
-        outcomes = runtime.block_on(release::measure(&setup, timings, plan))?;
-        section(
-            &mut report,
-            &format!(
-                "Time to release: from the client's death (or the idle timeout's expiry) to the waiter's success; \
-                 lockguard with idle_in_transaction_timeout {}, sweep_interval {}, inflight_grace {}",
-                humantime::format_duration(settings.idle_in_transaction_timeout),
-                humantime::format_duration(settings.sweep_interval),
-                humantime::format_duration(settings.inflight_grace)
-            ),
-            &release::table(&outcomes),
-        );
+    if bench.wants(Section::Release) {
+        outcomes = sections::release(&bench, &lockguard, &mut report)?;
     }
     drop(lockguard);
     drop(pgbouncer);
-
-    if wants(Section::Budget) {
-        let plan = lockguard_benches::budget::Plan {
-            runs: args.budget_runs,
-            max_blocking: Duration::from_secs(1),
-            sweep_interval: Duration::from_millis(100),
-        };
-        eprintln!("budget: {} runs", plan.runs);
-        let waits = runtime.block_on(lockguard_benches::budget::measure(
-            &cluster,
-            &user,
-            &dbname,
-            PROTECTED_TABLE,
-            plan,
-        ))?;
-        section(
-            &mut report,
-            "Blocking budget: the waiter's total wait behind a busy proxied holder; max_blocking 1s, sweep_interval 100ms",
-            &lockguard_benches::budget::table(&waits),
-        );
+    if bench.wants(Section::Budget) {
+        sections::budget(&bench, &mut report)?;
     }
-
     let mut footprints = Vec::new();
-    if wants(Section::Memory) {
-        eprintln!("memory: {} idle sessions", args.idle_sessions);
-        // Fresh processes, so nothing earlier sections allocated hides in the baseline.
-        let fresh = start_lockguard()?;
-        footprints.push(runtime.block_on(memory::measure(
-            &fresh,
-            &user,
-            &dbname,
-            args.idle_sessions,
-        ))?);
-        drop(fresh);
-        if let Some(bin) = &pgbouncer_bin {
-            runtime.block_on(wait_for_backends_to_exit(&cluster, 20))?;
-            if let Some(fresh) = start_pgbouncer(bin, args.idle_sessions) {
-                footprints.push(runtime.block_on(memory::measure(
-                    &fresh,
-                    &user,
-                    &dbname,
-                    args.idle_sessions,
-                ))?);
-            }
-        }
-        for f in &footprints {
-            eprintln!("  {}: {:.1} KiB per session", f.proxy, f.per_session_kib());
-        }
-        section(
-            &mut report,
-            "Memory: proxy RSS (VmRSS) with 0 and N idle sessions (each has run one query)",
-            &memory::table(&footprints),
-        );
+    if bench.wants(Section::Memory) {
+        footprints = sections::memory(&bench, &mut report)?;
     }
-
     let mut throughputs = Vec::new();
-    if wants(Section::Scanner) {
-        eprintln!("scanner: frame scanner throughput");
-        let (stats, results) = scan::measure(&[8 * 1024, 64 * 1024], Duration::from_secs(2));
-        section(
-            &mut report,
-            "Frame scanner: server → client stream, best pass (divan: cargo bench -p lockguard-benches --bench scanner)",
-            &scan::table(&stats, &results),
-        );
-        throughputs = results;
+    if bench.wants(Section::Scanner) {
+        throughputs = sections::scanner(&mut report);
     }
 
     section(
@@ -524,11 +321,52 @@ fn run(args: Args) -> anyhow::Result<()> {
         load_average()
     )?;
     print!("{report}");
-    drop(cluster);
     Ok(())
 }
 
-fn section(report: &mut String, title: &str, table: &Table) {
+/// The report's first lines: the machine, how the proxies reach PostgreSQL, PgBouncer's
+/// absence when it is absent.
+fn header(
+    bench: &Bench,
+    pgbouncer_running: bool,
+    server_version: &str,
+    load_at_start: &str,
+) -> anyhow::Result<String> {
+    let mut report = String::new();
+    writeln!(
+        report,
+        "{}",
+        machine_description(
+            &bench.pgbench.bin,
+            bench.pgbouncer_bin.as_deref(),
+            server_version
+        )
+    )?;
+    writeln!(
+        report,
+        "Proxies reach PostgreSQL over {}; load average at the start: {load_at_start}",
+        if bench.args.unix_upstream {
+            "its unix socket"
+        } else {
+            "TCP (127.0.0.1)"
+        }
+    )?;
+    if !pgbouncer_running {
+        writeln!(
+            report,
+            "PgBouncer: {}",
+            if bench.args.no_pgbouncer {
+                "left out (--no-pgbouncer)"
+            } else {
+                "skipped (not installed or did not start; apt-get install pgbouncer)"
+            }
+        )?;
+    }
+    writeln!(report)?;
+    Ok(report)
+}
+
+pub(crate) fn section(report: &mut String, title: &str, table: &Table) {
     let text = format!("### {title}\n\n{}\n", table.render());
     eprintln!("\n{text}");
     report.push_str(&text);
@@ -611,7 +449,10 @@ fn targets_table(
 
 /// Waits until at most `max` client backends remain (those of a closed proxy exit
 /// asynchronously), so the next proxy's sessions fit under `max_connections`.
-async fn wait_for_backends_to_exit(cluster: &TestCluster, max: i64) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_backends_to_exit(
+    cluster: &TestCluster,
+    max: i64,
+) -> anyhow::Result<()> {
     let admin = cluster.connect_admin().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
