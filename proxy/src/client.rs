@@ -20,7 +20,8 @@ use crate::scram::ScramSecret;
 use crate::session::{self, farewell, SessionContext};
 use crate::startup::{self, FirstPacket, Negotiation, StartupError, StartupMessage};
 use crate::stats::ProxyStats;
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, UpstreamStream};
+use crate::tls::UpstreamTls;
 use crate::{tls, upstream};
 use crate::{GuardHandle, Shared};
 
@@ -295,52 +296,16 @@ async fn run_session(
         hard_stop: shared.hard_stop.clone(),
         span: span.clone(),
     };
-    let authenticated = async {
-        debug!(
-            user = %record.client.user,
-            database = %record.client.database,
-            client_tls = client.is_tls(),
-            upstream_tls = upstream.is_tls(),
-            "session started"
-        );
-        if let Err(e) = upstream.write_all(&startup.raw).await {
-            warn!(error = %e, "could not send the startup packet upstream");
-            return false;
-        }
-        let Some(binding) = upstream.channel_binding(upstream_tls.as_ref()) else {
-            return true;
-        };
-        let login = auth::Login {
-            client: addr,
-            user: &record.client.user,
-            upstream: binding,
-        };
-        let relayed = tokio::time::timeout_at(
-            startup_deadline,
-            Box::pin(auth::relay_authentication(
-                &mut client,
-                &mut upstream,
-                &login,
-                || scram_secret(shared.guard.as_ref(), &record.client.user),
-            )),
-        )
-        .await;
-        match relayed {
-            Ok(Ok(AuthEnd::Authenticated)) => true,
-            Ok(Ok(AuthEnd::Refused)) => {
-                debug!("authentication refused by the server");
-                false
-            }
-            Ok(Err(e)) => {
-                info!(error = %e, "authentication exchange failed");
-                false
-            }
-            Err(_) => {
-                info!("client did not finish authentication within startup_timeout");
-                false
-            }
-        }
-    }
+    let authenticated = authenticate(
+        &mut client,
+        &mut upstream,
+        addr,
+        record,
+        &startup.raw,
+        upstream_tls.as_ref(),
+        startup_deadline,
+        shared,
+    )
     .instrument(span.clone())
     .await;
     if !authenticated {
@@ -368,6 +333,63 @@ async fn run_session(
             "session ended"
         );
     });
+}
+
+/// Sends the StartupMessage upstream and relays the authentication exchange (SCRAM on the
+/// client's behalf where the server's exchange cannot be relayed as is), within the startup
+/// deadline. False: the session ends here, the reason logged.
+#[allow(clippy::too_many_arguments)] // the parts of a session still being put together; a struct would only move the list
+async fn authenticate(
+    client: &mut ClientStream,
+    upstream: &mut UpstreamStream,
+    addr: SocketAddr,
+    record: &SessionRecord,
+    startup_raw: &[u8],
+    upstream_tls: Option<&UpstreamTls>,
+    startup_deadline: Instant,
+    shared: &Shared,
+) -> bool {
+    debug!(
+        user = %record.client.user,
+        database = %record.client.database,
+        client_tls = client.is_tls(),
+        upstream_tls = upstream.is_tls(),
+        "session started"
+    );
+    if let Err(e) = upstream.write_all(startup_raw).await {
+        warn!(error = %e, "could not send the startup packet upstream");
+        return false;
+    }
+    let Some(binding) = upstream.channel_binding(upstream_tls) else {
+        return true;
+    };
+    let login = auth::Login {
+        client: addr,
+        user: &record.client.user,
+        upstream: binding,
+    };
+    let relayed = tokio::time::timeout_at(
+        startup_deadline,
+        Box::pin(auth::relay_authentication(client, upstream, &login, || {
+            scram_secret(shared.guard.as_ref(), &record.client.user)
+        })),
+    )
+    .await;
+    match relayed {
+        Ok(Ok(AuthEnd::Authenticated)) => true,
+        Ok(Ok(AuthEnd::Refused)) => {
+            debug!("authentication refused by the server");
+            false
+        }
+        Ok(Err(e)) => {
+            info!(error = %e, "authentication exchange failed");
+            false
+        }
+        Err(_) => {
+            info!("client did not finish authentication within startup_timeout");
+            false
+        }
+    }
 }
 
 /// The stored SCRAM secret of `user`, read by the guard (see [`auth`] for when it is needed).
