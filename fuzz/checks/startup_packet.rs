@@ -129,10 +129,26 @@ pub fn check(data: &[u8]) {
         "{:?}",
         client.written
     );
+    let after_negotiation = answered_requests(input, &client.written, offer_tls);
+    let sent_early = !patient && !client.written.is_empty() && after_negotiation < input.len();
+
+    check_outcome(
+        outcome,
+        &client,
+        input,
+        offer_tls,
+        after_negotiation,
+        sent_early,
+    );
+}
+
+/// Checks that every request answered (`written`, one 'N' each) was an SSLRequest or a
+/// GSSENCRequest, alternating in kind; returns where the bytes after them start.
+fn answered_requests(input: &[u8], written: &[u8], offer_tls: bool) -> usize {
     // Every answered request was an SSLRequest/GSSENCRequest, alternating in kind.
     let mut after_negotiation = 0;
     let mut previous = None;
-    for _ in &client.written {
+    for _ in written {
         let request = &input[after_negotiation..];
         let len = be32(request) as usize;
         assert!(
@@ -153,8 +169,18 @@ pub fn check(data: &[u8]) {
         previous = Some(code);
         after_negotiation += len;
     }
-    let sent_early = !patient && !client.written.is_empty() && after_negotiation < input.len();
+    after_negotiation
+}
 
+/// Checks what `read_first_packet` made of the input against the bytes it consumed.
+fn check_outcome(
+    outcome: Result<FirstPacket, StartupError>,
+    client: &ScriptedClient<'_>,
+    input: &[u8],
+    offer_tls: bool,
+    after_negotiation: usize,
+    sent_early: bool,
+) {
     match outcome {
         Ok(FirstPacket::TlsRequested) => {
             assert!(offer_tls, "TLS requested although none is offered");

@@ -49,6 +49,7 @@ fn act<'a>(stdout: &'a str, heading: &str) -> &'a str {
     &rest[..end]
 }
 
+// Long because it reads the demo's whole narration in order: each act's lines check the one before.
 #[test]
 fn demo_shows_the_blocked_login_freed_by_lockguard_and_stuck_without_it() {
     let before = demo_dirs();

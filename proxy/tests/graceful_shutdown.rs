@@ -114,6 +114,8 @@ fn assert_shutdown_fatal(ended: Result<(), tokio_postgres::Error>, who: &str) {
     assert!(db.message().starts_with("lockguard:"), "{who}: {db:?}");
 }
 
+// Long because one shutdown is observed from every kind of session at once (busy, idle in a
+// transaction, idle, new), which separate tests could not show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_transactions_finish_then_closes_the_rest_and_loses_no_commit() {
     let sandbox = tokio::task::block_in_place(|| {
