@@ -253,6 +253,27 @@ const INFLIGHT_GRACE: Duration = Duration::from_millis(500);
 const LOCK_AND_SLEEP: &str = "WITH locked AS (UPDATE app.user_sessions SET token = 'busy' \
      WHERE id = 1 RETURNING id) SELECT pg_catalog.pg_sleep(30) FROM locked";
 
+/// Waits until backend `pid` sleeps inside [`LOCK_AND_SLEEP`], so it holds its row: a waiter
+/// started earlier could take the row first.
+async fn wait_until_sleeping_on_the_row(admin: &tokio_postgres::Client, pid: i32) {
+    guard_support::wait_for(
+        Duration::from_secs(5),
+        "the statement to hold its row and sleep",
+        || async move {
+            admin
+                .query_opt(
+                    "SELECT 1 FROM pg_catalog.pg_stat_activity \
+                     WHERE pid OPERATOR(pg_catalog.=) $1 AND wait_event OPERATOR(pg_catalog.=) 'PgSleep'",
+                    &[&pid],
+                )
+                .await
+                .expect("reading pg_stat_activity")
+                .is_some()
+        },
+    )
+    .await;
+}
+
 /// Parse, Bind, Execute and Sync of `sql` (unnamed statement and portal, no parameters).
 fn extended_round(sql: &str) -> Vec<u8> {
     let mut round = raw::parse(sql, &[]);
@@ -291,6 +312,7 @@ async fn stray_copy_end_keeps_the_statement_in_flight(prefix: &str, stray: &[Vec
     )
     .await;
     assert_eq!(record.state(), TxnState::Active, "statement still running");
+    wait_until_sleeping_on_the_row(&admin, pid).await;
 
     let waiter = BlockedLogin::start(cluster, &db, &admin).await;
     let dropped = std::time::Instant::now();
@@ -426,6 +448,7 @@ async fn terminate_with_a_statement_in_flight_is_a_lost_client() {
     app.write_all(&raw::query(LOCK_AND_SLEEP))
         .await
         .expect("send");
+    wait_until_sleeping_on_the_row(&admin, pid).await;
     let waiter = BlockedLogin::start(TestCluster::shared(), &db, &admin).await;
 
     // What PgBouncer does when its own client vanished mid-statement: Terminate, then close.
