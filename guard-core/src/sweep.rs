@@ -229,16 +229,14 @@ fn governing_rules(
     session: &SessionRecord,
     facts: Option<&BackendFacts>,
 ) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for lock in facts.map(|f| f.locks.as_slice()).unwrap_or_default() {
-        if let Some(rule) = settings
-            .rules
-            .governing(who(session), &lock.schema, &lock.table)
-        {
-            if !names.contains(&rule.name) {
-                names.push(rule.name.clone());
-            }
-        }
-    }
-    names
+    let locks = facts.map(|f| f.locks.as_slice()).unwrap_or_default();
+    settings
+        .rules
+        .governing_locks(
+            who(session),
+            locks.iter().map(|l| (l.schema.as_str(), l.table.as_str())),
+        )
+        .into_iter()
+        .map(|(rule, _)| rule.name.clone())
+        .collect()
 }

@@ -93,6 +93,26 @@ impl RuleSet {
         (!rule.exempts(who.user, who.application)).then_some(rule)
     }
 
+    /// The rules governing `who`'s locks on `tables` (`(schema, table)`, one per lock), each
+    /// with how many of those locks it governs, in match order.
+    pub fn governing_locks<'t>(
+        &self,
+        who: Who<'_>,
+        tables: impl IntoIterator<Item = (&'t str, &'t str)>,
+    ) -> Vec<(&EffectiveRule, usize)> {
+        let mut governed: Vec<(&EffectiveRule, usize)> = Vec::new();
+        for (schema, table) in tables {
+            if let Some(rule) = self.governing(who, schema, table) {
+                match governed.iter_mut().find(|(r, _)| r.name == rule.name) {
+                    Some((_, n)) => *n += 1,
+                    None => governed.push((rule, 1)),
+                }
+            }
+        }
+        governed.sort_by_key(|(r, _)| self.rules.iter().position(|x| x.name == r.name));
+        governed
+    }
+
     /// The rules that could govern some lock of `who` (its session matchers select it and
     /// it is not exempt): what the sweep uses to pick the sessions worth probing.
     pub fn for_session<'s>(&'s self, who: Who<'s>) -> impl Iterator<Item = &'s EffectiveRule> {

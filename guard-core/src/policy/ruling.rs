@@ -1,8 +1,6 @@
 //! Judging a session under every rule that governs one of its locks: each rule decides with
 //! its own settings ([`super::decide`]), and the strictest verdict that is due wins.
 
-use lockguard_config::EffectiveRule;
-
 use super::{decide, Facts, LeaveReason, RuleSet, Rules, Trigger, Verdict, Who};
 
 /// What every rule that governs a session's protected locks asks for together.
@@ -27,16 +25,7 @@ pub fn decide_by_rules<'t>(
     who: Who<'_>,
     set: &RuleSet,
 ) -> Ruling {
-    let mut governed: Vec<(&EffectiveRule, usize)> = Vec::new();
-    for (schema, table) in tables {
-        if let Some(rule) = set.governing(who, schema, table) {
-            match governed.iter_mut().find(|(r, _)| r.name == rule.name) {
-                Some((_, n)) => *n += 1,
-                None => governed.push((rule, 1)),
-            }
-        }
-    }
-    governed.sort_by_key(|(r, _)| set.all().iter().position(|x| x.name == r.name));
+    let governed = set.governing_locks(who, tables);
     let catch_all = Rules::from(set.catch_all());
     if matches!(trigger, Trigger::Operator { .. }) || governed.is_empty() {
         let facts = Facts {

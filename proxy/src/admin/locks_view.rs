@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::join_all;
 use guard_core::policy::{Rules, TriggerKind, Who};
 use guard_core::{GraphBackend, Guard, HeldLock, Identity, SessionRecord, TxnState};
-use lockguard_config::EffectiveRule;
 use lockguard_config::TablePattern;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -309,23 +308,14 @@ impl Admin {
                 user: &session.client.user,
                 application: &session.client.application_name,
             };
-            let mut governing: Vec<&EffectiveRule> = locks
-                .iter()
-                .filter_map(|lock| settings.rules.governing(who, &lock.schema, &lock.table))
-                .collect();
-            governing.dedup_by(|a, b| a.name == b.name);
-            governing
+            settings
+                .rules
+                .governing_locks(
+                    who,
+                    locks.iter().map(|l| (l.schema.as_str(), l.table.as_str())),
+                )
                 .into_iter()
-                .filter_map(|rule| {
-                    let held = locks
-                        .iter()
-                        .filter(|lock| {
-                            settings
-                                .rules
-                                .governing(who, &lock.schema, &lock.table)
-                                .is_some_and(|r| r.name == rule.name)
-                        })
-                        .count();
+                .filter_map(|(rule, held)| {
                     due_action(
                         &rule.name,
                         &Rules::from(rule),

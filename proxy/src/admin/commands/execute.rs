@@ -299,18 +299,17 @@ impl Admin {
             .iter()
             .map(|s| {
                 let facts = s.backend_pid().and_then(|pid| probed.get(&pid));
-                let rules = settings.as_ref().zip(facts).map(|(settings, facts)| {
-                    let mut names: Vec<&str> = Vec::new();
-                    for lock in &facts.locks {
-                        if let Some(rule) = governing(settings, s, lock) {
-                            if !names.contains(&rule) {
-                                names.push(rule);
-                            }
-                        }
-                    }
-                    names.join(", ")
+                let rules = settings.as_ref().zip(facts).and_then(|(settings, facts)| {
+                    let governed = settings.rules.governing_locks(
+                        who(s),
+                        facts
+                            .locks
+                            .iter()
+                            .map(|l| (l.schema.as_str(), l.table.as_str())),
+                    );
+                    let names: Vec<&str> = governed.iter().map(|(r, _)| r.name.as_str()).collect();
+                    (!names.is_empty()).then(|| names.join(", "))
                 });
-                let rules = rules.filter(|names| !names.is_empty());
                 vec![
                     Value::int(s.id),
                     Value::text(s.client.addr.ip().to_string()),
