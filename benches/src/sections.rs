@@ -238,26 +238,18 @@ pub(crate) fn budget(bench: &Bench, report: &mut String) -> anyhow::Result<()> {
 pub(crate) fn memory(bench: &Bench, report: &mut String) -> anyhow::Result<Vec<Footprint>> {
     let sessions = bench.args.idle_sessions;
     eprintln!("memory: {sessions} idle sessions");
-    let mut footprints = Vec::new();
-    let fresh = bench.start_lockguard(Wrap::Native)?;
-    footprints.push(bench.runtime.block_on(memory::measure(
-        &fresh,
-        &bench.user,
-        &bench.dbname,
-        sessions,
-    ))?);
-    drop(fresh);
+    let measure = |proxy: &Server| {
+        bench
+            .runtime
+            .block_on(memory::measure(proxy, &bench.user, &bench.dbname, sessions))
+    };
+    let mut footprints = vec![measure(&bench.start_lockguard(Wrap::Native)?)?];
     if bench.pgbouncer_bin.is_some() {
         bench
             .runtime
             .block_on(wait_for_backends_to_exit(&bench.cluster, 20))?;
         if let Some(fresh) = bench.start_pgbouncer(sessions, Wrap::Native) {
-            footprints.push(bench.runtime.block_on(memory::measure(
-                &fresh,
-                &bench.user,
-                &bench.dbname,
-                sessions,
-            ))?);
+            footprints.push(measure(&fresh)?);
         }
     }
     for f in &footprints {
