@@ -50,6 +50,12 @@ pub struct ProxyConfig {
     /// (TCP_USER_TIMEOUT, Linux). Default 30s; 0 = the kernel's default.
     #[serde(with = "crate::duration")]
     pub client_user_timeout: Duration,
+    /// Threads that forward steady sessions (plain TCP or unix sockets, past startup) in an
+    /// `epoll` loop of their own, which costs less CPU per round trip than the async runtime's
+    /// tasks. Unset: one on up to two cores, else one per core; 0: the async runtime forwards
+    /// everything. Read at start; RELOAD does not change it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarding_threads: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -66,6 +72,7 @@ impl Default for ProxyConfig {
             client_keepalive_interval: Duration::from_secs(5),
             client_keepalive_count: 3,
             client_user_timeout: Duration::from_secs(30),
+            forwarding_threads: None,
         }
     }
 }

@@ -17,10 +17,12 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::{self, AuthEnd};
 use crate::protocol::{backend, encryption_answer, sqlstate};
 use crate::scram::ScramSecret;
-use crate::session::{self, farewell, SessionContext};
+use crate::session::{self, farewell, PlainSockets, SessionContext};
 use crate::startup::{self, FirstPacket, Negotiation, StartupError, StartupMessage};
 use crate::stats::ProxyStats;
-use crate::stream::{ClientStream, UpstreamStream};
+use crate::stream::{
+    self, ClientReader, ClientStream, ClientWriter, UpstreamReader, UpstreamStream, UpstreamWriter,
+};
 use crate::tls::UpstreamTls;
 use crate::{tls, upstream};
 use crate::{GuardHandle, Shared};
@@ -295,6 +297,7 @@ async fn run_session(
         shutdown: shared.shutdown.clone(),
         hard_stop: shared.hard_stop.clone(),
         span: span.clone(),
+        forwarder: shared.forwarder_for(record.id),
     };
     let authenticated = authenticate(
         &mut client,
@@ -314,15 +317,13 @@ async fn run_session(
     let (client_read, client_write) = client.into_split();
     let client_write = handover.watch(client_write, record);
     let (server_read, server_write) = upstream.into_split();
-    session::pump(
+    let sockets = SessionSockets {
         client_read,
         client_write,
         server_read,
         server_write,
-        record,
-        &ctx,
-    )
-    .await;
+    };
+    session::pump(sockets, record, &ctx).await;
     shared
         .stats
         .session_ended(record.bytes_from_client(), record.bytes_from_server());
@@ -486,6 +487,80 @@ impl SlotHandover {
     }
 }
 
+/// A session's sockets as the pump forwards between them.
+struct SessionSockets {
+    client_read: ClientReader,
+    client_write: SlotWatch<ClientWriter>,
+    server_read: UpstreamReader,
+    server_write: UpstreamWriter,
+}
+
+impl session::Carry for SessionSockets {
+    type ClientRead = ClientReader;
+    type ClientWrite = SlotWatch<ClientWriter>;
+    type ServerRead = UpstreamReader;
+    type ServerWrite = UpstreamWriter;
+    type Left = SlotWatch<()>;
+
+    fn halves(
+        &mut self,
+    ) -> (
+        &mut ClientReader,
+        &mut SlotWatch<ClientWriter>,
+        &mut UpstreamReader,
+        &mut UpstreamWriter,
+    ) {
+        (
+            &mut self.client_read,
+            &mut self.client_write,
+            &mut self.server_read,
+            &mut self.server_write,
+        )
+    }
+
+    fn take_out(self) -> std::io::Result<Result<(PlainSockets, SlotWatch<()>), Self>> {
+        let plain = matches!(self.client_read, ClientReader::Plain(_))
+            && matches!(
+                self.server_read,
+                UpstreamReader::Tcp(_) | UpstreamReader::Unix(_)
+            )
+            // The slot moves only on a write the pump makes.
+            && self.client_write.pending.is_none();
+        if !plain {
+            return Ok(Err(self));
+        }
+        let (client_write, left) = self.client_write.replace_inner(());
+        let client = match stream::take_out_client(self.client_read, client_write)? {
+            Ok(client) => client,
+            Err(_) => return Err(std::io::Error::other("plain client halves did not reunite")),
+        };
+        let server = match stream::take_out_upstream(self.server_read, self.server_write)? {
+            Ok(server) => server,
+            Err(_) => {
+                return Err(std::io::Error::other(
+                    "plain upstream halves did not reunite",
+                ))
+            }
+        };
+        Ok(Ok((PlainSockets { client, server }, left)))
+    }
+
+    fn put_back(sockets: PlainSockets, left: SlotWatch<()>) -> std::io::Result<Self> {
+        let (client_read, client_write) = stream::put_back_client(sockets.client)?;
+        let (server_read, server_write) = stream::put_back_upstream(sockets.server)?;
+        Ok(SessionSockets {
+            client_read,
+            client_write: left.replace_inner(client_write).1,
+            server_read,
+            server_write,
+        })
+    }
+
+    fn into_end(self) -> (UpstreamReader, SlotWatch<ClientWriter>, UpstreamWriter) {
+        (self.server_read, self.client_write, self.server_write)
+    }
+}
+
 /// Whether a session's startup is over, from what the pump has noted in its record.
 fn startup_over(record: &SessionRecord) -> bool {
     // A client pipelining a query during startup makes `state()` say Active, which must not
@@ -506,6 +581,21 @@ struct SlotWatch<W> {
 }
 
 impl<W> SlotWatch<W> {
+    /// Swaps the writer, keeping the slot: for the time the forwarding thread has the socket.
+    fn replace_inner<V>(self, inner: V) -> (W, SlotWatch<V>) {
+        let SlotWatch {
+            inner: old,
+            pending,
+            _client_slot,
+        } = self;
+        let watch = SlotWatch {
+            inner,
+            pending,
+            _client_slot,
+        };
+        (old, watch)
+    }
+
     fn check(&mut self) {
         let Some((_, record)) = &self.pending else {
             return;

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use crate::admin::{Admin, AdminListeners, ConfigSource};
 use crate::client;
 use crate::net::{self, Liveness};
+use crate::session::Forwarder;
 use crate::shared::{GuardHandle, InForce, Prepared, Shared};
 use crate::stats::ProxyStats;
 use crate::tls::{self, Tls};
@@ -81,7 +82,9 @@ impl Proxy {
             Arc::clone(&stats),
         ));
         let admin_listeners = AdminListeners::bind(&config.admin).await?;
+        let forwarders = start_forwarders(config.proxy.forwarding_threads)?;
         let shared = Shared {
+            forwarders,
             startups: Arc::new(Semaphore::new(config.proxy.max_startup_clients)),
             clients: Arc::new(Semaphore::new(config.proxy.max_clients)),
             refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
@@ -291,4 +294,20 @@ impl RefusalLog {
         self.last = Some(now);
         self.unlogged = 0;
     }
+}
+
+/// Starts the forwarding threads: `configured`, or one on up to two cores (one more thread
+/// beside the runtime's, which then has little left to do) and one per core beyond.
+fn start_forwarders(configured: Option<usize>) -> anyhow::Result<Vec<Forwarder>> {
+    let count = configured.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores <= 2 {
+            1
+        } else {
+            cores
+        }
+    });
+    (0..count)
+        .map(|_| Forwarder::start().context("could not start a forwarding thread"))
+        .collect()
 }

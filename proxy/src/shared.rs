@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Credentials;
+use crate::session::Forwarder;
 use crate::stats::ProxyStats;
 use crate::tls::{Tls, TlsState};
 
@@ -32,12 +33,24 @@ pub(crate) struct Shared {
     pub stats: Arc<ProxyStats>,
     /// `in_force`'s TLS view (the same handle), named here for the client tasks.
     pub tls: Arc<Tls>,
+    /// The threads that forward steady sessions; empty when the runtime forwards everything.
+    pub forwarders: Vec<Forwarder>,
 }
 
 impl Shared {
     /// The configuration in force now.
     pub fn config(&self) -> Arc<Config> {
         self.in_force.config()
+    }
+
+    /// The forwarding thread a session goes to when it is steady (sessions spread over the
+    /// threads by id).
+    pub fn forwarder_for(&self, session: u64) -> Option<Forwarder> {
+        let n = u64::try_from(self.forwarders.len())
+            .ok()
+            .filter(|&n| n > 0)?;
+        let index = usize::try_from(session % n).ok()?;
+        self.forwarders.get(index).cloned()
     }
 }
 

@@ -147,3 +147,54 @@ impl UpstreamStream {
         matches!(self, UpstreamStream::Tls(_))
     }
 }
+
+/// Joins plain halves into their socket and takes it out of tokio's reactor (non-blocking),
+/// for the forwarding thread; `Ok(Err(halves))` when the connection is TLS.
+pub fn take_out_client(
+    read: ClientReader,
+    write: ClientWriter,
+) -> io::Result<Result<std::net::TcpStream, (ClientReader, ClientWriter)>> {
+    match (read, write) {
+        (ClientReader::Plain(r), ClientWriter::Plain(w)) => match r.reunite(w) {
+            Ok(socket) => socket.into_std().map(Ok),
+            Err(e) => Ok(Err((ClientReader::Plain(e.0), ClientWriter::Plain(e.1)))),
+        },
+        (read, write) => Ok(Err((read, write))),
+    }
+}
+
+/// [`take_out_client`] for the upstream connection (TCP or unix socket).
+pub fn take_out_upstream(
+    read: UpstreamReader,
+    write: UpstreamWriter,
+) -> io::Result<Result<crate::session::PlainUpstream, (UpstreamReader, UpstreamWriter)>> {
+    use crate::session::PlainUpstream;
+    match (read, write) {
+        (UpstreamReader::Tcp(r), UpstreamWriter::Tcp(w)) => match r.reunite(w) {
+            Ok(socket) => socket.into_std().map(|s| Ok(PlainUpstream::Tcp(s))),
+            Err(e) => Ok(Err((UpstreamReader::Tcp(e.0), UpstreamWriter::Tcp(e.1)))),
+        },
+        (UpstreamReader::Unix(r), UpstreamWriter::Unix(w)) => match r.reunite(w) {
+            Ok(socket) => socket.into_std().map(|s| Ok(PlainUpstream::Unix(s))),
+            Err(e) => Ok(Err((UpstreamReader::Unix(e.0), UpstreamWriter::Unix(e.1)))),
+        },
+        (read, write) => Ok(Err((read, write))),
+    }
+}
+
+/// Puts a socket the forwarding thread gave back into tokio's reactor, split again.
+pub fn put_back_client(socket: std::net::TcpStream) -> io::Result<(ClientReader, ClientWriter)> {
+    Ok(ClientStream::Plain(TcpStream::from_std(socket)?).into_split())
+}
+
+/// [`put_back_client`] for the upstream connection.
+pub fn put_back_upstream(
+    socket: crate::session::PlainUpstream,
+) -> io::Result<(UpstreamReader, UpstreamWriter)> {
+    use crate::session::PlainUpstream;
+    let stream = match socket {
+        PlainUpstream::Tcp(s) => UpstreamStream::Tcp(TcpStream::from_std(s)?),
+        PlainUpstream::Unix(s) => UpstreamStream::Unix(UnixStream::from_std(s)?),
+    };
+    Ok(stream.into_split())
+}

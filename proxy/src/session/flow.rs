@@ -5,7 +5,7 @@
 //! is drained; an idle direction owns no buffer.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -49,6 +49,15 @@ pub(super) enum Stopped {
     Held,
     /// [`Watch::stop`] said so.
     Stop,
+}
+
+/// Where [`Flow::forward_nonblocking`] left a direction.
+pub(super) enum Paused {
+    /// The reader has nothing more for now.
+    Drained,
+    /// The writer did not take everything: the rest waits in the backlog.
+    Backlogged,
+    Stopped(Stopped),
 }
 
 /// One direction's forwarding state.
@@ -106,9 +115,11 @@ impl Flow {
                 match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Err(e)) => Poll::Ready(Some(Stopped::ReadFailed(e))),
-                    Poll::Ready(Ok(())) => {
-                        Poll::Ready(self.pass_on(cx, buf.filled(), writer, watch))
-                    }
+                    Poll::Ready(Ok(())) => Poll::Ready(self.pass_on(
+                        buf.filled(),
+                        |data| Pin::new(&mut *writer).poll_write(cx, data),
+                        watch,
+                    )),
                 }
             });
             if let Some(stopped) = ready!(step) {
@@ -117,13 +128,55 @@ impl Flow {
         }
     }
 
-    /// Scans freshly read `data` and hands it to `writer`; what the writer does not take now
-    /// goes to the backlog. `Some` when forwarding stops.
-    fn pass_on<W: AsyncWrite + Unpin>(
+    /// The forwarding thread's [`poll_forward`](Self::poll_forward), on non-blocking sockets
+    /// it watches itself: reads until the reader would block (a short read means it would:
+    /// new bytes raise a new readiness event), passing each read on with one write.
+    pub(super) fn forward_nonblocking(
         &mut self,
-        cx: &mut Context<'_>,
+        reader: &mut impl Read,
+        writer: &mut impl Write,
+        watch: &mut impl Watch,
+    ) -> Paused {
+        loop {
+            if self.backlog_start < self.backlog.len() {
+                return Paused::Backlogged;
+            }
+            if watch.stop(self.scanner.at_boundary()) {
+                return Paused::Stopped(Stopped::Stop);
+            }
+            let step = with_scratch(|scratch| match reader.read(scratch) {
+                Ok(n) => {
+                    let write = |data: &[u8]| match writer.write(data) {
+                        Err(e) if would_block(&e) => Poll::Pending,
+                        done => Poll::Ready(done),
+                    };
+                    match self.pass_on(&scratch[..n], write, watch) {
+                        Some(stopped) => Some(Paused::Stopped(stopped)),
+                        None if self.backlog_start < self.backlog.len() => Some(Paused::Backlogged),
+                        // What was just passed on may end the direction (a Terminate).
+                        None if watch.stop(self.scanner.at_boundary()) => {
+                            Some(Paused::Stopped(Stopped::Stop))
+                        }
+                        None if n < scratch.len() => Some(Paused::Drained),
+                        None => None,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Paused::Drained),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+                Err(e) => Some(Paused::Stopped(Stopped::ReadFailed(e))),
+            });
+            if let Some(paused) = step {
+                return paused;
+            }
+        }
+    }
+
+    /// Scans freshly read `data` and hands it to `write`; what the writer does not take now
+    /// goes to the backlog. `Some` when forwarding stops.
+    fn pass_on(
+        &mut self,
         data: &[u8],
-        writer: &mut W,
+        write: impl FnOnce(&[u8]) -> Poll<io::Result<usize>>,
         watch: &mut impl Watch,
     ) -> Option<Stopped> {
         if data.is_empty() {
@@ -139,7 +192,7 @@ impl Flow {
             return Some(Stopped::Invalid(e));
         }
         self.unflushed = true;
-        let taken = match Pin::new(&mut *writer).poll_write(cx, data) {
+        let taken = match write(data) {
             Poll::Ready(Ok(0)) => {
                 return Some(Stopped::WriteFailed(io::ErrorKind::WriteZero.into()))
             }
@@ -187,6 +240,14 @@ impl Flow {
         self.unflushed = true;
         self.scanner.feed(&self.backlog, |m| watch.on_message(m))
     }
+}
+
+/// Whether a non-blocking call found nothing to do (or was interrupted before it did any).
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// Runs `f` with this thread's scratch buffer. A session polls one direction at a time and

@@ -29,6 +29,8 @@
 //! - `pump`: runs a session, its two directions and its rare events, and notes what each
 //!   message tells about the session;
 //! - `flow`: one direction's forwarding, with the backlog for a slow writer;
+//! - `forwarder`: the forwarding thread, which carries steady sessions (plain sockets) in an
+//!   `epoll` loop of its own and gives them back to the pump for anything else;
 //! - `wake`: the wake-gating that polls each part of the pump only when it was woken;
 //! - `tracker`: the transaction state machine (sync points, COPY IN, ReadyForQuery) that
 //!   publishes the state to the session record;
@@ -43,6 +45,7 @@ use crate::GuardHandle;
 
 mod end;
 mod flow;
+mod forwarder;
 mod pump;
 mod tracker;
 mod wake;
@@ -60,7 +63,8 @@ fn test_record() -> guard_core::SessionRecord {
 }
 
 pub use end::farewell;
-pub use pump::pump;
+pub use forwarder::{Forwarder, PlainSockets, PlainUpstream};
+pub use pump::{pump, Carry};
 // The per-message callbacks and the tracker are the pump's own; the allocation test drives them
 // directly, so they are opened with the `testing` feature.
 #[cfg(feature = "testing")]
@@ -82,6 +86,8 @@ pub struct SessionContext {
     /// The session's span, entered only while the session ends (the forwarding itself logs
     /// nothing, and entering a span on every poll is not free).
     pub span: tracing::Span,
+    /// The thread that forwards the session while it is steady, if there is one.
+    pub forwarder: Option<Forwarder>,
 }
 
 #[cfg(feature = "testing")]

@@ -9,7 +9,8 @@
 
 use std::ffi::CStr;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -19,6 +20,7 @@ use tracing::Instrument;
 
 use super::end::{finish, ClientEnd, ClientLoss, Ended, ServerEnd, SERVER_LAST_WORDS_TIMEOUT};
 use super::flow::{Flow, Stopped, Watch};
+use super::forwarder::PlainSockets;
 use super::tracker::Tracker;
 use super::wake::WakeGroup;
 use super::SessionContext;
@@ -26,10 +28,10 @@ use crate::frame::{Message, CLIENT_INTERESTS, SERVER_INTERESTS};
 use crate::protocol::{self, backend, frontend};
 
 /// State of the client → server direction, kept across the pump's phases.
-struct ClientSide {
-    flow: Flow,
+pub(super) struct ClientSide {
+    pub(super) flow: Flow,
     /// Set by Terminate.
-    goodbye: Option<Goodbye>,
+    pub(super) goodbye: Option<Goodbye>,
 }
 
 /// When the client sent Terminate.
@@ -55,96 +57,248 @@ impl ServerSide {
     }
 }
 
-/// Runs one session to its end. The halves are the two directions of the client and upstream
-/// sockets.
-pub async fn pump<CR, CW, SR, SW>(
-    mut client_read: CR,
-    mut client_write: CW,
-    mut server_read: SR,
-    mut server_write: SW,
-    record: &Arc<SessionRecord>,
-    ctx: &SessionContext,
-) where
-    CR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-    SR: AsyncRead + Unpin,
-    SW: AsyncWrite + Unpin,
-{
-    let mut client = ClientSide {
-        flow: Flow::new(&CLIENT_INTERESTS),
-        goodbye: None,
+/// Everything a session's forwarding knows, which moves with the session to the forwarding
+/// thread and back.
+pub(super) struct Sides {
+    pub(super) client: ClientSide,
+    pub(super) server: ServerSide,
+    pub(super) tracker: Tracker,
+}
+
+impl Sides {
+    /// True when nothing but plain forwarding is under way: no backlog, no held bytes, no
+    /// goodbye.
+    fn steady(&self) -> bool {
+        let idle = |flow: &Flow| !flow.held && flow.backlog.is_empty();
+        idle(&self.client.flow) && idle(&self.server.flow) && self.client.goodbye.is_none()
+    }
+}
+
+/// The pump's sockets: what it forwards between, and, when they are plain sockets, what the
+/// forwarding thread can carry.
+pub trait Carry: Sized {
+    type ClientRead: AsyncRead + Unpin;
+    type ClientWrite: AsyncWrite + Unpin;
+    type ServerRead: AsyncRead + Unpin;
+    type ServerWrite: AsyncWrite + Unpin;
+
+    /// The four halves, to forward between.
+    #[allow(clippy::type_complexity)]
+    fn halves(
+        &mut self,
+    ) -> (
+        &mut Self::ClientRead,
+        &mut Self::ClientWrite,
+        &mut Self::ServerRead,
+        &mut Self::ServerWrite,
+    );
+
+    /// What stays with the session while the forwarding thread has its sockets (the client's
+    /// `max_clients` slot).
+    type Left;
+
+    /// Takes plain sockets out of tokio's reactor; `Ok(Err(self))` when they cannot be
+    /// carried (TLS). An error loses them: they are closed.
+    fn take_out(self) -> io::Result<Result<(PlainSockets, Self::Left), Self>>;
+
+    /// Puts sockets the forwarding thread gave back into tokio's reactor again.
+    fn put_back(sockets: PlainSockets, left: Self::Left) -> io::Result<Self>;
+
+    /// Consumes the sockets for the session's end: server read, client write, server write.
+    fn into_end(self) -> (Self::ServerRead, Self::ClientWrite, Self::ServerWrite);
+}
+
+/// ReadyForQuery messages a session must have seen before the forwarding thread takes it: a
+/// session that only authenticates, runs one statement and leaves (`pgbench -C`) would pay for
+/// the move and gain nothing.
+#[cfg(not(feature = "testing"))]
+const CARRY_AFTER_READY_FOR_QUERY: u32 = 3;
+/// With the test hooks on, sessions move at their first ReadyForQuery, so that every
+/// integration test's sessions run through the forwarding thread.
+#[cfg(feature = "testing")]
+const CARRY_AFTER_READY_FOR_QUERY: u32 = 1;
+
+/// Runs one session to its end, forwarding between `sockets`; hands the session to
+/// `ctx.forwarder` while it is steady.
+pub async fn pump<S: Carry>(mut sockets: S, record: &Arc<SessionRecord>, ctx: &SessionContext) {
+    let mut sides = Sides {
+        client: ClientSide {
+            flow: Flow::new(&CLIENT_INTERESTS),
+            goodbye: None,
+        },
+        server: ServerSide {
+            flow: Flow::new(&SERVER_INTERESTS),
+            sent_fatal: false,
+        },
+        tracker: Tracker::new(),
     };
-    let mut server = ServerSide {
-        flow: Flow::new(&SERVER_INTERESTS),
-        sent_fatal: false,
-    };
-    let tracker = Tracker::new();
     // Set once shutdown has begun: the server direction ends the session at its next idle
     // moment. A session-local flag, because asking the shared token takes its lock.
     let draining = AtomicBool::new(false);
-
-    let ended = {
-        let client_to_server = client_to_server(
-            &mut client,
-            &mut client_read,
-            &mut server_write,
-            record,
-            &tracker,
-        );
-        let server_to_client = server_to_client(
-            &mut server,
-            &mut server_read,
-            &mut client_write,
-            record,
-            &tracker,
-            &draining,
-        );
-        let events = session_events(record, ctx, &draining);
-        tokio::pin!(client_to_server, server_to_client, events);
-        // Each part is polled only when its own waker fired: traffic in one direction does not
-        // poll the other direction's socket, nor the rare events.
-        let parts = WakeGroup::new();
-        let mut client_to_server = parts.gate(client_to_server);
-        let mut server_to_client = parts.gate(server_to_client);
-        let mut events = parts.gate(events);
-        let first = poll_fn(|cx| {
-            parts.register(cx);
-            if let Poll::Ready(end) = client_to_server.poll_if_woken() {
-                return Poll::Ready(Ended::Client(end));
-            }
-            if let Poll::Ready(end) = server_to_client.poll_if_woken() {
-                return Poll::Ready(Ended::Server(end));
-            }
-            events.poll_if_woken()
-        })
-        .await;
-        match first {
-            // The server refused our write; it usually said why first.
-            Ended::Client(ClientEnd::ServerWriteFailed(e)) => {
-                let last_words = poll_fn(|cx| {
-                    parts.register(cx);
-                    server_to_client.poll_if_woken()
-                });
-                match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, last_words).await {
-                    Ok(end) => Ended::Server(end),
-                    Err(_) => Ended::Server(ServerEnd::ReadFailed(e)),
-                }
-            }
-            ended => ended,
-        }
+    // ReadyForQuery messages seen, and how many must have been before the next move to the
+    // forwarding thread (none without one).
+    let ready_count = AtomicU32::new(0);
+    let mut carry_at = if ctx.forwarder.is_some() {
+        CARRY_AFTER_READY_FOR_QUERY
+    } else {
+        u32::MAX
     };
+    let mut resumed = (None, None);
+    let ended = loop {
+        let run = forward(
+            &mut sides,
+            &mut sockets,
+            record,
+            ctx,
+            &draining,
+            &ready_count,
+            carry_at,
+            std::mem::take(&mut resumed),
+        )
+        .await;
+        let Some(ended) = run else {
+            // Steady enough to carry, as far as the record tells; the sides say for sure.
+            let seen = ready_count.load(Ordering::Relaxed);
+            carry_at = seen.saturating_add(1);
+            let Some(forwarder) = ctx.forwarder.as_ref().filter(|_| sides.steady()) else {
+                continue;
+            };
+            let (plain, left) = match sockets.take_out() {
+                Ok(Ok(taken)) => taken,
+                Ok(Err(not_plain)) => {
+                    sockets = not_plain;
+                    carry_at = u32::MAX;
+                    continue;
+                }
+                Err(e) => {
+                    warn_lost(record, &e);
+                    return;
+                }
+            };
+            let Some(back) = forwarder.carry(plain, sides, record, ctx).await else {
+                warn_lost(record, &io::Error::other("the forwarding thread is gone"));
+                return;
+            };
+            sides = back.sides;
+            resumed = (back.client_stopped, back.server_stopped);
+            sockets = match S::put_back(back.sockets, left) {
+                Ok(sockets) => sockets,
+                Err(e) => {
+                    warn_lost(record, &e);
+                    return;
+                }
+            };
+            continue;
+        };
+        break ended;
+    };
+    let (server_read, client_write, server_write) = sockets.into_end();
     finish(
         ended,
-        &mut server,
+        &mut sides.server,
         server_read,
         client_write,
         server_write,
         record,
-        &tracker,
+        &sides.tracker,
         ctx,
     )
     .instrument(ctx.span.clone())
     .await;
+}
+
+/// A session whose sockets could not be moved between tokio and the forwarding thread ends with
+/// them closed: its backend sees the end of its connection, as if the client had vanished.
+fn warn_lost(record: &SessionRecord, e: &io::Error) {
+    tracing::error!(
+        session = record.id,
+        client = %record.client.addr,
+        error = %e,
+        "session closed: its sockets could not be moved to or from the forwarding thread"
+    );
+}
+
+/// Forwards in this task until the session ends (`Some`), or until it is steady with
+/// `carry_at` ReadyForQuery messages seen (`None`). `resumed`: how each direction stopped on
+/// the forwarding thread, if it did.
+#[allow(clippy::too_many_arguments)]
+async fn forward<S: Carry>(
+    sides: &mut Sides,
+    sockets: &mut S,
+    record: &Arc<SessionRecord>,
+    ctx: &SessionContext,
+    draining: &AtomicBool,
+    ready_count: &AtomicU32,
+    carry_at: u32,
+    resumed: (Option<Stopped>, Option<Stopped>),
+) -> Option<Ended> {
+    let (client_read, client_write, server_read, server_write) = sockets.halves();
+    let Sides {
+        client,
+        server,
+        tracker,
+    } = sides;
+    let client_to_server = client_to_server(
+        client,
+        client_read,
+        server_write,
+        record,
+        tracker,
+        resumed.0,
+    );
+    let server_to_client = server_to_client(
+        server,
+        server_read,
+        client_write,
+        record,
+        tracker,
+        draining,
+        ready_count,
+        resumed.1,
+    );
+    let events = session_events(record, ctx, draining);
+    tokio::pin!(client_to_server, server_to_client, events);
+    // Each part is polled only when its own waker fired: traffic in one direction does not
+    // poll the other direction's socket, nor the rare events.
+    let parts = WakeGroup::new();
+    let mut client_to_server = parts.gate(client_to_server);
+    let mut server_to_client = parts.gate(server_to_client);
+    let mut events = parts.gate(events);
+    let first = poll_fn(|cx| {
+        parts.register(cx);
+        if let Poll::Ready(end) = client_to_server.poll_if_woken() {
+            return Poll::Ready(Some(Ended::Client(end)));
+        }
+        if let Poll::Ready(end) = server_to_client.poll_if_woken() {
+            return Poll::Ready(Some(Ended::Server(end)));
+        }
+        if let Poll::Ready(end) = events.poll_if_woken() {
+            return Poll::Ready(Some(end));
+        }
+        // Both directions wait for their sockets: a moment to move to the forwarding thread.
+        if ready_count.load(Ordering::Relaxed) >= carry_at
+            && !draining.load(Ordering::Relaxed)
+            && !record.kill_pending()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await;
+    Some(match first? {
+        // The server refused our write; it usually said why first.
+        Ended::Client(ClientEnd::ServerWriteFailed(e)) => {
+            let last_words = poll_fn(|cx| {
+                parts.register(cx);
+                server_to_client.poll_if_woken()
+            });
+            match tokio::time::timeout(SERVER_LAST_WORDS_TIMEOUT, last_words).await {
+                Ok(end) => Ended::Server(end),
+                Err(_) => Ended::Server(ServerEnd::ReadFailed(e)),
+            }
+        }
+        ended => ended,
+    })
 }
 
 /// Waits for what ends a session from outside its traffic: a kill, the startup deadline, the
@@ -187,6 +341,7 @@ async fn client_to_server<CR, SW>(
     server: &mut SW,
     record: &SessionRecord,
     tracker: &Tracker,
+    resumed: Option<Stopped>,
 ) -> ClientEnd
 where
     CR: AsyncRead + Unpin,
@@ -198,7 +353,10 @@ where
         tracker,
         goodbye,
     };
-    let stopped = poll_fn(|cx| flow.poll_forward(cx, client, server, &mut watch)).await;
+    let stopped = match resumed {
+        Some(stopped) => stopped,
+        None => poll_fn(|cx| flow.poll_forward(cx, client, server, &mut watch)).await,
+    };
     let goodbye = match watch.goodbye {
         Some(Goodbye::Idle) => ClientEnd::Goodbye,
         // The backend keeps running, and keeps its locks, until the statement ends.
@@ -217,10 +375,10 @@ where
 }
 
 /// What the client → server direction notes as messages pass.
-struct ClientWatch<'a> {
-    record: &'a SessionRecord,
-    tracker: &'a Tracker,
-    goodbye: &'a mut Option<Goodbye>,
+pub(super) struct ClientWatch<'a> {
+    pub(super) record: &'a SessionRecord,
+    pub(super) tracker: &'a Tracker,
+    pub(super) goodbye: &'a mut Option<Goodbye>,
 }
 
 impl Watch for ClientWatch<'_> {
@@ -274,6 +432,7 @@ pub fn on_client_message(
 }
 
 /// Server → client: forwards bytes, noting the backend key, transaction status and FATALs.
+#[allow(clippy::too_many_arguments)]
 async fn server_to_client<SR, CW>(
     side: &mut ServerSide,
     server: &mut SR,
@@ -281,6 +440,8 @@ async fn server_to_client<SR, CW>(
     record: &SessionRecord,
     tracker: &Tracker,
     draining: &AtomicBool,
+    ready_count: &AtomicU32,
+    mut resumed: Option<Stopped>,
 ) -> ServerEnd
 where
     SR: AsyncRead + Unpin,
@@ -292,9 +453,14 @@ where
         tracker,
         sent_fatal,
         draining,
+        ready_count: Some(ready_count),
     };
     loop {
-        match poll_fn(|cx| flow.poll_forward(cx, server, client, &mut watch)).await {
+        let stopped = match resumed.take() {
+            Some(stopped) => stopped,
+            None => poll_fn(|cx| flow.poll_forward(cx, server, client, &mut watch)).await,
+        };
+        match stopped {
             Stopped::Held => {
                 // The guard is terminating this backend: these bytes (likely the backend's own
                 // FATAL) wait until it is known whether the client gets them or lockguard's
@@ -316,11 +482,13 @@ where
 }
 
 /// What the server → client direction notes as messages pass.
-struct ServerWatch<'a> {
-    record: &'a SessionRecord,
-    tracker: &'a Tracker,
-    sent_fatal: &'a mut bool,
-    draining: &'a AtomicBool,
+pub(super) struct ServerWatch<'a> {
+    pub(super) record: &'a SessionRecord,
+    pub(super) tracker: &'a Tracker,
+    pub(super) sent_fatal: &'a mut bool,
+    pub(super) draining: &'a AtomicBool,
+    /// Counts ReadyForQuery messages, for the move to the forwarding thread.
+    pub(super) ready_count: Option<&'a AtomicU32>,
 }
 
 impl Watch for ServerWatch<'_> {
@@ -333,6 +501,11 @@ impl Watch for ServerWatch<'_> {
     }
 
     fn on_message(&mut self, m: Message<'_>) {
+        if m.tag == backend::READY_FOR_QUERY {
+            if let Some(count) = self.ready_count {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         on_server_message(m, self.record, self.tracker, self.sent_fatal);
     }
 

@@ -1,0 +1,401 @@
+//! The forwarding thread: carries sessions in their steady state (plain sockets, past startup,
+//! nothing backed up) with one `epoll` loop of its own, so a round trip costs a read, a scan
+//! and a write per direction and nothing of an async runtime's task and readiness machinery
+//! (README, "Proxy CPU per transaction against PgBouncer's").
+//!
+//! The session's task hands the thread its sockets and its pump state, then waits. The thread
+//! forwards with the same [`Flow`](super::flow::Flow)s and watches as the pump, and gives the
+//! session back, state and sockets, as soon as anything but plain forwarding is due: a
+//! direction stopped (end of stream, an error, a Terminate, bytes held for a kill), a writer
+//! did not take everything (the pump drains the backlog), or the task recalled it (a kill, the
+//! proxy's shutdown). The pump then goes on exactly where the thread stopped.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+
+use guard_core::SessionRecord;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+use super::flow::{Paused, Stopped};
+use super::pump::{ClientWatch, ServerWatch, Sides};
+use super::SessionContext;
+
+/// Readiness events taken per `epoll_wait`.
+const EVENTS_PER_WAIT: usize = 256;
+
+/// The token of the thread's waker (new sessions, recalls, stop).
+const WAKER: Token = Token(usize::MAX);
+
+/// A session's plain sockets, out of tokio's reactor (non-blocking).
+pub struct PlainSockets {
+    pub client: TcpStream,
+    pub server: PlainUpstream,
+}
+
+/// The upstream socket of [`PlainSockets`].
+pub enum PlainUpstream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl PlainUpstream {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            PlainUpstream::Tcp(s) => s.as_raw_fd(),
+            PlainUpstream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for PlainUpstream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            PlainUpstream::Tcp(s) => s.read(buf),
+            PlainUpstream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for PlainUpstream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            PlainUpstream::Tcp(s) => s.write(buf),
+            PlainUpstream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A session as the thread carries it.
+struct Carried {
+    sockets: PlainSockets,
+    sides: Sides,
+    record: Arc<SessionRecord>,
+    recall: Arc<AtomicBool>,
+    reply: oneshot::Sender<Returned>,
+}
+
+/// A session given back to its task.
+pub(super) struct Returned {
+    pub sockets: PlainSockets,
+    pub sides: Sides,
+    /// How each direction stopped on the thread, if it did: the pump starts from there.
+    pub client_stopped: Option<Stopped>,
+    pub server_stopped: Option<Stopped>,
+}
+
+/// A handle on one forwarding thread; the thread ends when the last handle is dropped.
+#[derive(Clone)]
+pub struct Forwarder {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    adopt: Sender<Box<Carried>>,
+    waker: Waker,
+    /// Bumped by every recall, so the thread looks for recalled sessions only when there are.
+    recalls: Arc<AtomicUsize>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+}
+
+impl Forwarder {
+    /// Starts a forwarding thread.
+    pub fn start() -> io::Result<Forwarder> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let (adopt, adopted) = mpsc::channel();
+        let recalls = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let thread = Thread {
+            poll,
+            adopted,
+            recalls: Arc::clone(&recalls),
+            recalls_seen: 0,
+            stopping: Arc::clone(&stopping),
+            slots: Vec::new(),
+            free: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("lockguard-forward".into())
+            .spawn(move || thread.run())?;
+        Ok(Forwarder {
+            inner: Arc::new(Handle {
+                adopt,
+                waker,
+                recalls,
+                stopping,
+            }),
+        })
+    }
+
+    /// Lets the thread forward the session until it gives it back; recalls it early when the
+    /// session is killed or the proxy shuts down. `None`: the session is lost with its sockets
+    /// (the thread is gone), and both sockets are closed.
+    pub(super) async fn carry(
+        &self,
+        sockets: PlainSockets,
+        sides: Sides,
+        record: &Arc<SessionRecord>,
+        ctx: &SessionContext,
+    ) -> Option<Returned> {
+        let (reply, returned) = oneshot::channel();
+        let recall = Arc::new(AtomicBool::new(false));
+        let carried = Box::new(Carried {
+            sockets,
+            sides,
+            record: Arc::clone(record),
+            recall: Arc::clone(&recall),
+            reply,
+        });
+        if let Err(mpsc::SendError(carried)) = self.inner.adopt.send(carried) {
+            return Some(carried.give_back(None, None));
+        }
+        if let Err(e) = self.inner.waker.wake() {
+            error!(error = %e, "could not wake the forwarding thread");
+        }
+        tokio::pin!(returned);
+        tokio::select! {
+            back = &mut returned => return back.ok(),
+            _ = record.killed() => {}
+            _ = ctx.shutdown.cancelled() => {}
+            _ = ctx.hard_stop.cancelled() => {}
+        }
+        recall.store(true, Ordering::Release);
+        self.inner.recalls.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = self.inner.waker.wake() {
+            error!(error = %e, "could not wake the forwarding thread");
+        }
+        returned.await.ok()
+    }
+}
+
+impl Carried {
+    fn give_back(
+        self,
+        client_stopped: Option<Stopped>,
+        server_stopped: Option<Stopped>,
+    ) -> Returned {
+        Returned {
+            sockets: self.sockets,
+            sides: self.sides,
+            client_stopped,
+            server_stopped,
+        }
+    }
+
+    /// Forwards what the socket of `token`'s side has. `Some` when the session must go back.
+    fn serve(&mut self, from_client: bool) -> Option<(Option<Stopped>, Option<Stopped>)> {
+        let Carried {
+            sockets,
+            sides,
+            record,
+            ..
+        } = self;
+        let paused = if from_client {
+            let mut watch = ClientWatch {
+                record,
+                tracker: &sides.tracker,
+                goodbye: &mut sides.client.goodbye,
+            };
+            sides.client.flow.forward_nonblocking(
+                &mut sockets.client,
+                &mut sockets.server,
+                &mut watch,
+            )
+        } else {
+            let mut watch = ServerWatch {
+                record,
+                tracker: &sides.tracker,
+                sent_fatal: &mut sides.server.sent_fatal,
+                draining: &NOT_DRAINING,
+                ready_count: None,
+            };
+            sides.server.flow.forward_nonblocking(
+                &mut sockets.server,
+                &mut sockets.client,
+                &mut watch,
+            )
+        };
+        match paused {
+            Paused::Drained => None,
+            Paused::Backlogged => Some((None, None)),
+            Paused::Stopped(stopped) if from_client => Some((Some(stopped), None)),
+            Paused::Stopped(stopped) => Some((None, Some(stopped))),
+        }
+    }
+}
+
+/// The thread never drains: shutdown recalls its sessions, and the pump drains them.
+static NOT_DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// The forwarding thread's state.
+struct Thread {
+    poll: Poll,
+    adopted: Receiver<Box<Carried>>,
+    recalls: Arc<AtomicUsize>,
+    recalls_seen: usize,
+    stopping: Arc<AtomicBool>,
+    /// Carried sessions; a session in slot `i` has tokens `2i` (client) and `2i + 1` (server).
+    slots: Vec<Option<Box<Carried>>>,
+    free: Vec<usize>,
+}
+
+impl Thread {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_PER_WAIT);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!(error = %e, "the forwarding thread cannot wait for events; giving its sessions back");
+                self.give_back_all();
+                return;
+            }
+            let mut woken = false;
+            for event in events.iter() {
+                let token = event.token();
+                if token == WAKER {
+                    woken = true;
+                    continue;
+                }
+                let (slot, from_client) = (token.0 / 2, token.0 % 2 == 0);
+                let back = match self.slots.get_mut(slot) {
+                    Some(Some(carried)) => carried.serve(from_client),
+                    // An event for a session given back earlier in this batch.
+                    _ => None,
+                };
+                if let Some((client_stopped, server_stopped)) = back {
+                    self.give_back(slot, client_stopped, server_stopped);
+                }
+            }
+            if woken {
+                if self.stopping.load(Ordering::Acquire) {
+                    self.give_back_all();
+                    return;
+                }
+                self.adopt_new();
+                self.give_back_recalled();
+            }
+        }
+    }
+
+    fn adopt_new(&mut self) {
+        while let Ok(carried) = self.adopted.try_recv() {
+            let slot = match self.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                }
+            };
+            let client_fd = carried.sockets.client.as_raw_fd();
+            let server_fd = carried.sockets.server.raw_fd();
+            let registry = self.poll.registry();
+            let registered = registry
+                .register(
+                    &mut SourceFd(&client_fd),
+                    Token(2 * slot),
+                    Interest::READABLE,
+                )
+                .and_then(|()| {
+                    registry
+                        .register(
+                            &mut SourceFd(&server_fd),
+                            Token(2 * slot + 1),
+                            Interest::READABLE,
+                        )
+                        .inspect_err(|_| {
+                            let _ = registry.deregister(&mut SourceFd(&client_fd));
+                        })
+                });
+            match registered {
+                Ok(()) => self.slots[slot] = Some(carried),
+                Err(e) => {
+                    warn!(error = %e, "the forwarding thread could not watch a session; the pump keeps it");
+                    self.free.push(slot);
+                    let Carried {
+                        sockets,
+                        sides,
+                        reply,
+                        ..
+                    } = *carried;
+                    let _ = reply.send(Returned {
+                        sockets,
+                        sides,
+                        client_stopped: None,
+                        server_stopped: None,
+                    });
+                }
+            }
+        }
+    }
+
+    fn give_back_recalled(&mut self) {
+        let recalls = self.recalls.load(Ordering::Acquire);
+        if recalls == self.recalls_seen {
+            return;
+        }
+        self.recalls_seen = recalls;
+        for slot in 0..self.slots.len() {
+            let recalled = self.slots[slot]
+                .as_ref()
+                .is_some_and(|c| c.recall.load(Ordering::Acquire));
+            if recalled {
+                self.give_back(slot, None, None);
+            }
+        }
+    }
+
+    fn give_back_all(&mut self) {
+        for slot in 0..self.slots.len() {
+            self.give_back(slot, None, None);
+        }
+    }
+
+    fn give_back(
+        &mut self,
+        slot: usize,
+        client_stopped: Option<Stopped>,
+        server_stopped: Option<Stopped>,
+    ) {
+        let Some(carried) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut SourceFd(&carried.sockets.client.as_raw_fd()));
+        let _ = registry.deregister(&mut SourceFd(&carried.sockets.server.raw_fd()));
+        self.free.push(slot);
+        let Carried {
+            sockets,
+            sides,
+            reply,
+            ..
+        } = *carried;
+        // The task may be gone (its runtime shut down): the sockets close here.
+        let _ = reply.send(Returned {
+            sockets,
+            sides,
+            client_stopped,
+            server_stopped,
+        });
+    }
+}
