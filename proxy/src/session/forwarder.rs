@@ -31,6 +31,9 @@ use super::SessionContext;
 /// Readiness events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
 
+/// The forwarding threads' name.
+pub(super) const THREAD_NAME: &str = "lockguard-forward";
+
 /// The token of the thread's waker (new sessions, recalls, stop).
 const WAKER: Token = Token(usize::MAX);
 
@@ -134,7 +137,7 @@ impl Forwarder {
             free: Vec::new(),
         };
         std::thread::Builder::new()
-            .name("lockguard-forward".into())
+            .name(THREAD_NAME.into())
             .spawn(move || thread.run())?;
         Ok(Forwarder {
             inner: Arc::new(Handle {

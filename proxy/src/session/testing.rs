@@ -26,6 +26,8 @@ pub struct Observation {
     pub record_in_flight: bool,
     /// The transaction block as published to the record.
     pub status: Option<TxnStatus>,
+    /// Whether a forwarding thread scanned it (not the async runtime).
+    pub on_forwarding_thread: bool,
 }
 
 type Observer = Box<dyn Fn(Observation) + Send + Sync>;
@@ -52,6 +54,8 @@ pub(super) fn after_message(
             in_flight: tracker.in_flight(),
             record_in_flight: record.statement_in_flight(),
             status: record.txn_status(),
+            on_forwarding_thread: std::thread::current().name()
+                == Some(super::forwarder::THREAD_NAME),
         });
     }
 }

@@ -1,0 +1,200 @@
+//! The forwarding thread carries steady sessions and gives them back for their end; with
+//! `forwarding_threads = 0` the async runtime forwards everything. (Under the test hooks a
+//! session moves at its first ReadyForQuery, so every other integration test runs its sessions
+//! through the thread too; these tests show that it does.)
+//!
+//! Its own test binary: the message observer is one per process.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockguard::session::testing::{observe_messages, Observation};
+use lockguard_tests::cluster::TestCluster;
+use lockguard_tests::guard_support;
+use lockguard_tests::proxy::{config_for, TestProxy};
+use tokio::sync::OnceCell;
+
+/// Every observation of this process, in the order the pumps scanned the messages.
+fn observations() -> &'static Mutex<Vec<Observation>> {
+    static SEEN: std::sync::OnceLock<Arc<Mutex<Vec<Observation>>>> = std::sync::OnceLock::new();
+    SEEN.get_or_init(|| {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        assert!(observe_messages(move |o| {
+            if let Ok(mut seen) = sink.lock() {
+                seen.push(o);
+            }
+        }));
+        seen
+    })
+}
+
+/// Session ids are per proxy, and each test starts its own: the tests take turns, each with
+/// the observations cleared.
+async fn take_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let turn = TURN.lock().await;
+    observations().lock().expect("observations").clear();
+    turn
+}
+
+/// The observations of one session.
+fn of_session(session: u64) -> Vec<Observation> {
+    observations()
+        .lock()
+        .expect("observations")
+        .iter()
+        .filter(|o| o.session == session)
+        .copied()
+        .collect()
+}
+
+async fn database() -> &'static str {
+    static DB: OnceCell<String> = OnceCell::const_new();
+    DB.get_or_init(|| async {
+        TestCluster::shared()
+            .create_database("forwarding_thread")
+            .await
+    })
+    .await
+}
+
+const SERVER_READY_FOR_QUERY: u8 = b'Z';
+
+#[tokio::test]
+async fn a_steady_session_is_forwarded_by_the_thread_and_ends_as_usual() {
+    let _turn = take_turn().await;
+    let cluster = TestCluster::shared();
+    let db = database().await;
+    let proxy = TestProxy::start(cluster).await;
+    let client = proxy
+        .connect(cluster.superuser(), None, db)
+        .await
+        .expect("connect");
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let session = proxy.session_of(pid).await.id;
+    // A result far bigger than the socket buffers: the client falls behind, the thread gives
+    // the session back with a backlog, the pump drains it, and the session moves again.
+    let rows = client
+        .query(
+            "SELECT i, repeat('x', 1000) FROM generate_series(1, 20000) AS i",
+            &[],
+        )
+        .await
+        .expect("big result");
+    assert_eq!(rows.len(), 20_000);
+    for (n, row) in rows.iter().enumerate() {
+        assert_eq!(row.get::<_, i32>(0), i32::try_from(n + 1).expect("small"));
+        assert_eq!(row.get::<_, String>(1).len(), 1000);
+    }
+    client.batch_execute("SELECT 1").await.expect("select");
+
+    let seen = of_session(session);
+    let first_ready = seen
+        .iter()
+        .position(|o| !o.from_client && o.tag == SERVER_READY_FOR_QUERY)
+        .expect("the session's first ReadyForQuery");
+    assert!(
+        seen[..=first_ready].iter().all(|o| !o.on_forwarding_thread),
+        "startup is forwarded by the session's task"
+    );
+    let carried = &seen[first_ready + 1..];
+    assert!(
+        carried
+            .iter()
+            .any(|o| o.from_client && o.on_forwarding_thread),
+        "the client's statements went through the forwarding thread: {carried:?}"
+    );
+    assert!(
+        carried
+            .iter()
+            .any(|o| !o.from_client && o.on_forwarding_thread),
+        "the server's answers went through the forwarding thread"
+    );
+
+    // The session comes back for its end: an orderly goodbye leaves no session behind.
+    drop(client);
+    proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn with_no_forwarding_threads_the_runtime_forwards_everything() {
+    let _turn = take_turn().await;
+    let cluster = TestCluster::shared();
+    let db = database().await;
+    let mut config = config_for(cluster);
+    config.proxy.forwarding_threads = Some(0);
+    let proxy = TestProxy::start_with(config).await;
+    let client = proxy
+        .connect(cluster.superuser(), None, db)
+        .await
+        .expect("connect");
+    for _ in 0..3 {
+        client.batch_execute("SELECT 1").await.expect("select");
+    }
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let session = proxy.session_of(pid).await.id;
+    let seen = of_session(session);
+    let readies = seen
+        .iter()
+        .filter(|o| !o.from_client && o.tag == SERVER_READY_FOR_QUERY)
+        .count();
+    assert!(readies >= 4, "the statements were observed: {seen:?}");
+    assert!(seen.iter().all(|o| !o.on_forwarding_thread));
+}
+
+#[tokio::test]
+async fn a_carried_client_that_vanishes_in_a_transaction_has_its_locks_released() {
+    let _turn = take_turn().await;
+    let cluster = TestCluster::shared();
+    let db = database().await;
+    let owner = guard_support::connect(cluster, db).await;
+    owner
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS carried_locks (id int PRIMARY KEY); \
+             INSERT INTO carried_locks VALUES (1) ON CONFLICT DO NOTHING",
+        )
+        .await
+        .expect("table");
+    let proxy = TestProxy::start(cluster).await;
+    let client = proxy
+        .connect(cluster.superuser(), None, db)
+        .await
+        .expect("connect");
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let session = proxy.session_of(pid).await.id;
+    client
+        .batch_execute("BEGIN; SELECT * FROM carried_locks WHERE id = 1 FOR UPDATE")
+        .await
+        .expect("lock the row");
+    assert!(
+        of_session(session)
+            .iter()
+            .any(|o| o.from_client && o.on_forwarding_thread),
+        "the session was on the forwarding thread when its client went"
+    );
+    // The client's process dies: its socket closes without a Terminate. The thread gives the
+    // session back at the end of the stream, and the pump ends it as a lost client: the
+    // upstream closes, the backend rolls back, the row is free.
+    drop(client);
+    guard_support::wait_for(Duration::from_secs(10), "the row to be free", || async {
+        owner
+            .batch_execute("SELECT * FROM carried_locks WHERE id = 1 FOR UPDATE NOWAIT")
+            .await
+            .is_ok()
+    })
+    .await;
+    proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
+}
