@@ -8,14 +8,31 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+/// The process epoch, as an `Instant` and as a `CLOCK_MONOTONIC` reading in microseconds
+/// (`Instant` reads the same clock on Linux).
+fn epoch() -> (Instant, u64) {
+    static EPOCH: OnceLock<(Instant, u64)> = OnceLock::new();
+    *EPOCH.get_or_init(|| (Instant::now(), monotonic_micros()))
+}
+
+/// `CLOCK_MONOTONIC` in microseconds. Read directly: the pump stamps the session record twice
+/// per round trip, and `Instant::elapsed` costs about three times as much (the `Timespec`
+/// subtraction and the `Duration` conversion).
+fn monotonic_micros() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs * 1_000_000 + nanos / 1_000
 }
 
 /// Microseconds since the process epoch; never 0, so 0 can mean "unset".
 pub fn now_micros() -> u64 {
-    epoch().elapsed().as_micros() as u64 + 1
+    monotonic_micros().saturating_sub(epoch().1) + 1
 }
 
 /// Time elapsed since a value returned by [`now_micros`].
@@ -25,7 +42,7 @@ pub fn since_micros(then: u64) -> Duration {
 
 /// The `Instant` a value of [`now_micros`] stands for.
 pub fn instant_of_micros(micros: u64) -> Instant {
-    epoch() + Duration::from_micros(micros.saturating_sub(1))
+    epoch().0 + Duration::from_micros(micros.saturating_sub(1))
 }
 
 /// How the guard measures how long a session has been in its state: the process clock
@@ -172,6 +189,24 @@ mod tests {
             tokio::task::yield_now().await;
         }
         waiting.await.unwrap();
+    }
+
+    #[test]
+    fn process_clock_stamps_map_to_the_instants_they_were_taken_at() {
+        let before = Instant::now();
+        let stamp = now_micros();
+        let after = Instant::now();
+        assert!(stamp > 0);
+        // The stamp's instant lies between the two readings, give or take its microsecond
+        // truncation and the moment between the epoch's two readings (a preemption there
+        // would be rare, hence the wide slack).
+        let at = instant_of_micros(stamp);
+        let slack = Duration::from_millis(1);
+        assert!(at + slack >= before, "{at:?} before {before:?}");
+        assert!(at <= after + slack, "{at:?} after {after:?}");
+        let later = now_micros();
+        assert!(later >= stamp);
+        assert!(since_micros(stamp) >= Duration::from_micros(later - stamp));
     }
 
     #[test]
