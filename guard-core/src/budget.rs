@@ -15,7 +15,7 @@ use crate::audit::{AuditEvent, BlockingEvidence, LockEvidence, Outcome};
 use crate::claim::KillClaim;
 use crate::enforcer::{self, Identity, RequiredState, Signal, Termination};
 use crate::guard::{Guard, Settings, KILL_SQLSTATE, QUERY_DEADLINE};
-use crate::judge::{millis, who};
+use crate::judge::millis;
 use crate::lock_graph::{self, GraphBackend, LockGraph};
 use crate::policy::{Trigger, Who, SERVER_IDLE_IN_FAILED_TRANSACTION, SERVER_IDLE_IN_TRANSACTION};
 use crate::session::{KillNotice, SessionRecord};
@@ -102,7 +102,7 @@ impl Guard {
                 };
                 let session = self.proxied_session(database, holder);
                 let holder_who = match &session {
-                    Some(s) => who(s),
+                    Some(s) => Who::of(&s.client),
                     None => Who {
                         database,
                         user: holder.user.as_deref().unwrap_or_default(),

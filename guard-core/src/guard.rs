@@ -285,11 +285,7 @@ impl Guard {
     pub fn inflight_grace_for(&self, client: &crate::session::ClientInfo) -> Duration {
         self.settings()
             .rules
-            .inflight_grace_for(crate::policy::Who {
-                database: &client.database,
-                user: &client.user,
-                application: &client.application_name,
-            })
+            .inflight_grace_for(crate::policy::Who::of(client))
     }
 
     /// The parsed `protected_tables` in force now, for display on the admin port.

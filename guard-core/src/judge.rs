@@ -56,7 +56,7 @@ impl Guard {
             &trigger,
             &policy_facts,
             tables,
-            who(session),
+            Who::of(&session.client),
             &settings.rules,
         );
         let rules = ruling.rules;
@@ -155,7 +155,7 @@ impl Guard {
         error: Option<String>,
     ) -> AuditEvent {
         let settings = self.settings();
-        let who = who(session);
+        let who = Who::of(&session.client);
         let locks: Vec<_> = facts
             .map(|f| {
                 f.locks
@@ -231,15 +231,6 @@ impl Guard {
             dry_run: outcome == Outcome::DryRun,
             summary,
         }
-    }
-}
-
-/// Who `session` is, for the rules' matchers.
-pub(crate) fn who(session: &SessionRecord) -> Who<'_> {
-    Who {
-        database: &session.client.database,
-        user: &session.client.user,
-        application: &session.client.application_name,
     }
 }
 

@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::Outcome;
 use crate::clock::Clock;
 use crate::guard::{Decision, Guard, Settings, SweepReport};
-use crate::judge::who;
-use crate::policy::{RuleSet, Trigger};
+use crate::policy::{RuleSet, Trigger, Who};
 use crate::probe::BackendFacts;
 use crate::session::{SessionId, SessionRecord, TxnState};
 
@@ -210,7 +209,7 @@ fn idle_trigger(rules: &RuleSet, clock: &Clock, session: &SessionRecord) -> Opti
         _ => return None,
     };
     let shortest = rules
-        .for_session(who(session))
+        .for_session(Who::of(&session.client))
         .map(|r| {
             if failed {
                 r.failed_transaction_timeout
@@ -233,7 +232,7 @@ fn governing_rules(
     settings
         .rules
         .governing_locks(
-            who(session),
+            Who::of(&session.client),
             locks.iter().map(|l| (l.schema.as_str(), l.table.as_str())),
         )
         .into_iter()

@@ -49,6 +49,17 @@ pub struct Who<'a> {
     pub application: &'a str,
 }
 
+impl<'a> Who<'a> {
+    /// Who a proxied session's client is: its database, user and application_name.
+    pub fn of(client: &'a crate::session::ClientInfo) -> Who<'a> {
+        Who {
+            database: &client.database,
+            user: &client.user,
+            application: &client.application_name,
+        }
+    }
+}
+
 /// Every rule in match order, the flat `[guard]` keys' catch-all last. A lock on a table
 /// belongs to the first rule whose tables and session matchers select it (as pg_hba lines);
 /// if that rule exempts the session, no rule judges the lock.

@@ -303,11 +303,7 @@ impl Admin {
         // to the first rule selecting its table and the session; the soonest action due under
         // any of them is the one shown.
         let due = |session: &SessionRecord, locks: &[HeldLock], waiters: usize| {
-            let who = Who {
-                database: &session.client.database,
-                user: &session.client.user,
-                application: &session.client.application_name,
-            };
+            let who = Who::of(&session.client);
             settings
                 .rules
                 .governing_locks(

@@ -301,7 +301,7 @@ impl Admin {
                 let facts = s.backend_pid().and_then(|pid| probed.get(&pid));
                 let rules = settings.as_ref().zip(facts).and_then(|(settings, facts)| {
                     let governed = settings.rules.governing_locks(
-                        who(s),
+                        Who::of(&s.client),
                         facts
                             .locks
                             .iter()
@@ -352,7 +352,7 @@ impl Admin {
                 let selected = sessions
                     .iter()
                     .filter(|s| {
-                        let w = who(s);
+                        let w = Who::of(&s.client);
                         rule.matches_session(w.database, w.user, w.application)
                             && !rule.exempts(w.user, w.application)
                     })
@@ -365,7 +365,7 @@ impl Admin {
                             f.locks.iter().any(|l| {
                                 settings
                                     .rules
-                                    .governing(who(s), &l.schema, &l.table)
+                                    .governing(Who::of(&s.client), &l.schema, &l.table)
                                     .is_some_and(|r| r.name == rule.name)
                             })
                         })
@@ -511,20 +511,11 @@ fn config_rows(config: &lockguard_config::Config) -> Vec<Vec<Value>> {
         .collect()
 }
 
-/// Who `s` is, for the guard rules' matchers.
-fn who(s: &SessionRecord) -> Who<'_> {
-    Who {
-        database: &s.client.database,
-        user: &s.client.user,
-        application: &s.client.application_name,
-    }
-}
-
 /// The name of the rule that governs `lock` of session `s` (none when no rule selects it or
 /// the rule exempts the session).
 fn governing<'a>(settings: &'a Settings, s: &SessionRecord, lock: &HeldLock) -> Option<&'a str> {
     settings
         .rules
-        .governing(who(s), &lock.schema, &lock.table)
+        .governing(Who::of(&s.client), &lock.schema, &lock.table)
         .map(|rule| rule.name.as_str())
 }
