@@ -220,6 +220,23 @@ impl TestProxy {
         Ok(client)
     }
 
+    /// Connects through the proxy as `user` (no password) and returns the client with its
+    /// session's record, found by the backend pid the client reads.
+    pub async fn connect_session(
+        &self,
+        user: &str,
+        dbname: &str,
+    ) -> (tokio_postgres::Client, Arc<SessionRecord>) {
+        let client = self.connect(user, None, dbname).await.expect("connect");
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        let record = self.session_of(pid).await;
+        (client, record)
+    }
+
     /// The live session whose backend is `pid`, waiting briefly for the registry to catch up.
     pub async fn session_of(&self, pid: i32) -> Arc<SessionRecord> {
         for _ in 0..100 {

@@ -67,16 +67,8 @@ async fn a_steady_session_is_forwarded_by_the_thread_and_ends_as_usual() {
     let cluster = TestCluster::shared();
     let db = database().await;
     let proxy = TestProxy::start(cluster).await;
-    let client = proxy
-        .connect(cluster.superuser(), None, db)
-        .await
-        .expect("connect");
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let session = proxy.session_of(pid).await.id;
+    let (client, record) = proxy.connect_session(cluster.superuser(), db).await;
+    let session = record.id;
     // A result far bigger than the socket buffers: the client falls behind, the thread gives
     // the session back with a backlog, the pump drains it, and the session moves again.
     let rows = client
@@ -129,19 +121,11 @@ async fn with_no_forwarding_threads_the_runtime_forwards_everything() {
     let mut config = config_for(cluster);
     config.proxy.forwarding_threads = Some(0);
     let proxy = TestProxy::start_with(config).await;
-    let client = proxy
-        .connect(cluster.superuser(), None, db)
-        .await
-        .expect("connect");
+    let (client, record) = proxy.connect_session(cluster.superuser(), db).await;
+    let session = record.id;
     for _ in 0..3 {
         client.batch_execute("SELECT 1").await.expect("select");
     }
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let session = proxy.session_of(pid).await.id;
     let seen = of_session(session);
     let readies = seen
         .iter()
@@ -165,16 +149,8 @@ async fn a_carried_client_that_vanishes_in_a_transaction_has_its_locks_released(
         .await
         .expect("table");
     let proxy = TestProxy::start(cluster).await;
-    let client = proxy
-        .connect(cluster.superuser(), None, db)
-        .await
-        .expect("connect");
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    let session = proxy.session_of(pid).await.id;
+    let (client, record) = proxy.connect_session(cluster.superuser(), db).await;
+    let session = record.id;
     client
         .batch_execute("BEGIN; SELECT * FROM carried_locks WHERE id = 1 FOR UPDATE")
         .await

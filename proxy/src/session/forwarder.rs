@@ -169,7 +169,7 @@ impl Forwarder {
             reply,
         });
         if let Err(mpsc::SendError(carried)) = self.inner.adopt.send(carried) {
-            return Some(carried.give_back(None, None));
+            return Some(carried.into_returned(None, None).1);
         }
         if let Err(e) = self.inner.waker.wake() {
             error!(error = %e, "could not wake the forwarding thread");
@@ -191,17 +191,26 @@ impl Forwarder {
 }
 
 impl Carried {
-    fn give_back(
+    /// The session as its task gets it back, and the way back to the task.
+    fn into_returned(
         self,
         client_stopped: Option<Stopped>,
         server_stopped: Option<Stopped>,
-    ) -> Returned {
-        Returned {
+    ) -> (oneshot::Sender<Returned>, Returned) {
+        let returned = Returned {
             sockets: self.sockets,
             sides: self.sides,
             client_stopped,
             server_stopped,
-        }
+        };
+        (self.reply, returned)
+    }
+
+    /// Gives the session back to its task; if the task is gone (its runtime shut down), the
+    /// sockets close here.
+    fn send_back(self, client_stopped: Option<Stopped>, server_stopped: Option<Stopped>) {
+        let (reply, returned) = self.into_returned(client_stopped, server_stopped);
+        let _ = reply.send(returned);
     }
 
     /// Forwards what the socket of `token`'s side has. `Some` when the session must go back.
@@ -335,18 +344,7 @@ impl Thread {
                 Err(e) => {
                     warn!(error = %e, "the forwarding thread could not watch a session; the pump keeps it");
                     self.free.push(slot);
-                    let Carried {
-                        sockets,
-                        sides,
-                        reply,
-                        ..
-                    } = *carried;
-                    let _ = reply.send(Returned {
-                        sockets,
-                        sides,
-                        client_stopped: None,
-                        server_stopped: None,
-                    });
+                    carried.send_back(None, None);
                 }
             }
         }
@@ -387,18 +385,6 @@ impl Thread {
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.client.as_raw_fd()));
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.server.raw_fd()));
         self.free.push(slot);
-        let Carried {
-            sockets,
-            sides,
-            reply,
-            ..
-        } = *carried;
-        // The task may be gone (its runtime shut down): the sockets close here.
-        let _ = reply.send(Returned {
-            sockets,
-            sides,
-            client_stopped,
-            server_stopped,
-        });
+        carried.send_back(client_stopped, server_stopped);
     }
 }
