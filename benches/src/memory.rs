@@ -1,8 +1,10 @@
 //! Section 3: what an idle session costs a proxy in resident memory.
 //!
 //! The proxy's RSS (`VmRSS`) is read with no client session, then with `sessions` idle ones
-//! open (each has authenticated and run one query, so its buffers have been used once), then
+//! open (each has authenticated and run its queries, so its buffers have been used), then
 //! again after they closed. Kernel socket buffers are not part of RSS and are not counted.
+//! Sessions that ran one query stay with lockguard's runtime; after three, lockguard's
+//! forwarding thread carries them, and their state lives there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,8 @@ const SETTLE: Duration = Duration::from_millis(500);
 pub struct Footprint {
     pub proxy: &'static str,
     pub sessions: usize,
+    /// Queries each session ran before it went idle.
+    pub queries: usize,
     pub idle_kib: u64,
     pub loaded_kib: u64,
     pub after_kib: u64,
@@ -35,13 +39,14 @@ impl Footprint {
     }
 }
 
-/// Opens `sessions` idle sessions through `server` (as `user` on `dbname`) and reads its RSS
-/// before, during and after.
+/// Opens `sessions` idle sessions through `server` (as `user` on `dbname`), each after
+/// `queries` queries, and reads its RSS before, during and after.
 pub async fn measure(
     server: &Server,
     user: &str,
     dbname: &str,
     sessions: usize,
+    queries: usize,
 ) -> anyhow::Result<Footprint> {
     let mut config = Config::new();
     config
@@ -54,12 +59,12 @@ pub async fn measure(
     let config = Arc::new(config);
 
     // One session first, so whatever the proxy sets up lazily on first use is in the baseline.
-    drop(open(&config).await?);
+    drop(open(&config, queries).await?);
     tokio::time::sleep(SETTLE).await;
     let idle_kib = server.rss_kib()?;
 
     let clients: Vec<Client> = stream::iter(0..sessions)
-        .map(|_| open(&config))
+        .map(|_| open(&config, queries))
         .buffer_unordered(CONNECT_CONCURRENCY)
         .try_collect()
         .await
@@ -73,19 +78,22 @@ pub async fn measure(
     Ok(Footprint {
         proxy: server.name(),
         sessions,
+        queries,
         idle_kib,
         loaded_kib,
         after_kib,
     })
 }
 
-/// A session that has authenticated and run one query.
-async fn open(config: &Config) -> anyhow::Result<Client> {
+/// A session that has authenticated and run `queries` queries.
+async fn open(config: &Config, queries: usize) -> anyhow::Result<Client> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    client.simple_query("SELECT 1").await?;
+    for _ in 0..queries {
+        client.simple_query("SELECT 1").await?;
+    }
     Ok(client)
 }
 
@@ -93,6 +101,7 @@ async fn open(config: &Config) -> anyhow::Result<Client> {
 pub fn table(footprints: &[Footprint]) -> Table {
     let mut table = Table::new([
         "proxy",
+        "queries per session",
         "RSS, 0 sessions (KiB)",
         "RSS, N idle sessions (KiB)",
         "N",
@@ -102,6 +111,7 @@ pub fn table(footprints: &[Footprint]) -> Table {
     for f in footprints {
         table.row([
             f.proxy.to_owned(),
+            f.queries.to_string(),
             f.idle_kib.to_string(),
             f.loaded_kib.to_string(),
             f.sessions.to_string(),

@@ -238,26 +238,41 @@ pub(crate) fn budget(bench: &Bench, report: &mut String) -> anyhow::Result<()> {
 pub(crate) fn memory(bench: &Bench, report: &mut String) -> anyhow::Result<Vec<Footprint>> {
     let sessions = bench.args.idle_sessions;
     eprintln!("memory: {sessions} idle sessions");
-    let measure = |proxy: &Server| {
-        bench
-            .runtime
-            .block_on(memory::measure(proxy, &bench.user, &bench.dbname, sessions))
+    let measure = |proxy: &Server, queries: usize| {
+        bench.runtime.block_on(memory::measure(
+            proxy,
+            &bench.user,
+            &bench.dbname,
+            sessions,
+            queries,
+        ))
     };
-    let mut footprints = vec![measure(&bench.start_lockguard(Wrap::Native)?)?];
-    if bench.pgbouncer_bin.is_some() {
+    let settle = || {
         bench
             .runtime
-            .block_on(wait_for_backends_to_exit(&bench.cluster, 20))?;
+            .block_on(wait_for_backends_to_exit(&bench.cluster, 20))
+    };
+    // One query: the session stays with the runtime. Three: the forwarding thread has it.
+    let mut footprints = vec![measure(&bench.start_lockguard(Wrap::Native)?, 1)?];
+    settle()?;
+    footprints.push(measure(&bench.start_lockguard(Wrap::Native)?, 3)?);
+    if bench.pgbouncer_bin.is_some() {
+        settle()?;
         if let Some(fresh) = bench.start_pgbouncer(sessions, Wrap::Native) {
-            footprints.push(measure(&fresh)?);
+            footprints.push(measure(&fresh, 1)?);
         }
     }
     for f in &footprints {
-        eprintln!("  {}: {:.1} KiB per session", f.proxy, f.per_session_kib());
+        eprintln!(
+            "  {} ({} queries): {:.1} KiB per session",
+            f.proxy,
+            f.queries,
+            f.per_session_kib()
+        );
     }
     section(
         report,
-        "Memory: proxy RSS (VmRSS) with 0 and N idle sessions (each has run one query)",
+        "Memory: proxy RSS (VmRSS) with 0 and N idle sessions (each has run its queries; lockguard's forwarding thread takes a session at its third ReadyForQuery)",
         &memory::table(&footprints),
     );
     Ok(footprints)
