@@ -432,7 +432,11 @@ fn targets_table(
     }
     for f in footprints.iter().filter(|f| f.proxy == "lockguard") {
         table.row([
-            format!("≤ 16 KiB RSS per idle session ({} queries each)", f.queries),
+            format!(
+                "≤ 16 KiB RSS per idle session (after {} {})",
+                f.queries,
+                if f.queries == 1 { "query" } else { "queries" }
+            ),
             format!("{:.1} KiB", f.per_session_kib()),
             verdict(f.per_session_kib() <= 16.0).to_owned(),
         ]);
