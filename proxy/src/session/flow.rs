@@ -84,6 +84,11 @@ impl Flow {
         }
     }
 
+    /// True when nothing waits in the direction: no bytes held back, none backed up.
+    pub(super) fn is_clear(&self) -> bool {
+        !self.held && self.backlog.is_empty()
+    }
+
     /// True when what the writer has been given ends at a message boundary.
     pub(super) fn written_to_boundary(&self) -> bool {
         self.scanner.at_boundary() && (self.held || self.backlog_start == self.backlog.len())
@@ -137,12 +142,18 @@ impl Flow {
         writer: &mut impl Write,
         watch: &mut impl Watch,
     ) -> Paused {
+        // Set by a short read: the reader has nothing more, once what it gave is passed on.
+        let mut drained = false;
         loop {
             if self.backlog_start < self.backlog.len() {
                 return Paused::Backlogged;
             }
+            // Also after a read: what was just passed on may end the direction (a Terminate).
             if watch.stop(self.scanner.at_boundary()) {
                 return Paused::Stopped(Stopped::Stop);
+            }
+            if drained {
+                return Paused::Drained;
             }
             let step = with_scratch(|scratch| match reader.read(scratch) {
                 Ok(n) => {
@@ -151,22 +162,17 @@ impl Flow {
                         done => Poll::Ready(done),
                     };
                     match self.pass_on(&scratch[..n], write, watch) {
-                        Some(stopped) => Some(Paused::Stopped(stopped)),
-                        None if self.backlog_start < self.backlog.len() => Some(Paused::Backlogged),
-                        // What was just passed on may end the direction (a Terminate).
-                        None if watch.stop(self.scanner.at_boundary()) => {
-                            Some(Paused::Stopped(Stopped::Stop))
-                        }
-                        None if n < scratch.len() => Some(Paused::Drained),
-                        None => None,
+                        Some(stopped) => Err(Paused::Stopped(stopped)),
+                        None => Ok(n < scratch.len()),
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Paused::Drained),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
-                Err(e) => Some(Paused::Stopped(Stopped::ReadFailed(e))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Paused::Drained),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+                Err(e) => Err(Paused::Stopped(Stopped::ReadFailed(e))),
             });
-            if let Some(paused) = step {
-                return paused;
+            match step {
+                Ok(short) => drained = short,
+                Err(paused) => return paused,
             }
         }
     }

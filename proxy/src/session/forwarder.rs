@@ -21,6 +21,7 @@ use std::sync::Arc;
 use guard_core::SessionRecord;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
@@ -112,10 +113,19 @@ struct Handle {
     stopping: Arc<AtomicBool>,
 }
 
+impl Handle {
+    /// Wakes the thread to look at new sessions, recalls, or its end.
+    fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            error!(error = %e, "could not wake the forwarding thread");
+        }
+    }
+}
+
 impl Drop for Handle {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        let _ = self.waker.wake();
+        self.wake();
     }
 }
 
@@ -133,8 +143,7 @@ impl Forwarder {
             recalls: Arc::clone(&recalls),
             recalls_seen: 0,
             stopping: Arc::clone(&stopping),
-            slots: Vec::new(),
-            free: Vec::new(),
+            sessions: Slab::new(),
         };
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -171,9 +180,7 @@ impl Forwarder {
         if let Err(mpsc::SendError(carried)) = self.inner.adopt.send(carried) {
             return Some(carried.into_returned(None, None).1);
         }
-        if let Err(e) = self.inner.waker.wake() {
-            error!(error = %e, "could not wake the forwarding thread");
-        }
+        self.inner.wake();
         tokio::pin!(returned);
         tokio::select! {
             back = &mut returned => return back.ok(),
@@ -183,9 +190,7 @@ impl Forwarder {
         }
         recall.store(true, Ordering::Release);
         self.inner.recalls.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = self.inner.waker.wake() {
-            error!(error = %e, "could not wake the forwarding thread");
-        }
+        self.inner.wake();
         returned.await.ok()
     }
 }
@@ -213,7 +218,8 @@ impl Carried {
         let _ = reply.send(returned);
     }
 
-    /// Forwards what the socket of `token`'s side has. `Some` when the session must go back.
+    /// Forwards what the socket of one side (the client's or the server's) has. `Some` when the
+    /// session must go back, with how each direction stopped.
     fn serve(&mut self, from_client: bool) -> Option<(Option<Stopped>, Option<Stopped>)> {
         let Carried {
             sockets,
@@ -265,9 +271,9 @@ struct Thread {
     recalls: Arc<AtomicUsize>,
     recalls_seen: usize,
     stopping: Arc<AtomicBool>,
-    /// Carried sessions; a session in slot `i` has tokens `2i` (client) and `2i + 1` (server).
-    slots: Vec<Option<Box<Carried>>>,
-    free: Vec<usize>,
+    /// Carried sessions; the session with key `k` has tokens `2k` (client) and `2k + 1`
+    /// (server).
+    sessions: Slab<Box<Carried>>,
 }
 
 impl Thread {
@@ -289,14 +295,14 @@ impl Thread {
                     woken = true;
                     continue;
                 }
-                let (slot, from_client) = (token.0 / 2, token.0 % 2 == 0);
-                let back = match self.slots.get_mut(slot) {
-                    Some(Some(carried)) => carried.serve(from_client),
+                let (key, from_client) = (token.0 / 2, token.0 % 2 == 0);
+                let back = match self.sessions.get_mut(key) {
+                    Some(carried) => carried.serve(from_client),
                     // An event for a session given back earlier in this batch.
-                    _ => None,
+                    None => None,
                 };
                 if let Some((client_stopped, server_stopped)) = back {
-                    self.give_back(slot, client_stopped, server_stopped);
+                    self.give_back(key, client_stopped, server_stopped);
                 }
             }
             if woken {
@@ -312,27 +318,22 @@ impl Thread {
 
     fn adopt_new(&mut self) {
         while let Ok(carried) = self.adopted.try_recv() {
-            let slot = match self.free.pop() {
-                Some(slot) => slot,
-                None => {
-                    self.slots.push(None);
-                    self.slots.len() - 1
-                }
-            };
+            let entry = self.sessions.vacant_entry();
+            let key = entry.key();
             let client_fd = carried.sockets.client.as_raw_fd();
             let server_fd = carried.sockets.server.raw_fd();
             let registry = self.poll.registry();
             let registered = registry
                 .register(
                     &mut SourceFd(&client_fd),
-                    Token(2 * slot),
+                    Token(2 * key),
                     Interest::READABLE,
                 )
                 .and_then(|()| {
                     registry
                         .register(
                             &mut SourceFd(&server_fd),
-                            Token(2 * slot + 1),
+                            Token(2 * key + 1),
                             Interest::READABLE,
                         )
                         .inspect_err(|_| {
@@ -340,10 +341,11 @@ impl Thread {
                         })
                 });
             match registered {
-                Ok(()) => self.slots[slot] = Some(carried),
+                Ok(()) => {
+                    entry.insert(carried);
+                }
                 Err(e) => {
                     warn!(error = %e, "the forwarding thread could not watch a session; the pump keeps it");
-                    self.free.push(slot);
                     carried.send_back(None, None);
                 }
             }
@@ -356,35 +358,37 @@ impl Thread {
             return;
         }
         self.recalls_seen = recalls;
-        for slot in 0..self.slots.len() {
-            let recalled = self.slots[slot]
-                .as_ref()
-                .is_some_and(|c| c.recall.load(Ordering::Acquire));
-            if recalled {
-                self.give_back(slot, None, None);
-            }
+        // Recalls are rare (a kill, shutdown): the list of keys is built only then.
+        let recalled: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, carried)| carried.recall.load(Ordering::Acquire))
+            .map(|(key, _)| key)
+            .collect();
+        for key in recalled {
+            self.give_back(key, None, None);
         }
     }
 
     fn give_back_all(&mut self) {
-        for slot in 0..self.slots.len() {
-            self.give_back(slot, None, None);
+        let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.give_back(key, None, None);
         }
     }
 
     fn give_back(
         &mut self,
-        slot: usize,
+        key: usize,
         client_stopped: Option<Stopped>,
         server_stopped: Option<Stopped>,
     ) {
-        let Some(carried) = self.slots.get_mut(slot).and_then(Option::take) else {
+        let Some(carried) = self.sessions.try_remove(key) else {
             return;
         };
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.client.as_raw_fd()));
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.server.raw_fd()));
-        self.free.push(slot);
         carried.send_back(client_stopped, server_stopped);
     }
 }

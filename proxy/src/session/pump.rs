@@ -69,8 +69,7 @@ impl Sides {
     /// True when nothing but plain forwarding is under way: no backlog, no held bytes, no
     /// goodbye.
     fn steady(&self) -> bool {
-        let idle = |flow: &Flow| !flow.held && flow.backlog.is_empty();
-        idle(&self.client.flow) && idle(&self.server.flow) && self.client.goodbye.is_none()
+        self.client.flow.is_clear() && self.server.flow.is_clear() && self.client.goodbye.is_none()
     }
 }
 
@@ -502,8 +501,12 @@ impl Watch for ServerWatch<'_> {
 
     fn on_message(&mut self, m: Message<'_>) {
         if m.tag == backend::READY_FOR_QUERY {
+            // Only this task writes it: a plain load and store, no locked read-modify-write.
             if let Some(count) = self.ready_count {
-                count.fetch_add(1, Ordering::Relaxed);
+                count.store(
+                    count.load(Ordering::Relaxed).saturating_add(1),
+                    Ordering::Relaxed,
+                );
             }
         }
         on_server_message(m, self.record, self.tracker, self.sent_fatal);
