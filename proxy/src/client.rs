@@ -519,29 +519,16 @@ impl session::Carry for SessionSockets {
     }
 
     fn take_out(self) -> std::io::Result<Result<(PlainSockets, SlotWatch<()>), Self>> {
-        let plain = matches!(self.client_read, ClientReader::Plain(_))
-            && matches!(
-                self.server_read,
-                UpstreamReader::Tcp(_) | UpstreamReader::Unix(_)
-            )
-            // The slot moves only on a write the pump makes.
-            && self.client_write.pending.is_none();
-        if !plain {
+        // The slot moves only on a write the pump makes: it must have moved by now.
+        if !(self.client_read.is_plain()
+            && self.server_read.is_plain()
+            && self.client_write.pending.is_none())
+        {
             return Ok(Err(self));
         }
         let (client_write, left) = self.client_write.replace_inner(());
-        let client = match stream::take_out_client(self.client_read, client_write)? {
-            Ok(client) => client,
-            Err(_) => return Err(std::io::Error::other("plain client halves did not reunite")),
-        };
-        let server = match stream::take_out_upstream(self.server_read, self.server_write)? {
-            Ok(server) => server,
-            Err(_) => {
-                return Err(std::io::Error::other(
-                    "plain upstream halves did not reunite",
-                ))
-            }
-        };
+        let client = stream::take_out_client(self.client_read, client_write)?;
+        let server = stream::take_out_upstream(self.server_read, self.server_write)?;
         Ok(Ok((PlainSockets { client, server }, left)))
     }
 

@@ -148,18 +148,33 @@ impl UpstreamStream {
     }
 }
 
+impl ClientReader {
+    /// A plain TCP connection, which the forwarding thread can carry.
+    pub fn is_plain(&self) -> bool {
+        matches!(self, ClientReader::Plain(_))
+    }
+}
+
+impl UpstreamReader {
+    /// A plain TCP or unix-socket connection, which the forwarding thread can carry.
+    pub fn is_plain(&self) -> bool {
+        !matches!(self, UpstreamReader::Tls(_))
+    }
+}
+
+/// The error of taking out halves that are not one plain socket's.
+fn not_one_plain_socket() -> io::Error {
+    io::Error::other("the halves are not those of one plain socket")
+}
+
 /// Joins plain halves into their socket and takes it out of tokio's reactor (non-blocking),
-/// for the forwarding thread; `Ok(Err(halves))` when the connection is TLS.
-pub fn take_out_client(
-    read: ClientReader,
-    write: ClientWriter,
-) -> io::Result<Result<std::net::TcpStream, (ClientReader, ClientWriter)>> {
+/// for the forwarding thread.
+pub fn take_out_client(read: ClientReader, write: ClientWriter) -> io::Result<std::net::TcpStream> {
     match (read, write) {
-        (ClientReader::Plain(r), ClientWriter::Plain(w)) => match r.reunite(w) {
-            Ok(socket) => socket.into_std().map(Ok),
-            Err(e) => Ok(Err((ClientReader::Plain(e.0), ClientWriter::Plain(e.1)))),
-        },
-        (read, write) => Ok(Err((read, write))),
+        (ClientReader::Plain(r), ClientWriter::Plain(w)) => {
+            r.reunite(w).map_err(|_| not_one_plain_socket())?.into_std()
+        }
+        _ => Err(not_one_plain_socket()),
     }
 }
 
@@ -167,18 +182,20 @@ pub fn take_out_client(
 pub fn take_out_upstream(
     read: UpstreamReader,
     write: UpstreamWriter,
-) -> io::Result<Result<crate::session::PlainUpstream, (UpstreamReader, UpstreamWriter)>> {
+) -> io::Result<crate::session::PlainUpstream> {
     use crate::session::PlainUpstream;
     match (read, write) {
-        (UpstreamReader::Tcp(r), UpstreamWriter::Tcp(w)) => match r.reunite(w) {
-            Ok(socket) => socket.into_std().map(|s| Ok(PlainUpstream::Tcp(s))),
-            Err(e) => Ok(Err((UpstreamReader::Tcp(e.0), UpstreamWriter::Tcp(e.1)))),
-        },
-        (UpstreamReader::Unix(r), UpstreamWriter::Unix(w)) => match r.reunite(w) {
-            Ok(socket) => socket.into_std().map(|s| Ok(PlainUpstream::Unix(s))),
-            Err(e) => Ok(Err((UpstreamReader::Unix(e.0), UpstreamWriter::Unix(e.1)))),
-        },
-        (read, write) => Ok(Err((read, write))),
+        (UpstreamReader::Tcp(r), UpstreamWriter::Tcp(w)) => r
+            .reunite(w)
+            .map_err(|_| not_one_plain_socket())?
+            .into_std()
+            .map(PlainUpstream::Tcp),
+        (UpstreamReader::Unix(r), UpstreamWriter::Unix(w)) => r
+            .reunite(w)
+            .map_err(|_| not_one_plain_socket())?
+            .into_std()
+            .map(PlainUpstream::Unix),
+        _ => Err(not_one_plain_socket()),
     }
 }
 
