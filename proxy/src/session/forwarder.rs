@@ -21,7 +21,6 @@ use std::sync::Arc;
 use guard_core::SessionRecord;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
@@ -143,7 +142,8 @@ impl Forwarder {
             recalls: Arc::clone(&recalls),
             recalls_seen: 0,
             stopping: Arc::clone(&stopping),
-            sessions: Slab::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
         };
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -271,9 +271,11 @@ struct Thread {
     recalls: Arc<AtomicUsize>,
     recalls_seen: usize,
     stopping: Arc<AtomicBool>,
-    /// Carried sessions; the session with key `k` has tokens `2k` (client) and `2k + 1`
-    /// (server).
-    sessions: Slab<Box<Carried>>,
+    /// Carried sessions; a session in slot `i` has tokens `2i` (client) and `2i + 1` (server).
+    /// A hand-written slot list rather than the `slab` crate: with `Slab` the thread ran about
+    /// 100 more instructions per transaction (callgrind, `--sections profile`).
+    slots: Vec<Option<Box<Carried>>>,
+    free: Vec<usize>,
 }
 
 impl Thread {
@@ -295,14 +297,14 @@ impl Thread {
                     woken = true;
                     continue;
                 }
-                let (key, from_client) = (token.0 / 2, token.0 % 2 == 0);
-                let back = match self.sessions.get_mut(key) {
-                    Some(carried) => carried.serve(from_client),
+                let (slot, from_client) = (token.0 / 2, token.0 % 2 == 0);
+                let back = match self.slots.get_mut(slot) {
+                    Some(Some(carried)) => carried.serve(from_client),
                     // An event for a session given back earlier in this batch.
-                    None => None,
+                    _ => None,
                 };
                 if let Some((client_stopped, server_stopped)) = back {
-                    self.give_back(key, client_stopped, server_stopped);
+                    self.give_back(slot, client_stopped, server_stopped);
                 }
             }
             if woken {
@@ -318,22 +320,27 @@ impl Thread {
 
     fn adopt_new(&mut self) {
         while let Ok(carried) = self.adopted.try_recv() {
-            let entry = self.sessions.vacant_entry();
-            let key = entry.key();
+            let slot = match self.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                }
+            };
             let client_fd = carried.sockets.client.as_raw_fd();
             let server_fd = carried.sockets.server.raw_fd();
             let registry = self.poll.registry();
             let registered = registry
                 .register(
                     &mut SourceFd(&client_fd),
-                    Token(2 * key),
+                    Token(2 * slot),
                     Interest::READABLE,
                 )
                 .and_then(|()| {
                     registry
                         .register(
                             &mut SourceFd(&server_fd),
-                            Token(2 * key + 1),
+                            Token(2 * slot + 1),
                             Interest::READABLE,
                         )
                         .inspect_err(|_| {
@@ -341,11 +348,10 @@ impl Thread {
                         })
                 });
             match registered {
-                Ok(()) => {
-                    entry.insert(carried);
-                }
+                Ok(()) => self.slots[slot] = Some(carried),
                 Err(e) => {
                     warn!(error = %e, "the forwarding thread could not watch a session; the pump keeps it");
+                    self.free.push(slot);
                     carried.send_back(None, None);
                 }
             }
@@ -358,37 +364,35 @@ impl Thread {
             return;
         }
         self.recalls_seen = recalls;
-        // Recalls are rare (a kill, shutdown): the list of keys is built only then.
-        let recalled: Vec<usize> = self
-            .sessions
-            .iter()
-            .filter(|(_, carried)| carried.recall.load(Ordering::Acquire))
-            .map(|(key, _)| key)
-            .collect();
-        for key in recalled {
-            self.give_back(key, None, None);
+        for slot in 0..self.slots.len() {
+            let recalled = self.slots[slot]
+                .as_ref()
+                .is_some_and(|c| c.recall.load(Ordering::Acquire));
+            if recalled {
+                self.give_back(slot, None, None);
+            }
         }
     }
 
     fn give_back_all(&mut self) {
-        let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
-        for key in keys {
-            self.give_back(key, None, None);
+        for slot in 0..self.slots.len() {
+            self.give_back(slot, None, None);
         }
     }
 
     fn give_back(
         &mut self,
-        key: usize,
+        slot: usize,
         client_stopped: Option<Stopped>,
         server_stopped: Option<Stopped>,
     ) {
-        let Some(carried) = self.sessions.try_remove(key) else {
+        let Some(carried) = self.slots.get_mut(slot).and_then(Option::take) else {
             return;
         };
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.client.as_raw_fd()));
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.server.raw_fd()));
+        self.free.push(slot);
         carried.send_back(client_stopped, server_stopped);
     }
 }
