@@ -405,6 +405,19 @@ fn targets_table(
             verdict(lockguard >= wanted && beats).to_owned(),
         ]);
     }
+    for r in overhead::tps_ratios(cells)
+        .iter()
+        .filter(|r| !r.per_connection())
+    {
+        table.row([
+            format!(
+                "{}: TPS not below PgBouncer's (lockguard / PgBouncer per repetition)",
+                r.mode
+            ),
+            format!("{:.3} ({:.3}–{:.3})", r.median(), r.min(), r.max()),
+            verdict(r.median() >= 1.0).to_owned(),
+        ]);
+    }
     for r in overhead::cpu_ratios(cells)
         .iter()
         .filter(|r| !r.per_connection())

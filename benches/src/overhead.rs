@@ -157,20 +157,22 @@ pub fn table(cells: &[Cell]) -> Table {
     table
 }
 
-/// lockguard's proxy CPU per transaction divided by PgBouncer's, in one mode: a ratio per
-/// repetition, taken between the two runs of that repetition (they ran minutes apart at most,
-/// on the same machine state), so a drift of the machine cancels out of each ratio.
+/// lockguard's figure divided by PgBouncer's, in one mode: a ratio per repetition, taken
+/// between the two runs of that repetition (they ran minutes apart at most, on the same machine
+/// state), so a drift of the machine cancels out of each ratio. Comparing TPS this way is the
+/// same as comparing the two proxies' TPS / direct within a repetition: direct cancels out.
 #[derive(Debug, Clone)]
-pub struct CpuRatio {
+pub struct Paired {
     pub mode: &'static str,
-    /// Median µs of proxy CPU per transaction (per connection under `-C`).
-    pub lockguard_us: f64,
-    pub pgbouncer_us: f64,
+    /// Medians over the repetitions: µs of proxy CPU per transaction (per connection under
+    /// `-C`), or TPS.
+    pub lockguard: f64,
+    pub pgbouncer: f64,
     /// One ratio per repetition, sorted.
     pub ratios: Vec<f64>,
 }
 
-impl CpuRatio {
+impl Paired {
     pub fn median(&self) -> f64 {
         median(&self.ratios)
     }
@@ -189,8 +191,21 @@ impl CpuRatio {
     }
 }
 
-/// The CPU ratios of every mode that ran through both proxies.
-pub fn cpu_ratios(cells: &[Cell]) -> Vec<CpuRatio> {
+/// lockguard's proxy CPU over PgBouncer's, per mode that ran through both proxies.
+pub fn cpu_ratios(cells: &[Cell]) -> Vec<Paired> {
+    paired(cells, |r| r.proxy_cpu_us_per_tx)
+}
+
+/// lockguard's TPS over PgBouncer's, per mode that ran through both proxies.
+pub fn tps_ratios(cells: &[Cell]) -> Vec<Paired> {
+    paired(cells, |r| Some(r.tps))
+}
+
+fn paired(cells: &[Cell], figure: fn(&RunResult) -> Option<f64>) -> Vec<Paired> {
+    let median_of = |cell: &Cell| {
+        let values: Vec<f64> = cell.runs.iter().filter_map(figure).collect();
+        (!values.is_empty()).then(|| median(&values))
+    };
     let mut out = Vec::new();
     for cell in cells.iter().filter(|c| c.target == "lockguard") {
         let Some(pgbouncer) = cells
@@ -204,19 +219,17 @@ pub fn cpu_ratios(cells: &[Cell]) -> Vec<CpuRatio> {
             .runs
             .iter()
             .zip(&pgbouncer.runs)
-            .filter_map(|(l, p)| Some(l.proxy_cpu_us_per_tx? / p.proxy_cpu_us_per_tx?))
+            .filter_map(|(l, p)| Some(figure(l)? / figure(p)?))
             .filter(|r| r.is_finite())
             .collect();
         ratios.sort_by(f64::total_cmp);
-        let (Some(lockguard_us), Some(pgbouncer_us)) =
-            (cell.proxy_cpu_us(), pgbouncer.proxy_cpu_us())
-        else {
+        let (Some(lockguard), Some(pgbouncer)) = (median_of(cell), median_of(pgbouncer)) else {
             continue;
         };
-        out.push(CpuRatio {
+        out.push(Paired {
             mode: cell.mode,
-            lockguard_us,
-            pgbouncer_us,
+            lockguard,
+            pgbouncer,
             ratios,
         });
     }
@@ -225,7 +238,7 @@ pub fn cpu_ratios(cells: &[Cell]) -> Vec<CpuRatio> {
 
 /// The table of [`cpu_ratios`]: per mode, each proxy's CPU per transaction (per connection
 /// under `-C`) and lockguard's ratio to PgBouncer's with its spread over the repetitions.
-pub fn cpu_ratio_table(ratios: &[CpuRatio]) -> Table {
+pub fn cpu_ratio_table(ratios: &[Paired]) -> Table {
     let mut table = Table::new([
         "mode",
         "per",
@@ -242,11 +255,93 @@ pub fn cpu_ratio_table(ratios: &[CpuRatio]) -> Table {
             } else {
                 "transaction".to_owned()
             },
-            format!("{:.1}", r.lockguard_us),
-            format!("{:.1}", r.pgbouncer_us),
+            format!("{:.1}", r.lockguard),
+            format!("{:.1}", r.pgbouncer),
             format!("{:.2}", r.median()),
             format!("{:.2}–{:.2}", r.min(), r.max()),
         ]);
     }
     table
+}
+
+/// The table of [`tps_ratios`]: per mode, each proxy's median TPS and lockguard's TPS over
+/// PgBouncer's with its spread over the repetitions (`-C` left out: PgBouncer skips the
+/// backend start there, so its TPS is not comparable).
+pub fn tps_ratio_table(ratios: &[Paired]) -> Table {
+    let mut table = Table::new([
+        "mode",
+        "lockguard TPS",
+        "PgBouncer TPS",
+        "lockguard / PgBouncer (median)",
+        "min–max over repetitions",
+        "repetitions lockguard ahead",
+    ]);
+    for r in ratios.iter().filter(|r| !r.per_connection()) {
+        table.row([
+            r.mode.to_owned(),
+            num(r.lockguard),
+            num(r.pgbouncer),
+            format!("{:.3}", r.median()),
+            format!("{:.3}–{:.3}", r.min(), r.max()),
+            format!(
+                "{} of {}",
+                r.ratios.iter().filter(|x| **x >= 1.0).count(),
+                r.ratios.len()
+            ),
+        ]);
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(tps: f64, cpu: Option<f64>) -> RunResult {
+        RunResult {
+            tps,
+            avg_latency_ms: 1.0,
+            p99_latency_ms: 1.0,
+            transactions: 1,
+            proxy_cpu_us_per_tx: cpu,
+        }
+    }
+
+    fn cell(target: &'static str, runs: Vec<RunResult>) -> Cell {
+        Cell {
+            mode: "-S",
+            target,
+            runs,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_the_runs_of_one_repetition() {
+        let cells = [
+            cell("direct", vec![run(200.0, None), run(100.0, None)]),
+            // Repetition 2 ran on a slower machine state: both proxies lost half their TPS.
+            cell(
+                "lockguard",
+                vec![run(110.0, Some(9.0)), run(55.0, Some(18.0))],
+            ),
+            cell(
+                "pgbouncer",
+                vec![run(100.0, Some(10.0)), run(50.0, Some(20.0))],
+            ),
+        ];
+        let tps = tps_ratios(&cells);
+        assert_eq!(tps.len(), 1);
+        // Paired, each repetition says 1.1; the medians of the cells alone say 82.5 / 75.
+        assert!((tps[0].min() - 1.1).abs() < 1e-9 && (tps[0].max() - 1.1).abs() < 1e-9);
+        let cpu = cpu_ratios(&cells);
+        assert!((cpu[0].median() - 0.9).abs() < 1e-9);
+        assert_eq!((cpu[0].lockguard, cpu[0].pgbouncer), (13.5, 15.0));
+    }
+
+    #[test]
+    fn no_ratio_without_pgbouncer() {
+        let cells = [cell("lockguard", vec![run(110.0, Some(9.0))])];
+        assert!(tps_ratios(&cells).is_empty());
+        assert!(cpu_ratios(&cells).is_empty());
+    }
 }

@@ -87,6 +87,15 @@ pub(crate) fn overhead(
         ),
         &overhead::table(&cells),
     );
+    let tps_ratios = overhead::tps_ratios(&cells);
+    if !tps_ratios.is_empty() {
+        section(
+            report,
+            "Throughput: lockguard's TPS relative to PgBouncer's, a ratio per repetition (both ran in it, \
+             so this is their TPS / direct compared within a repetition)",
+            &overhead::tps_ratio_table(&tps_ratios),
+        );
+    }
     let ratios = overhead::cpu_ratios(&cells);
     if !ratios.is_empty() {
         section(
