@@ -1,9 +1,11 @@
 //! Section 1: what a proxy costs, measured with pgbench side by side with a direct connection.
 //!
-//! Targets are interleaved (every mode runs against every target before the next repetition,
-//! and the order of targets rotates between repetitions) so drifts of the machine — caches,
-//! table bloat from tpcb-like, a noisy neighbour — fall on all of them alike. Each figure is
-//! the median of the repetitions.
+//! Targets are interleaved (every mode runs against every target before the next repetition)
+//! so drifts of the machine — caches, table bloat from tpcb-like, a noisy neighbour — fall on
+//! all of them alike. The order runs forward in even repetitions and backward in odd ones: the
+//! two proxies (the last two targets) always run back to back, each first half of the time, so
+//! the per-repetition ratio of one to the other compares runs seconds apart. Each figure is the
+//! median of the repetitions.
 
 use std::path::Path;
 use std::time::Duration;
@@ -95,7 +97,11 @@ pub fn measure(
     for rep in 0..plan.repetitions {
         for (m, mode) in modes.iter().enumerate() {
             for k in 0..targets.len() {
-                let t = (k + rep as usize) % targets.len();
+                let t = if rep % 2 == 0 {
+                    k
+                } else {
+                    targets.len() - 1 - k
+                };
                 let target = &targets[t];
                 let result = pgbench.run(
                     target,

@@ -35,6 +35,6 @@ mod stream;
 pub mod tls;
 mod upstream;
 
-pub use listener::Proxy;
+pub use listener::{default_threads, Proxy};
 pub use shared::GuardHandle;
 pub(crate) use shared::Shared;

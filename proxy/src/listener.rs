@@ -82,7 +82,7 @@ impl Proxy {
             Arc::clone(&stats),
         ));
         let admin_listeners = AdminListeners::bind(&config.admin).await?;
-        let forwarders = start_forwarders(config.proxy.forwarding_threads)?;
+        let forwarders = start_forwarders(config.proxy.forwarding_threads, &stats)?;
         let shared = Shared {
             forwarders,
             startups: Arc::new(Semaphore::new(config.proxy.max_startup_clients)),
@@ -298,18 +298,25 @@ impl RefusalLog {
     }
 }
 
-/// Starts the forwarding threads: `configured`, or one on up to two cores (one more thread
-/// beside the runtime's, which then has little left to do) and one per core beyond.
-fn start_forwarders(configured: Option<usize>) -> anyhow::Result<Vec<Forwarder>> {
-    let count = configured.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cores <= 2 {
-            1
-        } else {
-            cores
-        }
-    });
+/// Threads of each of the proxy's two pools (the runtime's workers, the forwarding threads):
+/// one on up to two cores, where a second would only wake the first across cores and compete
+/// with PostgreSQL for them (measured: README, "Benchmarks"); one per core beyond.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores <= 2 {
+        1
+    } else {
+        cores
+    }
+}
+
+/// Starts the forwarding threads: `configured`, or [`default_threads`].
+fn start_forwarders(
+    configured: Option<usize>,
+    stats: &Arc<ProxyStats>,
+) -> anyhow::Result<Vec<Forwarder>> {
+    let count = configured.unwrap_or_else(default_threads);
     (0..count)
-        .map(|_| Forwarder::start().context("could not start a forwarding thread"))
+        .map(|_| Forwarder::start(Arc::clone(stats)).context("could not start a forwarding thread"))
         .collect()
 }

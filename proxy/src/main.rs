@@ -274,15 +274,16 @@ fn filter_reloader<S: 'static>(handle: reload::Handle<EnvFilter, S>) -> LogReloa
 /// time (README, "Benchmarks"), so more threads help only with cores to spare: on one or two
 /// cores a single thread avoids cross-thread wake-ups and work stealing (measured here: about
 /// 1,100 fewer instructions and a third of a futex call less per pgbench transaction); with more
-/// cores, tokio's default of one worker per core.
+/// cores, one worker per core ([`lockguard::default_threads`]).
 fn proxy_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores <= 2 {
+    let workers = lockguard::default_threads();
+    if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
             .enable_all()
             .build()
     }

@@ -59,6 +59,9 @@ pub struct ProxyStats {
     sessions_ended: AtomicU64,
     ended_bytes_from_client: AtomicU64,
     ended_bytes_from_server: AtomicU64,
+    /// Sessions a forwarding thread carries now (a gauge: up when one is taken, down when it
+    /// is given back).
+    on_forwarding_threads: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters (each read atomically, not all at one instant).
@@ -84,6 +87,8 @@ pub struct StatsSnapshot {
     /// Bytes read from clients / servers, ended and live sessions together.
     pub bytes_from_clients: u64,
     pub bytes_from_servers: u64,
+    /// Sessions the forwarding threads carry now (the rest are forwarded by the runtime).
+    pub sessions_on_forwarding_threads: u64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -114,6 +119,16 @@ impl ProxyStats {
         bump(&self.sessions_started);
     }
 
+    /// A forwarding thread took a session.
+    pub fn session_carried(&self) {
+        bump(&self.on_forwarding_threads);
+    }
+
+    /// A forwarding thread gave a session back to its task.
+    pub fn session_given_back(&self) {
+        self.on_forwarding_threads.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Folds an ended session's byte counts into the totals.
     pub fn session_ended(&self, bytes_from_client: u64, bytes_from_server: u64) {
         bump(&self.sessions_ended);
@@ -142,6 +157,7 @@ impl ProxyStats {
                 + live.iter().map(|s| s.bytes_from_client()).sum::<u64>(),
             bytes_from_servers: load(&self.ended_bytes_from_server)
                 + live.iter().map(|s| s.bytes_from_server()).sum::<u64>(),
+            sessions_on_forwarding_threads: load(&self.on_forwarding_threads),
         }
     }
 }

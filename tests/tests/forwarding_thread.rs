@@ -11,6 +11,7 @@ use std::time::Duration;
 use lockguard::session::testing::{observe_messages, Observation};
 use lockguard_tests::cluster::TestCluster;
 use lockguard_tests::guard_support;
+use lockguard_tests::prometheus;
 use lockguard_tests::proxy::{config_for, TestProxy};
 use tokio::sync::OnceCell;
 
@@ -61,6 +62,14 @@ async fn database() -> &'static str {
 
 const SERVER_READY_FOR_QUERY: u8 = b'Z';
 
+const CARRIED_GAUGE: &str = "lockguard_sessions_on_forwarding_threads";
+
+/// The sessions the proxy's forwarding threads carry now, by its metrics.
+async fn carried_now(proxy: &TestProxy) -> Option<f64> {
+    let metrics = prometheus::scrape(proxy.http.expect("HTTP admin port")).await;
+    metrics.get(CARRIED_GAUGE).copied()
+}
+
 #[tokio::test]
 async fn a_steady_session_is_forwarded_by_the_thread_and_ends_as_usual() {
     let _turn = take_turn().await;
@@ -107,10 +116,13 @@ async fn a_steady_session_is_forwarded_by_the_thread_and_ends_as_usual() {
             .any(|o| !o.from_client && o.on_forwarding_thread),
         "the server's answers went through the forwarding thread"
     );
+    // Idle after its answer, the session stays on the thread, and the metrics say so.
+    assert_eq!(carried_now(&proxy).await, Some(1.0));
 
     // The session comes back for its end: an orderly goodbye leaves no session behind.
     drop(client);
     proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
+    assert_eq!(carried_now(&proxy).await, Some(0.0));
 }
 
 #[tokio::test]
@@ -133,6 +145,7 @@ async fn with_no_forwarding_threads_the_runtime_forwards_everything() {
         .count();
     assert!(readies >= 4, "the statements were observed: {seen:?}");
     assert!(seen.iter().all(|o| !o.on_forwarding_thread));
+    assert_eq!(carried_now(&proxy).await, Some(0.0));
 }
 
 #[tokio::test]

@@ -168,6 +168,12 @@ fn traffic(m: &mut Exposition, stats: &StatsSnapshot) {
         stats.cancel_requests,
     );
     m.single(
+        "lockguard_sessions_on_forwarding_threads",
+        "gauge",
+        "Sessions the forwarding threads carry now; the async runtime forwards the rest.",
+        stats.sessions_on_forwarding_threads,
+    );
+    m.single(
         "lockguard_sessions_started_total",
         "counter",
         "Sessions that reached PostgreSQL.",

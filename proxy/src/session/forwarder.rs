@@ -27,6 +27,7 @@ use tracing::{error, warn};
 use super::flow::{Paused, Stopped};
 use super::pump::{ClientWatch, ServerWatch, Sides};
 use super::SessionContext;
+use crate::stats::ProxyStats;
 
 /// Readiness events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
@@ -129,8 +130,8 @@ impl Drop for Handle {
 }
 
 impl Forwarder {
-    /// Starts a forwarding thread.
-    pub fn start() -> io::Result<Forwarder> {
+    /// Starts a forwarding thread; it counts the sessions it carries in `stats`.
+    pub fn start(stats: Arc<ProxyStats>) -> io::Result<Forwarder> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let (adopt, adopted) = mpsc::channel();
@@ -144,6 +145,7 @@ impl Forwarder {
             stopping: Arc::clone(&stopping),
             slots: Vec::new(),
             free: Vec::new(),
+            stats,
         };
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -276,6 +278,7 @@ struct Thread {
     /// 100 more instructions per transaction (callgrind, `--sections profile`).
     slots: Vec<Option<Box<Carried>>>,
     free: Vec<usize>,
+    stats: Arc<ProxyStats>,
 }
 
 impl Thread {
@@ -348,7 +351,10 @@ impl Thread {
                         })
                 });
             match registered {
-                Ok(()) => self.slots[slot] = Some(carried),
+                Ok(()) => {
+                    self.slots[slot] = Some(carried);
+                    self.stats.session_carried();
+                }
                 Err(e) => {
                     warn!(error = %e, "the forwarding thread could not watch a session; the pump keeps it");
                     self.free.push(slot);
@@ -393,6 +399,7 @@ impl Thread {
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.client.as_raw_fd()));
         let _ = registry.deregister(&mut SourceFd(&carried.sockets.server.raw_fd()));
         self.free.push(slot);
+        self.stats.session_given_back();
         carried.send_back(client_stopped, server_stopped);
     }
 }

@@ -441,6 +441,10 @@ impl Admin {
             ("cancel_requests".into(), stats.cancel_requests),
             ("sessions_started".into(), stats.sessions_started),
             ("sessions_ended".into(), stats.sessions_ended),
+            (
+                "sessions_on_forwarding_threads".into(),
+                stats.sessions_on_forwarding_threads,
+            ),
             ("bytes_from_clients".into(), stats.bytes_from_clients),
             ("bytes_from_servers".into(), stats.bytes_from_servers),
         ];
