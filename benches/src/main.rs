@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p lockguard-benches -- [--duration 10s] [--sections overhead,release,memory,scanner]
-//!     [--unix-upstream] [--no-pgbouncer]
+//!     [--unix-upstream] [--no-pgbouncer] [--forwarding-threads N]
 //! ```
 //!
 //! Progress goes to stderr; the report (machine, settings, tables, targets) to stdout.
@@ -112,6 +112,10 @@ struct Args {
     /// connects to every target over TCP).
     #[arg(long)]
     unix_upstream: bool,
+    /// lockguard's `proxy.forwarding_threads` (by default its own default: one on up to two
+    /// cores, else one per core)
+    #[arg(long)]
+    forwarding_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -125,8 +129,9 @@ enum Section {
 }
 
 /// The lockguard configuration every section uses (guard on, the incident's table protected).
-fn guard_settings() -> LockguardSettings {
+fn guard_settings(forwarding_threads: Option<usize>) -> LockguardSettings {
     LockguardSettings {
+        forwarding_threads,
         protected_table: PROTECTED_TABLE.to_owned(),
         idle_in_transaction_timeout: Duration::from_secs(2),
         sweep_interval: Duration::from_secs(1),
@@ -216,6 +221,7 @@ impl Bench {
             user: user.clone(),
             dbname: dbname.clone(),
         };
+        let settings = guard_settings(args.forwarding_threads);
         let bench = Bench {
             args,
             cluster,
@@ -223,7 +229,7 @@ impl Bench {
             user,
             dbname,
             upstream,
-            settings: guard_settings(),
+            settings,
             lockguard_bin,
             pgbouncer_bin,
             pgbench,
@@ -351,6 +357,9 @@ fn header(
             "TCP (127.0.0.1)"
         }
     )?;
+    if let Some(n) = bench.args.forwarding_threads {
+        writeln!(report, "lockguard: proxy.forwarding_threads = {n}")?;
+    }
     if !pgbouncer_running {
         writeln!(
             report,

@@ -209,6 +209,8 @@ pub struct LockguardSettings {
     pub idle_in_transaction_timeout: Duration,
     pub sweep_interval: Duration,
     pub inflight_grace: Duration,
+    /// `proxy.forwarding_threads`; `None` leaves lockguard's default.
+    pub forwarding_threads: Option<usize>,
 }
 
 /// Starts the lockguard binary `bin` in front of `upstream` with the guard enabled (connecting
@@ -229,11 +231,15 @@ pub fn start_lockguard(
     // The HTTP endpoint stays on, as in production, on a port of its own: the default one may
     // be taken by another lockguard on this machine.
     let http_port = free_port()?;
+    let forwarding_threads = settings
+        .forwarding_threads
+        .map_or(String::new(), |n| format!("forwarding_threads = {n}\n"));
     let config = format!(
         "[proxy]\n\
          listen = \"127.0.0.1:{port}\"\n\
          upstream = \"{upstream}\"\n\
          shutdown_timeout = \"1s\"\n\
+         {forwarding_threads}\
          \n\
          [admin]\n\
          http_listen = \"127.0.0.1:{http_port}\"\n\
