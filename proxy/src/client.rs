@@ -12,12 +12,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument, Level};
 
 use crate::auth::{self, AuthEnd};
 use crate::protocol::{backend, encryption_answer, sqlstate};
 use crate::scram::ScramSecret;
-use crate::session::{self, farewell, PlainSockets, SessionContext};
+use crate::session::{self, farewell, session_event, PlainSockets, SessionContext, SessionSpan};
 use crate::startup::{self, FirstPacket, Negotiation, StartupError, StartupMessage};
 use crate::stats::ProxyStats;
 use crate::stream::{
@@ -285,10 +285,6 @@ async fn run_session(
     );
     let record = registration.record();
     shared.stats.session_started();
-    // The session's span is entered only around what may log: the startup below and the
-    // session's end (`SessionContext::span`). Entering it on every poll of the pump cost a few
-    // hundred instructions per message at the default level, for events that never come.
-    let span = tracing::info_span!("session", id = record.id, client = %addr);
     let ctx = SessionContext {
         guard: shared.guard.clone(),
         inflight_grace: shared.config().guard.inflight_grace,
@@ -296,7 +292,7 @@ async fn run_session(
         startup_timeout: shared.config().proxy.startup_timeout,
         shutdown: shared.shutdown.clone(),
         hard_stop: shared.hard_stop.clone(),
-        span: span.clone(),
+        span: SessionSpan::new(record.id, addr),
         forwarder: shared.forwarder_for(record.id),
     };
     let authenticated = authenticate(
@@ -308,8 +304,8 @@ async fn run_session(
         upstream_tls.as_ref(),
         startup_deadline,
         shared,
+        &ctx.span,
     )
-    .instrument(span.clone())
     .await;
     if !authenticated {
         return;
@@ -327,18 +323,18 @@ async fn run_session(
     shared
         .stats
         .session_ended(record.bytes_from_client(), record.bytes_from_server());
-    span.in_scope(|| {
-        debug!(
-            bytes_from_client = record.bytes_from_client(),
-            bytes_from_server = record.bytes_from_server(),
-            "session ended"
-        );
-    });
+    session_event!(
+        ctx.span,
+        Level::DEBUG,
+        bytes_from_client = record.bytes_from_client(),
+        bytes_from_server = record.bytes_from_server(),
+        "session ended"
+    );
 }
 
 /// Sends the StartupMessage upstream and relays the authentication exchange (SCRAM on the
 /// client's behalf where the server's exchange cannot be relayed as is), within the startup
-/// deadline. False: the session ends here, the reason logged.
+/// deadline. False: the session ends here, the reason logged in `span`.
 #[allow(clippy::too_many_arguments)] // the parts of a session still being put together; a struct would only move the list
 async fn authenticate(
     client: &mut ClientStream,
@@ -349,8 +345,11 @@ async fn authenticate(
     upstream_tls: Option<&UpstreamTls>,
     startup_deadline: Instant,
     shared: &Shared,
+    span: &SessionSpan,
 ) -> bool {
-    debug!(
+    session_event!(
+        span,
+        Level::DEBUG,
         user = %record.client.user,
         database = %record.client.database,
         client_tls = client.is_tls(),
@@ -358,7 +357,7 @@ async fn authenticate(
         "session started"
     );
     if let Err(e) = upstream.write_all(startup_raw).await {
-        warn!(error = %e, "could not send the startup packet upstream");
+        session_event!(span, Level::WARN, error = %e, "could not send the startup packet upstream");
         return false;
     }
     let Some(binding) = upstream.channel_binding(upstream_tls) else {
@@ -369,25 +368,32 @@ async fn authenticate(
         user: &record.client.user,
         upstream: binding,
     };
+    // Relayed logins (an upstream TLS connection) are the rarer path: the span is made for it,
+    // so what the exchange logs on the way is the session's.
     let relayed = tokio::time::timeout_at(
         startup_deadline,
         Box::pin(auth::relay_authentication(client, upstream, &login, || {
             scram_secret(shared.guard.as_ref(), &record.client.user)
         })),
     )
+    .instrument(span.get().clone())
     .await;
     match relayed {
         Ok(Ok(AuthEnd::Authenticated)) => true,
         Ok(Ok(AuthEnd::Refused)) => {
-            debug!("authentication refused by the server");
+            session_event!(span, Level::DEBUG, "authentication refused by the server");
             false
         }
         Ok(Err(e)) => {
-            info!(error = %e, "authentication exchange failed");
+            session_event!(span, Level::INFO, error = %e, "authentication exchange failed");
             false
         }
         Err(_) => {
-            info!("client did not finish authentication within startup_timeout");
+            session_event!(
+                span,
+                Level::INFO,
+                "client did not finish authentication within startup_timeout"
+            );
             false
         }
     }

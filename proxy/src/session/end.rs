@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use guard_core::{SessionRecord, TxnState};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Level};
 
 use super::flow::DISCARD_BUFFER_SIZE;
 use super::pump::{on_server_message, ServerSide};
 use super::tracker::Tracker;
-use super::SessionContext;
+use super::{session_event, SessionContext};
 use crate::frame::FrameError;
 use crate::protocol::{self, sqlstate};
 
@@ -105,7 +105,7 @@ pub(super) async fn finish<SR, CW, SW>(
 {
     match ended {
         Ended::Client(ClientEnd::Goodbye) => {
-            debug!("client said goodbye");
+            session_event!(ctx.span, Level::DEBUG, "client said goodbye");
             let _ = server_write.shutdown().await;
         }
         Ended::Client(ClientEnd::Lost(loss)) => {

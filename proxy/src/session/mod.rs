@@ -34,7 +34,8 @@
 //! - `wake`: the wake-gating that polls each part of the pump only when it was woken;
 //! - `tracker`: the transaction state machine (sync points, COPY IN, ReadyForQuery) that
 //!   publishes the state to the session record;
-//! - `end`: how a session ends and what that means for its backend.
+//! - `end`: how a session ends and what that means for its backend;
+//! - `span`: the session's tracing span, made only when the session logs.
 
 use std::time::Duration;
 
@@ -47,6 +48,7 @@ mod end;
 mod flow;
 mod forwarder;
 mod pump;
+mod span;
 mod tracker;
 mod wake;
 
@@ -65,6 +67,8 @@ fn test_record() -> guard_core::SessionRecord {
 pub use end::farewell;
 pub use forwarder::{Forwarder, PlainSockets, PlainUpstream};
 pub use pump::{pump, Carry};
+pub(crate) use span::session_event;
+pub use span::SessionSpan;
 // The per-message callbacks and the tracker are the pump's own; the allocation test drives them
 // directly, so they are opened with the `testing` feature.
 #[cfg(feature = "testing")]
@@ -83,9 +87,9 @@ pub struct SessionContext {
     pub shutdown: CancellationToken,
     /// Cancelled when `shutdown_timeout` has passed: every session closes now.
     pub hard_stop: CancellationToken,
-    /// The session's span, entered only while the session ends (the forwarding itself logs
-    /// nothing, and entering a span on every poll is not free).
-    pub span: tracing::Span,
+    /// The session's span, made when the session first logs (the forwarding itself logs
+    /// nothing).
+    pub span: SessionSpan,
     /// The thread that forwards the session while it is steady, if there is one.
     pub forwarder: Option<Forwarder>,
 }

@@ -192,7 +192,10 @@ pub async fn pump<S: Carry>(mut sockets: S, record: &Arc<SessionRecord>, ctx: &S
         break ended;
     };
     let (server_read, client_write, server_write) = sockets.into_end();
-    finish(
+    // A goodbye logs only at debug (`finish` says so itself); any other end may log at info,
+    // from here or from the guard, so it runs inside the session's span.
+    let goodbye = matches!(ended, Ended::Client(ClientEnd::Goodbye));
+    let finishing = finish(
         ended,
         &mut sides.server,
         server_read,
@@ -201,9 +204,12 @@ pub async fn pump<S: Carry>(mut sockets: S, record: &Arc<SessionRecord>, ctx: &S
         record,
         &sides.tracker,
         ctx,
-    )
-    .instrument(ctx.span.clone())
-    .await;
+    );
+    if goodbye {
+        finishing.await;
+    } else {
+        finishing.instrument(ctx.span.get().clone()).await;
+    }
 }
 
 /// A session whose sockets could not be moved between tokio and the forwarding thread ends with
