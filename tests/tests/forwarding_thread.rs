@@ -5,6 +5,7 @@
 //!
 //! Its own test binary: the message observer is one per process.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,10 @@ use lockguard_tests::prometheus;
 use lockguard_tests::proxy::{config_for, TestProxy};
 use tokio::sync::OnceCell;
 
+/// A session id whose next client message scanned on the forwarding thread makes the observer
+/// panic there (0: none): the way a test makes the thread fail.
+static PANIC_ON_THREAD_FOR: AtomicU64 = AtomicU64::new(0);
+
 /// Every observation of this process, in the order the pumps scanned the messages.
 fn observations() -> &'static Mutex<Vec<Observation>> {
     static SEEN: std::sync::OnceLock<Arc<Mutex<Vec<Observation>>>> = std::sync::OnceLock::new();
@@ -22,6 +27,14 @@ fn observations() -> &'static Mutex<Vec<Observation>> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
         assert!(observe_messages(move |o| {
+            // Before taking the lock, so the panic leaves it unpoisoned.
+            if o.on_forwarding_thread
+                && o.from_client
+                && o.session == PANIC_ON_THREAD_FOR.load(Ordering::SeqCst)
+            {
+                PANIC_ON_THREAD_FOR.store(0, Ordering::SeqCst);
+                panic!("the test makes the forwarding thread fail");
+            }
             if let Ok(mut seen) = sink.lock() {
                 seen.push(o);
             }
@@ -186,4 +199,50 @@ async fn a_carried_client_that_vanishes_in_a_transaction_has_its_locks_released(
     })
     .await;
     proxy.wait_for_sessions(0, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_panic_while_forwarding_one_session_closes_that_session_only() {
+    let _turn = take_turn().await;
+    let cluster = TestCluster::shared();
+    let db = database().await;
+    let proxy = TestProxy::start(cluster).await;
+    let (victim, victim_record) = proxy.connect_session(cluster.superuser(), db).await;
+    let (other, other_record) = proxy.connect_session(cluster.superuser(), db).await;
+    victim.batch_execute("SELECT 1").await.expect("select");
+    other.batch_execute("SELECT 1").await.expect("select");
+    assert_eq!(carried_now(&proxy).await, Some(2.0), "both on the thread");
+
+    // Forwarding the victim's next statement panics on the thread.
+    PANIC_ON_THREAD_FOR.store(victim_record.id, Ordering::SeqCst);
+    victim
+        .batch_execute("SELECT 2")
+        .await
+        .expect_err("the session whose forwarding failed is closed");
+    proxy.wait_for_sessions(1, Duration::from_secs(5)).await;
+
+    // The thread goes on: the other session is still forwarded by it, and so is a new one.
+    observations().lock().expect("observations").clear();
+    other
+        .batch_execute("SELECT 3")
+        .await
+        .expect("the other session goes on");
+    let (newcomer, newcomer_record) = proxy.connect_session(cluster.superuser(), db).await;
+    newcomer
+        .batch_execute("SELECT 4")
+        .await
+        .expect("a new session works");
+    newcomer
+        .batch_execute("SELECT 5")
+        .await
+        .expect("a new session works");
+    for session in [other_record.id, newcomer_record.id] {
+        assert!(
+            of_session(session)
+                .iter()
+                .any(|o| o.from_client && o.on_forwarding_thread),
+            "session {session} is forwarded by the thread"
+        );
+    }
+    assert_eq!(carried_now(&proxy).await, Some(2.0));
 }

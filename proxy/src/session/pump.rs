@@ -162,6 +162,10 @@ pub async fn pump<S: Carry>(mut sockets: S, record: &Arc<SessionRecord>, ctx: &S
             let Some(forwarder) = ctx.forwarder.as_ref().filter(|_| sides.steady()) else {
                 continue;
             };
+            if !forwarder.is_alive() {
+                carry_at = u32::MAX;
+                continue;
+            }
             let (plain, left) = match sockets.take_out() {
                 Ok(Ok(taken)) => taken,
                 Ok(Err(not_plain)) => {
@@ -175,7 +179,10 @@ pub async fn pump<S: Carry>(mut sockets: S, record: &Arc<SessionRecord>, ctx: &S
                 }
             };
             let Some(back) = forwarder.carry(plain, sides, record, ctx).await else {
-                warn_lost(record, &io::Error::other("the forwarding thread is gone"));
+                warn_lost(
+                    record,
+                    &io::Error::other("the forwarding thread failed on it, or is gone"),
+                );
                 return;
             };
             sides = back.sides;
