@@ -31,38 +31,29 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// The median over the runs of a figure, from the runs that have it; `None` if none does.
+    pub fn median_of(&self, figure: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+        let values: Vec<f64> = self.runs.iter().filter_map(figure).collect();
+        (!values.is_empty()).then(|| median(&values))
+    }
+
     pub fn tps(&self) -> f64 {
-        median(&self.runs.iter().map(|r| r.tps).collect::<Vec<_>>())
+        self.median_of(|r| Some(r.tps)).unwrap_or(f64::NAN)
     }
 
     fn avg_ms(&self) -> f64 {
-        median(
-            &self
-                .runs
-                .iter()
-                .map(|r| r.avg_latency_ms)
-                .collect::<Vec<_>>(),
-        )
+        self.median_of(|r| Some(r.avg_latency_ms))
+            .unwrap_or(f64::NAN)
     }
 
     fn p99_ms(&self) -> f64 {
-        median(
-            &self
-                .runs
-                .iter()
-                .map(|r| r.p99_latency_ms)
-                .collect::<Vec<_>>(),
-        )
+        self.median_of(|r| Some(r.p99_latency_ms))
+            .unwrap_or(f64::NAN)
     }
 
     /// Median CPU time the proxy spent per transaction, in µs; `None` for direct.
     pub fn proxy_cpu_us(&self) -> Option<f64> {
-        let values: Vec<f64> = self
-            .runs
-            .iter()
-            .filter_map(|r| r.proxy_cpu_us_per_tx)
-            .collect();
-        (!values.is_empty()).then(|| median(&values))
+        self.median_of(|r| r.proxy_cpu_us_per_tx)
     }
 
     fn tps_range(&self) -> String {
@@ -208,10 +199,6 @@ pub fn tps_ratios(cells: &[Cell]) -> Vec<Paired> {
 }
 
 fn paired(cells: &[Cell], figure: fn(&RunResult) -> Option<f64>) -> Vec<Paired> {
-    let median_of = |cell: &Cell| {
-        let values: Vec<f64> = cell.runs.iter().filter_map(figure).collect();
-        (!values.is_empty()).then(|| median(&values))
-    };
     let mut out = Vec::new();
     for cell in cells.iter().filter(|c| c.target == "lockguard") {
         let Some(pgbouncer) = cells
@@ -229,7 +216,9 @@ fn paired(cells: &[Cell], figure: fn(&RunResult) -> Option<f64>) -> Vec<Paired> 
             .filter(|r| r.is_finite())
             .collect();
         ratios.sort_by(f64::total_cmp);
-        let (Some(lockguard), Some(pgbouncer)) = (median_of(cell), median_of(pgbouncer)) else {
+        let (Some(lockguard), Some(pgbouncer)) =
+            (cell.median_of(figure), pgbouncer.median_of(figure))
+        else {
             continue;
         };
         out.push(Paired {

@@ -175,7 +175,7 @@ impl Forwarder {
 
     /// Lets the thread forward the session until it gives it back; recalls it early when the
     /// session is killed or the proxy shuts down. `None`: the session is lost with its sockets
-    /// (the thread is gone), and both sockets are closed.
+    /// (the thread is gone, or forwarding it panicked), and both sockets are closed.
     pub(super) async fn carry(
         &self,
         sockets: PlainSockets,
@@ -331,8 +331,7 @@ impl Thread {
                 }
                 from = at.get() + 1;
             }
-            let woken = woken.get();
-            if woken {
+            if woken.get() {
                 if self.stopping.load(Ordering::Acquire) {
                     return;
                 }
