@@ -6,12 +6,26 @@
 //! two proxies (the last two targets) always run back to back, each first half of the time, so
 //! the per-repetition ratio of one to the other compares runs seconds apart. Each figure is the
 //! median of the repetitions.
+//!
+//! PgBouncer runs a second time in each repetition, right after (or, backward, right before)
+//! its first run: the ratio of those two runs is what this machine's noise alone does to a
+//! comparison of two proxies within a repetition, and "lockguard below PgBouncer" is judged
+//! against it (see [`Paired::tps_below`]).
 
 use std::path::Path;
 use std::time::Duration;
 
 use crate::pgbench::{Mode, Pgbench, RunResult, Target};
-use crate::report::{median, num, Table};
+use crate::report::{median, num, rank_sum_p_below, Table};
+
+/// The target name of PgBouncer's second run in each repetition; it must come right after
+/// `pgbouncer` in the target list, so the two runs are back to back like lockguard's and
+/// PgBouncer's.
+pub const PGBOUNCER_AGAIN: &str = "pgbouncer again";
+
+/// The one-sided rank-sum p-value below which lockguard's ratios to PgBouncer count as below
+/// PgBouncer's ratios to itself.
+pub const BELOW_P: f64 = 0.05;
 
 /// How the pgbench runs are shaped.
 #[derive(Debug, Clone, Copy)]
@@ -167,6 +181,9 @@ pub struct Paired {
     pub pgbouncer: f64,
     /// One ratio per repetition, sorted.
     pub ratios: Vec<f64>,
+    /// PgBouncer's second run over its first, per repetition, sorted: the same comparison with
+    /// nothing changed. Empty when PgBouncer ran once.
+    pub itself: Vec<f64>,
 }
 
 impl Paired {
@@ -180,6 +197,25 @@ impl Paired {
 
     pub fn max(&self) -> f64 {
         self.ratios.last().copied().unwrap_or(f64::NAN)
+    }
+
+    /// The one-sided p-value that lockguard's ratios lie below PgBouncer's ratios to itself
+    /// (NaN without the second PgBouncer run).
+    pub fn below_itself_p(&self) -> f64 {
+        rank_sum_p_below(&self.ratios, &self.itself)
+    }
+
+    /// Whether lockguard's TPS is below PgBouncer's by more than the machine's noise: its
+    /// ratios rank below PgBouncer's ratios to itself (p ≤ [`BELOW_P`]). A median under 1.0
+    /// alone is a coin toss between two equal proxies here: PgBouncer against itself moves
+    /// ±10 % on `-S` from one repetition to the next. Without the second run, the median
+    /// decides.
+    pub fn tps_below(&self) -> bool {
+        if self.itself.is_empty() {
+            self.median() < 1.0
+        } else {
+            self.below_itself_p() <= BELOW_P
+        }
     }
 
     /// True in the modes that open a connection per transaction.
@@ -208,14 +244,22 @@ fn paired(cells: &[Cell], figure: fn(&RunResult) -> Option<f64>) -> Vec<Paired> 
             continue;
         };
         // The runs of a cell are in repetition order, so equal indexes ran in the same one.
-        let mut ratios: Vec<f64> = cell
-            .runs
+        let per_repetition = |over: &Cell| {
+            let mut ratios: Vec<f64> = over
+                .runs
+                .iter()
+                .zip(&pgbouncer.runs)
+                .filter_map(|(l, p)| Some(figure(l)? / figure(p)?))
+                .filter(|r| r.is_finite())
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            ratios
+        };
+        let ratios = per_repetition(cell);
+        let itself = cells
             .iter()
-            .zip(&pgbouncer.runs)
-            .filter_map(|(l, p)| Some(figure(l)? / figure(p)?))
-            .filter(|r| r.is_finite())
-            .collect();
-        ratios.sort_by(f64::total_cmp);
+            .find(|c| c.mode == cell.mode && c.target == PGBOUNCER_AGAIN)
+            .map_or_else(Vec::new, per_repetition);
         let (Some(lockguard), Some(pgbouncer)) =
             (cell.median_of(figure), pgbouncer.median_of(figure))
         else {
@@ -226,6 +270,7 @@ fn paired(cells: &[Cell], figure: fn(&RunResult) -> Option<f64>) -> Vec<Paired> 
             lockguard,
             pgbouncer,
             ratios,
+            itself,
         });
     }
     out
@@ -241,6 +286,7 @@ pub fn cpu_ratio_table(ratios: &[Paired]) -> Table {
         "PgBouncer CPU µs",
         "lockguard / PgBouncer (median)",
         "min–max over repetitions",
+        "PgBouncer / itself min–max",
     ]);
     for r in ratios {
         table.row([
@@ -254,9 +300,18 @@ pub fn cpu_ratio_table(ratios: &[Paired]) -> Table {
             format!("{:.1}", r.pgbouncer),
             format!("{:.2}", r.median()),
             format!("{:.2}–{:.2}", r.min(), r.max()),
+            itself_range(r, 2),
         ]);
     }
     table
+}
+
+/// The spread of PgBouncer's ratios to itself, with `decimals`; "–" when it ran once.
+fn itself_range(r: &Paired, decimals: usize) -> String {
+    match (r.itself.first(), r.itself.last()) {
+        (Some(min), Some(max)) => format!("{min:.decimals$}–{max:.decimals$}"),
+        _ => "–".to_owned(),
+    }
 }
 
 /// The table of [`tps_ratios`]: per mode, each proxy's median TPS and lockguard's TPS over
@@ -270,6 +325,8 @@ pub fn tps_ratio_table(ratios: &[Paired]) -> Table {
         "lockguard / PgBouncer (median)",
         "min–max over repetitions",
         "repetitions lockguard ahead",
+        "PgBouncer / itself min–max",
+        "p (lockguard below it)",
     ]);
     for r in ratios.iter().filter(|r| !r.per_connection()) {
         table.row([
@@ -283,6 +340,12 @@ pub fn tps_ratio_table(ratios: &[Paired]) -> Table {
                 r.ratios.iter().filter(|x| **x >= 1.0).count(),
                 r.ratios.len()
             ),
+            itself_range(r, 3),
+            if r.itself.is_empty() {
+                "–".to_owned()
+            } else {
+                format!("{:.3}", r.below_itself_p())
+            },
         ]);
     }
     table
@@ -331,6 +394,33 @@ mod tests {
         let cpu = cpu_ratios(&cells);
         assert!((cpu[0].median() - 0.9).abs() < 1e-9);
         assert_eq!((cpu[0].lockguard, cpu[0].pgbouncer), (13.5, 15.0));
+    }
+
+    #[test]
+    fn lockguard_is_below_only_beyond_pgbouncer_against_itself() {
+        let tps = |lockguard: [f64; 3], again: [f64; 3]| {
+            let cells = [
+                cell("lockguard", lockguard.map(|t| run(t, Some(1.0))).to_vec()),
+                cell("pgbouncer", vec![run(100.0, Some(1.0)); 3]),
+                cell(PGBOUNCER_AGAIN, again.map(|t| run(t, Some(1.0))).to_vec()),
+            ];
+            tps_ratios(&cells).remove(0)
+        };
+        // PgBouncer moves ±10 % against itself; lockguard 3 % under it in every repetition
+        // sits inside that: not below.
+        let level = tps([97.0, 97.0, 97.0], [90.0, 100.0, 110.0]);
+        assert_eq!(level.itself, vec![0.9, 1.0, 1.1]);
+        assert!(!level.tps_below(), "p = {}", level.below_itself_p());
+        // Each of lockguard's ratios under each of PgBouncer's to itself: below.
+        let below = tps([95.0, 96.0, 97.0], [99.0, 100.0, 101.0]);
+        assert!(below.tps_below(), "p = {}", below.below_itself_p());
+        // Without the second run, the median decides.
+        let cells = [
+            cell("lockguard", vec![run(97.0, None)]),
+            cell("pgbouncer", vec![run(100.0, None)]),
+        ];
+        let alone = tps_ratios(&cells).remove(0);
+        assert!(alone.itself.is_empty() && alone.tps_below());
     }
 
     #[test]
