@@ -419,12 +419,14 @@ fn targets_table(
         ]);
     }
     for r in tps_ratios.iter().filter(|r| !r.per_connection()) {
-        let against_itself = match (r.itself.first(), r.itself.last()) {
-            (Some(min), Some(max)) => format!(
-                "; PgBouncer / itself {min:.3}–{max:.3}, p = {:.3}",
+        let against_itself = if r.itself.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; PgBouncer / itself {}, p = {:.3}",
+                overhead::itself_spread(r, 3),
                 r.below_itself_p()
-            ),
-            _ => String::new(),
+            )
         };
         table.row([
             format!(

@@ -2,10 +2,10 @@
 //!
 //! Targets are interleaved (every mode runs against every target before the next repetition)
 //! so drifts of the machine — caches, table bloat from tpcb-like, a noisy neighbour — fall on
-//! all of them alike. The order runs forward in even repetitions and backward in odd ones: the
-//! two proxies (the last two targets) always run back to back, each first half of the time, so
-//! the per-repetition ratio of one to the other compares runs seconds apart. Each figure is the
-//! median of the repetitions.
+//! all of them alike. The order runs forward in even repetitions and backward in odd ones:
+//! lockguard and PgBouncer (its first run) always run back to back, each first half of the time
+//! (with an even number of repetitions), so the per-repetition ratio of one to the other
+//! compares runs seconds apart. Each figure is the median of the repetitions.
 //!
 //! PgBouncer runs a second time in each repetition, right after (or, backward, right before)
 //! its first run: the ratio of those two runs is what this machine's noise alone does to a
@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::pgbench::{Mode, Pgbench, RunResult, Target};
-use crate::report::{median, num, rank_sum_p_below, Table};
+use crate::report::{median, num, rank_sum_p_below, rank_sum_smallest_p, Table};
 
 /// The target name of PgBouncer's second run in each repetition; it must come right after
 /// `pgbouncer` in the target list, so the two runs are back to back like lockguard's and
@@ -208,14 +208,23 @@ impl Paired {
     /// Whether lockguard's TPS is below PgBouncer's by more than the machine's noise: its
     /// ratios rank below PgBouncer's ratios to itself (p ≤ [`BELOW_P`]). A median under 1.0
     /// alone is a coin toss between two equal proxies here: PgBouncer against itself moves
-    /// ±10 % on `-S` from one repetition to the next. Without the second run, the median
-    /// decides.
+    /// ±10 % on `-S` from one repetition to the next. This says "below" only on evidence, and
+    /// with few repetitions it needs a large gap: with 3, each of lockguard's ratios under each
+    /// of PgBouncer's to itself. Without the second run, or with too few repetitions for the
+    /// test to ever reach [`BELOW_P`] (1 or 2), the median decides.
     pub fn tps_below(&self) -> bool {
-        if self.itself.is_empty() {
-            self.median() < 1.0
-        } else {
+        let testable = !self.itself.is_empty()
+            && rank_sum_smallest_p(self.ratios.len(), self.itself.len()) <= BELOW_P;
+        if testable {
             self.below_itself_p() <= BELOW_P
+        } else {
+            self.median() < 1.0
         }
+    }
+
+    /// The median of PgBouncer's ratios to itself (NaN without the second run).
+    pub fn itself_median(&self) -> f64 {
+        median(&self.itself)
     }
 
     /// True in the modes that open a connection per transaction.
@@ -286,7 +295,7 @@ pub fn cpu_ratio_table(ratios: &[Paired]) -> Table {
         "PgBouncer CPU µs",
         "lockguard / PgBouncer (median)",
         "min–max over repetitions",
-        "PgBouncer / itself min–max",
+        "PgBouncer / itself median (min–max)",
     ]);
     for r in ratios {
         table.row([
@@ -300,16 +309,19 @@ pub fn cpu_ratio_table(ratios: &[Paired]) -> Table {
             format!("{:.1}", r.pgbouncer),
             format!("{:.2}", r.median()),
             format!("{:.2}–{:.2}", r.min(), r.max()),
-            itself_range(r, 2),
+            itself_spread(r, 2),
         ]);
     }
     table
 }
 
-/// The spread of PgBouncer's ratios to itself, with `decimals`; "–" when it ran once.
-fn itself_range(r: &Paired, decimals: usize) -> String {
+/// PgBouncer's ratios to itself, median (min–max), with `decimals`; "–" when it ran once.
+pub fn itself_spread(r: &Paired, decimals: usize) -> String {
     match (r.itself.first(), r.itself.last()) {
-        (Some(min), Some(max)) => format!("{min:.decimals$}–{max:.decimals$}"),
+        (Some(min), Some(max)) => format!(
+            "{:.decimals$} ({min:.decimals$}–{max:.decimals$})",
+            r.itself_median()
+        ),
         _ => "–".to_owned(),
     }
 }
@@ -325,7 +337,7 @@ pub fn tps_ratio_table(ratios: &[Paired]) -> Table {
         "lockguard / PgBouncer (median)",
         "min–max over repetitions",
         "repetitions lockguard ahead",
-        "PgBouncer / itself min–max",
+        "PgBouncer / itself median (min–max)",
         "p (lockguard below it)",
     ]);
     for r in ratios.iter().filter(|r| !r.per_connection()) {
@@ -340,7 +352,7 @@ pub fn tps_ratio_table(ratios: &[Paired]) -> Table {
                 r.ratios.iter().filter(|x| **x >= 1.0).count(),
                 r.ratios.len()
             ),
-            itself_range(r, 3),
+            itself_spread(r, 3),
             if r.itself.is_empty() {
                 "–".to_owned()
             } else {
@@ -421,6 +433,31 @@ mod tests {
         ];
         let alone = tps_ratios(&cells).remove(0);
         assert!(alone.itself.is_empty() && alone.tps_below());
+        // Two repetitions cannot reach p ≤ 0.05 (1 / 6 at best): the median decides too.
+        let cells = [
+            cell("lockguard", vec![run(97.0, None), run(98.0, None)]),
+            cell("pgbouncer", vec![run(100.0, None); 2]),
+            cell(PGBOUNCER_AGAIN, vec![run(101.0, None), run(102.0, None)]),
+        ];
+        let two = tps_ratios(&cells).remove(0);
+        assert!(two.below_itself_p() > BELOW_P && two.tps_below());
+    }
+
+    #[test]
+    fn pgbouncer_against_itself_is_paired_by_repetition() {
+        // The first PgBouncer run halves in repetition 2; its second run with it.
+        let cells = [
+            cell("lockguard", vec![run(100.0, None), run(50.0, None)]),
+            cell("pgbouncer", vec![run(100.0, None), run(50.0, None)]),
+            cell(PGBOUNCER_AGAIN, vec![run(102.0, None), run(51.0, None)]),
+        ];
+        let r = tps_ratios(&cells).remove(0);
+        assert_eq!(r.itself.len(), 2);
+        assert!(
+            r.itself.iter().all(|x| (x - 1.02).abs() < 1e-9),
+            "{:?}",
+            r.itself
+        );
     }
 
     #[test]

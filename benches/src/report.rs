@@ -26,12 +26,13 @@ pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// The one-sided p-value of an exact rank-sum (Mann–Whitney) test that `xs` tend to lie below
-/// `ys`: the share of all the ways to deal the pooled values into groups of these sizes that
-/// put at least as many (x, y) pairs in the order x < y as observed (a tie counts a half).
-/// Exact rather than the normal approximation, which is wrong for the handful of repetitions
-/// a benchmark has: with 3 values each, the smallest possible p is 1 / 20 (every x below every
-/// y); with 5 each, 1 / 252. NaN when either side is empty.
+/// The one-sided p-value of a rank-sum (Mann–Whitney) test that `xs` tend to lie below `ys`:
+/// the share of all the ways to deal the pooled values into groups of these sizes that put at
+/// least as many (x, y) pairs in the order x < y as observed. Exact when no x equals a y,
+/// unlike the normal approximation, which is wrong for the handful of repetitions a benchmark
+/// has; a tie counts a half in the observed count but the ways are counted as if there were
+/// none, so with ties p is approximate (ratios of measured TPS practically never tie). The
+/// smallest possible p is [`rank_sum_smallest_p`]. NaN when either side is empty.
 pub fn rank_sum_p_below(xs: &[f64], ys: &[f64]) -> f64 {
     let (n, m) = (xs.len(), ys.len());
     if n == 0 || m == 0 {
@@ -73,11 +74,18 @@ pub fn rank_sum_p_below(xs: &[f64], ys: &[f64]) -> f64 {
     let at_least: f64 = all
         .iter()
         .enumerate()
-        // A tie's half rounds down (u ≥ observed − ½): the side that calls "below" less often.
+        // An observed count with a tie's half (u + ½) takes in the ways with u pairs.
         .filter(|(u, _)| *u as f64 + 0.5 >= observed - 1e-9)
         .map(|(_, w)| w)
         .sum();
     at_least / total
+}
+
+/// The smallest p [`rank_sum_p_below`] can give for groups of `n` and `m` values (every x below
+/// every y): one way out of C(n + m, n). With 3 and 3 it is 1 / 20; with 2 and 2, 1 / 6.
+pub fn rank_sum_smallest_p(n: usize, m: usize) -> f64 {
+    // 1 / C(n + m, n) as a product of ratios; floats, as C overflows integers for large groups.
+    (1..=n).map(|k| k as f64 / (m + k) as f64).product()
 }
 
 /// p50 / p95 / p99 / max of a set of durations, in milliseconds.
@@ -211,6 +219,20 @@ mod tests {
         let p = rank_sum_p_below(&[0.90, 0.95, 1.00], &[0.92, 0.97, 1.02]);
         assert!(p > 0.2 && p < 0.5, "{p}");
         assert!(rank_sum_p_below(&[], &[1.0]).is_nan());
+        // Groups of different sizes: every x below every y is 1 of C(6, 2) = 15 orderings.
+        let p = rank_sum_p_below(&[0.90, 0.91], &[0.95, 0.96, 0.97, 0.98]);
+        assert!((p - 1.0 / 15.0).abs() < 1e-12, "{p}");
+        assert!((p - rank_sum_smallest_p(2, 4)).abs() < 1e-12);
+        // One tie: U = 8.5 of 9 takes in the orderings with 8 and 9 pairs.
+        let p = rank_sum_p_below(&[0.90, 0.95, 1.00], &[1.00, 1.10, 1.20]);
+        assert!((p - 2.0 / 20.0).abs() < 1e-12, "{p}");
+    }
+
+    #[test]
+    fn smallest_rank_sum_p() {
+        assert!((rank_sum_smallest_p(3, 3) - 1.0 / 20.0).abs() < 1e-12);
+        assert!((rank_sum_smallest_p(5, 5) - 1.0 / 252.0).abs() < 1e-12);
+        assert!((rank_sum_smallest_p(2, 2) - 1.0 / 6.0).abs() < 1e-12);
     }
 
     #[test]
