@@ -57,8 +57,9 @@ struct Args {
         default_value = "overhead,release,memory,scanner"
     )]
     sections: Vec<Section>,
-    /// Repetitions of every (mode, target) pgbench run; the tables show medians.
-    #[arg(long, default_value_t = 3)]
+    /// Repetitions of every (mode, target) pgbench run; the tables show medians. Even, so the
+    /// target order runs forward and backward equally often.
+    #[arg(long, default_value_t = 4)]
     repetitions: u32,
     /// pgbench clients (-c).
     #[arg(long, default_value_t = 8)]

@@ -96,7 +96,7 @@ pub(crate) fn overhead(
             report,
             "Throughput: lockguard's TPS relative to PgBouncer's, a ratio per repetition (both ran in it, \
              so this is their TPS / direct compared within a repetition), against PgBouncer's second run \
-             over its first (the noise of such a ratio); p: one-sided exact rank-sum test that lockguard's \
+             over its first (the noise of such a ratio); p: one-sided rank-sum test (exact without ties) that lockguard's \
              ratios lie below PgBouncer's to itself",
             &overhead::tps_ratio_table(&tps_ratios),
         );
